@@ -1,0 +1,80 @@
+//! In-process cost of serving one request: instantiate a fresh instance of a
+//! pre-instantiated component, and instantiate + handle a GET to completion.
+//!
+//! Run: `cargo xtask guests && cargo bench -p verge-host --bench instantiate`
+//! (fixtures are read from target/guests, or $VERGE_GUESTS_DIR).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Empty};
+use verge_host::{Function, Host, HostConfig};
+
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[i]
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e6)
+}
+
+fn main() -> anyhow::Result<()> {
+    let dir = std::env::var_os("VERGE_GUESTS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/guests"));
+    let cache = tempfile::tempdir()?;
+    let host = Host::new(HostConfig::new(cache.path()))?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    println!("| guest | size | compile | load from cache | instantiate p50 | instantiate p99 | instantiate+handle p50 | instantiate+handle p99 |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (name, iterations) in [("rust-hello", 5000), ("c-hello", 5000), ("js-hello", 1000), ("python-hello", 1000)] {
+        let path = dir.join(format!("{name}.wasm"));
+        let Ok(bytes) = std::fs::read(&path) else {
+            eprintln!("skipping {name}: {} missing (run `cargo xtask guests`)", path.display());
+            continue;
+        };
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        let compiled = host.load(&sha, || Ok(bytes.clone()))?;
+        let compile = compiled.load_time;
+        let cached = host.load(&sha, || Ok(bytes.clone()))?;
+        let from_cache = cached.load_time;
+        let function = Function::new(Arc::new(cached), name, 1, Vec::new());
+
+        let mut inst = Vec::with_capacity(iterations);
+        let mut full = Vec::with_capacity(iterations);
+        rt.block_on(async {
+            for i in 0..iterations + 100 {
+                let t = Instant::now();
+                host.instantiate_only(&function).await?;
+                let a = t.elapsed();
+                let req = http::Request::builder()
+                    .uri("http://localhost/")
+                    .body(Empty::<bytes::Bytes>::new())?;
+                let t = Instant::now();
+                let resp = host.invoke(&function, "bench", req).await?;
+                let body = resp.into_body().collect().await?.to_bytes();
+                let b = t.elapsed();
+                anyhow::ensure!(body.starts_with(b"Hello"), "unexpected body {body:?}");
+                if i >= 100 {
+                    inst.push(a);
+                    full.push(b);
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        })?;
+        println!(
+            "| {name} | {} KB | {:.0} ms | {:.1} ms | {} µs | {} µs | {} µs | {} µs |",
+            bytes.len() / 1000,
+            compile.as_secs_f64() * 1e3,
+            from_cache.as_secs_f64() * 1e3,
+            us(percentile(&mut inst, 0.5)),
+            us(percentile(&mut inst, 0.99)),
+            us(percentile(&mut full, 0.5)),
+            us(percentile(&mut full, 0.99)),
+        );
+    }
+    Ok(())
+}

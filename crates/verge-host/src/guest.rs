@@ -1,0 +1,288 @@
+//! One invocation: the per-request store state, the capabilities a guest
+//! gets (and those it is refused), and the request/response plumbing.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use wasmtime::component::ResourceTable;
+use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{
+    WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
+};
+
+use crate::{BodyError, Capture, Function, Host, InvokeError, ResponseBody};
+
+/// The data of one invocation's store.
+pub(crate) struct GuestState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    hooks: DenyOutbound,
+    limits: StoreLimits,
+}
+
+impl WasiView for GuestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for GuestState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+/// Outbound HTTP is refused until an allowlist exists: the guest gets
+/// `HTTP-request-denied` and a line on its stderr saying why.
+struct DenyOutbound {
+    stderr: Capture,
+    function: String,
+}
+
+type SendResult = wasmtime_wasi_http::Result<(
+    http::Response<WasiBody>,
+    Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+)>;
+
+impl WasiHttpHooks for DenyOutbound {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        _fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+    ) -> Box<dyn Future<Output = SendResult> + Send> {
+        let line = format!(
+            "verge: outbound HTTP request to {} denied: function {:?} has no allowed outbound hosts\n",
+            request.uri(),
+            self.function
+        );
+        tracing::info!(function = %self.function, uri = %request.uri(), "outbound HTTP denied");
+        use wasmtime_wasi::p2::OutputStream;
+        let _ = self.stderr.clone().write(Bytes::from(line));
+        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    }
+}
+
+/// A fresh store for one invocation of `function`, with its own captures and
+/// limits, interrupted at `deadline`.
+fn new_store(
+    host: &Host,
+    function: &Function,
+    stdout: &Capture,
+    stderr: &Capture,
+    deadline: Instant,
+) -> Store<GuestState> {
+    let cfg = host.config();
+    let wasi = WasiCtxBuilder::new()
+        .envs(&function.env)
+        .stdout(stdout.clone())
+        .stderr(stderr.clone())
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .build();
+    let state = GuestState {
+        wasi,
+        http: WasiHttpCtx::new(),
+        table: ResourceTable::new(),
+        hooks: DenyOutbound {
+            stderr: stderr.clone(),
+            function: function.name.clone(),
+        },
+        limits: StoreLimitsBuilder::new()
+            .memory_size(cfg.memory_limit)
+            .trap_on_grow_failure(false)
+            .build(),
+    };
+    let mut store = Store::new(&host.engine, state);
+    store.limiter(|s| &mut s.limits);
+    // A guest that never blocks yields to the executor at every epoch tick, so
+    // it cannot starve other requests; past the deadline it is interrupted.
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        if Instant::now() >= deadline {
+            Err(Trap::Interrupt.into())
+        } else {
+            Ok(UpdateDeadline::Yield(1))
+        }
+    });
+    store
+}
+
+/// Instantiates `function` in a fresh store and drops it: the cost every
+/// request pays before the guest runs (used by benchmarks).
+pub(crate) async fn instantiate_only(host: &Host, function: &Function) -> Result<(), InvokeError> {
+    let capture = Capture::new(0);
+    let deadline = Instant::now() + host.config().timeout;
+    let mut store = new_store(host, function, &capture, &capture, deadline);
+    function
+        .component
+        .pre
+        .instantiate_async(&mut store)
+        .await
+        .map(drop)
+        .map_err(|e| RunError::Instantiate(e).into_invoke_error(host.config().timeout, String::new()))
+}
+
+pub(crate) async fn invoke<B>(
+    host: &Host,
+    function: &Function,
+    invocation_id: &str,
+    request: http::Request<B>,
+) -> Result<http::Response<ResponseBody>, InvokeError>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: std::fmt::Display,
+{
+    let cfg = host.config();
+    let stdout = Capture::new(cfg.output_limit);
+    let stderr = Capture::new(cfg.output_limit);
+    let timeout = cfg.timeout;
+    let deadline = Instant::now() + timeout;
+    let mut store = new_store(host, function, &stdout, &stderr, deadline);
+
+    let request = request.map(|body| {
+        body.map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e.to_string())))
+    });
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (req, out) = {
+        let mut http = store.data_mut().http();
+        let req = http
+            .new_incoming_request(http::uri::Scheme::HTTP, request)
+            .map_err(|e| InvokeError::Internal(format!("{e:#}")))?;
+        let out = http
+            .new_response_outparam(tx)
+            .map_err(|e| InvokeError::Internal(format!("{e:#}")))?;
+        (req, out)
+    };
+
+    let pre = function.component.pre.clone();
+    let task = tokio::spawn(async move {
+        let run = async {
+            let proxy = pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(RunError::Instantiate)?;
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(&mut store, req, out)
+                .await
+                .map_err(RunError::Trap)
+        };
+        match tokio::time::timeout_at(deadline.into(), run).await {
+            Ok(r) => r,
+            Err(_) => Err(RunError::Trap(Trap::Interrupt.into())),
+        }
+    });
+
+    let log_output = {
+        let (stdout, stderr) = (stdout.clone(), stderr.clone());
+        let (name, version, id) = (function.name.clone(), function.version, invocation_id.to_string());
+        move |outcome: &str| {
+            let (out, err) = (stdout.text(), stderr.text());
+            if !out.is_empty() || !err.is_empty() {
+                tracing::info!(function = %name, version, invocation = %id, %outcome, stdout = ?out, stderr = ?err, "guest output");
+            }
+        }
+    };
+
+    match tokio::time::timeout_at(deadline.into(), rx).await {
+        Ok(Ok(Ok(response))) => {
+            // The guest keeps writing the body; report its output when it is done.
+            tokio::spawn(async move {
+                let outcome = match task.await {
+                    Ok(Ok(())) => "ok".to_string(),
+                    Ok(Err(e)) => format!("failed while streaming: {e}"),
+                    Err(e) => format!("aborted: {e}"),
+                };
+                log_output(&outcome);
+            });
+            Ok(response.map(|b| b.map_err(|e| BodyError(e.to_string())).boxed_unsync()))
+        }
+        Ok(Ok(Err(code))) => {
+            let _ = task.await;
+            log_output("error response");
+            Err(InvokeError::Guest(code.to_string()))
+        }
+        Ok(Err(_)) => {
+            // The guest finished (or died) without setting a response.
+            let result = task.await;
+            let err = stderr.text();
+            log_output("no response");
+            match result {
+                Ok(Ok(())) => Err(InvokeError::NoResponse { stderr: err }),
+                Ok(Err(e)) => Err(e.into_invoke_error(timeout, err)),
+                Err(e) => Err(InvokeError::Internal(format!("invocation task failed: {e}"))),
+            }
+        }
+        Err(_) => {
+            task.abort();
+            log_output("timeout");
+            Err(InvokeError::Timeout(timeout))
+        }
+    }
+}
+
+enum RunError {
+    Instantiate(wasmtime::Error),
+    Trap(wasmtime::Error),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Instantiate(e) => write!(f, "instantiation failed: {e:#}"),
+            RunError::Trap(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+impl RunError {
+    fn into_invoke_error(self, timeout: Duration, stderr: String) -> InvokeError {
+        match self {
+            RunError::Instantiate(e) => {
+                let msg = format!("{e:#}");
+                if msg.contains("maximum concurrent") || msg.contains("limit of") {
+                    InvokeError::Capacity(msg)
+                } else {
+                    InvokeError::Instantiate(msg)
+                }
+            }
+            RunError::Trap(e) => {
+                if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+                    InvokeError::Timeout(timeout)
+                } else {
+                    InvokeError::Trap {
+                        message: trap_message(&e),
+                        stderr,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The first line of a trap and its cause, without the wasm backtrace.
+fn trap_message(e: &wasmtime::Error) -> String {
+    let mut msg = match e.downcast_ref::<Trap>() {
+        Some(trap) => trap.to_string(),
+        None => e.to_string(),
+    };
+    if let Some(root) = e.chain().last() {
+        let root = root.to_string();
+        if !msg.contains(&root) {
+            msg = format!("{msg}: {root}");
+        }
+    }
+    msg.lines().next().unwrap_or_default().to_string()
+}

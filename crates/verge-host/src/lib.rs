@@ -1,0 +1,503 @@
+//! Verge's WebAssembly host: the only crate that knows wasmtime.
+//!
+//! [`Host`] owns one wasmtime [`Engine`] (component model, pooling allocator with
+//! copy-on-write memory images, epoch interruption) and a [`Linker`] with WASI 0.2
+//! and `wasi:http`. A deploy goes through [`Host::load`]: the bytes are checked
+//! without running guest code, compiled (or the compiled code is loaded from the
+//! on-disk cache, keyed by the component's sha256 and the engine's
+//! configuration), and pre-instantiated once. [`Host::invoke`] then runs every
+//! request in a fresh instance with its own bounded stdout/stderr capture.
+//!
+//! Guests get no ambient authority: no preopened directories, no host
+//! environment, no sockets and no outbound HTTP; only the values configured for
+//! their version.
+
+mod capture;
+mod guest;
+
+use std::collections::hash_map::DefaultHasher;
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use wasmtime::component::{Component, Linker, types::ComponentItem};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+pub use capture::Capture;
+use guest::GuestState;
+
+/// Settings of the host, fixed for the life of the process.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Where compiled code is cached (`<sha256>-<engine>.cwasm`).
+    pub cache_dir: PathBuf,
+    /// Instances that may run at once on this node (pooling allocator slots).
+    pub max_instances: u32,
+    /// Linear memory a guest may grow to, in bytes.
+    pub memory_limit: usize,
+    /// Bytes of stdout and of stderr kept per invocation.
+    pub output_limit: usize,
+    /// Wall-clock limit of one invocation.
+    pub timeout: Duration,
+}
+
+impl HostConfig {
+    /// Defaults for a node whose cache lives in `cache_dir`.
+    pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            cache_dir: cache_dir.into(),
+            max_instances: 1000,
+            memory_limit: 128 << 20,
+            output_limit: 64 << 10,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The host could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("could not configure the WebAssembly engine: {0}")]
+    Engine(String),
+    #[error("could not create the compile cache directory {path}: {source}")]
+    CacheDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Why a component was refused (checked without running any guest code).
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error("the upload is empty; send the component's bytes as the request body")]
+    Empty,
+    #[error(
+        "the upload is not a WebAssembly binary (it does not start with the \\0asm magic); send a .wasm component"
+    )]
+    NotWasm,
+    #[error(
+        "this is a core WebAssembly module, not a component; wrap it with `wasm-tools component new module.wasm -o component.wasm` (with a WASI adapter if it imports wasi_snapshot_preview1)"
+    )]
+    CoreModule,
+    #[error("the component is not valid WebAssembly: {0}")]
+    Invalid(String),
+    #[error(
+        "the component does not export `wasi:http/incoming-handler@0.2.x` (its exports: {found}); build it for the `wasi:http/proxy` world"
+    )]
+    MissingExport { found: String },
+    #[error(
+        "the component imports `{0}`, which Verge does not provide; Verge provides WASI 0.2 (cli, clocks, io, random, filesystem, sockets) and wasi:http"
+    )]
+    UnsupportedImport(String),
+    #[error("the component cannot be linked against Verge's imports: {0}")]
+    Link(String),
+    #[error("invalid artifact id {0:?}")]
+    BadKey(String),
+    #[error("could not read the component's bytes: {0}")]
+    Read(std::io::Error),
+}
+
+impl DeployError {
+    /// Is the cause the uploaded component (as opposed to this node)?
+    pub fn is_user_error(&self) -> bool {
+        !matches!(self, DeployError::Read(_) | DeployError::BadKey(_))
+    }
+}
+
+/// Why an invocation produced no response from the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    #[error("the node is at its instance limit; retry shortly")]
+    Capacity(String),
+    #[error("the function could not be instantiated: {0}")]
+    Instantiate(String),
+    #[error("the function trapped: {message}")]
+    Trap { message: String, stderr: String },
+    #[error("the function ran past its time limit of {0:?}")]
+    Timeout(Duration),
+    #[error("the function returned without sending a response")]
+    NoResponse { stderr: String },
+    #[error("the function answered with an error: {0}")]
+    Guest(String),
+    #[error("internal host error: {0}")]
+    Internal(String),
+}
+
+/// An error while streaming a guest's response body.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BodyError(String);
+
+/// The body of a guest's response, streamed as the guest writes it.
+pub type ResponseBody = UnsyncBoxBody<Bytes, BodyError>;
+
+/// Where a loaded component's machine code came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeSource {
+    /// Compiled by this process (and written to the cache).
+    Compiled,
+    /// Deserialized from the on-disk cache.
+    Cached,
+}
+
+impl CodeSource {
+    /// `compiled` or `cached`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CodeSource::Compiled => "compiled",
+            CodeSource::Cached => "cached",
+        }
+    }
+}
+
+/// A validated, compiled and pre-instantiated component.
+pub struct LoadedComponent {
+    pre: ProxyPre<GuestState>,
+    sha256: String,
+    /// Where its code came from and how long loading took.
+    pub source: CodeSource,
+    pub load_time: Duration,
+}
+
+impl LoadedComponent {
+    /// The sha256 of the component's bytes.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+}
+
+/// A component bound to its configuration: what one function version runs.
+#[derive(Clone)]
+pub struct Function {
+    component: Arc<LoadedComponent>,
+    /// Function name, for logs.
+    pub name: String,
+    /// Version number, for logs.
+    pub version: u64,
+    env: Arc<Vec<(String, String)>>,
+}
+
+impl Function {
+    /// Binds a loaded component to a function version and its environment.
+    pub fn new(
+        component: Arc<LoadedComponent>,
+        name: impl Into<String>,
+        version: u64,
+        env: Vec<(String, String)>,
+    ) -> Self {
+        Self {
+            component,
+            name: name.into(),
+            version,
+            env: Arc::new(env),
+        }
+    }
+}
+
+/// Counters of the host since it started.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostStats {
+    pub compiled: u64,
+    pub cache_hits: u64,
+}
+
+/// The WebAssembly host (see the crate docs).
+pub struct Host {
+    engine: Engine,
+    linker: Linker<GuestState>,
+    config: HostConfig,
+    engine_key: String,
+    compiled: AtomicU64,
+    cache_hits: AtomicU64,
+}
+
+/// Interval of the epoch ticker: the granularity of timeouts and of yields of
+/// a guest that never blocks.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+impl Host {
+    /// Builds the engine and the linker, and starts the epoch ticker.
+    pub fn new(config: HostConfig) -> Result<Self, HostError> {
+        fs::create_dir_all(&config.cache_dir).map_err(|source| HostError::CacheDir {
+            path: config.cache_dir.clone(),
+            source,
+        })?;
+        let engine = Engine::new(&engine_config(&config)).map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::<GuestState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .map_err(|e| HostError::Engine(format!("{e:#}")))?;
+
+        let mut hasher = DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let engine_key = format!("{:016x}", hasher.finish());
+
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("verge-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .map_err(|e| HostError::Engine(format!("could not start the epoch thread: {e}")))?;
+
+        Ok(Self {
+            engine,
+            linker,
+            config,
+            engine_key,
+            compiled: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+        })
+    }
+
+    /// The host's settings.
+    pub fn config(&self) -> &HostConfig {
+        &self.config
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> HostStats {
+        HostStats {
+            compiled: self.compiled.load(Ordering::Relaxed),
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Cheap checks of an upload before anything else: empty, not wasm, a core module.
+    pub fn check_bytes(bytes: &[u8]) -> Result<(), DeployError> {
+        if bytes.is_empty() {
+            return Err(DeployError::Empty);
+        }
+        if !bytes.starts_with(b"\0asm") {
+            return Err(DeployError::NotWasm);
+        }
+        if wasmparser::Parser::is_core_wasm(bytes) {
+            return Err(DeployError::CoreModule);
+        }
+        if !wasmparser::Parser::is_component(bytes) {
+            return Err(DeployError::Invalid(
+                "unknown WebAssembly binary version or layer".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn cache_path(&self, sha256: &str) -> PathBuf {
+        self.config
+            .cache_dir
+            .join(format!("{sha256}-{}.cwasm", self.engine_key))
+    }
+
+    /// Is compiled code for this component in the cache?
+    pub fn is_cached(&self, sha256: &str) -> bool {
+        self.cache_path(sha256).is_file()
+    }
+
+    /// Validates, compiles (or loads from the cache) and pre-instantiates a
+    /// component. `bytes` is only called when the cache has no usable code.
+    /// Blocking and CPU-heavy: call it from a blocking thread.
+    pub fn load(
+        &self,
+        sha256: &str,
+        bytes: impl FnOnce() -> std::io::Result<Vec<u8>>,
+    ) -> Result<LoadedComponent, DeployError> {
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(DeployError::BadKey(sha256.to_string()));
+        }
+        let started = Instant::now();
+        let path = self.cache_path(sha256);
+        let (component, source) = match self.deserialize(&path) {
+            Some(c) => (c, CodeSource::Cached),
+            None => {
+                let bytes = bytes().map_err(DeployError::Read)?;
+                Self::check_bytes(&bytes)?;
+                let component = Component::new(&self.engine, &bytes)
+                    .map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
+                self.check_world(&component)?;
+                let pre = self.prepare(&component)?;
+                // Only cache code that passed every check.
+                if let Err(e) = self.write_cache(&component, &path) {
+                    tracing::warn!(path = %path.display(), error = %e, "could not write compiled code to the cache; the next start will compile again");
+                }
+                self.compiled.fetch_add(1, Ordering::Relaxed);
+                return Ok(LoadedComponent {
+                    pre,
+                    sha256: sha256.to_string(),
+                    source: CodeSource::Compiled,
+                    load_time: started.elapsed(),
+                });
+            }
+        };
+        self.check_world(&component)?;
+        let pre = self.prepare(&component)?;
+        self.cache_hits.fetch_add(1, Ordering::Relaxed);
+        Ok(LoadedComponent {
+            pre,
+            sha256: sha256.to_string(),
+            source,
+            load_time: started.elapsed(),
+        })
+    }
+
+    fn deserialize(&self, path: &Path) -> Option<Component> {
+        if !path.is_file() {
+            return None;
+        }
+        // SAFETY: the file was written by `write_cache` of this host (same engine
+        // configuration, part of the file name) into the node's private cache
+        // directory, via a temporary file and an atomic rename, so it is either
+        // whole or absent; wasmtime also checks its header against the engine.
+        #[allow(unsafe_code)]
+        let result = unsafe { Component::deserialize_file(&self.engine, path) };
+        match result {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "cached code unusable; compiling again");
+                let _ = fs::remove_file(path);
+                None
+            }
+        }
+    }
+
+    fn write_cache(&self, component: &Component, path: &Path) -> std::io::Result<()> {
+        let code = component.serialize().map_err(std::io::Error::other)?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(&code)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)
+    }
+
+    /// Checks the component's world: the proxy export, and only imports Verge provides.
+    fn check_world(&self, component: &Component) -> Result<(), DeployError> {
+        let ty = component.component_type();
+        for (name, _) in ty.imports(&self.engine) {
+            if !is_provided_import(name) {
+                return Err(DeployError::UnsupportedImport(name.to_string()));
+            }
+        }
+        let exports: Vec<String> = ty
+            .exports(&self.engine)
+            .filter(|(_, item)| matches!(item, ComponentItem::ComponentInstance(_)))
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let has_handler = exports
+            .iter()
+            .any(|n| n.starts_with("wasi:http/incoming-handler@0.2."));
+        if !has_handler {
+            let found = if exports.is_empty() {
+                "none".to_string()
+            } else {
+                exports.join(", ")
+            };
+            return Err(DeployError::MissingExport { found });
+        }
+        Ok(())
+    }
+
+    fn prepare(&self, component: &Component) -> Result<ProxyPre<GuestState>, DeployError> {
+        let pre = self
+            .linker
+            .instantiate_pre(component)
+            .map_err(|e| DeployError::Link(format!("{e:#}")))?;
+        ProxyPre::new(pre).map_err(|e| DeployError::Link(format!("{e:#}")))
+    }
+
+    /// Runs one request in a fresh instance of `function`.
+    ///
+    /// The response streams back as the guest writes it; the instance lives
+    /// until the guest's handler returns (or the time limit passes).
+    pub async fn invoke<B>(
+        &self,
+        function: &Function,
+        invocation_id: &str,
+        request: http::Request<B>,
+    ) -> Result<http::Response<ResponseBody>, InvokeError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: std::fmt::Display,
+    {
+        guest::invoke(self, function, invocation_id, request).await
+    }
+
+    /// Instantiates `function` in a fresh store and drops it, without calling
+    /// the guest: what every request pays before the guest runs (benchmarks).
+    pub async fn instantiate_only(&self, function: &Function) -> Result<(), InvokeError> {
+        guest::instantiate_only(self, function).await
+    }
+}
+
+/// Interfaces Verge links for guests: WASI 0.2 and wasi:http.
+fn is_provided_import(name: &str) -> bool {
+    const PACKAGES: [&str; 7] = [
+        "wasi:cli/",
+        "wasi:clocks/",
+        "wasi:io/",
+        "wasi:random/",
+        "wasi:filesystem/",
+        "wasi:sockets/",
+        "wasi:http/",
+    ];
+    PACKAGES.iter().any(|p| name.starts_with(p)) && name.contains("@0.2.")
+}
+
+fn engine_config(config: &HostConfig) -> Config {
+    let mut c = Config::new();
+    c.wasm_component_model(true);
+    c.epoch_interruption(true);
+    c.memory_init_cow(true);
+    let n = config.max_instances.max(1);
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(n)
+        .total_core_instances(n.saturating_mul(16))
+        .total_memories(n.saturating_mul(4))
+        .total_tables(n.saturating_mul(16))
+        .total_stacks(n)
+        .max_core_instances_per_component(64)
+        .max_memories_per_component(16)
+        .max_tables_per_component(64)
+        .max_memory_size(config.memory_limit)
+        .table_elements(100_000)
+        .max_core_instance_size(4 << 20)
+        .max_component_instance_size(4 << 20);
+    c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provided_imports() {
+        assert!(is_provided_import("wasi:cli/environment@0.2.12"));
+        assert!(is_provided_import("wasi:http/types@0.2.0"));
+        assert!(!is_provided_import("wasi:keyvalue/store@0.2.0-draft"));
+        assert!(!is_provided_import("wasi:http/types@0.3.0"));
+        assert!(!is_provided_import("acme:thing/x@1.0.0"));
+    }
+
+    #[test]
+    fn check_bytes_names_the_problem() {
+        assert!(matches!(Host::check_bytes(b""), Err(DeployError::Empty)));
+        assert!(matches!(Host::check_bytes(b"hello"), Err(DeployError::NotWasm)));
+        let core = wat::parse_str("(module)").unwrap();
+        assert!(matches!(Host::check_bytes(&core), Err(DeployError::CoreModule)));
+        let comp = wat::parse_str("(component)").unwrap();
+        assert!(Host::check_bytes(&comp).is_ok());
+    }
+}

@@ -1,0 +1,369 @@
+//! The control API under `/v1/` (JSON; see `openapi.json`, served at
+//! `GET /v1/openapi.json`).
+//!
+//! Routes are declared once, in [`api_routes!`], which builds both the router
+//! and [`API_ROUTES`], the list the OpenAPI test checks against the document.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodFilter, on};
+use axum::Router;
+use http::{StatusCode, header};
+use verge_host::{Function, Host};
+use verge_spec::{
+    DeployResponse, FunctionDetail, FunctionSummary, Health, Route, RouteRequest,
+    normalize_route_host, normalize_route_path, parse_env, validate_function_name,
+};
+use verge_store::{StoreError, sha256_hex};
+
+use crate::error::ApiError;
+use crate::front;
+use crate::state::AppState;
+
+macro_rules! api_routes {
+    ($( $method:ident $path:literal => $handler:expr ),* $(,)?) => {
+        /// Every (method, path) of the control API, as the router serves them.
+        pub const API_ROUTES: &[(&str, &str)] = &[$( (stringify!($method), $path) ),*];
+
+        pub(crate) fn router() -> Router<Arc<AppState>> {
+            let mut router = Router::new();
+            $( router = router.route($path, on(MethodFilter::$method, $handler)); )*
+            router
+        }
+    };
+}
+
+api_routes! {
+    GET "/v1/health" => health,
+    GET "/v1/openapi.json" => openapi,
+    GET "/v1/functions" => list_functions,
+    GET "/v1/functions/{name}" => get_function,
+    DELETE "/v1/functions/{name}" => delete_function,
+    POST "/v1/functions/{name}/versions" => create_version,
+    POST "/v1/functions/{name}/invoke" => invoke,
+    GET "/v1/routes" => list_routes,
+    PUT "/v1/routes" => put_route,
+    DELETE "/v1/routes" => delete_route,
+}
+
+/// The OpenAPI document of this API.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
+    let stats = state.host.stats();
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        functions: state.function_count() as u64,
+        compiled: stats.compiled,
+        cache_hits: stats.cache_hits,
+    })
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// Unknown paths under `/v1`: never handed to user routes.
+pub(crate) async fn unknown_endpoint(request: Request) -> ApiError {
+    ApiError::NotFound(format!(
+        "no API endpoint {} {}; see GET /v1/openapi.json for the endpoints",
+        request.method(),
+        request.uri().path()
+    ))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("background task failed: {e}")))?
+}
+
+async fn list_functions(State(state): State<Arc<AppState>>) -> Result<Json<Vec<FunctionSummary>>, ApiError> {
+    let s = state.clone();
+    Ok(Json(blocking(move || Ok(s.store.list_functions()?)).await?))
+}
+
+async fn get_function(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<FunctionDetail>, ApiError> {
+    validate_function_name(&name)?;
+    let s = state.clone();
+    Ok(Json(blocking(move || Ok(s.store.get_function(&name)?)).await?))
+}
+
+async fn delete_function(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    validate_function_name(&name)?;
+    let _guard = state.deploy_lock.lock().await;
+    let s = state.clone();
+    let n = name.clone();
+    blocking(move || Ok(s.store.delete_function(&n)?)).await?;
+    state.uninstall(&name);
+    state.refresh_routes()?;
+    tracing::info!(function = %name, "function deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// What a deploy asks for besides the bytes.
+#[derive(Debug, Default)]
+pub(crate) struct DeployOptions {
+    pub env: Vec<(String, String)>,
+    pub routes: Vec<(Option<String>, String)>,
+}
+
+impl DeployOptions {
+    fn from_query(query: Option<&str>) -> Result<Self, ApiError> {
+        let mut opts = DeployOptions::default();
+        let mut host = None;
+        let mut paths = Vec::new();
+        for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match k.as_ref() {
+                "env" => opts.env.push(parse_env(&v)?),
+                "route" => paths.push(normalize_route_path(&v)?),
+                "host" => host = Some(normalize_route_host(&v)?),
+                other => {
+                    return Err(ApiError::BadRequest(format!(
+                        "unknown query parameter {other:?}; accepted: route, host, env"
+                    )));
+                }
+            }
+        }
+        if host.is_some() && paths.is_empty() {
+            return Err(ApiError::BadRequest(
+                "`host` needs a `route` path to bind (for example route=/)".into(),
+            ));
+        }
+        opts.routes = paths.into_iter().map(|p| (host.clone(), p)).collect();
+        Ok(opts)
+    }
+}
+
+async fn read_body(body: Body, limit: usize, headers: &http::HeaderMap) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::TooLarge(format!(
+            "the component is larger than this node's upload limit of {limit} bytes; shrink it (for example `wasm-opt -Os`) or start the node with a larger --max-upload"
+        ))
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match axum::body::to_bytes(body, limit).await {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            let is_limit = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if is_limit {
+                Err(too_large())
+            } else {
+                Err(ApiError::BadRequest(format!("could not read the upload: {e}")))
+            }
+        }
+    }
+}
+
+async fn create_version(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+    request: Request,
+) -> Result<(StatusCode, Json<DeployResponse>), ApiError> {
+    validate_function_name(&name)?;
+    let opts = DeployOptions::from_query(query.as_deref())?;
+    let (parts, body) = request.into_parts();
+    let bytes = read_body(body, state.max_upload, &parts.headers).await?;
+    let resp = deploy(&state, &name, bytes, opts).await?;
+    Ok((StatusCode::CREATED, Json(resp)))
+}
+
+/// Validates, compiles, stores and installs a new version of `name`.
+/// Nothing is stored unless every check passed.
+pub(crate) async fn deploy(
+    state: &Arc<AppState>,
+    name: &str,
+    bytes: Bytes,
+    opts: DeployOptions,
+) -> Result<DeployResponse, ApiError> {
+    validate_function_name(name)?;
+    Host::check_bytes(&bytes)?;
+    for (host, path) in &opts.routes {
+        if let Some(owner) = state.store.route_owner(host.as_deref(), path)? {
+            if owner != name {
+                let route = format!("{}{path}", host.as_deref().unwrap_or(""));
+                return Err(StoreError::RouteConflict { route, owner }.into());
+            }
+        }
+    }
+    let started = Instant::now();
+    let s = state.clone();
+    let sha = sha256_hex(&bytes);
+    let size = bytes.len() as u64;
+    let loaded = {
+        let sha = sha.clone();
+        let bytes = bytes.clone();
+        blocking(move || Ok(s.host.load(&sha, || Ok(bytes.to_vec()))?)).await?
+    };
+    let compile_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let code = loaded.source.as_str().to_string();
+
+    let _guard = state.deploy_lock.lock().await;
+    let s = state.clone();
+    let (fname, env, routes) = (name.to_string(), opts.env.clone(), opts.routes.clone());
+    let version = blocking(move || {
+        let stored = s.store.put_artifact(&bytes)?;
+        debug_assert_eq!(stored, loaded.sha256());
+        let v = s.store.create_version(&fname, &stored, size, &env, &routes)?;
+        s.install(Function::new(Arc::new(loaded), fname, v, env));
+        Ok(v)
+    })
+    .await?;
+    state.refresh_routes()?;
+    tracing::info!(function = %name, version, sha256 = %sha, code = %code, compile_ms, "version deployed");
+    Ok(DeployResponse {
+        function: name.to_string(),
+        version,
+        sha256: sha,
+        size,
+        compile_ms,
+        code,
+        routes: opts
+            .routes
+            .into_iter()
+            .map(|(host, path)| Route {
+                host,
+                path,
+                function: name.to_string(),
+            })
+            .collect(),
+    })
+}
+
+async fn invoke(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+    request: Request,
+) -> Result<Response, ApiError> {
+    validate_function_name(&name)?;
+    let function = state.function(&name).ok_or_else(|| {
+        ApiError::Store(StoreError::FunctionNotFound(name.clone()))
+    })?;
+    let mut path = "/".to_string();
+    for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if k == "path" {
+            if !v.starts_with('/') {
+                return Err(ApiError::BadRequest(format!(
+                    "path {v:?} must start with '/'"
+                )));
+            }
+            path = v.into_owned();
+        }
+    }
+    let (parts, body) = request.into_parts();
+    let mut builder = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(format!("http://localhost{path}"))
+        .header(header::HOST, "localhost");
+    for (k, v) in &parts.headers {
+        // The caller's token is for Verge, never for the guest.
+        if k != header::AUTHORIZATION && k != header::HOST {
+            builder = builder.header(k, v);
+        }
+    }
+    let request = builder
+        .body(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid invocation request: {e}")))?;
+    Ok(front::run(&state, &function, request).await)
+}
+
+async fn list_routes(State(state): State<Arc<AppState>>) -> Result<Json<Vec<Route>>, ApiError> {
+    Ok(Json(state.store.routes()?))
+}
+
+async fn put_route(
+    State(state): State<Arc<AppState>>,
+    Json(req): Json<RouteRequest>,
+) -> Result<Json<Route>, ApiError> {
+    validate_function_name(&req.function)?;
+    let path = normalize_route_path(&req.path)?;
+    let host = req.host.as_deref().map(normalize_route_host).transpose()?;
+    let _guard = state.deploy_lock.lock().await;
+    state.store.put_route(host.as_deref(), &path, &req.function)?;
+    state.refresh_routes()?;
+    Ok(Json(Route {
+        host,
+        path,
+        function: req.function,
+    }))
+}
+
+async fn delete_route(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<StatusCode, ApiError> {
+    let mut path = None;
+    let mut host = None;
+    for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match k.as_ref() {
+            "path" => path = Some(normalize_route_path(&v)?),
+            "host" => host = Some(normalize_route_host(&v)?),
+            _ => {}
+        }
+    }
+    let path = path.ok_or_else(|| {
+        ApiError::BadRequest("give the route to remove as ?path=/prefix (and &host=h if bound to a host)".into())
+    })?;
+    let _guard = state.deploy_lock.lock().await;
+    state.store.delete_route(host.as_deref(), &path)?;
+    state.refresh_routes()?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every route the router serves is described in the OpenAPI document.
+    #[test]
+    fn openapi_covers_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json parses");
+        assert_eq!(doc["openapi"].as_str().map(|v| &v[..2]), Some("3."));
+        let paths = doc["paths"].as_object().expect("paths");
+        for (method, path) in API_ROUTES {
+            let op = &paths.get(*path).unwrap_or_else(|| panic!("{path} missing from openapi.json"))
+                [method.to_ascii_lowercase()];
+            assert!(op.is_object(), "{method} {path} missing from openapi.json");
+            assert!(op["responses"].is_object(), "{method} {path} has no responses");
+        }
+        // And nothing documented that is not served.
+        let served: usize = paths
+            .values()
+            .map(|p| p.as_object().map_or(0, |o| o.keys().filter(|k| *k != "parameters").count()))
+            .sum();
+        assert_eq!(served, API_ROUTES.len(), "openapi.json documents routes the router lacks");
+    }
+
+    #[test]
+    fn deploy_query_parsing() {
+        let o = DeployOptions::from_query(Some("route=%2Fa%2F&env=K%3DV&host=Ex.com")).unwrap();
+        assert_eq!(o.env, vec![("K".to_string(), "V".to_string())]);
+        assert_eq!(o.routes, vec![(Some("ex.com".to_string()), "/a".to_string())]);
+        assert!(DeployOptions::from_query(Some("route=/v1/x")).is_err());
+        assert!(DeployOptions::from_query(Some("bogus=1")).is_err());
+        assert!(DeployOptions::from_query(Some("host=a.com")).is_err());
+    }
+}

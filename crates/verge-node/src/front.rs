@@ -1,0 +1,119 @@
+//! The public front: user routes to invocations.
+//!
+//! User routes are public (their auth is the function's business). The
+//! request reaches the guest with its method, full path, query, headers and a
+//! streamed body; the guest's response streams back with the invocation id in
+//! a `verge-invocation-id` header.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, Uri, header};
+use rand::RngCore;
+use verge_host::{Function, InvokeError};
+use verge_spec::INVOCATION_ID_HEADER;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// A new invocation id: 128 random bits, hex.
+pub(crate) fn new_invocation_id() -> String {
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+fn request_host(request: &Request) -> Option<String> {
+    let raw = request
+        .uri()
+        .host()
+        .map(str::to_string)
+        .or_else(|| {
+            request
+                .headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        })?;
+    // Strip a port; keep bracketed IPv6 literals whole.
+    let host = match raw.rsplit_once(':') {
+        Some((h, port)) if !h.ends_with(']') || raw.starts_with('[') => {
+            if port.bytes().all(|b| b.is_ascii_digit()) { h.to_string() } else { raw.clone() }
+        }
+        _ => raw.clone(),
+    };
+    Some(host.to_ascii_lowercase())
+}
+
+/// Fallback handler: every request that is not for the control API.
+pub(crate) async fn serve_user_route(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let host = request_host(&request);
+    let path = request.uri().path().to_string();
+    let Some(route) = state.match_route(host.as_deref(), &path) else {
+        return ApiError::NotFound(format!(
+            "no route serves {}{path}; bind one with `verge deploy FILE --name NAME --route PATH` or `verge routes add`",
+            host.unwrap_or_default()
+        ))
+        .into_response();
+    };
+    let Some(function) = state.function(&route.function) else {
+        return ApiError::NotFound(format!(
+            "route {} points at function {:?}, which is not deployed on this node",
+            route.path, route.function
+        ))
+        .into_response();
+    };
+    run(&state, &function, request).await
+}
+
+/// Runs `function` on `request` and turns the outcome into a response.
+pub(crate) async fn run(state: &AppState, function: &Function, request: Request) -> Response {
+    let id = new_invocation_id();
+    let (mut parts, body) = request.into_parts();
+    if parts.uri.authority().is_none() {
+        let authority = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("localhost")
+            .to_string();
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .unwrap_or("/")
+            .to_string();
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(authority)
+            .path_and_query(pq)
+            .build()
+            .unwrap_or_else(|_| parts.uri.clone());
+    }
+    let request = Request::from_parts(parts, body);
+    match state.host.invoke(function, &id, request).await {
+        Ok(response) => {
+            let mut response = response.map(Body::new);
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                response.headers_mut().insert(INVOCATION_ID_HEADER, v);
+            }
+            response
+        }
+        Err(error) => {
+            match &error {
+                InvokeError::Trap { message, stderr } => tracing::warn!(
+                    function = %function.name, version = function.version, invocation = %id,
+                    %message, ?stderr, "guest trapped"
+                ),
+                InvokeError::NoResponse { stderr } => tracing::warn!(
+                    function = %function.name, version = function.version, invocation = %id,
+                    ?stderr, "guest returned no response"
+                ),
+                _ => {}
+            }
+            ApiError::Invoke { error, id }.into_response()
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! Verge's server: the public HTTP front (routes to invocations), the control
+//! API under `/v1/`, authentication and dispatch. The only crate that runs an
+//! HTTP server; it wires [`verge_host`] and [`verge_store`] together.
+
+mod api;
+mod auth;
+mod error;
+mod front;
+mod state;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::any;
+use tokio::net::TcpListener;
+use verge_host::{Function, Host, HostConfig};
+use verge_store::Store;
+
+pub use api::{API_ROUTES, OPENAPI};
+pub use auth::TOKEN_FILE;
+pub use error::ApiError;
+
+use state::AppState;
+
+/// Name of the file in the data directory where a running node writes its URL.
+pub const NODE_FILE: &str = "node.json";
+
+/// Settings of one node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Largest component upload accepted, in bytes.
+    pub max_upload: usize,
+    /// Instances that may run at once.
+    pub max_instances: u32,
+    /// Wall-clock limit of one invocation.
+    pub timeout: Duration,
+    /// Linear memory limit of one guest, in bytes.
+    pub memory_limit: usize,
+}
+
+impl NodeConfig {
+    /// Defaults: 127.0.0.1:8080, 64 MiB uploads.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: data_dir.into(),
+            max_upload: 64 << 20,
+            max_instances: 1000,
+            timeout: Duration::from_secs(30),
+            memory_limit: 128 << 20,
+        }
+    }
+}
+
+/// A node failed to start or to serve.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Store(#[from] verge_store::StoreError),
+    #[error(transparent)]
+    Host(#[from] verge_host::HostError),
+    #[error("could not listen on {addr}: {source}; pick another address with --listen")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<ApiError> for NodeError {
+    fn from(e: ApiError) -> Self {
+        NodeError::Other(e.to_string())
+    }
+}
+
+/// What happened while the node loaded its functions at start.
+#[derive(Debug, Clone, Default)]
+pub struct StartReport {
+    /// Set when this start created the admin token: where it was written.
+    pub token_created: Option<PathBuf>,
+    pub functions_loaded: usize,
+    pub from_cache: usize,
+    pub compiled: usize,
+    /// Functions that could not be loaded, with the reason.
+    pub failed: Vec<(String, String)>,
+    pub load_time: Duration,
+}
+
+/// A started node, bound to its address, not yet serving.
+pub struct Node {
+    state: Arc<AppState>,
+    listener: TcpListener,
+    report: StartReport,
+}
+
+impl Node {
+    /// Opens the store, makes sure an admin token exists, loads every deployed
+    /// function (from the compile cache when possible) and binds the listener.
+    pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        let started = Instant::now();
+        let data_dir = config.data_dir.clone();
+        let store = Store::open(&data_dir)?;
+        let mut report = StartReport {
+            token_created: auth::ensure_admin_token(&store, &data_dir)?,
+            ..StartReport::default()
+        };
+        let host = Host::new(HostConfig {
+            cache_dir: data_dir.join("cache"),
+            max_instances: config.max_instances,
+            memory_limit: config.memory_limit,
+            output_limit: 64 << 10,
+            timeout: config.timeout,
+        })?;
+        let token_hashes = store.token_hashes()?;
+        let state = Arc::new(AppState::new(
+            store,
+            host,
+            data_dir.clone(),
+            config.max_upload,
+            token_hashes,
+        ));
+
+        let s = state.clone();
+        let loaded = tokio::task::spawn_blocking(move || load_all(&s))
+            .await
+            .map_err(|e| NodeError::Other(format!("loading functions failed: {e}")))??;
+        report.functions_loaded = loaded.0;
+        report.from_cache = loaded.1;
+        report.compiled = loaded.2;
+        report.failed = loaded.3;
+        state.refresh_routes()?;
+        report.load_time = started.elapsed();
+
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| NodeError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        Ok(Node {
+            state,
+            listener,
+            report,
+        })
+    }
+
+    /// The address the node listens on (useful with port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, NodeError> {
+        self.listener
+            .local_addr()
+            .map_err(|e| NodeError::Other(format!("no local address: {e}")))
+    }
+
+    /// What the start did.
+    pub fn report(&self) -> &StartReport {
+        &self.report
+    }
+
+    /// The node's data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.state.data_dir
+    }
+
+    /// Is a function of this name deployed?
+    pub fn has_function(&self, name: &str) -> bool {
+        self.state.function(name).is_some()
+    }
+
+    /// Deploys a component as the node's API would (used for the bundled example).
+    pub async fn deploy(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+        route: Option<&str>,
+    ) -> Result<verge_spec::DeployResponse, ApiError> {
+        let mut opts = api::DeployOptions::default();
+        if let Some(r) = route {
+            opts.routes.push((None, verge_spec::normalize_route_path(r)?));
+        }
+        api::deploy(&self.state, name, bytes.into(), opts).await
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), NodeError> {
+        let addr = self.local_addr()?;
+        let node_file = self.state.data_dir.join(NODE_FILE);
+        let info = serde_json::json!({ "url": format!("http://{addr}"), "pid": std::process::id() });
+        if let Err(e) = std::fs::write(&node_file, info.to_string()) {
+            tracing::warn!(path = %node_file.display(), error = %e, "could not write the node file; the CLI will need --server");
+        }
+        let app = router(self.state.clone());
+        let result = axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|e| NodeError::Other(format!("server error: {e}")));
+        let _ = std::fs::remove_file(&node_file);
+        result
+    }
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    let api = api::router()
+        .route("/v1", any(api::unknown_endpoint))
+        .route("/v1/{*rest}", any(api::unknown_endpoint))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    api.fallback(front::serve_user_route).with_state(state)
+}
+
+type Loaded = (usize, usize, usize, Vec<(String, String)>);
+
+/// Loads the live version of every function; one that fails is reported and skipped.
+fn load_all(state: &AppState) -> Result<Loaded, NodeError> {
+    let mut out: Loaded = (0, 0, 0, Vec::new());
+    for v in state.store.live_versions()? {
+        let result = state
+            .host
+            .load(&v.sha256, || {
+                state
+                    .store
+                    .read_artifact(&v.sha256)
+                    .map_err(std::io::Error::other)
+            });
+        match result {
+            Ok(component) => {
+                match component.source {
+                    verge_host::CodeSource::Cached => out.1 += 1,
+                    verge_host::CodeSource::Compiled => out.2 += 1,
+                }
+                state.install(Function::new(Arc::new(component), v.function, v.version, v.env));
+                out.0 += 1;
+            }
+            Err(e) => {
+                tracing::error!(function = %v.function, version = v.version, error = %e, "could not load function");
+                out.3.push((v.function, e.to_string()));
+            }
+        }
+    }
+    Ok(out)
+}

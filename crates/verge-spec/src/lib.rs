@@ -1,0 +1,271 @@
+//! Verge's domain types and the JSON shapes of its control API.
+//!
+//! This crate is a leaf: serde only, no I/O. The node serves these types, the
+//! CLI reads them, and the store persists the records they describe.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The longest function name accepted.
+pub const MAX_FUNCTION_NAME: usize = 63;
+
+/// The path prefix reserved for the control API; no user route may live under it.
+pub const API_PREFIX: &str = "/v1";
+
+/// A name, path or value that breaks the rules of the model.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// A function name outside `[a-z0-9-]{1,63}`.
+    #[error(
+        "invalid function name {0:?}: use 1 to 63 characters from a-z, 0-9 and '-' (for example \"hello-world\")"
+    )]
+    FunctionName(String),
+    /// A route path that cannot be served.
+    #[error("invalid route path {path:?}: {reason}")]
+    RoutePath { path: String, reason: &'static str },
+    /// A route host that is not a plain host name.
+    #[error("invalid route host {0:?}: give a bare host name such as \"api.example.com\", without scheme, port or path")]
+    RouteHost(String),
+    /// An environment entry that is not `KEY=VALUE`.
+    #[error("invalid env entry {0:?}: write it as KEY=VALUE, with a non-empty KEY")]
+    Env(String),
+}
+
+/// Checks a function name against `[a-z0-9-]{1,63}`.
+pub fn validate_function_name(name: &str) -> Result<(), SpecError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_FUNCTION_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::FunctionName(name.to_string()))
+    }
+}
+
+/// Checks a route's path prefix and returns it normalized (no trailing slash
+/// except for the root).
+pub fn normalize_route_path(path: &str) -> Result<String, SpecError> {
+    let err = |reason| SpecError::RoutePath {
+        path: path.to_string(),
+        reason,
+    };
+    if !path.starts_with('/') {
+        return Err(err("a route path starts with '/', for example \"/hello\""));
+    }
+    if path.contains(['?', '#', ' ']) || path.contains("//") || path.len() > 1024 {
+        return Err(err(
+            "give a plain path prefix without query, fragment, spaces or empty segments",
+        ));
+    }
+    let trimmed = if path.len() > 1 {
+        path.trim_end_matches('/')
+    } else {
+        path
+    };
+    if trimmed == API_PREFIX || trimmed.starts_with("/v1/") {
+        return Err(err(
+            "paths under /v1 belong to the control API; choose another prefix",
+        ));
+    }
+    Ok(trimmed.to_string())
+}
+
+/// Checks a route host: a bare, lowercase DNS name.
+pub fn normalize_route_host(host: &str) -> Result<String, SpecError> {
+    let h = host.to_ascii_lowercase();
+    let ok = !h.is_empty()
+        && h.len() <= 253
+        && h
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if ok {
+        Ok(h)
+    } else {
+        Err(SpecError::RouteHost(host.to_string()))
+    }
+}
+
+/// Does `prefix` (normalized) cover `path`, on a segment boundary?
+pub fn path_matches(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return path.starts_with('/');
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// Parses `KEY=VALUE`.
+pub fn parse_env(entry: &str) -> Result<(String, String), SpecError> {
+    match entry.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => {
+            Ok((k.to_string(), v.to_string()))
+        }
+        _ => Err(SpecError::Env(entry.to_string())),
+    }
+}
+
+/// An HTTP route: a path prefix, optionally on one host, served by a function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    /// Host the route is bound to; `None` matches any host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Path prefix, matched on segment boundaries (`/a` covers `/a` and `/a/b`, not `/ab`).
+    pub path: String,
+    /// The function that serves it.
+    pub function: String,
+}
+
+/// Body of `PUT /v1/routes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteRequest {
+    #[serde(default)]
+    pub host: Option<String>,
+    pub path: String,
+    pub function: String,
+}
+
+/// One immutable version of a function.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VersionInfo {
+    pub version: u64,
+    pub sha256: String,
+    pub size: u64,
+    /// Configured values the guest sees as its environment.
+    pub env: BTreeMap<String, String>,
+    /// Creation time, RFC 3339 UTC.
+    pub created_at: String,
+}
+
+/// Answer of `POST /v1/functions/{name}/versions`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeployResponse {
+    pub function: String,
+    pub version: u64,
+    pub sha256: String,
+    pub size: u64,
+    /// Milliseconds spent compiling (or loading cached code).
+    pub compile_ms: f64,
+    /// `compiled` or `cached`.
+    pub code: String,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+/// A function in `GET /v1/functions`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FunctionSummary {
+    pub name: String,
+    /// The version that serves requests.
+    pub live_version: u64,
+    pub sha256: String,
+    pub size: u64,
+    pub routes: Vec<Route>,
+    pub updated_at: String,
+}
+
+/// `GET /v1/functions/{name}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FunctionDetail {
+    pub name: String,
+    pub live_version: u64,
+    pub created_at: String,
+    pub routes: Vec<Route>,
+    pub versions: Vec<VersionInfo>,
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub functions: u64,
+    /// Components compiled by this process since it started.
+    pub compiled: u64,
+    /// Components whose compiled code was loaded from the on-disk cache.
+    pub cache_hits: u64,
+}
+
+/// An error body (RFC 9457 problem details).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Problem {
+    pub status: u16,
+    pub title: String,
+    pub detail: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invocation_id: Option<String>,
+}
+
+/// The response header that carries an invocation's id.
+pub const INVOCATION_ID_HEADER: &str = "verge-invocation-id";
+
+/// Formats unix seconds as an RFC 3339 UTC timestamp.
+pub fn rfc3339(unix_secs: i64) -> String {
+    let days = unix_secs.div_euclid(86_400);
+    let secs = unix_secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "hello-world", "x1", &"a".repeat(63)] {
+            assert!(validate_function_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Hello", "a_b", "a.b", "ä", &"a".repeat(64), "a b"] {
+            assert!(validate_function_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(normalize_route_path("/hello/").unwrap(), "/hello");
+        assert_eq!(normalize_route_path("/").unwrap(), "/");
+        assert!(normalize_route_path("hello").is_err());
+        assert!(normalize_route_path("/v1").is_err());
+        assert!(normalize_route_path("/v1/functions").is_err());
+        assert!(normalize_route_path("/v10").is_ok());
+        assert!(path_matches("/a", "/a"));
+        assert!(path_matches("/a", "/a/b"));
+        assert!(!path_matches("/a", "/ab"));
+        assert!(path_matches("/", "/anything"));
+    }
+
+    #[test]
+    fn env_entries() {
+        assert_eq!(parse_env("A=b=c").unwrap(), ("A".into(), "b=c".into()));
+        assert_eq!(parse_env("A=").unwrap(), ("A".into(), String::new()));
+        assert!(parse_env("=x").is_err());
+        assert!(parse_env("nokey").is_err());
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_795_000_000), "2026-11-18T05:46:40Z");
+    }
+}

@@ -1,0 +1,505 @@
+//! `verge`: the command-line interface and the node's entry point. The only
+//! crate that knows clap.
+
+mod client;
+mod table;
+
+use std::io::{IsTerminal, Read};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use reqwest::Method;
+use verge_spec::{DeployResponse, FunctionDetail, FunctionSummary, INVOCATION_ID_HEADER, Route, RouteRequest};
+
+use client::{Client, default_data_dir, parse_duration, parse_size};
+
+/// The example component bundled with the binary (source: examples/hello/).
+const EXAMPLE_WASM: &[u8] = include_bytes!("../../../examples/hello.wasm");
+
+#[derive(Parser)]
+#[command(name = "verge", version, about = "Verge: serverless WebAssembly functions, from the datacenter to the edge")]
+struct Cli {
+    /// URL of the node to talk to [default: the node in --data-dir, else http://127.0.0.1:8080]
+    #[arg(long, global = true, env = "VERGE_SERVER")]
+    server: Option<String>,
+    /// API token [default: <data-dir>/admin.token]
+    #[arg(long, global = true, env = "VERGE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Node data directory [default: $XDG_DATA_HOME/verge or ~/.local/share/verge]
+    #[arg(long, global = true, env = "VERGE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Print JSON for scripts instead of tables
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a node: the control API and user routes on one address
+    Up {
+        /// Address to listen on
+        #[arg(long, default_value = "127.0.0.1:8080", env = "VERGE_LISTEN")]
+        listen: SocketAddr,
+        /// Deploy the bundled example function "hello" on /hello if absent
+        #[arg(long)]
+        example: bool,
+        /// Largest component upload accepted
+        #[arg(long, default_value = "64MiB")]
+        max_upload: String,
+        /// Wall-clock limit of one invocation
+        #[arg(long, default_value = "30s")]
+        timeout: String,
+        /// Linear memory limit of one guest
+        #[arg(long, default_value = "128MiB")]
+        memory: String,
+        /// Instances that may run at once on this node
+        #[arg(long, default_value_t = 1000)]
+        max_instances: u32,
+    },
+    /// Deploy a component as a new version of a function and make it live
+    Deploy {
+        /// The component (.wasm, wasi:http proxy world)
+        file: PathBuf,
+        /// Function name ([a-z0-9-], at most 63)
+        #[arg(long)]
+        name: String,
+        /// Path prefix to serve the function on (repeatable)
+        #[arg(long)]
+        route: Vec<String>,
+        /// Bind the routes to this host only
+        #[arg(long)]
+        host: Option<String>,
+        /// KEY=VALUE the guest sees in its environment (repeatable)
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+    },
+    /// List functions
+    Ls,
+    /// Show a function, its versions and routes
+    Show { name: String },
+    /// Delete a function with its versions and routes
+    Rm { name: String },
+    /// Call a function's live version with a POST
+    Invoke {
+        name: String,
+        /// Request body: TEXT, @FILE, or - for standard input
+        #[arg(long, short)]
+        data: Option<String>,
+        /// Request path the function sees
+        #[arg(long, default_value = "/")]
+        path: String,
+    },
+    /// List routes, or add and remove them
+    Routes {
+        #[command(subcommand)]
+        action: Option<RoutesAction>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RoutesAction {
+    /// List routes
+    Ls,
+    /// Bind a path prefix (optionally on one host) to a function
+    Add {
+        path: String,
+        #[arg(long)]
+        function: String,
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// Remove a route
+    Rm {
+        path: String,
+        #[arg(long)]
+        host: Option<String>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
+    if let Command::Up {
+        listen,
+        example,
+        max_upload,
+        timeout,
+        memory,
+        max_instances,
+    } = &cli.command
+    {
+        return up(
+            &data_dir,
+            *listen,
+            *example,
+            parse_size(max_upload).context("--max-upload")?,
+            parse_duration(timeout).context("--timeout")?,
+            parse_size(memory).context("--memory")?,
+            *max_instances,
+        )
+        .await;
+    }
+    let client = Client::discover(cli.server.clone(), cli.token.clone(), &data_dir)?;
+    let json = cli.json;
+    match cli.command {
+        Command::Up { .. } => unreachable!("handled above"),
+        Command::Deploy { file, name, route, host, env } => deploy(&client, json, &file, &name, &route, host, &env).await,
+        Command::Ls => {
+            let fs: Vec<FunctionSummary> = client.get("/v1/functions").await?;
+            if json {
+                return print_json(&fs);
+            }
+            if fs.is_empty() {
+                println!("no functions yet; deploy one with `verge deploy FILE --name NAME --route /path`");
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = fs
+                .iter()
+                .map(|f| {
+                    vec![
+                        f.name.clone(),
+                        f.live_version.to_string(),
+                        table::size(f.size),
+                        f.sha256.chars().take(12).collect(),
+                        routes_label(&f.routes),
+                        f.updated_at.clone(),
+                    ]
+                })
+                .collect();
+            print!("{}", table::render(&["NAME", "LIVE", "SIZE", "SHA256", "ROUTES", "UPDATED"], &rows));
+            Ok(())
+        }
+        Command::Show { name } => {
+            let f: FunctionDetail = client.get(&format!("/v1/functions/{name}")).await?;
+            if json {
+                return print_json(&f);
+            }
+            println!("function  {}", f.name);
+            println!("live      version {}", f.live_version);
+            println!("created   {}", f.created_at);
+            println!("routes    {}", routes_label(&f.routes));
+            println!();
+            let rows: Vec<Vec<String>> = f
+                .versions
+                .iter()
+                .map(|v| {
+                    vec![
+                        format!("{}{}", v.version, if v.version == f.live_version { " (live)" } else { "" }),
+                        table::size(v.size),
+                        v.sha256.chars().take(12).collect(),
+                        v.env.keys().cloned().collect::<Vec<_>>().join(","),
+                        v.created_at.clone(),
+                    ]
+                })
+                .collect();
+            print!("{}", table::render(&["VERSION", "SIZE", "SHA256", "ENV", "CREATED"], &rows));
+            Ok(())
+        }
+        Command::Rm { name } => {
+            client.send(client.request(Method::DELETE, &format!("/v1/functions/{name}"))).await?;
+            if json {
+                return print_json(&serde_json::json!({ "deleted": name }));
+            }
+            println!("deleted function {name}");
+            Ok(())
+        }
+        Command::Invoke { name, data, path } => invoke(&client, json, &name, data, &path).await,
+        Command::Routes { action } => routes(&client, json, action.unwrap_or(RoutesAction::Ls)).await,
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn routes_label(routes: &[Route]) -> String {
+    if routes.is_empty() {
+        return "-".into();
+    }
+    routes
+        .iter()
+        .map(|r| format!("{}{}", r.host.as_deref().unwrap_or(""), r.path))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn up(
+    data_dir: &std::path::Path,
+    listen: SocketAddr,
+    example: bool,
+    max_upload: usize,
+    timeout: Duration,
+    memory: usize,
+    max_instances: u32,
+) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VERGE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = verge_node::NodeConfig::new(data_dir);
+    config.listen = listen;
+    config.max_upload = max_upload;
+    config.timeout = timeout;
+    config.memory_limit = memory;
+    config.max_instances = max_instances;
+    let node = verge_node::Node::start(config)
+        .await
+        .with_context(|| format!("while starting the node with data directory {}", data_dir.display()))?;
+    let addr = node.local_addr()?;
+    let report = node.report().clone();
+    println!("data directory  {}", node.data_dir().display());
+    match &report.token_created {
+        Some(path) => println!("admin token     created, written to {} (mode 0600)", path.display()),
+        None => println!("admin token     in {}", node.data_dir().join(verge_node::TOKEN_FILE).display()),
+    }
+    println!(
+        "functions       {} loaded ({} from the compile cache, {} compiled) in {} ms",
+        report.functions_loaded,
+        report.from_cache,
+        report.compiled,
+        report.load_time.as_millis()
+    );
+    for (name, why) in &report.failed {
+        println!("                could not load {name}: {why}");
+    }
+    if example {
+        if node.has_function("hello") {
+            println!("example         function hello already deployed");
+        } else {
+            let r = node
+                .deploy("hello", EXAMPLE_WASM.to_vec(), Some("/hello"))
+                .await
+                .context("while deploying the bundled example")?;
+            println!("example         deployed hello version {} ({} ms)", r.version, r.compile_ms.round());
+        }
+        println!("try             curl http://{addr}/hello");
+    }
+    println!("verge listening on http://{addr}");
+    let shutdown = async {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+    };
+    node.serve(shutdown).await?;
+    Ok(())
+}
+
+async fn deploy(
+    client: &Client,
+    json: bool,
+    file: &std::path::Path,
+    name: &str,
+    routes: &[String],
+    host: Option<String>,
+    env: &[String],
+) -> Result<()> {
+    verge_spec::validate_function_name(name)?;
+    for e in env {
+        verge_spec::parse_env(e)?;
+    }
+    let bytes = std::fs::read(file)
+        .with_context(|| format!("could not read {}; give the path of a .wasm component", file.display()))?;
+    let mut query = form_url(routes.iter().map(|r| ("route", r.as_str())));
+    if let Some(h) = &host {
+        query.push_str(&form_url([("host", h.as_str())]));
+    }
+    query.push_str(&form_url(env.iter().map(|e| ("env", e.as_str()))));
+    let total = bytes.len() as u64;
+    let started = Instant::now();
+    let bar = if std::io::stderr().is_terminal() && !json {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {bytes}/{total_bytes}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_message(format!("uploading {}", file.display()));
+        Some(bar)
+    } else {
+        None
+    };
+    let chunks: Vec<bytes::Bytes> = bytes::Bytes::from(bytes)
+        .chunks(64 * 1024)
+        .map(bytes::Bytes::copy_from_slice)
+        .collect();
+    let progress = bar.clone();
+    let stream = futures::stream::iter(chunks.into_iter().map(move |c| {
+        if let Some(b) = &progress {
+            b.inc(c.len() as u64);
+            if b.position() >= total {
+                b.set_message("validating and compiling");
+                b.enable_steady_tick(Duration::from_millis(100));
+            }
+        }
+        Ok::<_, std::io::Error>(c)
+    }));
+    let rb = client
+        .request(Method::POST, &format!("/v1/functions/{name}/versions{}", query_string(&query)))
+        .header(reqwest::header::CONTENT_TYPE, "application/wasm")
+        .header(reqwest::header::CONTENT_LENGTH, total)
+        .body(reqwest::Body::wrap_stream(stream));
+    let result: Result<DeployResponse> = client.json(rb).await;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let r = result?;
+    if json {
+        return print_json(&r);
+    }
+    println!(
+        "deployed {} version {} ({}, sha256 {}), {} in {:.0} ms, total {:.0} ms",
+        r.function,
+        r.version,
+        table::size(r.size),
+        &r.sha256[..12.min(r.sha256.len())],
+        r.code,
+        r.compile_ms,
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    for route in &r.routes {
+        let base = client.server.clone();
+        match &route.host {
+            Some(h) => println!("serving  http://{h}{} (via {base})", route.path),
+            None => println!("serving  {base}{}", route.path),
+        }
+    }
+    Ok(())
+}
+
+fn form_url<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let mut s = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        s.append_pair(k, v);
+    }
+    let out = s.finish();
+    if out.is_empty() { out } else { format!("{out}&") }
+}
+
+fn query_string(q: &str) -> String {
+    let q = q.trim_end_matches('&');
+    if q.is_empty() { String::new() } else { format!("?{q}") }
+}
+
+async fn invoke(client: &Client, json: bool, name: &str, data: Option<String>, path: &str) -> Result<()> {
+    let body: Vec<u8> = match data.as_deref() {
+        None => Vec::new(),
+        Some("-") => {
+            let mut buf = Vec::new();
+            std::io::stdin().read_to_end(&mut buf).context("while reading standard input")?;
+            buf
+        }
+        Some(d) if d.starts_with('@') => {
+            std::fs::read(&d[1..]).with_context(|| format!("could not read {}", &d[1..]))?
+        }
+        Some(d) => d.as_bytes().to_vec(),
+    };
+    let rb = client
+        .request(Method::POST, &format!("/v1/functions/{name}/invoke{}", query_string(&form_url([("path", path)]))))
+        .body(body);
+    let resp = client.send(rb).await?;
+    let status = resp.status();
+    let id = resp
+        .headers()
+        .get(INVOCATION_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let bytes = resp.bytes().await.context("while reading the function's response")?;
+    if json {
+        return print_json(&serde_json::json!({
+            "status": status.as_u16(),
+            "invocation_id": id,
+            "body": String::from_utf8_lossy(&bytes),
+        }));
+    }
+    use std::io::Write;
+    std::io::stdout().write_all(&bytes)?;
+    if !status.is_success() {
+        bail!("the function answered {status} (invocation {id})");
+    }
+    Ok(())
+}
+
+async fn routes(client: &Client, json: bool, action: RoutesAction) -> Result<()> {
+    match action {
+        RoutesAction::Ls => {
+            let routes: Vec<Route> = client.get("/v1/routes").await?;
+            if json {
+                return print_json(&routes);
+            }
+            if routes.is_empty() {
+                println!("no routes yet; add one with `verge routes add /path --function NAME`");
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = routes
+                .iter()
+                .map(|r| vec![r.host.clone().unwrap_or_else(|| "*".into()), r.path.clone(), r.function.clone()])
+                .collect();
+            print!("{}", table::render(&["HOST", "PATH", "FUNCTION"], &rows));
+            Ok(())
+        }
+        RoutesAction::Add { path, function, host } => {
+            let r: Route = client
+                .json(client.request(Method::PUT, "/v1/routes").json(&RouteRequest { host, path, function }))
+                .await?;
+            if json {
+                return print_json(&r);
+            }
+            println!("route {}{} -> {}", r.host.as_deref().unwrap_or(""), r.path, r.function);
+            Ok(())
+        }
+        RoutesAction::Rm { path, host } => {
+            let mut pairs = vec![("path", path.as_str())];
+            if let Some(h) = &host {
+                pairs.push(("host", h.as_str()));
+            }
+            client
+                .send(client.request(Method::DELETE, &format!("/v1/routes{}", query_string(&form_url(pairs)))))
+                .await?;
+            if json {
+                return print_json(&serde_json::json!({ "removed": path }));
+            }
+            println!("removed route {}{path}", host.as_deref().unwrap_or(""));
+            Ok(())
+        }
+    }
+}

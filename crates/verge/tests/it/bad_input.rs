@@ -1,0 +1,104 @@
+//! Bad uploads get a clear 4xx problem, store nothing, and the node keeps serving.
+
+use crate::kit::{TestNode, fixture};
+
+fn upload(node: &TestNode, name: &str, query: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
+    let resp = node
+        .http()
+        .post(format!("{}/v1/functions/{name}/versions{query}", node.url))
+        .bearer_auth(node.token())
+        .body(body)
+        .send()
+        .unwrap();
+    let status = resp.status().as_u16();
+    assert_eq!(
+        resp.headers().get("content-type").map(|v| v.to_str().unwrap()),
+        Some("application/problem+json"),
+        "status {status}"
+    );
+    (status, resp.json().unwrap())
+}
+
+fn detail(v: &serde_json::Value) -> String {
+    v["detail"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn bad_uploads_are_refused_with_what_to_do() {
+    let node = TestNode::start_with(&["--max-upload", "1MiB"]);
+    node.deploy("rust-hello", "hello", "/hello");
+    let hello = std::fs::read(fixture("rust-hello")).unwrap();
+
+    let (s, p) = upload(&node, "bad", "", b"this is not wasm".to_vec());
+    assert_eq!(s, 400);
+    assert!(detail(&p).contains("not a WebAssembly binary"), "{p}");
+
+    let (s, p) = upload(&node, "bad", "", Vec::new());
+    assert_eq!(s, 400);
+    assert!(detail(&p).contains("empty"), "{p}");
+
+    let (s, p) = upload(&node, "bad", "", wat::parse_str("(module)").unwrap());
+    assert_eq!(s, 400);
+    assert!(detail(&p).contains("core WebAssembly module"), "{p}");
+    assert!(detail(&p).contains("wasm-tools component new"), "{p}");
+
+    let (s, p) = upload(&node, "bad", "", wat::parse_str("(component)").unwrap());
+    assert_eq!(s, 400);
+    assert!(detail(&p).contains("wasi:http/incoming-handler"), "{p}");
+
+    let imports_unknown = wat::parse_str(
+        r#"(component (import "acme:billing/charge@1.0.0" (instance)))"#,
+    )
+    .unwrap();
+    let (s, p) = upload(&node, "bad", "", imports_unknown);
+    assert_eq!(s, 400);
+    assert!(detail(&p).contains("acme:billing/charge@1.0.0"), "{p}");
+
+    let mut truncated = hello.clone();
+    truncated.truncate(hello.len() / 2);
+    let (s, p) = upload(&node, "bad", "", truncated);
+    assert_eq!(s, 400);
+    assert!(detail(&p).contains("not valid"), "{p}");
+
+    let (s, p) = upload(&node, "bad", "", vec![0u8; (1 << 20) + 1]);
+    assert_eq!(s, 413);
+    assert!(detail(&p).contains("--max-upload"), "{p}");
+
+    for name in ["Bad", "a_b", &"x".repeat(64)] {
+        let (s, p) = upload(&node, name, "", hello.clone());
+        assert_eq!(s, 400, "{name}");
+        assert!(detail(&p).contains("[a-z0-9-]") || detail(&p).contains("a-z, 0-9"), "{p}");
+    }
+
+    let (s, p) = upload(&node, "thief", "?route=/hello", hello.clone());
+    assert_eq!(s, 409);
+    assert!(detail(&p).contains("\"hello\""), "names the owner: {p}");
+
+    let (s, p) = upload(&node, "bad", "?route=/v1/x", hello.clone());
+    assert_eq!(s, 400);
+    assert!(detail(&p).contains("control API"), "{p}");
+
+    let (s, p) = upload(&node, "bad", "?env=NOEQUALS", hello.clone());
+    assert_eq!(s, 400);
+    assert!(detail(&p).contains("KEY=VALUE"), "{p}");
+
+    // The CLI shows the node's message.
+    let err = node.cli_err(&["deploy", "/etc/hostname", "--name", "bad"]);
+    assert!(err.contains("not a WebAssembly binary"), "{err}");
+    let err = node.cli_err(&["deploy", "/nonexistent.wasm", "--name", "bad"]);
+    assert!(err.contains("could not read /nonexistent.wasm"), "{err}");
+
+    // Nothing was stored, and the node keeps serving.
+    let names: Vec<String> = node
+        .api_get("/v1/functions")
+        .json::<Vec<serde_json::Value>>()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, vec!["hello"]);
+    let artifacts = std::fs::read_dir(node.data_dir.join("artifacts")).unwrap().count();
+    assert_eq!(artifacts, 1, "only the good component is stored");
+    let resp = node.http().get(format!("{}/hello", node.url)).send().unwrap();
+    assert_eq!(resp.status(), 200);
+}

@@ -1,0 +1,261 @@
+//! Test kit: real `verge up` processes on ephemeral ports with temporary data
+//! directories, the real CLI, and fixtures built by `cargo xtask guests`.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const VERGE: &str = env!("CARGO_BIN_EXE_verge");
+
+/// A guest fixture built by `cargo xtask guests`.
+pub fn fixture(name: &str) -> PathBuf {
+    let dir = std::env::var_os("VERGE_GUESTS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guests"));
+    let path = dir.join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "fixture {} is missing; build the fixtures with `cargo xtask guests`",
+        path.display()
+    );
+    path
+}
+
+/// A running node.
+pub struct TestNode {
+    child: Child,
+    pub url: String,
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    log: Arc<Mutex<String>>,
+    pub stdout: String,
+    extra: Vec<String>,
+}
+
+impl TestNode {
+    /// A node with a fresh data directory.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A node with a fresh data directory and extra `verge up` arguments.
+    pub fn start_with(extra: &[&str]) -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let mut node = Self::spawn(dir, extra.iter().map(|s| s.to_string()).collect());
+        node._tmp = Some(tmp);
+        node
+    }
+
+    fn spawn(data_dir: PathBuf, extra: Vec<String>) -> Self {
+        let mut child = Command::new(VERGE)
+            .arg("up")
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data_dir)
+            .args(&extra)
+            .env("VERGE_LOG", "info")
+            .env_remove("VERGE_SERVER")
+            .env_remove("VERGE_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn verge up");
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let mut seen = String::new();
+        let url = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    seen.push_str(&line);
+                    seen.push('\n');
+                    if let Some(url) = line.strip_prefix("verge listening on ") {
+                        break url.trim().to_string();
+                    }
+                }
+                Err(_) => panic!(
+                    "verge up did not start; stdout:\n{seen}\nstderr:\n{}",
+                    log.lock().unwrap()
+                ),
+            }
+        };
+        // Keep draining stdout so the node never blocks on a full pipe.
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        TestNode {
+            child,
+            url,
+            data_dir,
+            _tmp: None,
+            log,
+            stdout: seen,
+            extra,
+        }
+    }
+
+    /// kill -9, then start again on the same data directory.
+    pub fn kill9_and_restart(mut self) -> Self {
+        self.child.kill().expect("kill -9");
+        let _ = self.child.wait();
+        let tmp = self._tmp.take();
+        let mut next = Self::spawn(self.data_dir.clone(), self.extra.clone());
+        next._tmp = tmp;
+        next
+    }
+
+    /// The admin token the node wrote.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("admin.token"))
+            .expect("token file")
+            .trim()
+            .to_string()
+    }
+
+    /// What the node logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the node's log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "log never contained {needle:?}:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The CLI, pointed at this node through VERGE_SERVER / VERGE_TOKEN.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(VERGE)
+            .args(args)
+            .env("VERGE_SERVER", &self.url)
+            .env("VERGE_TOKEN", self.token())
+            .env_remove("VERGE_DATA_DIR")
+            .output()
+            .expect("run verge")
+    }
+
+    /// The CLI; panics unless it succeeds; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "verge {args:?} failed:\nstdout: {}\nstderr: {}\nnode log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The CLI; panics if it succeeds; returns stderr.
+    pub fn cli_err(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            !out.status.success(),
+            "verge {args:?} should have failed; stdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Deploys a fixture through the CLI.
+    pub fn deploy(&self, fixture_name: &str, name: &str, route: &str) -> serde_json::Value {
+        let file = fixture(fixture_name);
+        let out = self.cli_ok(&[
+            "deploy",
+            file.to_str().unwrap(),
+            "--name",
+            name,
+            "--route",
+            route,
+            "--json",
+        ]);
+        serde_json::from_str(&out).expect("deploy --json prints JSON")
+    }
+
+    /// An HTTP client (no token).
+    pub fn http(&self) -> reqwest::blocking::Client {
+        reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .unwrap()
+    }
+
+    /// GET a path with the admin token.
+    pub fn api_get(&self, path: &str) -> reqwest::blocking::Response {
+        self.http()
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(self.token())
+            .send()
+            .unwrap()
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs curl with `args`; returns (status code, headers, body).
+pub fn curl(args: &[&str]) -> (u16, String, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let headers = dir.path().join("headers");
+    let out = Command::new("curl")
+        .args(["-sS", "-o", "-", "-D"])
+        .arg(&headers)
+        .args(args)
+        .output()
+        .expect("curl is installed (apt-get install curl)");
+    assert!(out.status.success(), "curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let headers = std::fs::read_to_string(&headers).unwrap();
+    let status = headers
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    (status, headers.to_ascii_lowercase(), out.stdout)
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
