@@ -158,7 +158,7 @@ where
     let (req, out) = {
         let mut http = store.data_mut().http();
         let req = http
-            .new_incoming_request(http::uri::Scheme::HTTP, request)
+            .new_incoming_request(wasmtime_wasi_http::p2::bindings::http::types::Scheme::Http, request)
             .map_err(|e| InvokeError::Internal(format!("{e:#}")))?;
         let out = http
             .new_response_outparam(tx)
