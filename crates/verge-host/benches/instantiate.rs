@@ -27,13 +27,25 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/guests"));
     let cache = tempfile::tempdir()?;
     let host = Host::new(HostConfig::new(cache.path()))?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    println!("| guest | size | compile | load from cache | instantiate p50 | instantiate p99 | instantiate+handle p50 | instantiate+handle p99 |");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    println!(
+        "| guest | size | compile | load from cache | instantiate p50 | instantiate p99 | instantiate+handle p50 | instantiate+handle p99 |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
-    for (name, iterations) in [("rust-hello", 5000), ("c-hello", 5000), ("js-hello", 1000), ("python-hello", 1000)] {
+    for (name, iterations) in [
+        ("rust-hello", 5000),
+        ("c-hello", 5000),
+        ("js-hello", 1000),
+        ("python-hello", 1000),
+    ] {
         let path = dir.join(format!("{name}.wasm"));
         let Ok(bytes) = std::fs::read(&path) else {
-            eprintln!("skipping {name}: {} missing (run `cargo xtask guests`)", path.display());
+            eprintln!(
+                "skipping {name}: {} missing (run `cargo xtask guests`)",
+                path.display()
+            );
             continue;
         };
         let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));

@@ -8,9 +8,7 @@ use http_body_util::BodyExt;
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
-use wasmtime_wasi_http::{
-    WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
-};
+use wasmtime_wasi_http::{WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::{BodyError, Capture, Function, Host, InvokeError, ResponseBody};
 
@@ -131,7 +129,9 @@ pub(crate) async fn instantiate_only(host: &Host, function: &Function) -> Result
         .instantiate_async(&mut store)
         .await
         .map(drop)
-        .map_err(|e| RunError::Instantiate(e).into_invoke_error(host.config().timeout, String::new()))
+        .map_err(|e| {
+            RunError::Instantiate(e).into_invoke_error(host.config().timeout, String::new())
+        })
 }
 
 pub(crate) async fn invoke<B>(
@@ -158,7 +158,10 @@ where
     let (req, out) = {
         let mut http = store.data_mut().http();
         let req = http
-            .new_incoming_request(wasmtime_wasi_http::p2::bindings::http::types::Scheme::Http, request)
+            .new_incoming_request(
+                wasmtime_wasi_http::p2::bindings::http::types::Scheme::Http,
+                request,
+            )
             .map_err(|e| InvokeError::Internal(format!("{e:#}")))?;
         let out = http
             .new_response_outparam(tx)
@@ -187,7 +190,11 @@ where
 
     let log_output = {
         let (stdout, stderr) = (stdout.clone(), stderr.clone());
-        let (name, version, id) = (function.name.clone(), function.version, invocation_id.to_string());
+        let (name, version, id) = (
+            function.name.clone(),
+            function.version,
+            invocation_id.to_string(),
+        );
         move |outcome: &str| {
             let (out, err) = (stdout.text(), stderr.text());
             if !out.is_empty() || !err.is_empty() {
@@ -222,7 +229,9 @@ where
             match result {
                 Ok(Ok(())) => Err(InvokeError::NoResponse { stderr: err }),
                 Ok(Err(e)) => Err(e.into_invoke_error(timeout, err)),
-                Err(e) => Err(InvokeError::Internal(format!("invocation task failed: {e}"))),
+                Err(e) => Err(InvokeError::Internal(format!(
+                    "invocation task failed: {e}"
+                ))),
             }
         }
         Err(_) => {

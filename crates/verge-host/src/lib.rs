@@ -229,7 +229,8 @@ impl Host {
             path: config.cache_dir.clone(),
             source,
         })?;
-        let engine = Engine::new(&engine_config(&config)).map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        let engine = Engine::new(&engine_config(&config))
+            .map_err(|e| HostError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::<GuestState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| HostError::Engine(format!("{e:#}")))?;
@@ -493,9 +494,15 @@ mod tests {
     #[test]
     fn check_bytes_names_the_problem() {
         assert!(matches!(Host::check_bytes(b""), Err(DeployError::Empty)));
-        assert!(matches!(Host::check_bytes(b"hello"), Err(DeployError::NotWasm)));
+        assert!(matches!(
+            Host::check_bytes(b"hello"),
+            Err(DeployError::NotWasm)
+        ));
         let core = wat::parse_str("(module)").unwrap();
-        assert!(matches!(Host::check_bytes(&core), Err(DeployError::CoreModule)));
+        assert!(matches!(
+            Host::check_bytes(&core),
+            Err(DeployError::CoreModule)
+        ));
         let comp = wat::parse_str("(component)").unwrap();
         assert!(Host::check_bytes(&comp).is_ok());
     }

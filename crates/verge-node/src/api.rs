@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Json;
+use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, on};
-use axum::Router;
 use http::{StatusCode, header};
 use verge_host::{Function, Host};
 use verge_spec::{
@@ -86,7 +86,9 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::Internal(format!("background task failed: {e}")))?
 }
 
-async fn list_functions(State(state): State<Arc<AppState>>) -> Result<Json<Vec<FunctionSummary>>, ApiError> {
+async fn list_functions(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<Vec<FunctionSummary>>, ApiError> {
     let s = state.clone();
     Ok(Json(blocking(move || Ok(s.store.list_functions()?)).await?))
 }
@@ -97,7 +99,9 @@ async fn get_function(
 ) -> Result<Json<FunctionDetail>, ApiError> {
     validate_function_name(&name)?;
     let s = state.clone();
-    Ok(Json(blocking(move || Ok(s.store.get_function(&name)?)).await?))
+    Ok(Json(
+        blocking(move || Ok(s.store.get_function(&name)?)).await?,
+    ))
 }
 
 async fn delete_function(
@@ -170,7 +174,9 @@ async fn read_body(body: Body, limit: usize, headers: &http::HeaderMap) -> Resul
             if is_limit {
                 Err(too_large())
             } else {
-                Err(ApiError::BadRequest(format!("could not read the upload: {e}")))
+                Err(ApiError::BadRequest(format!(
+                    "could not read the upload: {e}"
+                )))
             }
         }
     }
@@ -201,11 +207,11 @@ pub(crate) async fn deploy(
     validate_function_name(name)?;
     Host::check_bytes(&bytes)?;
     for (host, path) in &opts.routes {
-        if let Some(owner) = state.store.route_owner(host.as_deref(), path)? {
-            if owner != name {
-                let route = format!("{}{path}", host.as_deref().unwrap_or(""));
-                return Err(StoreError::RouteConflict { route, owner }.into());
-            }
+        if let Some(owner) = state.store.route_owner(host.as_deref(), path)?
+            && owner != name
+        {
+            let route = format!("{}{path}", host.as_deref().unwrap_or(""));
+            return Err(StoreError::RouteConflict { route, owner }.into());
         }
     }
     let started = Instant::now();
@@ -226,7 +232,9 @@ pub(crate) async fn deploy(
     let version = blocking(move || {
         let stored = s.store.put_artifact(&bytes)?;
         debug_assert_eq!(stored, loaded.sha256());
-        let v = s.store.create_version(&fname, &stored, size, &env, &routes)?;
+        let v = s
+            .store
+            .create_version(&fname, &stored, size, &env, &routes)?;
         s.install(Function::new(Arc::new(loaded), fname, v, env));
         Ok(v)
     })
@@ -259,9 +267,9 @@ async fn invoke(
     request: Request,
 ) -> Result<Response, ApiError> {
     validate_function_name(&name)?;
-    let function = state.function(&name).ok_or_else(|| {
-        ApiError::Store(StoreError::FunctionNotFound(name.clone()))
-    })?;
+    let function = state
+        .function(&name)
+        .ok_or_else(|| ApiError::Store(StoreError::FunctionNotFound(name.clone())))?;
     let mut path = "/".to_string();
     for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         if k == "path" {
@@ -302,7 +310,9 @@ async fn put_route(
     let path = normalize_route_path(&req.path)?;
     let host = req.host.as_deref().map(normalize_route_host).transpose()?;
     let _guard = state.deploy_lock.lock().await;
-    state.store.put_route(host.as_deref(), &path, &req.function)?;
+    state
+        .store
+        .put_route(host.as_deref(), &path, &req.function)?;
     state.refresh_routes()?;
     Ok(Json(Route {
         host,
@@ -325,7 +335,9 @@ async fn delete_route(
         }
     }
     let path = path.ok_or_else(|| {
-        ApiError::BadRequest("give the route to remove as ?path=/prefix (and &host=h if bound to a host)".into())
+        ApiError::BadRequest(
+            "give the route to remove as ?path=/prefix (and &host=h if bound to a host)".into(),
+        )
     })?;
     let _guard = state.deploy_lock.lock().await;
     state.store.delete_route(host.as_deref(), &path)?;
@@ -344,24 +356,39 @@ mod tests {
         assert_eq!(doc["openapi"].as_str().map(|v| &v[..2]), Some("3."));
         let paths = doc["paths"].as_object().expect("paths");
         for (method, path) in API_ROUTES {
-            let op = &paths.get(*path).unwrap_or_else(|| panic!("{path} missing from openapi.json"))
+            let op = &paths
+                .get(*path)
+                .unwrap_or_else(|| panic!("{path} missing from openapi.json"))
                 [method.to_ascii_lowercase()];
             assert!(op.is_object(), "{method} {path} missing from openapi.json");
-            assert!(op["responses"].is_object(), "{method} {path} has no responses");
+            assert!(
+                op["responses"].is_object(),
+                "{method} {path} has no responses"
+            );
         }
         // And nothing documented that is not served.
         let served: usize = paths
             .values()
-            .map(|p| p.as_object().map_or(0, |o| o.keys().filter(|k| *k != "parameters").count()))
+            .map(|p| {
+                p.as_object()
+                    .map_or(0, |o| o.keys().filter(|k| *k != "parameters").count())
+            })
             .sum();
-        assert_eq!(served, API_ROUTES.len(), "openapi.json documents routes the router lacks");
+        assert_eq!(
+            served,
+            API_ROUTES.len(),
+            "openapi.json documents routes the router lacks"
+        );
     }
 
     #[test]
     fn deploy_query_parsing() {
         let o = DeployOptions::from_query(Some("route=%2Fa%2F&env=K%3DV&host=Ex.com")).unwrap();
         assert_eq!(o.env, vec![("K".to_string(), "V".to_string())]);
-        assert_eq!(o.routes, vec![(Some("ex.com".to_string()), "/a".to_string())]);
+        assert_eq!(
+            o.routes,
+            vec![(Some("ex.com".to_string()), "/a".to_string())]
+        );
         assert!(DeployOptions::from_query(Some("route=/v1/x")).is_err());
         assert!(DeployOptions::from_query(Some("bogus=1")).is_err());
         assert!(DeployOptions::from_query(Some("host=a.com")).is_err());

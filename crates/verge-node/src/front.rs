@@ -26,21 +26,21 @@ pub(crate) fn new_invocation_id() -> String {
 }
 
 fn request_host(request: &Request) -> Option<String> {
-    let raw = request
-        .uri()
-        .host()
-        .map(str::to_string)
-        .or_else(|| {
-            request
-                .headers()
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        })?;
+    let raw = request.uri().host().map(str::to_string).or_else(|| {
+        request
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    })?;
     // Strip a port; keep bracketed IPv6 literals whole.
     let host = match raw.rsplit_once(':') {
         Some((h, port)) if !h.ends_with(']') || raw.starts_with('[') => {
-            if port.bytes().all(|b| b.is_ascii_digit()) { h.to_string() } else { raw.clone() }
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                h.to_string()
+            } else {
+                raw.clone()
+            }
         }
         _ => raw.clone(),
     };
@@ -48,7 +48,10 @@ fn request_host(request: &Request) -> Option<String> {
 }
 
 /// Fallback handler: every request that is not for the control API.
-pub(crate) async fn serve_user_route(State(state): State<Arc<AppState>>, request: Request) -> Response {
+pub(crate) async fn serve_user_route(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+) -> Response {
     let host = request_host(&request);
     let path = request.uri().path().to_string();
     let Some(route) = state.match_route(host.as_deref(), &path) else {

@@ -137,12 +137,13 @@ impl Node {
         state.refresh_routes()?;
         report.load_time = started.elapsed();
 
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| NodeError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| NodeError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         Ok(Node {
             state,
             listener,
@@ -181,7 +182,8 @@ impl Node {
     ) -> Result<verge_spec::DeployResponse, ApiError> {
         let mut opts = api::DeployOptions::default();
         if let Some(r) = route {
-            opts.routes.push((None, verge_spec::normalize_route_path(r)?));
+            opts.routes
+                .push((None, verge_spec::normalize_route_path(r)?));
         }
         api::deploy(&self.state, name, bytes.into(), opts).await
     }
@@ -193,7 +195,8 @@ impl Node {
     ) -> Result<(), NodeError> {
         let addr = self.local_addr()?;
         let node_file = self.state.data_dir.join(NODE_FILE);
-        let info = serde_json::json!({ "url": format!("http://{addr}"), "pid": std::process::id() });
+        let info =
+            serde_json::json!({ "url": format!("http://{addr}"), "pid": std::process::id() });
         if let Err(e) = std::fs::write(&node_file, info.to_string()) {
             tracing::warn!(path = %node_file.display(), error = %e, "could not write the node file; the CLI will need --server");
         }
@@ -224,21 +227,24 @@ type Loaded = (usize, usize, usize, Vec<(String, String)>);
 fn load_all(state: &AppState) -> Result<Loaded, NodeError> {
     let mut out: Loaded = (0, 0, 0, Vec::new());
     for v in state.store.live_versions()? {
-        let result = state
-            .host
-            .load(&v.sha256, || {
-                state
-                    .store
-                    .read_artifact(&v.sha256)
-                    .map_err(std::io::Error::other)
-            });
+        let result = state.host.load(&v.sha256, || {
+            state
+                .store
+                .read_artifact(&v.sha256)
+                .map_err(std::io::Error::other)
+        });
         match result {
             Ok(component) => {
                 match component.source {
                     verge_host::CodeSource::Cached => out.1 += 1,
                     verge_host::CodeSource::Compiled => out.2 += 1,
                 }
-                state.install(Function::new(Arc::new(component), v.function, v.version, v.env));
+                state.install(Function::new(
+                    Arc::new(component),
+                    v.function,
+                    v.version,
+                    v.env,
+                ));
                 out.0 += 1;
             }
             Err(e) => {

@@ -25,7 +25,9 @@ pub enum SpecError {
     #[error("invalid route path {path:?}: {reason}")]
     RoutePath { path: String, reason: &'static str },
     /// A route host that is not a plain host name.
-    #[error("invalid route host {0:?}: give a bare host name such as \"api.example.com\", without scheme, port or path")]
+    #[error(
+        "invalid route host {0:?}: give a bare host name such as \"api.example.com\", without scheme, port or path"
+    )]
     RouteHost(String),
     /// An environment entry that is not `KEY=VALUE`.
     #[error("invalid env entry {0:?}: write it as KEY=VALUE, with a non-empty KEY")]
@@ -79,8 +81,7 @@ pub fn normalize_route_host(host: &str) -> Result<String, SpecError> {
     let h = host.to_ascii_lowercase();
     let ok = !h.is_empty()
         && h.len() <= 253
-        && h
-            .bytes()
+        && h.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
     if ok {
         Ok(h)
@@ -266,6 +267,6 @@ mod tests {
     #[test]
     fn timestamps() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_795_000_000), "2026-11-18T05:46:40Z");
+        assert_eq!(rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
     }
 }

@@ -22,7 +22,9 @@ use verge_spec::{FunctionDetail, FunctionSummary, Route, VersionInfo, rfc3339};
 pub enum StoreError {
     #[error("function {0:?} not found; deploy it with `verge deploy FILE --name {0}`")]
     FunctionNotFound(String),
-    #[error("route {route} already belongs to function {owner:?}; remove it first (`verge routes rm`) or pick another path")]
+    #[error(
+        "route {route} already belongs to function {owner:?}; remove it first (`verge routes rm`) or pick another path"
+    )]
     RouteConflict { route: String, owner: String },
     #[error("route {0} not found")]
     RouteNotFound(String),
@@ -201,7 +203,11 @@ impl Store {
     }
 
     /// Who owns a route, if anyone.
-    pub fn route_owner(&self, host: Option<&str>, path: &str) -> Result<Option<String>, StoreError> {
+    pub fn route_owner(
+        &self,
+        host: Option<&str>,
+        path: &str,
+    ) -> Result<Option<String>, StoreError> {
         Ok(self
             .conn()
             .query_row(
@@ -262,11 +268,20 @@ impl Store {
     }
 
     /// Binds a route to an existing function; idempotent for the same owner.
-    pub fn put_route(&self, host: Option<&str>, path: &str, function: &str) -> Result<(), StoreError> {
+    pub fn put_route(
+        &self,
+        host: Option<&str>,
+        path: &str,
+        function: &str,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let exists: Option<i64> = tx
-            .query_row("SELECT 1 FROM functions WHERE name = ?1", params![function], |r| r.get(0))
+            .query_row(
+                "SELECT 1 FROM functions WHERE name = ?1",
+                params![function],
+                |r| r.get(0),
+            )
             .optional()?;
         if exists.is_none() {
             return Err(StoreError::FunctionNotFound(function.to_string()));
@@ -295,7 +310,8 @@ impl Store {
     /// Every route.
     pub fn routes(&self) -> Result<Vec<Route>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT host, path, function FROM routes ORDER BY host, path")?;
+        let mut stmt =
+            conn.prepare("SELECT host, path, function FROM routes ORDER BY host, path")?;
         let rows = stmt.query_map([], |r| {
             let host: String = r.get(0)?;
             Ok(Route {
@@ -315,7 +331,12 @@ impl Store {
              JOIN versions v ON v.function = f.name AND v.number = f.live_version ORDER BY f.name",
         )?;
         let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, u64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
         })?;
         let mut out = Vec::new();
         for row in rows {
@@ -358,7 +379,11 @@ impl Store {
         })?;
         let mut out: Vec<FunctionSummary> = rows.collect::<Result<_, _>>()?;
         for f in &mut out {
-            f.routes = routes.iter().filter(|r| r.function == f.name).cloned().collect();
+            f.routes = routes
+                .iter()
+                .filter(|r| r.function == f.name)
+                .cloned()
+                .collect();
         }
         Ok(out)
     }
@@ -384,7 +409,13 @@ impl Store {
             "SELECT number, sha256, size, env, created_at FROM versions WHERE function = ?1 ORDER BY number DESC",
         )?;
         let rows = stmt.query_map(params![name], |r| {
-            Ok((r.get::<_, u64>(0)?, r.get::<_, String>(1)?, r.get::<_, u64>(2)?, r.get::<_, String>(3)?, r.get::<_, i64>(4)?))
+            Ok((
+                r.get::<_, u64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
         })?;
         let mut versions = Vec::new();
         for row in rows {
@@ -412,7 +443,8 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let shas: Vec<String> = {
-            let mut stmt = tx.prepare("SELECT DISTINCT sha256 FROM versions WHERE function = ?1")?;
+            let mut stmt =
+                tx.prepare("SELECT DISTINCT sha256 FROM versions WHERE function = ?1")?;
             let rows = stmt.query_map(params![name], |r| r.get(0))?;
             rows.collect::<Result<_, _>>()?
         };
@@ -436,10 +468,10 @@ impl Store {
         tx.commit()?;
         drop(conn);
         for sha in &orphans {
-            if let Ok(path) = self.artifact_path(sha) {
-                if let Err(e) = fs::remove_file(&path) {
-                    tracing::warn!(path = %path.display(), error = %e, "could not remove an unreferenced artifact");
-                }
+            if let Ok(path) = self.artifact_path(sha)
+                && let Err(e) = fs::remove_file(&path)
+            {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove an unreferenced artifact");
             }
         }
         Ok(orphans)
@@ -486,10 +518,20 @@ mod tests {
         assert_eq!(store.read_artifact(&sha).unwrap(), b"abc");
         let routes = vec![(None, "/a".to_string())];
         assert_eq!(store.create_version("f", &sha, 3, &[], &routes).unwrap(), 1);
-        assert_eq!(store.create_version("f", &sha, 3, &[("K".into(), "V".into())], &routes).unwrap(), 2);
-        let err = store.create_version("g", &sha, 3, &[], &routes).unwrap_err();
+        assert_eq!(
+            store
+                .create_version("f", &sha, 3, &[("K".into(), "V".into())], &routes)
+                .unwrap(),
+            2
+        );
+        let err = store
+            .create_version("g", &sha, 3, &[], &routes)
+            .unwrap_err();
         assert!(matches!(err, StoreError::RouteConflict { .. }), "{err}");
-        assert!(store.get_function("g").is_err(), "a refused deploy stores nothing");
+        assert!(
+            store.get_function("g").is_err(),
+            "a refused deploy stores nothing"
+        );
         let f = store.get_function("f").unwrap();
         assert_eq!(f.live_version, 2);
         assert_eq!(f.versions[0].env.get("K").map(String::as_str), Some("V"));
@@ -497,7 +539,10 @@ mod tests {
         assert_eq!(store.delete_function("f").unwrap(), vec![sha.clone()]);
         assert!(store.read_artifact(&sha).is_err());
         assert!(store.routes().unwrap().is_empty());
-        assert!(matches!(store.delete_function("f"), Err(StoreError::FunctionNotFound(_))));
+        assert!(matches!(
+            store.delete_function("f"),
+            Err(StoreError::FunctionNotFound(_))
+        ));
     }
 
     #[test]

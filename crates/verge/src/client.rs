@@ -30,7 +30,11 @@ impl Client {
     /// Finds the server (flag/`VERGE_SERVER`, else the node file in the data
     /// directory, else 127.0.0.1:8080) and the token (flag/`VERGE_TOKEN`, else
     /// the token file in the data directory).
-    pub fn discover(server: Option<String>, token: Option<String>, data_dir: &Path) -> Result<Self> {
+    pub fn discover(
+        server: Option<String>,
+        token: Option<String>,
+        data_dir: &Path,
+    ) -> Result<Self> {
         let server = match server {
             Some(s) => s,
             None => read_node_url(data_dir).unwrap_or_else(|| "http://127.0.0.1:8080".into()),
@@ -45,7 +49,11 @@ impl Client {
         let http = reqwest::Client::builder()
             .build()
             .context("while creating the HTTP client")?;
-        Ok(Self { server, token, http })
+        Ok(Self {
+            server,
+            token,
+            http,
+        })
     }
 
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {

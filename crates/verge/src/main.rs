@@ -13,7 +13,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::Method;
-use verge_spec::{DeployResponse, FunctionDetail, FunctionSummary, INVOCATION_ID_HEADER, Route, RouteRequest};
+use verge_spec::{
+    DeployResponse, FunctionDetail, FunctionSummary, INVOCATION_ID_HEADER, Route, RouteRequest,
+};
 
 use client::{Client, default_data_dir, parse_duration, parse_size};
 
@@ -21,7 +23,11 @@ use client::{Client, default_data_dir, parse_duration, parse_size};
 const EXAMPLE_WASM: &[u8] = include_bytes!("../../../examples/hello.wasm");
 
 #[derive(Parser)]
-#[command(name = "verge", version, about = "Verge: serverless WebAssembly functions, from the datacenter to the edge")]
+#[command(
+    name = "verge",
+    version,
+    about = "Verge: serverless WebAssembly functions, from the datacenter to the edge"
+)]
 struct Cli {
     /// URL of the node to talk to [default: the node in --data-dir, else http://127.0.0.1:8080]
     #[arg(long, global = true, env = "VERGE_SERVER")]
@@ -124,7 +130,10 @@ enum RoutesAction {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: could not start the async runtime: {e}");
@@ -166,14 +175,22 @@ async fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
     match cli.command {
         Command::Up { .. } => unreachable!("handled above"),
-        Command::Deploy { file, name, route, host, env } => deploy(&client, json, &file, &name, &route, host, &env).await,
+        Command::Deploy {
+            file,
+            name,
+            route,
+            host,
+            env,
+        } => deploy(&client, json, &file, &name, &route, host, &env).await,
         Command::Ls => {
             let fs: Vec<FunctionSummary> = client.get("/v1/functions").await?;
             if json {
                 return print_json(&fs);
             }
             if fs.is_empty() {
-                println!("no functions yet; deploy one with `verge deploy FILE --name NAME --route /path`");
+                println!(
+                    "no functions yet; deploy one with `verge deploy FILE --name NAME --route /path`"
+                );
                 return Ok(());
             }
             let rows: Vec<Vec<String>> = fs
@@ -189,7 +206,13 @@ async fn run(cli: Cli) -> Result<()> {
                     ]
                 })
                 .collect();
-            print!("{}", table::render(&["NAME", "LIVE", "SIZE", "SHA256", "ROUTES", "UPDATED"], &rows));
+            print!(
+                "{}",
+                table::render(
+                    &["NAME", "LIVE", "SIZE", "SHA256", "ROUTES", "UPDATED"],
+                    &rows
+                )
+            );
             Ok(())
         }
         Command::Show { name } => {
@@ -207,7 +230,15 @@ async fn run(cli: Cli) -> Result<()> {
                 .iter()
                 .map(|v| {
                     vec![
-                        format!("{}{}", v.version, if v.version == f.live_version { " (live)" } else { "" }),
+                        format!(
+                            "{}{}",
+                            v.version,
+                            if v.version == f.live_version {
+                                " (live)"
+                            } else {
+                                ""
+                            }
+                        ),
                         table::size(v.size),
                         v.sha256.chars().take(12).collect(),
                         v.env.keys().cloned().collect::<Vec<_>>().join(","),
@@ -215,11 +246,16 @@ async fn run(cli: Cli) -> Result<()> {
                     ]
                 })
                 .collect();
-            print!("{}", table::render(&["VERSION", "SIZE", "SHA256", "ENV", "CREATED"], &rows));
+            print!(
+                "{}",
+                table::render(&["VERSION", "SIZE", "SHA256", "ENV", "CREATED"], &rows)
+            );
             Ok(())
         }
         Command::Rm { name } => {
-            client.send(client.request(Method::DELETE, &format!("/v1/functions/{name}"))).await?;
+            client
+                .send(client.request(Method::DELETE, &format!("/v1/functions/{name}")))
+                .await?;
             if json {
                 return print_json(&serde_json::json!({ "deleted": name }));
             }
@@ -227,7 +263,9 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Invoke { name, data, path } => invoke(&client, json, &name, data, &path).await,
-        Command::Routes { action } => routes(&client, json, action.unwrap_or(RoutesAction::Ls)).await,
+        Command::Routes { action } => {
+            routes(&client, json, action.unwrap_or(RoutesAction::Ls)).await
+        }
     }
 }
 
@@ -269,15 +307,24 @@ async fn up(
     config.timeout = timeout;
     config.memory_limit = memory;
     config.max_instances = max_instances;
-    let node = verge_node::Node::start(config)
-        .await
-        .with_context(|| format!("while starting the node with data directory {}", data_dir.display()))?;
+    let node = verge_node::Node::start(config).await.with_context(|| {
+        format!(
+            "while starting the node with data directory {}",
+            data_dir.display()
+        )
+    })?;
     let addr = node.local_addr()?;
     let report = node.report().clone();
     println!("data directory  {}", node.data_dir().display());
     match &report.token_created {
-        Some(path) => println!("admin token     created, written to {} (mode 0600)", path.display()),
-        None => println!("admin token     in {}", node.data_dir().join(verge_node::TOKEN_FILE).display()),
+        Some(path) => println!(
+            "admin token     created, written to {} (mode 0600)",
+            path.display()
+        ),
+        None => println!(
+            "admin token     in {}",
+            node.data_dir().join(verge_node::TOKEN_FILE).display()
+        ),
     }
     println!(
         "functions       {} loaded ({} from the compile cache, {} compiled) in {} ms",
@@ -297,7 +344,11 @@ async fn up(
                 .deploy("hello", EXAMPLE_WASM.to_vec(), Some("/hello"))
                 .await
                 .context("while deploying the bundled example")?;
-            println!("example         deployed hello version {} ({} ms)", r.version, r.compile_ms.round());
+            println!(
+                "example         deployed hello version {} ({} ms)",
+                r.version,
+                r.compile_ms.round()
+            );
         }
         println!("try             curl http://{addr}/hello");
     }
@@ -306,13 +357,14 @@ async fn up(
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = ctrl_c.await;
+                        return;
+                    }
+                };
             tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
         }
         #[cfg(not(unix))]
@@ -336,8 +388,12 @@ async fn deploy(
     for e in env {
         verge_spec::parse_env(e)?;
     }
-    let bytes = std::fs::read(file)
-        .with_context(|| format!("could not read {}; give the path of a .wasm component", file.display()))?;
+    let bytes = std::fs::read(file).with_context(|| {
+        format!(
+            "could not read {}; give the path of a .wasm component",
+            file.display()
+        )
+    })?;
     let mut query = form_url(routes.iter().map(|r| ("route", r.as_str())));
     if let Some(h) = &host {
         query.push_str(&form_url([("host", h.as_str())]));
@@ -373,7 +429,10 @@ async fn deploy(
         Ok::<_, std::io::Error>(c)
     }));
     let rb = client
-        .request(Method::POST, &format!("/v1/functions/{name}/versions{}", query_string(&query)))
+        .request(
+            Method::POST,
+            &format!("/v1/functions/{name}/versions{}", query_string(&query)),
+        )
         .header(reqwest::header::CONTENT_TYPE, "application/wasm")
         .header(reqwest::header::CONTENT_LENGTH, total)
         .body(reqwest::Body::wrap_stream(stream));
@@ -411,20 +470,36 @@ fn form_url<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
         s.append_pair(k, v);
     }
     let out = s.finish();
-    if out.is_empty() { out } else { format!("{out}&") }
+    if out.is_empty() {
+        out
+    } else {
+        format!("{out}&")
+    }
 }
 
 fn query_string(q: &str) -> String {
     let q = q.trim_end_matches('&');
-    if q.is_empty() { String::new() } else { format!("?{q}") }
+    if q.is_empty() {
+        String::new()
+    } else {
+        format!("?{q}")
+    }
 }
 
-async fn invoke(client: &Client, json: bool, name: &str, data: Option<String>, path: &str) -> Result<()> {
+async fn invoke(
+    client: &Client,
+    json: bool,
+    name: &str,
+    data: Option<String>,
+    path: &str,
+) -> Result<()> {
     let body: Vec<u8> = match data.as_deref() {
         None => Vec::new(),
         Some("-") => {
             let mut buf = Vec::new();
-            std::io::stdin().read_to_end(&mut buf).context("while reading standard input")?;
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("while reading standard input")?;
             buf
         }
         Some(d) if d.starts_with('@') => {
@@ -433,7 +508,13 @@ async fn invoke(client: &Client, json: bool, name: &str, data: Option<String>, p
         Some(d) => d.as_bytes().to_vec(),
     };
     let rb = client
-        .request(Method::POST, &format!("/v1/functions/{name}/invoke{}", query_string(&form_url([("path", path)]))))
+        .request(
+            Method::POST,
+            &format!(
+                "/v1/functions/{name}/invoke{}",
+                query_string(&form_url([("path", path)]))
+            ),
+        )
         .body(body);
     let resp = client.send(rb).await?;
     let status = resp.status();
@@ -443,7 +524,10 @@ async fn invoke(client: &Client, json: bool, name: &str, data: Option<String>, p
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let bytes = resp.bytes().await.context("while reading the function's response")?;
+    let bytes = resp
+        .bytes()
+        .await
+        .context("while reading the function's response")?;
     if json {
         return print_json(&serde_json::json!({
             "status": status.as_u16(),
@@ -472,19 +556,42 @@ async fn routes(client: &Client, json: bool, action: RoutesAction) -> Result<()>
             }
             let rows: Vec<Vec<String>> = routes
                 .iter()
-                .map(|r| vec![r.host.clone().unwrap_or_else(|| "*".into()), r.path.clone(), r.function.clone()])
+                .map(|r| {
+                    vec![
+                        r.host.clone().unwrap_or_else(|| "*".into()),
+                        r.path.clone(),
+                        r.function.clone(),
+                    ]
+                })
                 .collect();
             print!("{}", table::render(&["HOST", "PATH", "FUNCTION"], &rows));
             Ok(())
         }
-        RoutesAction::Add { path, function, host } => {
+        RoutesAction::Add {
+            path,
+            function,
+            host,
+        } => {
             let r: Route = client
-                .json(client.request(Method::PUT, "/v1/routes").json(&RouteRequest { host, path, function }))
+                .json(
+                    client
+                        .request(Method::PUT, "/v1/routes")
+                        .json(&RouteRequest {
+                            host,
+                            path,
+                            function,
+                        }),
+                )
                 .await?;
             if json {
                 return print_json(&r);
             }
-            println!("route {}{} -> {}", r.host.as_deref().unwrap_or(""), r.path, r.function);
+            println!(
+                "route {}{} -> {}",
+                r.host.as_deref().unwrap_or(""),
+                r.path,
+                r.function
+            );
             Ok(())
         }
         RoutesAction::Rm { path, host } => {
@@ -493,7 +600,10 @@ async fn routes(client: &Client, json: bool, action: RoutesAction) -> Result<()>
                 pairs.push(("host", h.as_str()));
             }
             client
-                .send(client.request(Method::DELETE, &format!("/v1/routes{}", query_string(&form_url(pairs)))))
+                .send(client.request(
+                    Method::DELETE,
+                    &format!("/v1/routes{}", query_string(&form_url(pairs))),
+                ))
                 .await?;
             if json {
                 return print_json(&serde_json::json!({ "removed": path }));

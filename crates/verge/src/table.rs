@@ -54,7 +54,13 @@ mod tests {
 
     #[test]
     fn aligns_columns() {
-        let t = render(&["NAME", "V"], &[vec!["hello".into(), "1".into()], vec!["x".into(), "22".into()]]);
+        let t = render(
+            &["NAME", "V"],
+            &[
+                vec!["hello".into(), "1".into()],
+                vec!["x".into(), "22".into()],
+            ],
+        );
         assert_eq!(t, "NAME   V\nhello  1\nx      22\n");
         assert_eq!(size(77_100), "77.1 KB");
         assert_eq!(size(12), "12 B");

@@ -9,11 +9,18 @@ fn the_api_needs_a_token_and_says_nothing_without_one() {
     let token = node.token();
     let hex = token.strip_prefix("verge_").unwrap();
     assert!(hex.len() * 4 >= 128, "at least 128 bits");
-    assert!(node.stdout.contains("admin.token"), "the start prints where the token is: {}", node.stdout);
+    assert!(
+        node.stdout.contains("admin.token"),
+        "the start prints where the token is: {}",
+        node.stdout
+    );
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(node.data_dir.join("admin.token")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(node.data_dir.join("admin.token"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
     // Only the hash is stored in the database.
@@ -21,7 +28,10 @@ fn the_api_needs_a_token_and_says_nothing_without_one() {
     let wal = std::fs::read(node.data_dir.join("verge.db-wal")).unwrap_or_default();
     let needle = hex.as_bytes();
     for bytes in [&db, &wal] {
-        assert!(!bytes.windows(needle.len()).any(|w| w == needle), "token stored in clear");
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle),
+            "token stored in clear"
+        );
     }
 
     let http = node.http();
@@ -37,8 +47,21 @@ fn the_api_needs_a_token_and_says_nothing_without_one() {
             .unwrap();
         assert_eq!(resp.status(), 401, "{method} {path} with a wrong token");
     }
-    assert_eq!(http.get(format!("{}/v1/health", node.url)).send().unwrap().status(), 200);
-    assert_eq!(http.get(format!("{}/hello", node.url)).send().unwrap().status(), 200, "user routes are public");
+    assert_eq!(
+        http.get(format!("{}/v1/health", node.url))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(format!("{}/hello", node.url))
+            .send()
+            .unwrap()
+            .status(),
+        200,
+        "user routes are public"
+    );
     let openapi = node.api_get("/v1/openapi.json");
     assert_eq!(openapi.status(), 200);
     let doc: serde_json::Value = openapi.json().unwrap();
@@ -52,7 +75,11 @@ fn the_api_needs_a_token_and_says_nothing_without_one() {
         .env_remove("VERGE_TOKEN")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("hello"));
     let out = std::process::Command::new(crate::kit::VERGE)
         .args(["ls"])

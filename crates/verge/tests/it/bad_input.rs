@@ -12,7 +12,9 @@ fn upload(node: &TestNode, name: &str, query: &str, body: Vec<u8>) -> (u16, serd
         .unwrap();
     let status = resp.status().as_u16();
     assert_eq!(
-        resp.headers().get("content-type").map(|v| v.to_str().unwrap()),
+        resp.headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap()),
         Some("application/problem+json"),
         "status {status}"
     );
@@ -46,10 +48,8 @@ fn bad_uploads_are_refused_with_what_to_do() {
     assert_eq!(s, 400);
     assert!(detail(&p).contains("wasi:http/incoming-handler"), "{p}");
 
-    let imports_unknown = wat::parse_str(
-        r#"(component (import "acme:billing/charge@1.0.0" (instance)))"#,
-    )
-    .unwrap();
+    let imports_unknown =
+        wat::parse_str(r#"(component (import "acme:billing/charge@1.0.0" (instance)))"#).unwrap();
     let (s, p) = upload(&node, "bad", "", imports_unknown);
     assert_eq!(s, 400);
     assert!(detail(&p).contains("acme:billing/charge@1.0.0"), "{p}");
@@ -67,7 +67,10 @@ fn bad_uploads_are_refused_with_what_to_do() {
     for name in ["Bad", "a_b", &"x".repeat(64)] {
         let (s, p) = upload(&node, name, "", hello.clone());
         assert_eq!(s, 400, "{name}");
-        assert!(detail(&p).contains("[a-z0-9-]") || detail(&p).contains("a-z, 0-9"), "{p}");
+        assert!(
+            detail(&p).contains("[a-z0-9-]") || detail(&p).contains("a-z, 0-9"),
+            "{p}"
+        );
     }
 
     let (s, p) = upload(&node, "thief", "?route=/hello", hello.clone());
@@ -97,8 +100,14 @@ fn bad_uploads_are_refused_with_what_to_do() {
         .map(|f| f["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(names, vec!["hello"]);
-    let artifacts = std::fs::read_dir(node.data_dir.join("artifacts")).unwrap().count();
+    let artifacts = std::fs::read_dir(node.data_dir.join("artifacts"))
+        .unwrap()
+        .count();
     assert_eq!(artifacts, 1, "only the good component is stored");
-    let resp = node.http().get(format!("{}/hello", node.url)).send().unwrap();
+    let resp = node
+        .http()
+        .get(format!("{}/hello", node.url))
+        .send()
+        .unwrap();
     assert_eq!(resp.status(), 200);
 }

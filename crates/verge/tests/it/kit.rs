@@ -71,7 +71,9 @@ impl TestNode {
                 if n == 0 {
                     break;
                 }
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
         let stdout = child.stdout.take().expect("stdout");
@@ -146,7 +148,10 @@ impl TestNode {
             if log.contains(needle) {
                 return log;
             }
-            assert!(Instant::now() < deadline, "log never contained {needle:?}:\n{log}");
+            assert!(
+                Instant::now() < deadline,
+                "log never contained {needle:?}:\n{log}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -236,7 +241,11 @@ pub fn curl(args: &[&str]) -> (u16, String, Vec<u8>) {
         .args(args)
         .output()
         .expect("curl is installed (apt-get install curl)");
-    assert!(out.status.success(), "curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let headers = std::fs::read_to_string(&headers).unwrap();
     let status = headers
         .lines()

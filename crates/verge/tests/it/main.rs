@@ -1,6 +1,8 @@
 //! Integration tests of Verge: real `verge up` processes, the real CLI, real
 //! guest components from four toolchains, curl and an HTTP client.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
 mod kit;
 
 mod auth;

@@ -10,7 +10,11 @@ const LANGUAGES: [(&str, &str); 4] = [
 ];
 
 fn check_hello(node: &TestNode, lang: &str, greeting: &str) {
-    let resp = node.http().get(format!("{}/{lang}/hello", node.url)).send().unwrap();
+    let resp = node
+        .http()
+        .get(format!("{}/{lang}/hello", node.url))
+        .send()
+        .unwrap();
     assert_eq!(resp.status(), 200, "{lang} hello");
     assert!(resp.headers().contains_key("verge-invocation-id"));
     let body = resp.text().unwrap();
@@ -30,7 +34,11 @@ fn check_echo(node: &TestNode, lang: &str, seed: u64) {
     assert_eq!(resp.status(), 200, "{lang} echo");
     let h = resp.headers().clone();
     assert_eq!(h["x-echo-method"], "PUT", "{lang}");
-    assert_eq!(h["x-echo-path"], format!("/{lang}/echo/some/path?q=1&r=two").as_str(), "{lang}");
+    assert_eq!(
+        h["x-echo-path"],
+        format!("/{lang}/echo/some/path?q=1&r=two").as_str(),
+        "{lang}"
+    );
     assert_eq!(h["x-test-one"], "first value", "{lang}");
     assert_eq!(h["x-test-two"], "second", "{lang}");
     let got = resp.bytes().unwrap();
@@ -43,7 +51,11 @@ fn every_toolchain_serves_and_survives_kill_9() {
     let node = TestNode::start();
     for (lang, _) in LANGUAGES {
         for kind in ["hello", "echo"] {
-            let r = node.deploy(&format!("{lang}-{kind}"), &format!("{lang}-{kind}"), &format!("/{lang}/{kind}"));
+            let r = node.deploy(
+                &format!("{lang}-{kind}"),
+                &format!("{lang}-{kind}"),
+                &format!("/{lang}/{kind}"),
+            );
             assert_eq!(r["version"], 1);
             assert_eq!(r["code"], "compiled");
             assert_eq!(r["sha256"].as_str().unwrap().len(), 64);
@@ -76,9 +88,18 @@ fn every_toolchain_serves_and_survives_kill_9() {
     assert_eq!(ls.as_array().unwrap().len(), 8);
 
     let node = node.kill9_and_restart();
-    let health: serde_json::Value = node.http().get(format!("{}/v1/health", node.url)).send().unwrap().json().unwrap();
+    let health: serde_json::Value = node
+        .http()
+        .get(format!("{}/v1/health", node.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(health["functions"], 8, "{health}");
-    assert_eq!(health["compiled"], 0, "a restart must not recompile: {health}");
+    assert_eq!(
+        health["compiled"], 0,
+        "a restart must not recompile: {health}"
+    );
     assert_eq!(health["cache_hits"], 8, "{health}");
     for (i, (lang, greeting)) in LANGUAGES.iter().enumerate() {
         check_hello(&node, lang, greeting);
@@ -92,23 +113,39 @@ fn redeploy_makes_a_new_live_version_and_rm_removes_everything() {
     node.deploy("rust-hello", "greeter", "/greet");
     let r = node.deploy("c-hello", "greeter", "/greet");
     assert_eq!(r["version"], 2);
-    let body = node.http().get(format!("{}/greet", node.url)).send().unwrap().text().unwrap();
+    let body = node
+        .http()
+        .get(format!("{}/greet", node.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     assert_eq!(body, "Hello from C!\n");
     let show = node.cli_ok(&["show", "greeter"]);
     assert!(show.contains("2 (live)"), "{show}");
     let table = node.cli_ok(&["ls"]);
     assert!(table.starts_with("NAME"), "{table}");
-    assert!(table.contains("greeter") && table.contains("/greet"), "{table}");
+    assert!(
+        table.contains("greeter") && table.contains("/greet"),
+        "{table}"
+    );
 
     // Same bytes again: the compiled code is reused.
     let r = node.deploy("c-hello", "greeter", "/greet");
     assert_eq!(r["code"], "cached");
 
     node.cli_ok(&["rm", "greeter"]);
-    let resp = node.http().get(format!("{}/greet", node.url)).send().unwrap();
+    let resp = node
+        .http()
+        .get(format!("{}/greet", node.url))
+        .send()
+        .unwrap();
     assert_eq!(resp.status(), 404);
     let err = node.cli_err(&["show", "greeter"]);
-    assert!(err.contains("not found") && err.contains("verge deploy"), "{err}");
+    assert!(
+        err.contains("not found") && err.contains("verge deploy"),
+        "{err}"
+    );
     assert_eq!(node.cli_ok(&["routes", "--json"]).trim(), "[]");
 }
 
@@ -117,7 +154,15 @@ fn routes_match_prefixes_and_hosts_and_never_shadow_the_api() {
     let node = TestNode::start();
     node.deploy("rust-hello", "root", "/");
     node.deploy("rust-echo", "echo", "/api");
-    let out = node.cli_ok(&["routes", "add", "/", "--function", "echo", "--host", "echo.example.com"]);
+    let out = node.cli_ok(&[
+        "routes",
+        "add",
+        "/",
+        "--function",
+        "echo",
+        "--host",
+        "echo.example.com",
+    ]);
     assert!(out.contains("echo.example.com/ -> echo"), "{out}");
 
     let get = |path: &str, host: Option<&str>| {
@@ -126,13 +171,32 @@ fn routes_match_prefixes_and_hosts_and_never_shadow_the_api() {
             rb = rb.header("host", h);
         }
         let r = rb.send().unwrap();
-        let lang = r.headers().get("x-echo-language").map(|v| v.to_str().unwrap().to_string());
+        let lang = r
+            .headers()
+            .get("x-echo-language")
+            .map(|v| v.to_str().unwrap().to_string());
         (r.status().as_u16(), lang)
     };
-    assert_eq!(get("/anything", None), (200, None), "catch-all goes to root");
-    assert_eq!(get("/api/x", None), (200, Some("rust".into())), "longest prefix wins");
-    assert_eq!(get("/apix", None), (200, None), "prefixes match whole segments");
-    assert_eq!(get("/other", Some("echo.example.com")), (200, Some("rust".into())), "host route wins");
+    assert_eq!(
+        get("/anything", None),
+        (200, None),
+        "catch-all goes to root"
+    );
+    assert_eq!(
+        get("/api/x", None),
+        (200, Some("rust".into())),
+        "longest prefix wins"
+    );
+    assert_eq!(
+        get("/apix", None),
+        (200, None),
+        "prefixes match whole segments"
+    );
+    assert_eq!(
+        get("/other", Some("echo.example.com")),
+        (200, Some("rust".into())),
+        "host route wins"
+    );
     // A catch-all route never captures the control API.
     assert_eq!(get("/v1/health", None).0, 200);
     assert_eq!(get("/v1/nope", None).0, 401);
@@ -141,13 +205,20 @@ fn routes_match_prefixes_and_hosts_and_never_shadow_the_api() {
     assert!(r.text().unwrap().contains("openapi.json"));
 
     let table = node.cli_ok(&["routes"]);
-    assert!(table.contains("HOST") && table.contains("echo.example.com"), "{table}");
+    assert!(
+        table.contains("HOST") && table.contains("echo.example.com"),
+        "{table}"
+    );
     node.cli_ok(&["routes", "rm", "/", "--host", "echo.example.com"]);
     assert_eq!(get("/other", Some("echo.example.com")), (200, None));
     // Routes survive a restart.
     let node = node.kill9_and_restart();
     assert_eq!(
-        node.http().get(format!("{}/api/y", node.url)).send().unwrap().headers()["x-echo-language"],
+        node.http()
+            .get(format!("{}/api/y", node.url))
+            .send()
+            .unwrap()
+            .headers()["x-echo-language"],
         "rust"
     );
 }
@@ -199,11 +270,22 @@ fn guests_get_no_ambient_authority() {
         "--env",
         "MODE=test",
     ]);
-    let get = |p: &str| node.http().get(format!("{}/s{p}", node.url)).send().unwrap().text().unwrap();
+    let get = |p: &str| {
+        node.http()
+            .get(format!("{}/s{p}", node.url))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    };
     let env = get("/env");
     let mut lines: Vec<&str> = env.lines().collect();
     lines.sort();
-    assert_eq!(lines, vec!["GREETING=hi there", "MODE=test"], "only configured values");
+    assert_eq!(
+        lines,
+        vec!["GREETING=hi there", "MODE=test"],
+        "only configured values"
+    );
     let fs = get("/fs");
     assert!(fs.contains("read_dir(/) denied"), "{fs}");
     assert!(fs.contains("read(/etc/passwd) denied"), "{fs}");
@@ -223,16 +305,33 @@ fn a_trapping_guest_gets_500_and_the_node_keeps_serving() {
     node.deploy("rust-trap", "boom", "/boom");
     node.deploy("c-hello", "hello", "/hello");
     for _ in 0..2 {
-        let resp = node.http().get(format!("{}/boom", node.url)).send().unwrap();
+        let resp = node
+            .http()
+            .get(format!("{}/boom", node.url))
+            .send()
+            .unwrap();
         assert_eq!(resp.status(), 500);
-        let id = resp.headers()["verge-invocation-id"].to_str().unwrap().to_string();
+        let id = resp.headers()["verge-invocation-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
         let problem: serde_json::Value = resp.json().unwrap();
         assert_eq!(problem["invocation_id"], id.as_str());
-        assert!(problem["detail"].as_str().unwrap().contains("trapped"), "{problem}");
+        assert!(
+            problem["detail"].as_str().unwrap().contains("trapped"),
+            "{problem}"
+        );
         let log = node.wait_for_log(&id);
         let line = log.lines().find(|l| l.contains(&id)).unwrap();
-        assert!(line.contains("about to fail on purpose"), "stderr in the node log: {line}");
-        let ok = node.http().get(format!("{}/hello", node.url)).send().unwrap();
+        assert!(
+            line.contains("about to fail on purpose"),
+            "stderr in the node log: {line}"
+        );
+        let ok = node
+            .http()
+            .get(format!("{}/hello", node.url))
+            .send()
+            .unwrap();
         assert_eq!(ok.status(), 200);
     }
 }

@@ -1,5 +1,5 @@
-//! Sandbox probe: reports what ambient authority the guest has.
-//! `/env` lists its environment, `/fs` tries the filesystem, `/fetch` tries
+//! Sandbox probe: reports what ambient authority the guest has. By the last
+//! path segment: `/env` lists its environment, `/fs` tries the filesystem, `/fetch` tries
 //! outbound HTTP, `/print?n=N` writes N bytes to stdout.
 
 use wasip2::exports::http::incoming_handler::Guest;
@@ -28,7 +28,9 @@ fn fetch() -> String {
 
 impl Guest for Sandbox {
     fn handle(request: IncomingRequest, out: ResponseOutparam) {
-        let path = request.path_with_query().unwrap_or_default();
+        let full = request.path_with_query().unwrap_or_default();
+        // The last path segment picks the probe, wherever the function is routed.
+        let path = format!("/{}", full.rsplit('/').next().unwrap_or_default());
         let body = if path.starts_with("/env") {
             std::env::vars().map(|(k, v)| format!("{k}={v}\n")).collect::<String>()
         } else if path.starts_with("/fs") {
