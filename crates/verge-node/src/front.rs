@@ -33,18 +33,21 @@ fn request_host(request: &Request) -> Option<String> {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     })?;
-    // Strip a port; keep bracketed IPv6 literals whole.
-    let host = match raw.rsplit_once(':') {
-        Some((h, port)) if !h.ends_with(']') || raw.starts_with('[') => {
-            if port.bytes().all(|b| b.is_ascii_digit()) {
-                h.to_string()
-            } else {
-                raw.clone()
-            }
-        }
-        _ => raw.clone(),
-    };
-    Some(host.to_ascii_lowercase())
+    Some(strip_port(&raw).to_ascii_lowercase())
+}
+
+/// `example.com:8080` -> `example.com`; `[::1]:8080` -> `[::1]`.
+fn strip_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return match authority.find(']') {
+            Some(end) => &authority[..=end],
+            None => authority,
+        };
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    }
 }
 
 /// Fallback handler: every request that is not for the control API.
@@ -118,5 +121,18 @@ pub(crate) async fn run(state: &AppState, function: &Function, request: Request)
             }
             ApiError::Invoke { error, id }.into_response()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_port;
+
+    #[test]
+    fn ports_are_stripped() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[::1]:8080"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
     }
 }

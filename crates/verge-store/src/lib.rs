@@ -37,6 +37,10 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "the data directory {0} is in use by another Verge node; stop it, or give this one its own --data-dir"
+    )]
+    Locked(PathBuf),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
 }
@@ -61,6 +65,8 @@ pub struct LiveVersion {
 pub struct Store {
     conn: Mutex<Connection>,
     artifacts: PathBuf,
+    /// Held for the life of the store: one node per data directory.
+    _lock: fs::File,
 }
 
 /// Lowercase hex sha256 of `bytes`.
@@ -116,6 +122,18 @@ impl Store {
     /// Opens (creating if needed) the store in `dir`: `verge.db` and `artifacts/`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let lock_path = dir.join("lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(StoreError::Locked(dir.to_path_buf())),
+            Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
+        }
         let artifacts = dir.join("artifacts");
         fs::create_dir_all(&artifacts).map_err(io_err(&artifacts))?;
         let conn = Connection::open(dir.join("verge.db"))?;
@@ -127,6 +145,7 @@ impl Store {
         Ok(Self {
             conn: Mutex::new(conn),
             artifacts,
+            _lock: lock,
         })
     }
 
@@ -543,6 +562,15 @@ mod tests {
             store.delete_function("f"),
             Err(StoreError::FunctionNotFound(_))
         ));
+    }
+
+    #[test]
+    fn one_store_per_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path()).err().unwrap();
+        assert!(matches!(err, StoreError::Locked(_)), "{err}");
+        assert!(err.to_string().contains("--data-dir"));
     }
 
     #[test]

@@ -64,6 +64,24 @@ fn bad_uploads_are_refused_with_what_to_do() {
     assert_eq!(s, 413);
     assert!(detail(&p).contains("--max-upload"), "{p}");
 
+    // Without a Content-Length (chunked), the limit holds too.
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.bin");
+    std::fs::write(&big, vec![0u8; 3 << 20]).unwrap();
+    let (status, _, body) = crate::kit::curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "transfer-encoding: chunked",
+        "-H",
+        &format!("authorization: Bearer {}", node.token()),
+        "--data-binary",
+        &format!("@{}", big.display()),
+        &format!("{}/v1/functions/bad/versions", node.url),
+    ]);
+    assert_eq!(status, 413);
+    assert!(String::from_utf8_lossy(&body).contains("upload limit"));
+
     for name in ["Bad", "a_b", &"x".repeat(64)] {
         let (s, p) = upload(&node, name, "", hello.clone());
         assert_eq!(s, 400, "{name}");

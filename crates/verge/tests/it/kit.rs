@@ -247,9 +247,11 @@ pub fn curl(args: &[&str]) -> (u16, String, Vec<u8>) {
         String::from_utf8_lossy(&out.stderr)
     );
     let headers = std::fs::read_to_string(&headers).unwrap();
+    // The last status line (after any `100 Continue`).
     let status = headers
         .lines()
-        .next()
+        .filter(|l| l.starts_with("HTTP/"))
+        .last()
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .expect("status line");

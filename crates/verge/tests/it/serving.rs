@@ -341,11 +341,18 @@ fn a_trapping_guest_gets_500_and_the_node_keeps_serving() {
 fn up_with_example_serves_the_bundled_function() {
     let node = TestNode::start_with(&["--example"]);
     assert!(
-        node.stdout.contains(&format!("try             curl {}/hello", node.url)),
+        node.stdout
+            .contains(&format!("try             curl {}/hello", node.url)),
         "prints the URL: {}",
         node.stdout
     );
-    let body = node.http().get(format!("{}/hello", node.url)).send().unwrap().text().unwrap();
+    let body = node
+        .http()
+        .get(format!("{}/hello", node.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     assert_eq!(body, "Hello from Rust!\n");
     // Restarting with --example again keeps the deployed version.
     let node = node.kill9_and_restart();
@@ -359,10 +366,18 @@ fn up_with_example_serves_the_bundled_function() {
 fn deploy_output_for_people_and_for_scripts() {
     let node = TestNode::start();
     let file = fixture("c-hello");
-    let out = node.cli_ok(&["deploy", file.to_str().unwrap(), "--name", "hi", "--route", "/hi"]);
+    let out = node.cli_ok(&[
+        "deploy",
+        file.to_str().unwrap(),
+        "--name",
+        "hi",
+        "--route",
+        "/hi",
+    ]);
     assert!(out.starts_with("deployed hi version 1"), "{out}");
     assert!(out.contains(&format!("serving  {}/hi", node.url)), "{out}");
-    let routes: serde_json::Value = serde_json::from_str(&node.cli_ok(&["routes", "--json"])).unwrap();
+    let routes: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&["routes", "--json"])).unwrap();
     assert_eq!(routes[0]["path"], "/hi");
     assert_eq!(routes[0]["function"], "hi");
     let err = node.cli_err(&["deploy", file.to_str().unwrap(), "--name", "Bad_Name"]);
