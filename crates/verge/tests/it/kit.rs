@@ -250,8 +250,7 @@ pub fn curl(args: &[&str]) -> (u16, String, Vec<u8>) {
     // The last status line (after any `100 Continue`).
     let status = headers
         .lines()
-        .filter(|l| l.starts_with("HTTP/"))
-        .last()
+        .rfind(|l| l.starts_with("HTTP/"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .expect("status line");
