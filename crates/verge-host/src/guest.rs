@@ -169,7 +169,27 @@ where
         (req, out)
     };
 
+    let log_output = {
+        let (stdout, stderr) = (stdout.clone(), stderr.clone());
+        let (name, version, id) = (
+            function.name.clone(),
+            function.version,
+            invocation_id.to_string(),
+        );
+        move |outcome: &str| {
+            let (out, err) = (stdout.text(), stderr.text());
+            if outcome != "ok" {
+                tracing::warn!(function = %name, version, invocation = %id, %outcome, stdout = ?out, stderr = ?err, "guest failed");
+            } else if !out.is_empty() || !err.is_empty() {
+                tracing::info!(function = %name, version, invocation = %id, stdout = ?out, stderr = ?err, "guest output");
+            }
+        }
+    };
+
+    // One task per invocation: it runs the guest to the end (the response body
+    // may still stream after the response head is sent) and reports its output.
     let pre = function.component.pre.clone();
+    let log = log_output.clone();
     let task = tokio::spawn(async move {
         let run = async {
             let proxy = pre
@@ -182,50 +202,26 @@ where
                 .await
                 .map_err(RunError::Trap)
         };
-        match tokio::time::timeout_at(deadline.into(), run).await {
+        let result = match tokio::time::timeout_at(deadline.into(), run).await {
             Ok(r) => r,
             Err(_) => Err(RunError::Trap(Trap::Interrupt.into())),
+        };
+        match &result {
+            Ok(()) => log("ok"),
+            Err(e) => log(&e.summary()),
         }
+        result
     });
-
-    let log_output = {
-        let (stdout, stderr) = (stdout.clone(), stderr.clone());
-        let (name, version, id) = (
-            function.name.clone(),
-            function.version,
-            invocation_id.to_string(),
-        );
-        move |outcome: &str| {
-            let (out, err) = (stdout.text(), stderr.text());
-            if !out.is_empty() || !err.is_empty() {
-                tracing::info!(function = %name, version, invocation = %id, %outcome, stdout = ?out, stderr = ?err, "guest output");
-            }
-        }
-    };
 
     match tokio::time::timeout_at(deadline.into(), rx).await {
         Ok(Ok(Ok(response))) => {
-            // The guest keeps writing the body; report its output when it is done.
-            tokio::spawn(async move {
-                let outcome = match task.await {
-                    Ok(Ok(())) => "ok".to_string(),
-                    Ok(Err(e)) => format!("failed while streaming: {e}"),
-                    Err(e) => format!("aborted: {e}"),
-                };
-                log_output(&outcome);
-            });
             Ok(response.map(|b| b.map_err(|e| BodyError(e.to_string())).boxed_unsync()))
         }
-        Ok(Ok(Err(code))) => {
-            let _ = task.await;
-            log_output("error response");
-            Err(InvokeError::Guest(code.to_string()))
-        }
+        Ok(Ok(Err(code))) => Err(InvokeError::Guest(code.to_string())),
         Ok(Err(_)) => {
             // The guest finished (or died) without setting a response.
             let result = task.await;
             let err = stderr.text();
-            log_output("no response");
             match result {
                 Ok(Ok(())) => Err(InvokeError::NoResponse { stderr: err }),
                 Ok(Err(e)) => Err(e.into_invoke_error(timeout, err)),
@@ -257,6 +253,14 @@ impl std::fmt::Display for RunError {
 }
 
 impl RunError {
+    /// One line: the trap or instantiation failure without the wasm backtrace.
+    fn summary(&self) -> String {
+        match self {
+            RunError::Instantiate(e) => format!("instantiation failed: {}", trap_message(e)),
+            RunError::Trap(e) => format!("trapped: {}", trap_message(e)),
+        }
+    }
+
     fn into_invoke_error(self, timeout: Duration, stderr: String) -> InvokeError {
         match self {
             RunError::Instantiate(e) => {

@@ -108,16 +108,9 @@ pub(crate) async fn run(state: &AppState, function: &Function, request: Request)
             response
         }
         Err(error) => {
-            match &error {
-                InvokeError::Trap { message, stderr } => tracing::warn!(
-                    function = %function.name, version = function.version, invocation = %id,
-                    %message, ?stderr, "guest trapped"
-                ),
-                InvokeError::NoResponse { stderr } => tracing::warn!(
-                    function = %function.name, version = function.version, invocation = %id,
-                    ?stderr, "guest returned no response"
-                ),
-                _ => {}
+            // The guest's stdout/stderr are logged by the host under the same id.
+            if let InvokeError::Trap { message, .. } = &error {
+                tracing::warn!(function = %function.name, version = function.version, invocation = %id, %message, "guest trapped");
             }
             ApiError::Invoke { error, id }.into_response()
         }
