@@ -473,7 +473,14 @@ fn engine_config(config: &HostConfig) -> Config {
         .max_memory_size(config.memory_limit)
         .table_elements(100_000)
         .max_core_instance_size(4 << 20)
-        .max_component_instance_size(4 << 20);
+        .max_component_instance_size(4 << 20)
+        // Reset small memories and tables with memset instead of madvise when
+        // a slot is reused: fewer syscalls and page faults per request. The
+        // cost is at most this much resident memory per warm (unused) slot.
+        .linear_memory_keep_resident(1 << 20)
+        .table_keep_resident(64 << 10)
+        .decommit_batch_size(16)
+        .pagemap_scan(wasmtime::Enabled::Auto);
     c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     c
 }
