@@ -7,4 +7,5 @@ mod kit;
 
 mod auth;
 mod bad_input;
+mod hostile;
 mod serving;

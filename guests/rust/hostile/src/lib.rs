@@ -22,6 +22,7 @@ fn param(query: &str, key: &str) -> u64 {
 }
 
 #[inline(never)]
+#[allow(unconditional_recursion)] // on purpose: the stack-overflow fixture
 fn recurse(n: u64) -> u64 {
     let pad = black_box([n; 16]);
     recurse(n + 1) + pad[3]
