@@ -25,8 +25,14 @@ fn main() -> anyhow::Result<()> {
     let dir = std::env::var_os("VERGE_GUESTS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/guests"));
-    let cache = tempfile::tempdir()?;
-    let host = Host::new(HostConfig::new(cache.path()))?;
+    // VERGE_BENCH_CACHE keeps compiled code between runs (for profiling);
+    // VERGE_BENCH_ONLY=name runs one guest.
+    let tmp = tempfile::tempdir()?;
+    let cache = std::env::var_os("VERGE_BENCH_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| tmp.path().to_path_buf());
+    let only = std::env::var("VERGE_BENCH_ONLY").ok();
+    let host = Host::new(HostConfig::new(&cache))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -40,6 +46,9 @@ fn main() -> anyhow::Result<()> {
         ("js-hello", 1000),
         ("python-hello", 1000),
     ] {
+        if only.as_deref().is_some_and(|o| o != name) {
+            continue;
+        }
         let path = dir.join(format!("{name}.wasm"));
         let Ok(bytes) = std::fs::read(&path) else {
             eprintln!(
