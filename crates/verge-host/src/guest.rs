@@ -1,15 +1,19 @@
 //! One invocation: the per-request store state, the capabilities a guest
 //! gets (and those it is refused), and the request/response plumbing.
 
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use wasmtime::component::ResourceTable;
-use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline};
+use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
+use verge_spec::UsageRecord;
+
+use crate::meter::{Meter, Metered};
 use crate::{BodyError, Capture, Function, Host, InvokeError, ResponseBody};
 
 /// The data of one invocation's store.
@@ -18,8 +22,48 @@ pub(crate) struct GuestState {
     http: WasiHttpCtx,
     table: ResourceTable,
     hooks: DenyOutbound,
-    limits: StoreLimits,
+    limits: GuestLimits,
 }
+
+/// Memory accounting of one instance: refuses growth past the limit (the
+/// guest sees a failed `memory.grow`), remembers that it did, and tracks the
+/// peak of all its linear memories together.
+pub(crate) struct GuestLimits {
+    limit: usize,
+    total: usize,
+    peak: usize,
+    hit: bool,
+}
+
+impl ResourceLimiter for GuestLimits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let next = self.total.saturating_sub(current).saturating_add(desired);
+        if next > self.limit {
+            self.hit = true;
+            return Ok(false);
+        }
+        self.total = next;
+        self.peak = self.peak.max(next);
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// Elements a guest table may grow to (matches the pooling allocator's slots).
+pub(crate) const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 impl WasiView for GuestState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
@@ -97,10 +141,12 @@ fn new_store(
             stderr: stderr.clone(),
             function: function.name.clone(),
         },
-        limits: StoreLimitsBuilder::new()
-            .memory_size(cfg.memory_limit)
-            .trap_on_grow_failure(false)
-            .build(),
+        limits: GuestLimits {
+            limit: function.memory_limit.unwrap_or(cfg.memory_limit),
+            total: 0,
+            peak: 0,
+            hit: false,
+        },
     };
     let mut store = Store::new(&host.engine, state);
     store.limiter(|s| &mut s.limits);
@@ -121,7 +167,7 @@ fn new_store(
 /// request pays before the guest runs (used by benchmarks).
 pub(crate) async fn instantiate_only(host: &Host, function: &Function) -> Result<(), InvokeError> {
     let capture = Capture::new(0);
-    let deadline = Instant::now() + host.config().timeout;
+    let deadline = Instant::now() + function.timeout.unwrap_or(host.config().timeout);
     let mut store = new_store(host, function, &capture, &capture, deadline);
     function
         .component
@@ -147,13 +193,48 @@ where
     let cfg = host.config();
     let stdout = Capture::new(cfg.output_limit);
     let stderr = Capture::new(cfg.output_limit);
-    let timeout = cfg.timeout;
-    let deadline = Instant::now() + timeout;
+    let timeout = function.timeout.unwrap_or(cfg.timeout);
+    let memory_limit = function.memory_limit.unwrap_or(cfg.memory_limit);
+    let started = Instant::now();
+    let deadline = started + timeout;
     let mut store = new_store(host, function, &stdout, &stderr, deadline);
 
-    let request = request.map(|body| {
-        body.map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e.to_string())))
-    });
+    let meter = Meter::new(
+        host.usage_sink.clone(),
+        UsageRecord {
+            invocation_id: invocation_id.to_string(),
+            function: function.name.clone(),
+            version: function.version,
+            started_at_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0),
+            wall_us: 0,
+            cpu_us: 0,
+            peak_memory_bytes: 0,
+            memory_limit_bytes: memory_limit as u64,
+            request_bytes: 0,
+            response_bytes: 0,
+            status: 0,
+            outcome: String::new(),
+            cold: !function.component.used.swap(true, Ordering::Relaxed),
+        },
+    );
+
+    let request = {
+        let meter = meter.clone();
+        request.map(move |body| {
+            body.map_frame(move |frame| {
+                if let Some(data) = frame.data_ref() {
+                    meter
+                        .request_bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                frame
+            })
+            .map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e.to_string())))
+        })
+    };
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (req, out) = {
         let mut http = store.data_mut().http();
@@ -187,44 +268,83 @@ where
     };
 
     // One task per invocation: it runs the guest to the end (the response body
-    // may still stream after the response head is sent) and reports its output.
+    // may still stream after the response head is sent), meters it, and
+    // reports its output.
     let pre = function.component.pre.clone();
     let log = log_output.clone();
-    let task = tokio::spawn(async move {
-        let run = async {
-            let proxy = pre
-                .instantiate_async(&mut store)
-                .await
-                .map_err(RunError::Instantiate)?;
-            proxy
-                .wasi_http_incoming_handler()
-                .call_handle(&mut store, req, out)
-                .await
-                .map_err(RunError::Trap)
-        };
-        let result = match tokio::time::timeout_at(deadline.into(), run).await {
-            Ok(r) => r,
-            Err(_) => Err(RunError::Trap(Trap::Interrupt.into())),
-        };
-        match &result {
-            Ok(()) => log("ok"),
-            Err(e) => log(&e.summary()),
-        }
-        result
-    });
+    let task_meter = meter.clone();
+    let task = tokio::spawn(Metered::new(
+        async move {
+            let run = async {
+                let proxy = pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(RunError::Instantiate)?;
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, req, out)
+                    .await
+                    .map_err(RunError::Trap)
+            };
+            let result = match tokio::time::timeout_at(deadline.into(), run).await {
+                Ok(r) => r,
+                Err(_) => Err(RunError::Trap(Trap::Interrupt.into())),
+            };
+            let limits = &store.data().limits;
+            let memory_hit = limits.hit;
+            task_meter.update(|r| {
+                r.wall_us = started.elapsed().as_micros() as u64;
+                r.peak_memory_bytes = limits.peak as u64;
+                if let Err(e) = &result {
+                    r.outcome = e.outcome(memory_hit).to_string();
+                } else if r.outcome.is_empty() {
+                    r.outcome = "no_response".into();
+                }
+            });
+            match &result {
+                Ok(()) => log("ok"),
+                Err(e) => log(&e.summary()),
+            }
+            (result, memory_hit)
+        },
+        meter.clone(),
+    ));
 
     match tokio::time::timeout_at(deadline.into(), rx).await {
         Ok(Ok(Ok(response))) => {
-            Ok(response.map(|b| b.map_err(|e| BodyError(e.to_string())).boxed_unsync()))
+            meter.update(|r| {
+                r.status = response.status().as_u16();
+                r.outcome = "ok".into();
+            });
+            let body_meter = meter;
+            Ok(response.map(move |b| {
+                b.map_frame(move |frame| {
+                    if let Some(data) = frame.data_ref() {
+                        body_meter
+                            .response_bytes
+                            .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
+                    frame
+                })
+                .map_err(|e| BodyError(e.to_string()))
+                .boxed_unsync()
+            }))
         }
-        Ok(Ok(Err(code))) => Err(InvokeError::Guest(code.to_string())),
+        Ok(Ok(Err(code))) => {
+            meter.update(|r| r.outcome = "error_response".into());
+            Err(InvokeError::Guest(code.to_string()))
+        }
         Ok(Err(_)) => {
             // The guest finished (or died) without setting a response.
             let result = task.await;
             let err = stderr.text();
             match result {
-                Ok(Ok(())) => Err(InvokeError::NoResponse { stderr: err }),
-                Ok(Err(e)) => Err(e.into_invoke_error(timeout, err)),
+                Ok((Ok(()), _)) => Err(InvokeError::NoResponse { stderr: err }),
+                Ok((Err(_), true)) => Err(InvokeError::MemoryLimit {
+                    limit: memory_limit,
+                    stderr: err,
+                }),
+                Ok((Err(e), false)) => Err(e.into_invoke_error(timeout, err)),
                 Err(e) => Err(InvokeError::Internal(format!(
                     "invocation task failed: {e}"
                 ))),
@@ -232,6 +352,10 @@ where
         }
         Err(_) => {
             task.abort();
+            meter.update(|r| {
+                r.outcome = "timeout".into();
+                r.wall_us = started.elapsed().as_micros() as u64;
+            });
             log_output("timeout");
             Err(InvokeError::Timeout(timeout))
         }
@@ -253,6 +377,18 @@ impl std::fmt::Display for RunError {
 }
 
 impl RunError {
+    /// The ledger's name for how the invocation ended.
+    fn outcome(&self, memory_hit: bool) -> &'static str {
+        match self {
+            _ if memory_hit => "memory_limit",
+            RunError::Instantiate(_) => "instantiate",
+            RunError::Trap(e) if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) => {
+                "timeout"
+            }
+            RunError::Trap(_) => "trap",
+        }
+    }
+
     /// One line: the trap or instantiation failure without the wasm backtrace.
     fn summary(&self) -> String {
         match self {

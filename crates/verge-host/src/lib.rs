@@ -14,6 +14,7 @@
 
 mod capture;
 mod guest;
+mod meter;
 
 use std::collections::hash_map::DefaultHasher;
 use std::fs;
@@ -32,6 +33,7 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 pub use capture::Capture;
 use guest::GuestState;
+pub use meter::UsageSink;
 
 /// Settings of the host, fixed for the life of the process.
 #[derive(Debug, Clone)]
@@ -122,6 +124,8 @@ pub enum InvokeError {
     Trap { message: String, stderr: String },
     #[error("the function ran past its time limit of {0:?}")]
     Timeout(Duration),
+    #[error("the function exceeded its memory limit of {} MiB", limit >> 20)]
+    MemoryLimit { limit: usize, stderr: String },
     #[error("the function returned without sending a response")]
     NoResponse { stderr: String },
     #[error("the function answered with an error: {0}")]
@@ -160,6 +164,8 @@ impl CodeSource {
 /// A validated, compiled and pre-instantiated component.
 pub struct LoadedComponent {
     pre: ProxyPre<GuestState>,
+    /// Set by the first invocation: the ones before it are cold.
+    used: std::sync::atomic::AtomicBool,
     sha256: String,
     /// Where its code came from and how long loading took.
     pub source: CodeSource,
@@ -182,6 +188,10 @@ pub struct Function {
     /// Version number, for logs.
     pub version: u64,
     env: Arc<Vec<(String, String)>>,
+    /// Time limit of this version; the host's when `None`.
+    pub timeout: Option<Duration>,
+    /// Memory limit of this version, bytes; the host's when `None`.
+    pub memory_limit: Option<usize>,
 }
 
 impl Function {
@@ -197,7 +207,16 @@ impl Function {
             name: name.into(),
             version,
             env: Arc::new(env),
+            timeout: None,
+            memory_limit: None,
         }
+    }
+
+    /// Sets this version's limits (each capped by the host's).
+    pub fn with_limits(mut self, timeout: Option<Duration>, memory_limit: Option<usize>) -> Self {
+        self.timeout = timeout;
+        self.memory_limit = memory_limit;
+        self
     }
 }
 
@@ -216,6 +235,7 @@ pub struct Host {
     engine_key: String,
     compiled: AtomicU64,
     cache_hits: AtomicU64,
+    usage_sink: Option<UsageSink>,
 }
 
 /// Interval of the epoch ticker: the granularity of timeouts and of yields of
@@ -260,7 +280,14 @@ impl Host {
             engine_key,
             compiled: AtomicU64::new(0),
             cache_hits: AtomicU64::new(0),
+            usage_sink: None,
         })
+    }
+
+    /// Sends every invocation's usage record to `sink` (called from the
+    /// runtime's threads when an invocation and its response body are done).
+    pub fn set_usage_sink(&mut self, sink: UsageSink) {
+        self.usage_sink = Some(sink);
     }
 
     /// The host's settings.
@@ -335,6 +362,7 @@ impl Host {
                 self.compiled.fetch_add(1, Ordering::Relaxed);
                 return Ok(LoadedComponent {
                     pre,
+                    used: Default::default(),
                     sha256: sha256.to_string(),
                     source: CodeSource::Compiled,
                     load_time: started.elapsed(),
@@ -346,6 +374,7 @@ impl Host {
         self.cache_hits.fetch_add(1, Ordering::Relaxed);
         Ok(LoadedComponent {
             pre,
+            used: Default::default(),
             sha256: sha256.to_string(),
             source,
             load_time: started.elapsed(),
@@ -471,7 +500,7 @@ fn engine_config(config: &HostConfig) -> Config {
         .max_memories_per_component(16)
         .max_tables_per_component(64)
         .max_memory_size(config.memory_limit)
-        .table_elements(100_000)
+        .table_elements(guest::MAX_TABLE_ELEMENTS)
         .max_core_instance_size(4 << 20)
         .max_component_instance_size(4 << 20)
         // Reset small memories and tables with memset instead of madvise when

@@ -16,10 +16,11 @@ use axum::routing::{MethodFilter, on};
 use http::{StatusCode, header};
 use verge_host::{Function, Host};
 use verge_spec::{
-    DeployResponse, FunctionDetail, FunctionSummary, Health, Route, RouteRequest,
-    normalize_route_host, normalize_route_path, parse_env, validate_function_name,
+    DeployResponse, FunctionDetail, FunctionSummary, Health, Route, RouteRequest, UsageRecord,
+    UsageReport, normalize_route_host, normalize_route_path, parse_duration, parse_env, parse_size,
+    validate_function_name,
 };
-use verge_store::{StoreError, sha256_hex};
+use verge_store::{Limits, StoreError, UsageBy, UsageQuery, sha256_hex};
 
 use crate::error::ApiError;
 use crate::front;
@@ -46,6 +47,8 @@ api_routes! {
     DELETE "/v1/functions/{name}" => delete_function,
     POST "/v1/functions/{name}/versions" => create_version,
     POST "/v1/functions/{name}/invoke" => invoke,
+    GET "/v1/invocations" => list_invocations,
+    GET "/v1/usage" => usage,
     GET "/v1/routes" => list_routes,
     PUT "/v1/routes" => put_route,
     DELETE "/v1/routes" => delete_route,
@@ -124,6 +127,7 @@ async fn delete_function(
 pub(crate) struct DeployOptions {
     pub env: Vec<(String, String)>,
     pub routes: Vec<(Option<String>, String)>,
+    pub limits: Limits,
 }
 
 impl DeployOptions {
@@ -136,9 +140,11 @@ impl DeployOptions {
                 "env" => opts.env.push(parse_env(&v)?),
                 "route" => paths.push(normalize_route_path(&v)?),
                 "host" => host = Some(normalize_route_host(&v)?),
+                "timeout" => opts.limits.timeout_ms = Some(parse_duration(&v)?.as_millis() as u64),
+                "memory" => opts.limits.memory_bytes = Some(parse_size(&v)?),
                 other => {
                     return Err(ApiError::BadRequest(format!(
-                        "unknown query parameter {other:?}; accepted: route, host, env"
+                        "unknown query parameter {other:?}; accepted: route, host, env, timeout, memory"
                     )));
                 }
             }
@@ -205,6 +211,7 @@ pub(crate) async fn deploy(
     opts: DeployOptions,
 ) -> Result<DeployResponse, ApiError> {
     validate_function_name(name)?;
+    check_limits(state, &opts.limits)?;
     Host::check_bytes(&bytes)?;
     for (host, path) in &opts.routes {
         if let Some(owner) = state.store.route_owner(host.as_deref(), path)?
@@ -228,14 +235,22 @@ pub(crate) async fn deploy(
 
     let _guard = state.deploy_lock.lock().await;
     let s = state.clone();
-    let (fname, env, routes) = (name.to_string(), opts.env.clone(), opts.routes.clone());
+    let (fname, env, routes, limits) = (
+        name.to_string(),
+        opts.env.clone(),
+        opts.routes.clone(),
+        opts.limits,
+    );
     let version = blocking(move || {
         let stored = s.store.put_artifact(&bytes)?;
         debug_assert_eq!(stored, loaded.sha256());
         let v = s
             .store
-            .create_version(&fname, &stored, size, &env, &routes)?;
-        s.install(Function::new(Arc::new(loaded), fname, v, env));
+            .create_version(&fname, &stored, size, &env, limits, &routes)?;
+        s.install(Function::new(Arc::new(loaded), fname, v, env).with_limits(
+            limits.timeout_ms.map(std::time::Duration::from_millis),
+            limits.memory_bytes.map(|m| m as usize),
+        ));
         Ok(v)
     })
     .await?;
@@ -258,6 +273,146 @@ pub(crate) async fn deploy(
             })
             .collect(),
     })
+}
+
+/// A version's limits must be positive and within the node's ceilings.
+fn check_limits(state: &AppState, limits: &Limits) -> Result<(), ApiError> {
+    let c = state.ceilings;
+    if let Some(ms) = limits.timeout_ms
+        && (ms == 0 || ms > c.timeout.as_millis() as u64)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "timeout {ms} ms is outside 1 ms..{} ms, this node's ceiling; raise it with `verge up --timeout`",
+            c.timeout.as_millis()
+        )));
+    }
+    if let Some(bytes) = limits.memory_bytes
+        && (bytes < 1 << 20 || bytes > c.memory as u64)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "memory {} MiB is outside 1 MiB..{} MiB, this node's ceiling; raise it with `verge up --memory`",
+            bytes >> 20,
+            c.memory >> 20
+        )));
+    }
+    Ok(())
+}
+
+fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .into_owned()
+        .collect()
+}
+
+async fn list_invocations(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Vec<UsageRecord>>, ApiError> {
+    let (mut function, mut status, mut id, mut limit) = (None, None, None, 50u32);
+    for (k, v) in query_pairs(query.as_deref()) {
+        match k.as_str() {
+            "function" => {
+                validate_function_name(&v)?;
+                function = Some(v);
+            }
+            "status" => {
+                status = Some(v.parse::<u16>().map_err(|_| {
+                    ApiError::BadRequest(format!("status {v:?} is not an HTTP status code"))
+                })?)
+            }
+            "id" => id = Some(v),
+            "limit" => {
+                limit = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=10_000).contains(n))
+                    .ok_or_else(|| ApiError::BadRequest(format!("limit {v:?} must be 1..10000")))?
+            }
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown query parameter {other:?}; accepted: function, status, id, limit"
+                )));
+            }
+        }
+    }
+    let s = state.clone();
+    Ok(Json(
+        blocking(move || {
+            Ok(s.store
+                .invocations(function.as_deref(), status, id.as_deref(), limit)?)
+        })
+        .await?,
+    ))
+}
+
+/// Parses a time bound: unix milliseconds, or a duration ago (`15m`, `2h`, `7d`).
+fn parse_time_bound(v: &str, now_ms: i64) -> Result<i64, ApiError> {
+    if let Ok(ms) = v.parse::<i64>() {
+        return Ok(ms);
+    }
+    let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
+    let n: i64 = num.parse().map_err(|_| bad_time(v))?;
+    let unit_ms = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(bad_time(v)),
+    };
+    Ok(now_ms - n * unit_ms)
+}
+
+fn bad_time(v: &str) -> ApiError {
+    ApiError::BadRequest(format!(
+        "invalid time {v:?}: give unix milliseconds or a duration ago such as 15m, 2h or 7d"
+    ))
+}
+
+async fn usage(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<UsageReport>, ApiError> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let mut q = UsageQuery {
+        since_ms: None,
+        until_ms: None,
+        by: UsageBy::Function,
+        granularity_ms: 1,
+        price_per_million_requests: state.prices.per_million_requests,
+        price_per_gb_second: state.prices.per_gb_second,
+    };
+    for (k, v) in query_pairs(query.as_deref()) {
+        match k.as_str() {
+            "since" => q.since_ms = Some(parse_time_bound(&v, now_ms)?),
+            "until" => q.until_ms = Some(parse_time_bound(&v, now_ms)?),
+            "by" => {
+                q.by = UsageBy::parse(&v).ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "by {v:?}: group by function, version, hour or minute"
+                    ))
+                })?
+            }
+            "granularity" => {
+                let d = parse_duration(&v)?;
+                if d.is_zero() {
+                    return Err(ApiError::BadRequest(
+                        "granularity must be at least 1ms".into(),
+                    ));
+                }
+                q.granularity_ms = d.as_millis() as u64;
+            }
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown query parameter {other:?}; accepted: since, until, by, granularity"
+                )));
+            }
+        }
+    }
+    let s = state.clone();
+    Ok(Json(blocking(move || Ok(s.store.usage(&q)?)).await?))
 }
 
 async fn invoke(

@@ -54,11 +54,26 @@ impl ApiError {
                 InvokeError::Capacity(_) => (StatusCode::SERVICE_UNAVAILABLE, "at capacity"),
                 InvokeError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "function timed out"),
                 InvokeError::Guest(_) => (StatusCode::BAD_GATEWAY, "function error"),
+                InvokeError::MemoryLimit { .. } => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "memory limit")
+                }
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "function failed"),
             },
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
         }
     }
+}
+
+/// The status a caller got for an invocation that ended with `outcome` (as
+/// the host names it in usage records), when the guest sent no response.
+pub(crate) fn outcome_status(outcome: &str) -> u16 {
+    match outcome {
+        "timeout" => StatusCode::GATEWAY_TIMEOUT,
+        "capacity" => StatusCode::SERVICE_UNAVAILABLE,
+        "error_response" => StatusCode::BAD_GATEWAY,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+    .as_u16()
 }
 
 impl IntoResponse for ApiError {
@@ -77,7 +92,9 @@ impl IntoResponse for ApiError {
         };
         let detail = match &self {
             ApiError::Invoke { error, id } => match error {
-                InvokeError::Trap { .. } | InvokeError::NoResponse { .. } => {
+                InvokeError::Trap { .. }
+                | InvokeError::NoResponse { .. }
+                | InvokeError::MemoryLimit { .. } => {
                     format!("{error}; invocation {id}; its stderr is in the node's log")
                 }
                 _ => format!("{error}; invocation {id}"),

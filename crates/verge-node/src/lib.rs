@@ -17,13 +17,14 @@ use axum::Router;
 use axum::routing::any;
 use tokio::net::TcpListener;
 use verge_host::{Function, Host, HostConfig};
-use verge_store::Store;
+use verge_store::{Ledger, Store};
 
 pub use api::{API_ROUTES, OPENAPI};
 pub use auth::TOKEN_FILE;
 pub use error::ApiError;
+pub use state::Prices;
 
-use state::AppState;
+use state::{AppState, Ceilings, Settings};
 
 /// Name of the file in the data directory where a running node writes its URL.
 pub const NODE_FILE: &str = "node.json";
@@ -41,6 +42,8 @@ pub struct NodeConfig {
     pub timeout: Duration,
     /// Linear memory limit of one guest, in bytes.
     pub memory_limit: usize,
+    /// Prices for `verge usage`.
+    pub prices: Prices,
 }
 
 impl NodeConfig {
@@ -53,6 +56,7 @@ impl NodeConfig {
             max_instances: 1000,
             timeout: Duration::from_secs(30),
             memory_limit: 128 << 20,
+            prices: Prices::default(),
         }
     }
 }
@@ -110,20 +114,36 @@ impl Node {
             token_created: auth::ensure_admin_token(&store, &data_dir)?,
             ..StartReport::default()
         };
-        let host = Host::new(HostConfig {
+        let ledger = Arc::new(Ledger::open(&data_dir)?);
+        let mut host = Host::new(HostConfig {
             cache_dir: data_dir.join("cache"),
             max_instances: config.max_instances,
             memory_limit: config.memory_limit,
             output_limit: 64 << 10,
             timeout: config.timeout,
         })?;
+        let sink = ledger.clone();
+        host.set_usage_sink(Arc::new(move |mut record| {
+            if record.status == 0 {
+                record.status = error::outcome_status(&record.outcome);
+            }
+            sink.record(record);
+        }));
         let token_hashes = store.token_hashes()?;
         let state = Arc::new(AppState::new(
             store,
             host,
-            data_dir.clone(),
-            config.max_upload,
-            token_hashes,
+            ledger,
+            Settings {
+                data_dir: data_dir.clone(),
+                max_upload: config.max_upload,
+                token_hashes,
+                ceilings: Ceilings {
+                    timeout: config.timeout,
+                    memory: config.memory_limit,
+                },
+                prices: config.prices,
+            },
         ));
 
         let s = state.clone();
@@ -206,6 +226,7 @@ impl Node {
             .await
             .map_err(|e| NodeError::Other(format!("server error: {e}")));
         let _ = std::fs::remove_file(&node_file);
+        self.state.ledger.flush();
         result
     }
 }

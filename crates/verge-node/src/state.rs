@@ -7,35 +7,67 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use verge_host::{Function, Host};
 use verge_spec::Route;
-use verge_store::Store;
+use verge_store::{Ledger, Store};
+
+/// Node-wide limits: defaults for versions that set none, and ceilings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ceilings {
+    pub timeout: std::time::Duration,
+    pub memory: usize,
+}
+
+/// The price table (defaults priced like Lambda on x86).
+#[derive(Debug, Clone, Copy)]
+pub struct Prices {
+    pub per_million_requests: f64,
+    pub per_gb_second: f64,
+}
+
+impl Default for Prices {
+    fn default() -> Self {
+        Self {
+            per_million_requests: 0.20,
+            per_gb_second: 0.000_016_666_7,
+        }
+    }
+}
+
+/// The node's settings as handlers see them.
+pub(crate) struct Settings {
+    pub data_dir: PathBuf,
+    pub max_upload: usize,
+    pub token_hashes: Vec<String>,
+    pub ceilings: Ceilings,
+    pub prices: Prices,
+}
 
 /// Everything a handler needs.
 pub struct AppState {
     pub(crate) store: Store,
     pub(crate) host: Host,
+    pub(crate) ledger: Arc<Ledger>,
     pub(crate) data_dir: PathBuf,
     pub(crate) max_upload: usize,
     pub(crate) token_hashes: Vec<String>,
     pub(crate) deploy_lock: tokio::sync::Mutex<()>,
+    pub(crate) ceilings: Ceilings,
+    pub(crate) prices: Prices,
     functions: RwLock<HashMap<String, Function>>,
     routes: RwLock<Arc<Vec<Route>>>,
 }
 
 impl AppState {
-    pub(crate) fn new(
-        store: Store,
-        host: Host,
-        data_dir: PathBuf,
-        max_upload: usize,
-        token_hashes: Vec<String>,
-    ) -> Self {
+    pub(crate) fn new(store: Store, host: Host, ledger: Arc<Ledger>, settings: Settings) -> Self {
         Self {
             store,
             host,
-            data_dir,
-            max_upload,
-            token_hashes,
+            ledger,
+            data_dir: settings.data_dir,
+            max_upload: settings.max_upload,
+            token_hashes: settings.token_hashes,
             deploy_lock: tokio::sync::Mutex::new(()),
+            ceilings: settings.ceilings,
+            prices: settings.prices,
             functions: RwLock::default(),
             routes: RwLock::default(),
         }

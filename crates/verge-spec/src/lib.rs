@@ -29,6 +29,12 @@ pub enum SpecError {
         "invalid route host {0:?}: give a bare host name such as \"api.example.com\", without scheme, port or path"
     )]
     RouteHost(String),
+    /// A size such as `64MiB` that does not parse.
+    #[error("invalid size {0:?}: write for example 64MiB, 512KiB or 1048576")]
+    Size(String),
+    /// A duration such as `30s` that does not parse.
+    #[error("invalid duration {0:?}: write for example 30s, 500ms or 2m")]
+    Duration(String),
     /// An environment entry that is not `KEY=VALUE`.
     #[error("invalid env entry {0:?}: write it as KEY=VALUE, with a non-empty KEY")]
     Env(String),
@@ -111,6 +117,38 @@ pub fn parse_env(entry: &str) -> Result<(String, String), SpecError> {
     }
 }
 
+/// Parses sizes such as `64MiB`, `512k`, `1048576` (bytes).
+pub fn parse_size(s: &str) -> Result<u64, SpecError> {
+    let err = || SpecError::Size(s.to_string());
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(err()),
+    };
+    n.checked_mul(mult).ok_or_else(err)
+}
+
+/// Parses durations such as `30s`, `500ms`, `2m`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, SpecError> {
+    let err = || SpecError::Duration(s.to_string());
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| err())?;
+    Ok(match unit {
+        "ms" => std::time::Duration::from_millis(n),
+        "" | "s" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_secs(n.checked_mul(60).ok_or_else(err)?),
+        _ => return Err(err()),
+    })
+}
+
 /// An HTTP route: a path prefix, optionally on one host, served by a function.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {
@@ -138,6 +176,12 @@ pub struct VersionInfo {
     pub version: u64,
     pub sha256: String,
     pub size: u64,
+    /// Time limit of this version in ms, when set (else the node's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Memory limit of this version in bytes, when set (else the node's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
     /// Configured values the guest sees as its environment.
     pub env: BTreeMap<String, String>,
     /// Creation time, RFC 3339 UTC.
@@ -203,6 +247,62 @@ pub struct Problem {
     pub invocation_id: Option<String>,
 }
 
+/// What one invocation used, as metered by the host and kept in the ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    pub invocation_id: String,
+    pub function: String,
+    pub version: u64,
+    /// Start time, unix milliseconds.
+    pub started_at_ms: i64,
+    /// Wall time from the start of instantiation to the guest's return, µs.
+    pub wall_us: u64,
+    /// CPU time of the threads that ran the guest (measured per poll), µs.
+    pub cpu_us: u64,
+    /// Largest total linear memory the instance held, bytes.
+    pub peak_memory_bytes: u64,
+    /// The memory limit the version ran with, bytes.
+    pub memory_limit_bytes: u64,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    /// HTTP status the caller got.
+    pub status: u16,
+    /// `ok`, `trap`, `timeout`, `memory_limit`, `no_response`, `error_response`,
+    /// `capacity` or `instantiate`.
+    pub outcome: String,
+    /// True on the first invocation after the compiled code was loaded.
+    pub cold: bool,
+}
+
+/// One row of `GET /v1/usage`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageRow {
+    /// The group: a function, `function@version`, or an hour (RFC 3339), by `by`.
+    pub key: String,
+    pub invocations: u64,
+    /// Peak memory x wall time, GB-seconds.
+    pub gb_seconds_peak: f64,
+    /// Configured memory x billed duration (wall time rounded up to the granularity), GB-seconds.
+    pub gb_seconds_configured: f64,
+    pub cpu_seconds: f64,
+    pub bytes_out: u64,
+    /// Requests and configured GB-seconds priced by the node's price table.
+    pub cost: f64,
+}
+
+/// `GET /v1/usage`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageReport {
+    pub by: String,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub granularity_ms: u64,
+    pub price_per_million_requests: f64,
+    pub price_per_gb_second: f64,
+    pub rows: Vec<UsageRow>,
+    pub total: UsageRow,
+}
+
 /// The response header that carries an invocation's id.
 pub const INVOCATION_ID_HEADER: &str = "verge-invocation-id";
 
@@ -254,6 +354,17 @@ mod tests {
         assert!(path_matches("/a", "/a/b"));
         assert!(!path_matches("/a", "/ab"));
         assert!(path_matches("/", "/anything"));
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("10").unwrap(), 10);
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("1PB").is_err());
+        assert_eq!(parse_duration("500ms").unwrap().as_millis(), 500);
+        assert_eq!(parse_duration("2m").unwrap().as_secs(), 120);
+        assert!(parse_duration("2h").is_err());
     }
 
     #[test]

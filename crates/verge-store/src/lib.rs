@@ -15,7 +15,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
-use verge_spec::{FunctionDetail, FunctionSummary, Route, VersionInfo, rfc3339};
+use verge_spec::{
+    FunctionDetail, FunctionSummary, Route, UsageRecord, UsageReport, UsageRow, VersionInfo,
+    rfc3339,
+};
+
+mod ledger;
+pub use ledger::{BATCH_MAX, FLUSH_INTERVAL, Ledger};
 
 /// A failure of the store.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +65,14 @@ pub struct LiveVersion {
     pub version: u64,
     pub sha256: String,
     pub env: Vec<(String, String)>,
+    pub limits: Limits,
+}
+
+/// Limits set for one version (`None`: the node's default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub timeout_ms: Option<u64>,
+    pub memory_bytes: Option<u64>,
 }
 
 /// The embedded store (see the crate docs).
@@ -108,6 +122,8 @@ CREATE TABLE IF NOT EXISTS versions (
     size INTEGER NOT NULL,
     env TEXT NOT NULL,
     created_at INTEGER NOT NULL,
+    timeout_ms INTEGER,
+    memory_bytes INTEGER,
     PRIMARY KEY (function, number)
 );
 CREATE TABLE IF NOT EXISTS routes (
@@ -142,6 +158,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(ledger::SCHEMA)?;
         Ok(Self {
             conn: Mutex::new(conn),
             artifacts,
@@ -245,6 +262,7 @@ impl Store {
         sha256: &str,
         size: u64,
         env: &[(String, String)],
+        limits: Limits,
         routes: &[(Option<String>, String)],
     ) -> Result<u64, StoreError> {
         let mut conn = self.conn();
@@ -266,14 +284,17 @@ impl Store {
         let env_json: BTreeMap<&str, &str> =
             env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         tx.execute(
-            "INSERT INTO versions (function, number, sha256, size, env, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO versions (function, number, sha256, size, env, created_at, timeout_ms, memory_bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 function,
                 next,
                 sha256,
                 size,
                 serde_json::to_string(&env_json).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                t
+                t,
+                limits.timeout_ms,
+                limits.memory_bytes
             ],
         )?;
         for (host, path) in routes {
@@ -346,7 +367,7 @@ impl Store {
     pub fn live_versions(&self) -> Result<Vec<LiveVersion>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT f.name, v.number, v.sha256, v.env FROM functions f
+            "SELECT f.name, v.number, v.sha256, v.env, v.timeout_ms, v.memory_bytes FROM functions f
              JOIN versions v ON v.function = f.name AND v.number = f.live_version ORDER BY f.name",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -355,16 +376,21 @@ impl Store {
                 r.get::<_, u64>(1)?,
                 r.get::<_, String>(2)?,
                 r.get::<_, String>(3)?,
+                Limits {
+                    timeout_ms: r.get(4)?,
+                    memory_bytes: r.get(5)?,
+                },
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (function, version, sha256, env) = row?;
+            let (function, version, sha256, env, limits) = row?;
             out.push(LiveVersion {
                 function,
                 version,
                 sha256,
                 env: parse_env(&env)?,
+                limits,
             });
         }
         Ok(out)
@@ -425,7 +451,8 @@ impl Store {
         let (live_version, created_at) =
             head.ok_or_else(|| StoreError::FunctionNotFound(name.to_string()))?;
         let mut stmt = conn.prepare(
-            "SELECT number, sha256, size, env, created_at FROM versions WHERE function = ?1 ORDER BY number DESC",
+            "SELECT number, sha256, size, env, created_at, timeout_ms, memory_bytes
+             FROM versions WHERE function = ?1 ORDER BY number DESC",
         )?;
         let rows = stmt.query_map(params![name], |r| {
             Ok((
@@ -434,15 +461,19 @@ impl Store {
                 r.get::<_, u64>(2)?,
                 r.get::<_, String>(3)?,
                 r.get::<_, i64>(4)?,
+                r.get::<_, Option<u64>>(5)?,
+                r.get::<_, Option<u64>>(6)?,
             ))
         })?;
         let mut versions = Vec::new();
         for row in rows {
-            let (version, sha256, size, env, created) = row?;
+            let (version, sha256, size, env, created, timeout_ms, memory_bytes) = row?;
             versions.push(VersionInfo {
                 version,
                 sha256,
                 size,
+                timeout_ms,
+                memory_bytes,
                 env: parse_env(&env)?.into_iter().collect(),
                 created_at: rfc3339(created),
             });
@@ -497,6 +528,166 @@ impl Store {
     }
 }
 
+/// How `usage` groups its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageBy {
+    Function,
+    Version,
+    Hour,
+    Minute,
+}
+
+impl UsageBy {
+    /// Parses `function`, `version`, `hour` or `minute`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "function" => UsageBy::Function,
+            "version" => UsageBy::Version,
+            "hour" => UsageBy::Hour,
+            "minute" => UsageBy::Minute,
+            _ => return None,
+        })
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            UsageBy::Function => "function",
+            UsageBy::Version => "version",
+            UsageBy::Hour => "hour",
+            UsageBy::Minute => "minute",
+        }
+    }
+
+    fn key_sql(self) -> &'static str {
+        match self {
+            UsageBy::Function => "function",
+            UsageBy::Version => "function || '@' || version",
+            UsageBy::Hour => "strftime('%Y-%m-%dT%H:00:00Z', started_at_ms / 1000, 'unixepoch')",
+            UsageBy::Minute => "strftime('%Y-%m-%dT%H:%M:00Z', started_at_ms / 1000, 'unixepoch')",
+        }
+    }
+}
+
+/// What a usage query asks for.
+#[derive(Debug, Clone)]
+pub struct UsageQuery {
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub by: UsageBy,
+    /// Billing granularity: wall time is rounded up to a multiple of it.
+    pub granularity_ms: u64,
+    pub price_per_million_requests: f64,
+    pub price_per_gb_second: f64,
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+impl Store {
+    /// Recent invocations, newest first.
+    pub fn invocations(
+        &self,
+        function: Option<&str>,
+        status: Option<u16>,
+        id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<UsageRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, function, version, started_at_ms, wall_us, cpu_us, peak_memory, memory_limit,
+                    request_bytes, response_bytes, status, outcome, cold
+             FROM invocations
+             WHERE (?1 IS NULL OR function = ?1) AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR id = ?3)
+             ORDER BY started_at_ms DESC, id LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(params![function, status, id, limit], |r| {
+            Ok(UsageRecord {
+                invocation_id: r.get(0)?,
+                function: r.get(1)?,
+                version: r.get(2)?,
+                started_at_ms: r.get(3)?,
+                wall_us: r.get(4)?,
+                cpu_us: r.get(5)?,
+                peak_memory_bytes: r.get(6)?,
+                memory_limit_bytes: r.get(7)?,
+                request_bytes: r.get(8)?,
+                response_bytes: r.get(9)?,
+                status: r.get(10)?,
+                outcome: r.get(11)?,
+                cold: r.get(12)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Aggregated usage and its cost.
+    pub fn usage(&self, q: &UsageQuery) -> Result<UsageReport, StoreError> {
+        let g_us = q.granularity_ms.max(1).saturating_mul(1000) as i64;
+        let sql = format!(
+            "SELECT {key} AS k, COUNT(*),
+                    SUM(peak_memory * wall_us),
+                    SUM(memory_limit * (((wall_us + ?3 - 1) / ?3) * ?3)),
+                    SUM(cpu_us), SUM(response_bytes)
+             FROM invocations
+             WHERE (?1 IS NULL OR started_at_ms >= ?1) AND (?2 IS NULL OR started_at_ms < ?2)
+             GROUP BY k ORDER BY k",
+            key = q.by.key_sql()
+        );
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(params![q.since_ms, q.until_ms, g_us], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, u64>(1)?,
+                r.get::<_, f64>(2)?,
+                r.get::<_, f64>(3)?,
+                r.get::<_, u64>(4)?,
+                r.get::<_, u64>(5)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        let mut total = UsageRow {
+            key: "total".into(),
+            invocations: 0,
+            gb_seconds_peak: 0.0,
+            gb_seconds_configured: 0.0,
+            cpu_seconds: 0.0,
+            bytes_out: 0,
+            cost: 0.0,
+        };
+        for row in rows {
+            let (key, n, peak, configured, cpu, bytes) = row?;
+            let mut u = UsageRow {
+                key,
+                invocations: n,
+                gb_seconds_peak: peak / GIB / 1e6,
+                gb_seconds_configured: configured / GIB / 1e6,
+                cpu_seconds: cpu as f64 / 1e6,
+                bytes_out: bytes,
+                cost: 0.0,
+            };
+            u.cost = u.invocations as f64 / 1e6 * q.price_per_million_requests
+                + u.gb_seconds_configured * q.price_per_gb_second;
+            total.invocations += u.invocations;
+            total.gb_seconds_peak += u.gb_seconds_peak;
+            total.gb_seconds_configured += u.gb_seconds_configured;
+            total.cpu_seconds += u.cpu_seconds;
+            total.bytes_out += u.bytes_out;
+            total.cost += u.cost;
+            out.push(u);
+        }
+        Ok(UsageReport {
+            by: q.by.as_str().into(),
+            since_ms: q.since_ms,
+            until_ms: q.until_ms,
+            granularity_ms: q.granularity_ms,
+            price_per_million_requests: q.price_per_million_requests,
+            price_per_gb_second: q.price_per_gb_second,
+            rows: out,
+            total,
+        })
+    }
+}
+
 fn check_route_free(
     tx: &rusqlite::Transaction<'_>,
     host: Option<&str>,
@@ -536,15 +727,27 @@ mod tests {
         let sha = store.put_artifact(b"abc").unwrap();
         assert_eq!(store.read_artifact(&sha).unwrap(), b"abc");
         let routes = vec![(None, "/a".to_string())];
-        assert_eq!(store.create_version("f", &sha, 3, &[], &routes).unwrap(), 1);
         assert_eq!(
             store
-                .create_version("f", &sha, 3, &[("K".into(), "V".into())], &routes)
+                .create_version("f", &sha, 3, &[], Limits::default(), &routes)
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            store
+                .create_version(
+                    "f",
+                    &sha,
+                    3,
+                    &[("K".into(), "V".into())],
+                    Limits::default(),
+                    &routes
+                )
                 .unwrap(),
             2
         );
         let err = store
-            .create_version("g", &sha, 3, &[], &routes)
+            .create_version("g", &sha, 3, &[], Limits::default(), &routes)
             .unwrap_err();
         assert!(matches!(err, StoreError::RouteConflict { .. }), "{err}");
         assert!(
@@ -564,6 +767,71 @@ mod tests {
         ));
     }
 
+    fn record(id: &str, function: &str, wall_us: u64) -> UsageRecord {
+        UsageRecord {
+            invocation_id: id.into(),
+            function: function.into(),
+            version: 1,
+            started_at_ms: 1_795_000_000_000,
+            wall_us,
+            cpu_us: wall_us / 2,
+            peak_memory_bytes: 1 << 30,
+            memory_limit_bytes: 1 << 30,
+            request_bytes: 1,
+            response_bytes: 10,
+            status: 200,
+            outcome: "ok".into(),
+            cold: false,
+        }
+    }
+
+    #[test]
+    fn ledger_batches_and_usage_prices() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        ledger.record(record("a", "f", 1_000)); // 1 ms
+        ledger.record(record("b", "f", 150_000)); // 150 ms
+        ledger.record(record("c", "g", 1_000_000)); // 1 s
+        ledger.flush();
+        assert_eq!(store.invocations(None, None, None, 10).unwrap().len(), 3);
+        assert_eq!(
+            store
+                .invocations(Some("f"), Some(200), None, 10)
+                .unwrap()
+                .len(),
+            2
+        );
+        let mut q = UsageQuery {
+            since_ms: None,
+            until_ms: None,
+            by: UsageBy::Function,
+            granularity_ms: 1,
+            price_per_million_requests: 0.2,
+            price_per_gb_second: 0.0000166667,
+        };
+        let r = store.usage(&q).unwrap();
+        assert_eq!(r.rows.len(), 2);
+        assert_eq!(r.total.invocations, 3);
+        assert!(
+            (r.rows[0].gb_seconds_configured - 0.151).abs() < 1e-9,
+            "{r:?}"
+        );
+        assert!((r.total.cpu_seconds - 0.5755).abs() < 1e-9);
+        assert_eq!(r.total.bytes_out, 30);
+        // 100 ms rounding bills 1 ms as 100 ms and 150 ms as 200 ms.
+        q.granularity_ms = 100;
+        let r100 = store.usage(&q).unwrap();
+        assert!(
+            (r100.rows[0].gb_seconds_configured - 0.3).abs() < 1e-9,
+            "{r100:?}"
+        );
+        assert!(r100.total.cost > r.total.cost);
+        q.by = UsageBy::Hour;
+        assert_eq!(store.usage(&q).unwrap().rows[0].key, "2026-11-18T11:00:00Z");
+        drop(ledger);
+    }
+
     #[test]
     fn one_store_per_directory() {
         let dir = tempfile::tempdir().unwrap();
@@ -579,7 +847,9 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             let sha = store.put_artifact(b"xyz").unwrap();
-            store.create_version("f", &sha, 3, &[], &[]).unwrap();
+            store
+                .create_version("f", &sha, 3, &[], Limits::default(), &[])
+                .unwrap();
             assert!(store.insert_token_hash("admin", "h").unwrap());
         }
         let store = Store::open(dir.path()).unwrap();

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use verge_spec::Problem;
@@ -112,54 +112,4 @@ fn read_node_url(data_dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(data_dir.join(verge_node::NODE_FILE)).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v["url"].as_str().map(str::to_string)
-}
-
-/// Parses sizes such as `64MiB`, `512k`, `1048576`.
-pub fn parse_size(s: &str) -> Result<usize> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: usize = num
-        .parse()
-        .map_err(|_| anyhow!("invalid size {s:?}; write for example 64MiB, 512KiB or 1048576"))?;
-    let mult = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        _ => bail!("invalid size unit in {s:?}; use B, KiB, MiB or GiB"),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| anyhow!("size {s:?} is too large"))
-}
-
-/// Parses durations such as `30s`, `500ms`, `2m`.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| anyhow!("invalid duration {s:?}; write for example 30s or 500ms"))?;
-    Ok(match unit {
-        "ms" => std::time::Duration::from_millis(n),
-        "" | "s" => std::time::Duration::from_secs(n),
-        "m" => std::time::Duration::from_secs(n * 60),
-        _ => bail!("invalid duration unit in {s:?}; use ms, s or m"),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_and_durations() {
-        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
-        assert_eq!(parse_size("10").unwrap(), 10);
-        assert!(parse_size("x").is_err());
-        assert!(parse_size("1PB").is_err());
-        assert_eq!(parse_duration("500ms").unwrap().as_millis(), 500);
-        assert_eq!(parse_duration("2m").unwrap().as_secs(), 120);
-    }
 }

@@ -17,7 +17,8 @@ use verge_spec::{
     DeployResponse, FunctionDetail, FunctionSummary, INVOCATION_ID_HEADER, Route, RouteRequest,
 };
 
-use client::{Client, default_data_dir, parse_duration, parse_size};
+use client::{Client, default_data_dir};
+use verge_spec::{parse_duration, parse_size};
 
 /// The example component bundled with the binary (source: examples/hello/).
 const EXAMPLE_WASM: &[u8] = include_bytes!("../../../examples/hello.wasm");
@@ -84,6 +85,44 @@ enum Command {
         /// KEY=VALUE the guest sees in its environment (repeatable)
         #[arg(long = "env", value_name = "K=V")]
         env: Vec<String>,
+        /// Time limit of this version (for example 10s) [default: the node's]
+        #[arg(long)]
+        timeout: Option<String>,
+        /// Memory limit of this version (for example 64MiB) [default: the node's]
+        #[arg(long)]
+        memory: Option<String>,
+    },
+    /// Usage and cost: invocations, GB-seconds, CPU-seconds, bytes out
+    Usage {
+        /// From: unix ms, or a duration ago (15m, 2h, 7d)
+        #[arg(long)]
+        since: Option<String>,
+        /// Until: unix ms, or a duration ago
+        #[arg(long)]
+        until: Option<String>,
+        /// Group by function, version, hour or minute
+        #[arg(long, default_value = "function")]
+        by: String,
+        /// Billing granularity (1ms, 100ms): wall time is rounded up to it
+        #[arg(long, default_value = "1ms")]
+        granularity: String,
+        /// Print CSV for spreadsheets
+        #[arg(long)]
+        csv: bool,
+    },
+    /// Recent invocations with their usage
+    Invocations {
+        /// Only this function
+        name: Option<String>,
+        /// Only this HTTP status
+        #[arg(long)]
+        status: Option<u16>,
+        /// Only this invocation
+        #[arg(long)]
+        id: Option<String>,
+        /// How many (newest first)
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
     },
     /// List functions
     Ls,
@@ -164,9 +203,9 @@ async fn run(cli: Cli) -> Result<()> {
             &data_dir,
             *listen,
             *example,
-            parse_size(max_upload).context("--max-upload")?,
+            parse_size(max_upload).context("--max-upload")? as usize,
             parse_duration(timeout).context("--timeout")?,
-            parse_size(memory).context("--memory")?,
+            parse_size(memory).context("--memory")? as usize,
             *max_instances,
         )
         .await;
@@ -181,7 +220,33 @@ async fn run(cli: Cli) -> Result<()> {
             route,
             host,
             env,
-        } => deploy(&client, json, &file, &name, &route, host, &env).await,
+            timeout,
+            memory,
+        } => {
+            let mut extra = Vec::new();
+            if let Some(t) = &timeout {
+                parse_duration(t).context("--timeout")?;
+                extra.push(("timeout", t.as_str()));
+            }
+            if let Some(m) = &memory {
+                parse_size(m).context("--memory")?;
+                extra.push(("memory", m.as_str()));
+            }
+            deploy(&client, json, &file, &name, &route, host, &env, &extra).await
+        }
+        Command::Usage {
+            since,
+            until,
+            by,
+            granularity,
+            csv,
+        } => usage(&client, json, since, until, &by, &granularity, csv).await,
+        Command::Invocations {
+            name,
+            status,
+            id,
+            limit,
+        } => invocations(&client, json, name, status, id, limit).await,
         Command::Ls => {
             let fs: Vec<FunctionSummary> = client.get("/v1/functions").await?;
             if json {
@@ -375,6 +440,7 @@ async fn up(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn deploy(
     client: &Client,
     json: bool,
@@ -383,6 +449,7 @@ async fn deploy(
     routes: &[String],
     host: Option<String>,
     env: &[String],
+    extra: &[(&str, &str)],
 ) -> Result<()> {
     verge_spec::validate_function_name(name)?;
     for e in env {
@@ -399,6 +466,7 @@ async fn deploy(
         query.push_str(&form_url([("host", h.as_str())]));
     }
     query.push_str(&form_url(env.iter().map(|e| ("env", e.as_str()))));
+    query.push_str(&form_url(extra.iter().copied()));
     let total = bytes.len() as u64;
     let started = Instant::now();
     let bar = if std::io::stderr().is_terminal() && !json {
@@ -612,4 +680,119 @@ async fn routes(client: &Client, json: bool, action: RoutesAction) -> Result<()>
             Ok(())
         }
     }
+}
+
+async fn usage(
+    client: &Client,
+    json: bool,
+    since: Option<String>,
+    until: Option<String>,
+    by: &str,
+    granularity: &str,
+    csv: bool,
+) -> Result<()> {
+    let mut pairs = vec![("by", by), ("granularity", granularity)];
+    if let Some(s) = &since {
+        pairs.push(("since", s.as_str()));
+    }
+    if let Some(u) = &until {
+        pairs.push(("until", u.as_str()));
+    }
+    let r: verge_spec::UsageReport = client
+        .get(&format!("/v1/usage{}", query_string(&form_url(pairs))))
+        .await?;
+    if json {
+        return print_json(&r);
+    }
+    let header = [
+        "KEY",
+        "INVOCATIONS",
+        "GB-S (PEAK)",
+        "GB-S (CONFIGURED)",
+        "CPU-S",
+        "BYTES OUT",
+        "COST",
+    ];
+    let row = |u: &verge_spec::UsageRow| {
+        vec![
+            u.key.clone(),
+            u.invocations.to_string(),
+            format!("{:.6}", u.gb_seconds_peak),
+            format!("{:.6}", u.gb_seconds_configured),
+            format!("{:.6}", u.cpu_seconds),
+            u.bytes_out.to_string(),
+            format!("{:.8}", u.cost),
+        ]
+    };
+    let mut rows: Vec<Vec<String>> = r.rows.iter().map(row).collect();
+    rows.push(row(&r.total));
+    if csv {
+        println!("{}", header.join(","));
+        for r in rows {
+            println!("{}", r.join(","));
+        }
+        return Ok(());
+    }
+    print!("{}", table::render(&header, &rows));
+    println!(
+        "granularity {} ms; ${} per million requests, ${} per GB-second of configured memory",
+        r.granularity_ms, r.price_per_million_requests, r.price_per_gb_second
+    );
+    Ok(())
+}
+
+async fn invocations(
+    client: &Client,
+    json: bool,
+    name: Option<String>,
+    status: Option<u16>,
+    id: Option<String>,
+    limit: u32,
+) -> Result<()> {
+    let limit_s = limit.to_string();
+    let status_s = status.map(|s| s.to_string());
+    let mut pairs = vec![("limit", limit_s.as_str())];
+    if let Some(n) = &name {
+        pairs.push(("function", n.as_str()));
+    }
+    if let Some(s) = &status_s {
+        pairs.push(("status", s.as_str()));
+    }
+    if let Some(i) = &id {
+        pairs.push(("id", i.as_str()));
+    }
+    let records: Vec<verge_spec::UsageRecord> = client
+        .get(&format!(
+            "/v1/invocations{}",
+            query_string(&form_url(pairs))
+        ))
+        .await?;
+    if json {
+        return print_json(&records);
+    }
+    let rows: Vec<Vec<String>> = records
+        .iter()
+        .map(|r| {
+            vec![
+                r.invocation_id.clone(),
+                format!("{}@{}", r.function, r.version),
+                r.status.to_string(),
+                r.outcome.clone(),
+                format!("{:.2} ms", r.wall_us as f64 / 1000.0),
+                format!("{:.2} ms", r.cpu_us as f64 / 1000.0),
+                table::size(r.peak_memory_bytes),
+                if r.cold { "cold" } else { "warm" }.to_string(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table::render(
+            &[
+                "ID", "FUNCTION", "STATUS", "OUTCOME", "WALL", "CPU", "MEMORY", "START"
+            ],
+            &rows
+        )
+    );
+    Ok(())
 }

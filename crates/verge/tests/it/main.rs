@@ -8,4 +8,5 @@ mod kit;
 mod auth;
 mod bad_input;
 mod hostile;
+mod metering;
 mod serving;

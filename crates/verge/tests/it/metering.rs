@@ -1,0 +1,230 @@
+//! Pay per use: every invocation is metered and lands in the ledger.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::kit::{TestNode, fixture, noise};
+
+/// Waits until the ledger holds at least `n` records of `function`.
+fn records(node: &TestNode, function: &str, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got: Vec<Value> = node
+            .api_get(&format!("/v1/invocations?function={function}&limit=10000"))
+            .json()
+            .unwrap();
+        if got.len() >= n {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} records arrived",
+            got.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn by_id<'a>(records: &'a [Value], id: &str) -> &'a Value {
+    records
+        .iter()
+        .find(|r| r["invocation_id"] == id)
+        .unwrap_or_else(|| panic!("no record {id}"))
+}
+
+fn get_id(node: &TestNode, path: &str) -> (u16, String, String) {
+    let r = node
+        .http()
+        .get(format!("{}{path}", node.url))
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    let id = r.headers()["verge-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    (status, id, r.text().unwrap())
+}
+
+#[test]
+fn cpu_time_is_measured_not_estimated() {
+    let node = TestNode::start();
+    node.deploy("rust-hostile", "hostile", "/h");
+    let mut ids = Vec::new();
+    for ms in [50u64, 200] {
+        let (status, id, _) = get_id(&node, &format!("/h/burn?ms={ms}"));
+        assert_eq!(status, 200);
+        ids.push((ms, id));
+    }
+    let recs = records(&node, "hostile", 2);
+    for (ms, id) in ids {
+        let r = by_id(&recs, &id);
+        let cpu_ms = r["cpu_us"].as_u64().unwrap() as f64 / 1000.0;
+        let want = ms as f64;
+        assert!(
+            (cpu_ms - want).abs() <= want * 0.15,
+            "burn of {ms} ms reported {cpu_ms:.1} ms of CPU: {r}"
+        );
+        assert!(r["wall_us"].as_u64().unwrap() >= ms * 1000);
+    }
+}
+
+#[test]
+fn records_carry_memory_bytes_status_and_cold_starts() {
+    let node = TestNode::start();
+    node.deploy("rust-hostile", "hostile", "/h");
+    node.deploy("rust-echo", "echo", "/e");
+    let (_, first, _) = get_id(&node, "/h/ok");
+    let (_, second, _) = get_id(&node, "/h/ok");
+    let (status, alloc, _) = get_id(&node, "/h/alloc?mib=32");
+    assert_eq!(status, 200);
+    let body = noise(100_000, 7);
+    let r = node
+        .http()
+        .post(format!("{}/e/x", node.url))
+        .body(body.clone())
+        .send()
+        .unwrap();
+    let echo = r.headers()["verge-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(r.bytes().unwrap().len(), body.len());
+
+    let recs = records(&node, "hostile", 3);
+    assert_eq!(
+        by_id(&recs, &first)["cold"],
+        true,
+        "first call after the code was loaded"
+    );
+    assert_eq!(by_id(&recs, &second)["cold"], false);
+    let a = by_id(&recs, &alloc);
+    assert!(a["peak_memory_bytes"].as_u64().unwrap() >= 32 << 20, "{a}");
+    assert_eq!(a["memory_limit_bytes"].as_u64().unwrap(), 128 << 20);
+    assert_eq!(a["status"], 200);
+    assert_eq!(a["outcome"], "ok");
+    let e = &records(&node, "echo", 1)[0];
+    assert_eq!(e["invocation_id"], echo.as_str());
+    assert_eq!(e["request_bytes"], 100_000);
+    assert_eq!(e["response_bytes"], 100_000);
+
+    // Records survive a kill -9 once they are in the ledger (query = committed).
+    let before: Vec<Value> = node.api_get("/v1/invocations?limit=10000").json().unwrap();
+    let node = node.kill9_and_restart();
+    let after: Vec<Value> = node.api_get("/v1/invocations?limit=10000").json().unwrap();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn limits_per_version_give_the_right_status_and_record() {
+    let node = TestNode::start_with(&["--timeout", "5s", "--memory", "256MiB"]);
+    let file = fixture("rust-hostile");
+    let f = file.to_str().unwrap();
+    node.cli_ok(&[
+        "deploy",
+        f,
+        "--name",
+        "small",
+        "--route",
+        "/small",
+        "--memory",
+        "16MiB",
+        "--timeout",
+        "1s",
+    ]);
+    let show: Value = serde_json::from_str(&node.cli_ok(&["show", "small", "--json"])).unwrap();
+    assert_eq!(show["versions"][0]["memory_bytes"], 16 << 20);
+    assert_eq!(show["versions"][0]["timeout_ms"], 1000);
+
+    let (status, mem_id, body) = get_id(&node, "/small/alloc?mib=64");
+    assert_eq!(status, 500);
+    assert!(body.contains("memory limit of 16 MiB"), "{body}");
+    let (status, loop_id, body) = get_id(&node, "/small/loop");
+    assert_eq!(status, 504);
+    assert!(body.contains("time limit"), "{body}");
+    let (status, _, _) = get_id(&node, "/small/alloc?mib=4");
+    assert_eq!(status, 200, "within the limit");
+
+    let recs = records(&node, "small", 3);
+    let m = by_id(&recs, &mem_id);
+    assert_eq!(m["outcome"], "memory_limit");
+    assert_eq!(m["status"], 500);
+    let l = by_id(&recs, &loop_id);
+    assert_eq!(l["outcome"], "timeout");
+    assert_eq!(l["status"], 504);
+    assert!(l["wall_us"].as_u64().unwrap() >= 1_000_000);
+
+    let failed = node.cli_ok(&["invocations", "small", "--status", "504", "--json"]);
+    let failed: Vec<Value> = serde_json::from_str(&failed).unwrap();
+    assert_eq!(failed.len(), 1);
+    let table = node.cli_ok(&["invocations", "small"]);
+    assert!(
+        table.starts_with("ID") && table.contains("memory_limit"),
+        "{table}"
+    );
+
+    // Limits above the node's ceilings are refused, with what to do.
+    let err = node.cli_err(&["deploy", f, "--name", "big", "--memory", "1GiB"]);
+    assert!(
+        err.contains("ceiling") && err.contains("verge up --memory"),
+        "{err}"
+    );
+    let err = node.cli_err(&["deploy", f, "--name", "big", "--timeout", "1m"]);
+    assert!(err.contains("ceiling"), "{err}");
+}
+
+#[test]
+fn usage_totals_equal_the_sum_of_the_records() {
+    let node = TestNode::start();
+    node.deploy("rust-hostile", "hostile", "/h");
+    node.deploy("c-hello", "hello", "/hello");
+    for _ in 0..5 {
+        get_id(&node, "/hello");
+    }
+    for ms in [1, 30, 120] {
+        get_id(&node, &format!("/h/burn?ms={ms}"));
+    }
+    records(&node, "hello", 5);
+    let recs = records(&node, "hostile", 3);
+    let all: Vec<Value> = node.api_get("/v1/invocations?limit=10000").json().unwrap();
+    assert_eq!(all.len(), 8);
+
+    let report: Value = node.api_get("/v1/usage?by=function").json().unwrap();
+    let total = &report["total"];
+    assert_eq!(total["invocations"], 8);
+    let cpu: u64 = all.iter().map(|r| r["cpu_us"].as_u64().unwrap()).sum();
+    assert!((total["cpu_seconds"].as_f64().unwrap() - cpu as f64 / 1e6).abs() < 1e-9);
+    let out: u64 = all
+        .iter()
+        .map(|r| r["response_bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total["bytes_out"], out);
+    // Configured memory x wall time billed at the default 1 ms granularity.
+    let gbs: f64 = all
+        .iter()
+        .map(|r| {
+            let billed_us = r["wall_us"].as_u64().unwrap().div_ceil(1000) * 1000;
+            r["memory_limit_bytes"].as_f64().unwrap() / (1u64 << 30) as f64 * billed_us as f64 / 1e6
+        })
+        .sum();
+    assert!((total["gb_seconds_configured"].as_f64().unwrap() - gbs).abs() < 1e-9);
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1]["key"], "hostile");
+    assert_eq!(rows[1]["invocations"], recs.len());
+
+    // 100 ms rounding costs more than 1 ms rounding for the same records.
+    let coarse: Value = node.api_get("/v1/usage?granularity=100ms").json().unwrap();
+    assert!(coarse["total"]["cost"].as_f64().unwrap() > total["cost"].as_f64().unwrap());
+
+    let csv = node.cli_ok(&["usage", "--csv", "--by", "version"]);
+    let mut lines = csv.lines();
+    assert!(lines.next().unwrap().starts_with("KEY,INVOCATIONS"));
+    assert!(csv.contains("hello@1,5,"), "{csv}");
+    assert!(csv.contains("total,8,"), "{csv}");
+    let table = node.cli_ok(&["usage", "--since", "1h"]);
+    assert!(table.contains("per GB-second"), "{table}");
+    let err = node.cli_err(&["usage", "--by", "planet"]);
+    assert!(err.contains("function, version, hour or minute"), "{err}");
+}
