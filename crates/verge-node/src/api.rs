@@ -65,6 +65,8 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
         functions: state.function_count() as u64,
         compiled: stats.compiled,
         cache_hits: stats.cache_hits,
+        queued: state.admission.queued() as u64,
+        running: state.admission.running() as u64,
     })
 }
 
@@ -142,9 +144,17 @@ impl DeployOptions {
                 "host" => host = Some(normalize_route_host(&v)?),
                 "timeout" => opts.limits.timeout_ms = Some(parse_duration(&v)?.as_millis() as u64),
                 "memory" => opts.limits.memory_bytes = Some(parse_size(&v)?),
+                "concurrency" => {
+                    opts.limits.concurrency =
+                        Some(v.parse::<u32>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                            ApiError::BadRequest(format!(
+                                "concurrency {v:?} must be a whole number of at least 1"
+                            ))
+                        })?)
+                }
                 other => {
                     return Err(ApiError::BadRequest(format!(
-                        "unknown query parameter {other:?}; accepted: route, host, env, timeout, memory"
+                        "unknown query parameter {other:?}; accepted: route, host, env, timeout, memory, concurrency"
                     )));
                 }
             }
@@ -247,10 +257,13 @@ pub(crate) async fn deploy(
         let v = s
             .store
             .create_version(&fname, &stored, size, &env, limits, &routes)?;
-        s.install(Function::new(Arc::new(loaded), fname, v, env).with_limits(
-            limits.timeout_ms.map(std::time::Duration::from_millis),
-            limits.memory_bytes.map(|m| m as usize),
-        ));
+        s.install(
+            Function::new(Arc::new(loaded), fname, v, env).with_limits(
+                limits.timeout_ms.map(std::time::Duration::from_millis),
+                limits.memory_bytes.map(|m| m as usize),
+            ),
+            limits.concurrency,
+        );
         Ok(v)
     })
     .await?;

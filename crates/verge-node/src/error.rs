@@ -27,6 +27,8 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error("{error}")]
     Invoke { error: InvokeError, id: String },
+    #[error("{detail}")]
+    Overloaded { detail: String, id: String },
     #[error("{0}")]
     Internal(String),
 }
@@ -59,6 +61,7 @@ impl ApiError {
                 }
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "function failed"),
             },
+            ApiError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "at capacity"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
         }
     }
@@ -87,7 +90,7 @@ impl IntoResponse for ApiError {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         }
         let invocation_id = match &self {
-            ApiError::Invoke { id, .. } => Some(id.clone()),
+            ApiError::Invoke { id, .. } | ApiError::Overloaded { id, .. } => Some(id.clone()),
             _ => None,
         };
         let detail = match &self {

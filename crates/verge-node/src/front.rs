@@ -16,7 +16,7 @@ use verge_host::{Function, InvokeError};
 use verge_spec::INVOCATION_ID_HEADER;
 
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::state::{AppState, Refused};
 
 /// A new invocation id: 128 random bits, hex.
 pub(crate) fn new_invocation_id() -> String {
@@ -50,6 +50,45 @@ fn strip_port(authority: &str) -> &str {
     }
 }
 
+/// Answers 503 with `Retry-After` and records the refusal in the ledger.
+fn refuse(
+    state: &AppState,
+    function: &Function,
+    id: String,
+    refused: Refused,
+    waited: std::time::Duration,
+) -> Response {
+    let detail = match refused {
+        Refused::QueueFull(depth) => format!(
+            "function {:?} is at its concurrency limit and {depth} requests are already waiting; retry after the Retry-After delay",
+            function.name
+        ),
+        Refused::WaitedTooLong(wait) => format!(
+            "function {:?} stayed at its concurrency limit for {wait:?}; retry after the Retry-After delay",
+            function.name
+        ),
+    };
+    state.ledger.record(verge_spec::UsageRecord {
+        invocation_id: id.clone(),
+        function: function.name.clone(),
+        version: function.version,
+        started_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0),
+        wall_us: waited.as_micros() as u64,
+        cpu_us: 0,
+        peak_memory_bytes: 0,
+        memory_limit_bytes: 0,
+        request_bytes: 0,
+        response_bytes: 0,
+        status: crate::error::outcome_status("capacity"),
+        outcome: "capacity".into(),
+        cold: false,
+    });
+    ApiError::Overloaded { detail, id }.into_response()
+}
+
 /// Fallback handler: every request that is not for the control API.
 pub(crate) async fn serve_user_route(
     State(state): State<Arc<AppState>>,
@@ -77,6 +116,11 @@ pub(crate) async fn serve_user_route(
 /// Runs `function` on `request` and turns the outcome into a response.
 pub(crate) async fn run(state: &AppState, function: &Function, request: Request) -> Response {
     let id = new_invocation_id();
+    let waited = std::time::Instant::now();
+    let permits = match state.admit(&function.name).await {
+        Ok(p) => p,
+        Err(refused) => return refuse(state, function, id, refused, waited.elapsed()),
+    };
     let (mut parts, body) = request.into_parts();
     if parts.uri.authority().is_none() {
         let authority = parts
@@ -101,7 +145,13 @@ pub(crate) async fn run(state: &AppState, function: &Function, request: Request)
     let request = Request::from_parts(parts, body);
     match state.host.invoke(function, &id, request).await {
         Ok(response) => {
-            let mut response = response.map(Body::new);
+            // The slots are held until the response body is done.
+            let mut response = response.map(move |b| {
+                Body::new(http_body_util::BodyExt::map_frame(b, move |f| {
+                    let _held = &permits;
+                    f
+                }))
+            });
             if let Ok(v) = HeaderValue::from_str(&id) {
                 response.headers_mut().insert(INVOCATION_ID_HEADER, v);
             }

@@ -44,6 +44,10 @@ pub struct NodeConfig {
     pub memory_limit: usize,
     /// Prices for `verge usage`.
     pub prices: Prices,
+    /// Requests that may wait for a concurrency slot; beyond: 503.
+    pub queue_depth: usize,
+    /// Longest a request waits for a slot; beyond: 503.
+    pub max_wait: Duration,
 }
 
 impl NodeConfig {
@@ -57,6 +61,8 @@ impl NodeConfig {
             timeout: Duration::from_secs(30),
             memory_limit: 128 << 20,
             prices: Prices::default(),
+            queue_depth: 1000,
+            max_wait: Duration::from_secs(10),
         }
     }
 }
@@ -143,6 +149,11 @@ impl Node {
                     memory: config.memory_limit,
                 },
                 prices: config.prices,
+                admission: state::Admission::new(
+                    config.max_instances,
+                    config.queue_depth,
+                    config.max_wait,
+                ),
             },
         ));
 
@@ -260,12 +271,12 @@ fn load_all(state: &AppState) -> Result<Loaded, NodeError> {
                     verge_host::CodeSource::Cached => out.1 += 1,
                     verge_host::CodeSource::Compiled => out.2 += 1,
                 }
-                state.install(Function::new(
-                    Arc::new(component),
-                    v.function,
-                    v.version,
-                    v.env,
-                ));
+                let f = Function::new(Arc::new(component), v.function, v.version, v.env)
+                    .with_limits(
+                        v.limits.timeout_ms.map(Duration::from_millis),
+                        v.limits.memory_bytes.map(|m| m as usize),
+                    );
+                state.install(f, v.limits.concurrency);
                 out.0 += 1;
             }
             Err(e) => {

@@ -3,7 +3,11 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use verge_host::{Function, Host};
 use verge_spec::Route;
@@ -32,6 +36,51 @@ impl Default for Prices {
     }
 }
 
+/// Admission control: a node-wide instance cap and per-function concurrency,
+/// with a bounded queue and a maximum wait in front of them (backpressure
+/// before errors).
+pub(crate) struct Admission {
+    node: Arc<Semaphore>,
+    instances: usize,
+    queued: AtomicUsize,
+    pub queue_depth: usize,
+    pub max_wait: Duration,
+}
+
+impl Admission {
+    pub(crate) fn new(instances: u32, queue_depth: usize, max_wait: Duration) -> Self {
+        Self {
+            node: Arc::new(Semaphore::new(instances.max(1) as usize)),
+            instances: instances.max(1) as usize,
+            queued: AtomicUsize::new(0),
+            queue_depth,
+            max_wait,
+        }
+    }
+
+    /// Invocations holding a slot right now.
+    pub(crate) fn running(&self) -> usize {
+        self.instances - self.node.available_permits()
+    }
+
+    /// Requests waiting right now.
+    pub(crate) fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+}
+
+/// Held while an invocation runs (until its response body is done).
+pub(crate) struct Permits {
+    _function: Option<OwnedSemaphorePermit>,
+    _node: OwnedSemaphorePermit,
+}
+
+/// Why a request was not admitted.
+pub(crate) enum Refused {
+    QueueFull(usize),
+    WaitedTooLong(Duration),
+}
+
 /// The node's settings as handlers see them.
 pub(crate) struct Settings {
     pub data_dir: PathBuf,
@@ -39,6 +88,7 @@ pub(crate) struct Settings {
     pub token_hashes: Vec<String>,
     pub ceilings: Ceilings,
     pub prices: Prices,
+    pub admission: Admission,
 }
 
 /// Everything a handler needs.
@@ -52,7 +102,9 @@ pub struct AppState {
     pub(crate) deploy_lock: tokio::sync::Mutex<()>,
     pub(crate) ceilings: Ceilings,
     pub(crate) prices: Prices,
+    pub(crate) admission: Admission,
     functions: RwLock<HashMap<String, Function>>,
+    slots: RwLock<HashMap<String, Arc<Semaphore>>>,
     routes: RwLock<Arc<Vec<Route>>>,
 }
 
@@ -68,6 +120,8 @@ impl AppState {
             deploy_lock: tokio::sync::Mutex::new(()),
             ceilings: settings.ceilings,
             prices: settings.prices,
+            admission: settings.admission,
+            slots: RwLock::default(),
             functions: RwLock::default(),
             routes: RwLock::default(),
         }
@@ -81,11 +135,25 @@ impl AppState {
             .cloned()
     }
 
-    pub(crate) fn install(&self, function: Function) {
+    /// Makes `function` the one that serves its name, with at most
+    /// `concurrency` invocations at once (`None`: only the node's cap).
+    pub(crate) fn install(&self, function: Function, concurrency: Option<u32>) {
+        let name = function.name.clone();
+        {
+            let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
+            match concurrency {
+                Some(n) => {
+                    slots.insert(name.clone(), Arc::new(Semaphore::new(n.max(1) as usize)));
+                }
+                None => {
+                    slots.remove(&name);
+                }
+            }
+        }
         self.functions
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(function.name.clone(), function);
+            .insert(name, function);
     }
 
     pub(crate) fn uninstall(&self, name: &str) {
@@ -93,6 +161,56 @@ impl AppState {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(name);
+        self.slots
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+    }
+
+    /// Waits for a slot of `name` and of the node: at once if free, else in
+    /// the bounded queue for at most the maximum wait.
+    pub(crate) async fn admit(&self, name: &str) -> Result<Permits, Refused> {
+        let slot = self
+            .slots
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .cloned();
+        let node = self.admission.node.clone();
+        let fast = match &slot {
+            Some(s) => s.clone().try_acquire_owned().ok().map(Some),
+            None => Some(None),
+        };
+        if let Some(function) = fast
+            && let Ok(node_permit) = node.clone().try_acquire_owned()
+        {
+            return Ok(Permits {
+                _function: function,
+                _node: node_permit,
+            });
+        }
+        let a = &self.admission;
+        if a.queued.fetch_add(1, Ordering::AcqRel) >= a.queue_depth {
+            a.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refused::QueueFull(a.queue_depth));
+        }
+        let wait = async {
+            let function = match slot {
+                Some(s) => Some(s.acquire_owned().await.ok()?),
+                None => None,
+            };
+            let node = node.acquire_owned().await.ok()?;
+            Some(Permits {
+                _function: function,
+                _node: node,
+            })
+        };
+        let result = tokio::time::timeout(a.max_wait, wait).await;
+        a.queued.fetch_sub(1, Ordering::AcqRel);
+        match result {
+            Ok(Some(p)) => Ok(p),
+            _ => Err(Refused::WaitedTooLong(a.max_wait)),
+        }
     }
 
     pub(crate) fn function_count(&self) -> usize {

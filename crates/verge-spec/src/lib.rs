@@ -182,6 +182,9 @@ pub struct VersionInfo {
     /// Memory limit of this version in bytes, when set (else the node's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_bytes: Option<u64>,
+    /// Invocations that may run at once, when set (else unbounded but for the node's cap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
     /// Configured values the guest sees as its environment.
     pub env: BTreeMap<String, String>,
     /// Creation time, RFC 3339 UTC.
@@ -235,6 +238,12 @@ pub struct Health {
     pub compiled: u64,
     /// Components whose compiled code was loaded from the on-disk cache.
     pub cache_hits: u64,
+    /// Requests waiting for a concurrency slot right now.
+    #[serde(default)]
+    pub queued: u64,
+    /// Invocations running right now.
+    #[serde(default)]
+    pub running: u64,
 }
 
 /// An error body (RFC 9457 problem details).

@@ -73,6 +73,8 @@ pub struct LiveVersion {
 pub struct Limits {
     pub timeout_ms: Option<u64>,
     pub memory_bytes: Option<u64>,
+    /// Invocations of this version that may run at once.
+    pub concurrency: Option<u32>,
 }
 
 /// The embedded store (see the crate docs).
@@ -124,6 +126,7 @@ CREATE TABLE IF NOT EXISTS versions (
     created_at INTEGER NOT NULL,
     timeout_ms INTEGER,
     memory_bytes INTEGER,
+    concurrency INTEGER,
     PRIMARY KEY (function, number)
 );
 CREATE TABLE IF NOT EXISTS routes (
@@ -284,8 +287,8 @@ impl Store {
         let env_json: BTreeMap<&str, &str> =
             env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         tx.execute(
-            "INSERT INTO versions (function, number, sha256, size, env, created_at, timeout_ms, memory_bytes)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO versions (function, number, sha256, size, env, created_at, timeout_ms, memory_bytes, concurrency)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 function,
                 next,
@@ -294,7 +297,8 @@ impl Store {
                 serde_json::to_string(&env_json).map_err(|e| StoreError::Corrupt(e.to_string()))?,
                 t,
                 limits.timeout_ms,
-                limits.memory_bytes
+                limits.memory_bytes,
+                limits.concurrency
             ],
         )?;
         for (host, path) in routes {
@@ -367,7 +371,7 @@ impl Store {
     pub fn live_versions(&self) -> Result<Vec<LiveVersion>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT f.name, v.number, v.sha256, v.env, v.timeout_ms, v.memory_bytes FROM functions f
+            "SELECT f.name, v.number, v.sha256, v.env, v.timeout_ms, v.memory_bytes, v.concurrency FROM functions f
              JOIN versions v ON v.function = f.name AND v.number = f.live_version ORDER BY f.name",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -379,6 +383,7 @@ impl Store {
                 Limits {
                     timeout_ms: r.get(4)?,
                     memory_bytes: r.get(5)?,
+                    concurrency: r.get(6)?,
                 },
             ))
         })?;
@@ -451,7 +456,7 @@ impl Store {
         let (live_version, created_at) =
             head.ok_or_else(|| StoreError::FunctionNotFound(name.to_string()))?;
         let mut stmt = conn.prepare(
-            "SELECT number, sha256, size, env, created_at, timeout_ms, memory_bytes
+            "SELECT number, sha256, size, env, created_at, timeout_ms, memory_bytes, concurrency
              FROM versions WHERE function = ?1 ORDER BY number DESC",
         )?;
         let rows = stmt.query_map(params![name], |r| {
@@ -463,17 +468,19 @@ impl Store {
                 r.get::<_, i64>(4)?,
                 r.get::<_, Option<u64>>(5)?,
                 r.get::<_, Option<u64>>(6)?,
+                r.get::<_, Option<u32>>(7)?,
             ))
         })?;
         let mut versions = Vec::new();
         for row in rows {
-            let (version, sha256, size, env, created, timeout_ms, memory_bytes) = row?;
+            let (version, sha256, size, env, created, timeout_ms, memory_bytes, concurrency) = row?;
             versions.push(VersionInfo {
                 version,
                 sha256,
                 size,
                 timeout_ms,
                 memory_bytes,
+                concurrency,
                 env: parse_env(&env)?.into_iter().collect(),
                 created_at: rfc3339(created),
             });

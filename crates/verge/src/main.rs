@@ -68,6 +68,12 @@ enum Command {
         /// Instances that may run at once on this node
         #[arg(long, default_value_t = 1000)]
         max_instances: u32,
+        /// Requests that may wait for a concurrency slot; beyond that: 503
+        #[arg(long, default_value_t = 1000)]
+        queue_depth: usize,
+        /// Longest a request waits for a slot; beyond that: 503
+        #[arg(long, default_value = "10s")]
+        max_wait: String,
     },
     /// Deploy a component as a new version of a function and make it live
     Deploy {
@@ -91,6 +97,9 @@ enum Command {
         /// Memory limit of this version (for example 64MiB) [default: the node's]
         #[arg(long)]
         memory: Option<String>,
+        /// Invocations of this version that may run at once [default: only the node's cap]
+        #[arg(long)]
+        concurrency: Option<u32>,
     },
     /// Usage and cost: invocations, GB-seconds, CPU-seconds, bytes out
     Usage {
@@ -197,6 +206,8 @@ async fn run(cli: Cli) -> Result<()> {
         timeout,
         memory,
         max_instances,
+        queue_depth,
+        max_wait,
     } = &cli.command
     {
         return up(
@@ -207,6 +218,8 @@ async fn run(cli: Cli) -> Result<()> {
             parse_duration(timeout).context("--timeout")?,
             parse_size(memory).context("--memory")? as usize,
             *max_instances,
+            *queue_depth,
+            parse_duration(max_wait).context("--max-wait")?,
         )
         .await;
     }
@@ -222,8 +235,13 @@ async fn run(cli: Cli) -> Result<()> {
             env,
             timeout,
             memory,
+            concurrency,
         } => {
+            let concurrency = concurrency.map(|c| c.to_string());
             let mut extra = Vec::new();
+            if let Some(c) = &concurrency {
+                extra.push(("concurrency", c.as_str()));
+            }
             if let Some(t) = &timeout {
                 parse_duration(t).context("--timeout")?;
                 extra.push(("timeout", t.as_str()));
@@ -350,6 +368,7 @@ fn routes_label(routes: &[Route]) -> String {
         .join(", ")
 }
 
+#[allow(clippy::too_many_arguments)] // one per `verge up` flag
 async fn up(
     data_dir: &std::path::Path,
     listen: SocketAddr,
@@ -358,6 +377,8 @@ async fn up(
     timeout: Duration,
     memory: usize,
     max_instances: u32,
+    queue_depth: usize,
+    max_wait: Duration,
 ) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -372,6 +393,8 @@ async fn up(
     config.timeout = timeout;
     config.memory_limit = memory;
     config.max_instances = max_instances;
+    config.queue_depth = queue_depth;
+    config.max_wait = max_wait;
     let node = verge_node::Node::start(config).await.with_context(|| {
         format!(
             "while starting the node with data directory {}",

@@ -86,3 +86,117 @@ fn loops_time_out_and_neighbours_keep_answering() {
     assert_eq!(r.text().unwrap(), "printed 2 MiB\n");
     node.wait_for_log("[output truncated]");
 }
+
+fn health(node: &TestNode, field: &str) -> u64 {
+    let h: serde_json::Value = node
+        .http()
+        .get(format!("{}/v1/health", node.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    h[field].as_u64().unwrap()
+}
+
+fn queued(node: &TestNode) -> u64 {
+    health(node, "queued")
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn the_concurrency_cap_queues_first_then_answers_503() {
+    let node = TestNode::start_with(&["--queue-depth", "1", "--max-wait", "20s"]);
+    let file = crate::kit::fixture("rust-hostile");
+    node.cli_ok(&[
+        "deploy",
+        file.to_str().unwrap(),
+        "--name",
+        "one",
+        "--route",
+        "/one",
+        "--concurrency",
+        "1",
+    ]);
+    let get = |path: &'static str| {
+        let (http, url) = (node.http(), format!("{}{path}", node.url));
+        thread::spawn(move || http.get(url).send().unwrap())
+    };
+    // A holds the only slot; B waits in the queue; C finds the queue full.
+    let a = get("/one/burn?ms=1500");
+    wait_until("A runs", || health(&node, "running") == 1);
+    let b = get("/one/ok");
+    wait_until("B is queued", || queued(&node) == 1);
+    let c = node
+        .http()
+        .get(format!("{}/one/ok", node.url))
+        .send()
+        .unwrap();
+    assert_eq!(c.status(), 503);
+    assert_eq!(c.headers()["retry-after"], "1");
+    let p: serde_json::Value = c.json().unwrap();
+    assert!(
+        p["detail"].as_str().unwrap().contains("concurrency limit"),
+        "{p}"
+    );
+    assert_eq!(a.join().unwrap().status(), 200);
+    let b = b.join().unwrap();
+    assert_eq!(
+        b.status(),
+        200,
+        "the queued request ran once the slot was free"
+    );
+    assert_eq!(b.text().unwrap(), "ok\n");
+    assert_eq!(queued(&node), 0);
+    // The refusal is in the ledger too.
+    wait_until("the 503 is recorded", || {
+        let r: serde_json::Value = node
+            .api_get("/v1/invocations?function=one&status=503")
+            .json()
+            .unwrap();
+        r.as_array().unwrap().len() == 1 && r[0]["outcome"] == "capacity"
+    });
+}
+
+#[test]
+fn a_request_waits_at_most_the_maximum_wait() {
+    let node = TestNode::start_with(&["--max-wait", "300ms"]);
+    let file = crate::kit::fixture("rust-hostile");
+    node.cli_ok(&[
+        "deploy",
+        file.to_str().unwrap(),
+        "--name",
+        "one",
+        "--route",
+        "/one",
+        "--concurrency",
+        "1",
+    ]);
+    let (http, url) = (node.http(), format!("{}/one/burn?ms=3000", node.url));
+    let a = thread::spawn(move || http.get(url).send().unwrap());
+    wait_until("A holds the slot", || health(&node, "running") == 1);
+    let r = node
+        .http()
+        .get(format!("{}/one/ok", node.url))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 503, "waited 300 ms, then refused");
+    assert!(
+        r.text()
+            .unwrap()
+            .contains("stayed at its concurrency limit")
+    );
+    assert_eq!(a.join().unwrap().status(), 200);
+    let r = node
+        .http()
+        .get(format!("{}/one/ok", node.url))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "the slot is free again");
+}

@@ -165,6 +165,8 @@ fn limits_per_version_give_the_right_status_and_record() {
     );
 
     // Limits above the node's ceilings are refused, with what to do.
+    let err = node.cli_err(&["deploy", f, "--name", "big", "--concurrency", "0"]);
+    assert!(err.contains("at least 1"), "{err}");
     let err = node.cli_err(&["deploy", f, "--name", "big", "--memory", "1GiB"]);
     assert!(
         err.contains("ceiling") && err.contains("verge up --memory"),
@@ -172,6 +174,12 @@ fn limits_per_version_give_the_right_status_and_record() {
     );
     let err = node.cli_err(&["deploy", f, "--name", "big", "--timeout", "1m"]);
     assert!(err.contains("ceiling"), "{err}");
+
+    // A version's limits survive a restart.
+    let node = node.kill9_and_restart();
+    let (status, _, body) = get_id(&node, "/small/alloc?mib=64");
+    assert_eq!(status, 500);
+    assert!(body.contains("memory limit of 16 MiB"), "{body}");
 }
 
 #[test]
