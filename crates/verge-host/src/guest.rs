@@ -218,6 +218,8 @@ where
             status: 0,
             outcome: String::new(),
             cold: !function.component.used.swap(true, Ordering::Relaxed),
+            stdout: None,
+            stderr: None,
         },
     );
 
@@ -273,6 +275,7 @@ where
     let pre = function.component.pre.clone();
     let log = log_output.clone();
     let task_meter = meter.clone();
+    let (task_stdout, task_stderr) = (stdout.clone(), stderr.clone());
     let task = tokio::spawn(Metered::new(
         async move {
             let run = async {
@@ -292,7 +295,10 @@ where
             };
             let limits = &store.data().limits;
             let memory_hit = limits.hit;
+            let (out, err) = (task_stdout.text(), task_stderr.text());
             task_meter.update(|r| {
+                r.stdout = (!out.is_empty()).then_some(out);
+                r.stderr = (!err.is_empty()).then_some(err);
                 r.wall_us = started.elapsed().as_micros() as u64;
                 r.peak_memory_bytes = limits.peak as u64;
                 if let Err(e) = &result {
@@ -352,9 +358,12 @@ where
         }
         Err(_) => {
             task.abort();
+            let (out, err) = (stdout.text(), stderr.text());
             meter.update(|r| {
                 r.outcome = "timeout".into();
                 r.wall_us = started.elapsed().as_micros() as u64;
+                r.stdout = (!out.is_empty()).then_some(out);
+                r.stderr = (!err.is_empty()).then_some(err);
             });
             log_output("timeout");
             Err(InvokeError::Timeout(timeout))

@@ -125,6 +125,8 @@ mod tests {
                 status: 0,
                 outcome: String::new(),
                 cold: false,
+                stdout: None,
+                stderr: None,
             },
         );
         let other = meter.clone();

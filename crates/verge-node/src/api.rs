@@ -49,6 +49,7 @@ api_routes! {
     POST "/v1/functions/{name}/invoke" => invoke,
     GET "/v1/invocations" => list_invocations,
     GET "/v1/usage" => usage,
+    GET "/v1/logs" => logs,
     GET "/v1/routes" => list_routes,
     PUT "/v1/routes" => put_route,
     DELETE "/v1/routes" => delete_route,
@@ -353,6 +354,53 @@ async fn list_invocations(
         blocking(move || {
             Ok(s.store
                 .invocations(function.as_deref(), status, id.as_deref(), limit)?)
+        })
+        .await?,
+    ))
+}
+
+async fn logs(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Vec<UsageRecord>>, ApiError> {
+    let (mut function, mut invocation, mut after_ms, mut after_id, mut limit) =
+        (None, None, None, String::new(), 100u32);
+    for (k, v) in query_pairs(query.as_deref()) {
+        match k.as_str() {
+            "function" => {
+                validate_function_name(&v)?;
+                function = Some(v);
+            }
+            "invocation" => invocation = Some(v),
+            "after_ms" => {
+                after_ms = Some(v.parse::<i64>().map_err(|_| {
+                    ApiError::BadRequest(format!("after_ms {v:?} is not unix milliseconds"))
+                })?)
+            }
+            "after_id" => after_id = v,
+            "limit" => {
+                limit = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| ApiError::BadRequest(format!("limit {v:?} must be 1..1000")))?
+            }
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown query parameter {other:?}; accepted: function, invocation, after_ms, after_id, limit"
+                )));
+            }
+        }
+    }
+    let s = state.clone();
+    Ok(Json(
+        blocking(move || {
+            Ok(s.store.logs(
+                function.as_deref(),
+                invocation.as_deref(),
+                after_ms.map(|ms| (ms, after_id.as_str())),
+                limit,
+            )?)
         })
         .await?,
     ))

@@ -85,6 +85,8 @@ fn refuse(
         status: crate::error::outcome_status("capacity"),
         outcome: "capacity".into(),
         cold: false,
+        stdout: None,
+        stderr: None,
     });
     ApiError::Overloaded { detail, id }.into_response()
 }

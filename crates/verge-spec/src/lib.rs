@@ -281,6 +281,12 @@ pub struct UsageRecord {
     pub outcome: String,
     /// True on the first invocation after the compiled code was loaded.
     pub cold: bool,
+    /// Captured stdout (bounded; marked when truncated); only in the ledger and `/v1/logs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<String>,
+    /// Captured stderr (bounded; marked when truncated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<String>,
 }
 
 /// One row of `GET /v1/usage`.

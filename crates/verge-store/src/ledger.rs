@@ -39,7 +39,9 @@ CREATE TABLE IF NOT EXISTS invocations (
     response_bytes INTEGER NOT NULL,
     status INTEGER NOT NULL,
     outcome TEXT NOT NULL,
-    cold INTEGER NOT NULL
+    cold INTEGER NOT NULL,
+    stdout TEXT,
+    stderr TEXT
 );
 CREATE INDEX IF NOT EXISTS invocations_by_time ON invocations (started_at_ms);
 CREATE INDEX IF NOT EXISTS invocations_by_function ON invocations (function, started_at_ms);
@@ -163,8 +165,8 @@ fn commit(conn: &mut Connection, batch: &[UsageRecord]) -> Result<(), rusqlite::
     {
         let mut stmt = tx.prepare_cached(
             "INSERT OR IGNORE INTO invocations (id, function, version, started_at_ms, wall_us, cpu_us,
-             peak_memory, memory_limit, request_bytes, response_bytes, status, outcome, cold)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+             peak_memory, memory_limit, request_bytes, response_bytes, status, outcome, cold, stdout, stderr)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         )?;
         for r in batch {
             stmt.execute(params![
@@ -180,7 +182,9 @@ fn commit(conn: &mut Connection, batch: &[UsageRecord]) -> Result<(), rusqlite::
                 r.response_bytes,
                 r.status,
                 r.outcome,
-                r.cold
+                r.cold,
+                r.stdout,
+                r.stderr
             ])?;
         }
     }

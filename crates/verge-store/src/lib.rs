@@ -621,9 +621,58 @@ impl Store {
                 status: r.get(10)?,
                 outcome: r.get(11)?,
                 cold: r.get(12)?,
+                stdout: None,
+                stderr: None,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Captured output of invocations, oldest first: of one invocation, or
+    /// of a function's invocations that printed something, started at or after
+    /// `after_ms` (exclusive of `after_id` at that same millisecond).
+    pub fn logs(
+        &self,
+        function: Option<&str>,
+        invocation: Option<&str>,
+        after: Option<(i64, &str)>,
+        limit: u32,
+    ) -> Result<Vec<UsageRecord>, StoreError> {
+        let (after_ms, after_id) = after.unwrap_or((i64::MIN, ""));
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, function, version, started_at_ms, status, outcome, stdout, stderr
+             FROM invocations
+             WHERE (?1 IS NULL OR function = ?1) AND (?2 IS NULL OR id = ?2)
+               AND (stdout IS NOT NULL OR stderr IS NOT NULL OR ?2 IS NOT NULL)
+               AND (started_at_ms > ?3 OR (started_at_ms = ?3 AND id > ?4))
+             ORDER BY started_at_ms DESC, id DESC LIMIT ?5",
+        )?;
+        let rows = stmt.query_map(
+            params![function, invocation, after_ms, after_id, limit],
+            |r| {
+                Ok(UsageRecord {
+                    invocation_id: r.get(0)?,
+                    function: r.get(1)?,
+                    version: r.get(2)?,
+                    started_at_ms: r.get(3)?,
+                    wall_us: 0,
+                    cpu_us: 0,
+                    peak_memory_bytes: 0,
+                    memory_limit_bytes: 0,
+                    request_bytes: 0,
+                    response_bytes: 0,
+                    status: r.get(4)?,
+                    outcome: r.get(5)?,
+                    cold: false,
+                    stdout: r.get(6)?,
+                    stderr: r.get(7)?,
+                })
+            },
+        )?;
+        let mut out: Vec<UsageRecord> = rows.collect::<Result<_, _>>()?;
+        out.reverse();
+        Ok(out)
     }
 
     /// Aggregated usage and its cost.
@@ -789,6 +838,8 @@ mod tests {
             status: 200,
             outcome: "ok".into(),
             cold: false,
+            stdout: None,
+            stderr: None,
         }
     }
 

@@ -149,6 +149,16 @@ enum Command {
         #[arg(long, default_value = "/")]
         path: String,
     },
+    /// Captured stdout/stderr of a function's invocations
+    Logs {
+        name: String,
+        /// Only this invocation
+        #[arg(long)]
+        invocation: Option<String>,
+        /// Keep printing new invocations' output as they finish
+        #[arg(long, short)]
+        follow: bool,
+    },
     /// List routes, or add and remove them
     Routes {
         #[command(subcommand)]
@@ -346,6 +356,11 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Invoke { name, data, path } => invoke(&client, json, &name, data, &path).await,
+        Command::Logs {
+            name,
+            invocation,
+            follow,
+        } => logs(&client, json, &name, invocation, follow).await,
         Command::Routes { action } => {
             routes(&client, json, action.unwrap_or(RoutesAction::Ls)).await
         }
@@ -818,4 +833,68 @@ async fn invocations(
         )
     );
     Ok(())
+}
+
+async fn logs(
+    client: &Client,
+    json: bool,
+    name: &str,
+    invocation: Option<String>,
+    follow: bool,
+) -> Result<()> {
+    verge_spec::validate_function_name(name)?;
+    let mut after: Option<(i64, String)> = None;
+    loop {
+        let mut pairs = vec![
+            ("function", name.to_string()),
+            ("limit", "1000".to_string()),
+        ];
+        if let Some(i) = &invocation {
+            pairs.push(("invocation", i.clone()));
+        }
+        if let Some((ms, id)) = &after {
+            pairs.push(("after_ms", ms.to_string()));
+            pairs.push(("after_id", id.clone()));
+        }
+        let q = form_url(pairs.iter().map(|(k, v)| (*k, v.as_str())));
+        let records: Vec<verge_spec::UsageRecord> =
+            client.get(&format!("/v1/logs{}", query_string(&q))).await?;
+        for r in &records {
+            if json {
+                println!("{}", serde_json::to_string(r)?);
+                continue;
+            }
+            println!(
+                "== {} {}@{} {} {} ({})",
+                verge_spec::rfc3339(r.started_at_ms / 1000),
+                r.function,
+                r.version,
+                r.invocation_id,
+                r.status,
+                r.outcome
+            );
+            if let Some(out) = &r.stdout {
+                for line in out.lines() {
+                    println!("stdout | {line}");
+                }
+            }
+            if let Some(err) = &r.stderr {
+                for line in err.lines() {
+                    println!("stderr | {line}");
+                }
+            }
+        }
+        if let Some(last) = records.last() {
+            after = Some((last.started_at_ms, last.invocation_id.clone()));
+        }
+        if !follow {
+            if records.is_empty() && invocation.is_some() {
+                bail!(
+                    "no invocation with that id for function {name}; list them with `verge invocations {name}`"
+                );
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

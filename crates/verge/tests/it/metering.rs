@@ -236,3 +236,61 @@ fn usage_totals_equal_the_sum_of_the_records() {
     let err = node.cli_err(&["usage", "--by", "planet"]);
     assert!(err.contains("function, version, hour or minute"), "{err}");
 }
+
+#[test]
+fn logs_show_each_invocations_output_and_follow_new_ones() {
+    let node = TestNode::start();
+    node.deploy("rust-trap", "boom", "/boom");
+    node.deploy("rust-sandbox", "s", "/s");
+    let (status, id, _) = get_id(&node, "/boom");
+    assert_eq!(status, 500);
+    records(&node, "boom", 1);
+    let out = node.cli_ok(&["logs", "boom"]);
+    assert!(out.contains(&id), "{out}");
+    assert!(
+        out.contains("stderr | trap fixture: about to fail on purpose"),
+        "{out}"
+    );
+    let one = node.cli_ok(&["logs", "boom", "--invocation", &id, "--json"]);
+    let rec: Value = serde_json::from_str(one.lines().next().unwrap()).unwrap();
+    assert_eq!(rec["outcome"], "trap");
+    let err = node.cli_err(&["logs", "boom", "--invocation", "nope"]);
+    assert!(err.contains("verge invocations boom"), "{err}");
+
+    // -f prints output of invocations that finish after it started.
+    let mut follow = std::process::Command::new(crate::kit::VERGE)
+        .args(["logs", "s", "-f"])
+        .env("VERGE_SERVER", &node.url)
+        .env("VERGE_TOKEN", node.token())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let (_, print_id, _) = get_id(&node, "/s/print?n=2048");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = String::new();
+    while !(seen.contains(&print_id) && seen.contains("stdout | xxxx")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+            Err(_) => panic!("verge logs -f never showed {print_id}:\n{seen}"),
+        }
+    }
+    follow.kill().unwrap();
+    let _ = follow.wait();
+}
