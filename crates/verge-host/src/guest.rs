@@ -200,7 +200,11 @@ where
     let mut store = new_store(host, function, &stdout, &stderr, deadline);
 
     let meter = Meter::new(
-        host.usage_sink.clone(),
+        if cfg.metering {
+            host.usage_sink.clone()
+        } else {
+            None
+        },
         UsageRecord {
             invocation_id: invocation_id.to_string(),
             function: function.name.clone(),
@@ -276,45 +280,47 @@ where
     let log = log_output.clone();
     let task_meter = meter.clone();
     let (task_stdout, task_stderr) = (stdout.clone(), stderr.clone());
-    let task = tokio::spawn(Metered::new(
-        async move {
-            let run = async {
-                let proxy = pre
-                    .instantiate_async(&mut store)
-                    .await
-                    .map_err(RunError::Instantiate)?;
-                proxy
-                    .wasi_http_incoming_handler()
-                    .call_handle(&mut store, req, out)
-                    .await
-                    .map_err(RunError::Trap)
-            };
-            let result = match tokio::time::timeout_at(deadline.into(), run).await {
-                Ok(r) => r,
-                Err(_) => Err(RunError::Trap(Trap::Interrupt.into())),
-            };
-            let limits = &store.data().limits;
-            let memory_hit = limits.hit;
-            let (out, err) = (task_stdout.text(), task_stderr.text());
-            task_meter.update(|r| {
-                r.stdout = (!out.is_empty()).then_some(out);
-                r.stderr = (!err.is_empty()).then_some(err);
-                r.wall_us = started.elapsed().as_micros() as u64;
-                r.peak_memory_bytes = limits.peak as u64;
-                if let Err(e) = &result {
-                    r.outcome = e.outcome(memory_hit).to_string();
-                } else if r.outcome.is_empty() {
-                    r.outcome = "no_response".into();
-                }
-            });
-            match &result {
-                Ok(()) => log("ok"),
-                Err(e) => log(&e.summary()),
+    let work = async move {
+        let run = async {
+            let proxy = pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(RunError::Instantiate)?;
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(&mut store, req, out)
+                .await
+                .map_err(RunError::Trap)
+        };
+        let result = match tokio::time::timeout_at(deadline.into(), run).await {
+            Ok(r) => r,
+            Err(_) => Err(RunError::Trap(Trap::Interrupt.into())),
+        };
+        let limits = &store.data().limits;
+        let memory_hit = limits.hit;
+        let (out, err) = (task_stdout.text(), task_stderr.text());
+        task_meter.update(|r| {
+            r.stdout = (!out.is_empty()).then_some(out);
+            r.stderr = (!err.is_empty()).then_some(err);
+            r.wall_us = started.elapsed().as_micros() as u64;
+            r.peak_memory_bytes = limits.peak as u64;
+            if let Err(e) = &result {
+                r.outcome = e.outcome(memory_hit).to_string();
+            } else if r.outcome.is_empty() {
+                r.outcome = "no_response".into();
             }
-            (result, memory_hit)
-        },
-        meter.clone(),
-    ));
+        });
+        match &result {
+            Ok(()) => log("ok"),
+            Err(e) => log(&e.summary()),
+        }
+        (result, memory_hit)
+    };
+    let task = if cfg.metering {
+        tokio::spawn(Metered::new(work, meter.clone()))
+    } else {
+        tokio::spawn(work)
+    };
 
     match tokio::time::timeout_at(deadline.into(), rx).await {
         Ok(Ok(Ok(response))) => {

@@ -48,6 +48,9 @@ pub struct HostConfig {
     pub output_limit: usize,
     /// Wall-clock limit of one invocation.
     pub timeout: Duration,
+    /// Meter invocations (CPU time per poll) and emit usage records. Off only
+    /// to measure what metering costs.
+    pub metering: bool,
 }
 
 impl HostConfig {
@@ -59,6 +62,7 @@ impl HostConfig {
             memory_limit: 128 << 20,
             output_limit: 64 << 10,
             timeout: Duration::from_secs(30),
+            metering: true,
         }
     }
 }

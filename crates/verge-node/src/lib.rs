@@ -48,6 +48,8 @@ pub struct NodeConfig {
     pub queue_depth: usize,
     /// Longest a request waits for a slot; beyond: 503.
     pub max_wait: Duration,
+    /// Meter invocations and keep usage records (off only for benchmarks).
+    pub metering: bool,
 }
 
 impl NodeConfig {
@@ -63,6 +65,7 @@ impl NodeConfig {
             prices: Prices::default(),
             queue_depth: 1000,
             max_wait: Duration::from_secs(10),
+            metering: true,
         }
     }
 }
@@ -127,6 +130,7 @@ impl Node {
             memory_limit: config.memory_limit,
             output_limit: 64 << 10,
             timeout: config.timeout,
+            metering: config.metering,
         })?;
         let sink = ledger.clone();
         host.set_usage_sink(Arc::new(move |mut record| {

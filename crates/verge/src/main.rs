@@ -74,6 +74,9 @@ enum Command {
         /// Longest a request waits for a slot; beyond that: 503
         #[arg(long, default_value = "10s")]
         max_wait: String,
+        /// Turn metering off (no usage records): only to measure what it costs
+        #[arg(long, hide = true)]
+        no_metering: bool,
     },
     /// Deploy a component as a new version of a function and make it live
     Deploy {
@@ -218,6 +221,7 @@ async fn run(cli: Cli) -> Result<()> {
         max_instances,
         queue_depth,
         max_wait,
+        no_metering,
     } = &cli.command
     {
         return up(
@@ -230,6 +234,7 @@ async fn run(cli: Cli) -> Result<()> {
             *max_instances,
             *queue_depth,
             parse_duration(max_wait).context("--max-wait")?,
+            !*no_metering,
         )
         .await;
     }
@@ -394,6 +399,7 @@ async fn up(
     max_instances: u32,
     queue_depth: usize,
     max_wait: Duration,
+    metering: bool,
 ) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -410,6 +416,7 @@ async fn up(
     config.max_instances = max_instances;
     config.queue_depth = queue_depth;
     config.max_wait = max_wait;
+    config.metering = metering;
     let node = verge_node::Node::start(config).await.with_context(|| {
         format!(
             "while starting the node with data directory {}",
