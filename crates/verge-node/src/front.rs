@@ -18,10 +18,16 @@ use verge_spec::INVOCATION_ID_HEADER;
 use crate::error::ApiError;
 use crate::state::{AppState, Refused};
 
-/// A new invocation id: 128 random bits, hex.
+/// A new invocation id: 48 bits of unix milliseconds then 80 random bits,
+/// hex (32 characters). Time-ordered, so the ledger's index grows at its end.
 pub(crate) fn new_invocation_id() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
     let mut bytes = [0u8; 16];
-    rand::rng().fill_bytes(&mut bytes);
+    bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+    rand::rng().fill_bytes(&mut bytes[6..]);
     hex::encode(bytes)
 }
 

@@ -7,10 +7,10 @@
 //! committed and survives any crash after it.
 
 use std::path::Path;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rusqlite::{Connection, params};
 use verge_spec::UsageRecord;
@@ -47,15 +47,22 @@ CREATE INDEX IF NOT EXISTS invocations_by_time ON invocations (started_at_ms);
 CREATE INDEX IF NOT EXISTS invocations_by_function ON invocations (function, started_at_ms);
 ";
 
-enum Msg {
-    Record(Box<UsageRecord>),
-    Flush(mpsc::Sender<()>),
+struct Shared {
+    pending: Mutex<Vec<UsageRecord>>,
+    wake: Condvar,
+    conn: Mutex<Connection>,
+    stop: AtomicBool,
+    dropped: AtomicU64,
 }
 
 /// The writer side of the ledger (cheap to share).
+///
+/// Recording a usage record only pushes it onto a vector under a mutex: the
+/// writer thread is not woken per record (on a small machine those wake-ups
+/// cost more than the inserts), but every [`FLUSH_INTERVAL`], or as soon as
+/// [`BATCH_MAX`] records wait.
 pub struct Ledger {
-    tx: SyncSender<Msg>,
-    dropped: Arc<std::sync::atomic::AtomicU64>,
+    shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -67,94 +74,100 @@ impl Ledger {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        let (tx, rx) = mpsc::sync_channel(QUEUE_MAX);
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Vec::with_capacity(BATCH_MAX)),
+            wake: Condvar::new(),
+            conn: Mutex::new(conn),
+            stop: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+        });
+        let s = shared.clone();
         let writer = std::thread::Builder::new()
             .name("verge-ledger".into())
-            .spawn(move || write_loop(conn, rx))
+            .spawn(move || write_loop(&s))
             .map_err(|e| StoreError::Corrupt(format!("could not start the ledger writer: {e}")))?;
         Ok(Self {
-            tx,
-            dropped: Arc::default(),
+            shared,
             writer: Mutex::new(Some(writer)),
         })
     }
 
-    /// Queues a record; never blocks the request path.
+    /// Queues a record; never blocks on the disk.
     pub fn record(&self, record: UsageRecord) {
-        if self.tx.try_send(Msg::Record(Box::new(record))).is_err() {
-            let n = self
-                .dropped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut pending = lock(&self.shared.pending);
+        if pending.len() >= QUEUE_MAX {
+            drop(pending);
+            let n = self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             if n.is_power_of_two() {
                 tracing::error!(dropped = n + 1, "usage ledger queue full; records dropped");
             }
+            return;
+        }
+        pending.push(record);
+        if pending.len() == BATCH_MAX {
+            self.shared.wake.notify_one();
         }
     }
 
-    /// Commits everything queued so far (used at shutdown).
+    /// Commits everything queued so far (used at shutdown and by tests).
     pub fn flush(&self) {
-        let (done, wait) = mpsc::channel();
-        if self.tx.send(Msg::Flush(done)).is_ok() {
-            let _ = wait.recv_timeout(Duration::from_secs(10));
+        let batch = std::mem::take(&mut *lock(&self.shared.pending));
+        if !batch.is_empty()
+            && let Err(e) = commit(&mut lock(&self.shared.conn), &batch)
+        {
+            tracing::error!(error = %e, records = batch.len(), "could not commit usage records");
         }
     }
 
     /// Records dropped because the queue was full.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+        self.shared.dropped.load(Ordering::Relaxed)
     }
 }
 
 impl Drop for Ledger {
     fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.notify_one();
+        let handle = lock(&self.writer).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
         self.flush();
-        let handle = self
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        drop(handle);
     }
 }
 
-fn write_loop(mut conn: Connection, rx: Receiver<Msg>) {
-    let mut batch: Vec<UsageRecord> = Vec::with_capacity(BATCH_MAX);
-    let mut waiters = Vec::new();
-    let mut oldest: Option<Instant> = None;
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write_loop(shared: &Shared) {
     loop {
-        let timeout = match oldest {
-            Some(t) => FLUSH_INTERVAL.saturating_sub(t.elapsed()),
-            None => Duration::from_secs(3600),
+        let batch = {
+            let mut pending = lock(&shared.pending);
+            if pending.len() < BATCH_MAX && !shared.stop.load(Ordering::Acquire) {
+                pending = shared
+                    .wake
+                    .wait_timeout(pending, FLUSH_INTERVAL)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            }
+            std::mem::take(&mut *pending)
         };
-        let closed = match rx.recv_timeout(timeout) {
-            Ok(Msg::Record(r)) => {
-                oldest.get_or_insert_with(Instant::now);
-                batch.push(*r);
-                false
+        if !batch.is_empty()
+            && let Err(e) = commit(&mut lock(&shared.conn), &batch)
+        {
+            tracing::error!(error = %e, records = batch.len(), "could not commit usage records; retrying");
+            // Put them back in front, unless that would exceed the bound.
+            let mut pending = lock(&shared.pending);
+            if pending.len() + batch.len() <= QUEUE_MAX {
+                let newer = std::mem::replace(&mut *pending, batch);
+                pending.extend(newer);
             }
-            Ok(Msg::Flush(done)) => {
-                waiters.push(done);
-                false
-            }
-            Err(RecvTimeoutError::Timeout) => false,
-            Err(RecvTimeoutError::Disconnected) => true,
-        };
-        let due = oldest.is_some_and(|t| t.elapsed() >= FLUSH_INTERVAL);
-        if closed || due || batch.len() >= BATCH_MAX || !waiters.is_empty() {
-            if !batch.is_empty() {
-                if let Err(e) = commit(&mut conn, &batch) {
-                    tracing::error!(error = %e, records = batch.len(), "could not commit usage records; retrying");
-                    std::thread::sleep(Duration::from_millis(50));
-                    continue;
-                }
-                batch.clear();
-            }
-            oldest = None;
-            for w in waiters.drain(..) {
-                let _ = w.send(());
-            }
+            drop(pending);
+            std::thread::sleep(Duration::from_millis(50));
         }
-        if closed {
+        if shared.stop.load(Ordering::Acquire) {
             return;
         }
     }
