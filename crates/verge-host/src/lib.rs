@@ -244,7 +244,7 @@ pub struct Host {
 
 /// Interval of the epoch ticker: the granularity of timeouts and of yields of
 /// a guest that never blocks.
-const EPOCH_TICK: Duration = Duration::from_millis(10);
+const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 impl Host {
     /// Builds the engine and the linker, and starts the epoch ticker.
