@@ -84,7 +84,7 @@ pub(crate) async fn unknown_endpoint(request: Request) -> ApiError {
     ))
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
@@ -485,6 +485,7 @@ async fn invoke(
     validate_function_name(&name)?;
     let function = state
         .function(&name)
+        .await?
         .ok_or_else(|| ApiError::Store(StoreError::FunctionNotFound(name.clone())))?;
     let mut path = "/".to_string();
     for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {

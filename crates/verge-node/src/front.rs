@@ -111,7 +111,11 @@ pub(crate) async fn serve_user_route(
         ))
         .into_response();
     };
-    let Some(function) = state.function(&route.function) else {
+    let function = match state.function(&route.function).await {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
+    };
+    let Some(function) = function else {
         return ApiError::NotFound(format!(
             "route {} points at function {:?}, which is not deployed on this node",
             route.path, route.function

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::routing::any;
 use tokio::net::TcpListener;
-use verge_host::{Function, Host, HostConfig};
+use verge_host::{Host, HostConfig};
 use verge_store::{Ledger, Store};
 
 pub use api::{API_ROUTES, OPENAPI};
@@ -92,16 +92,13 @@ impl From<ApiError> for NodeError {
     }
 }
 
-/// What happened while the node loaded its functions at start.
+/// What the node did at start.
 #[derive(Debug, Clone, Default)]
 pub struct StartReport {
     /// Set when this start created the admin token: where it was written.
     pub token_created: Option<PathBuf>,
-    pub functions_loaded: usize,
-    pub from_cache: usize,
-    pub compiled: usize,
-    /// Functions that could not be loaded, with the reason.
-    pub failed: Vec<(String, String)>,
+    /// Deployed functions registered (each loads on its first request).
+    pub functions: usize,
     pub load_time: Duration,
 }
 
@@ -161,14 +158,7 @@ impl Node {
             },
         ));
 
-        let s = state.clone();
-        let loaded = tokio::task::spawn_blocking(move || load_all(&s))
-            .await
-            .map_err(|e| NodeError::Other(format!("loading functions failed: {e}")))??;
-        report.functions_loaded = loaded.0;
-        report.from_cache = loaded.1;
-        report.compiled = loaded.2;
-        report.failed = loaded.3;
+        report.functions = register_all(&state)?;
         state.refresh_routes()?;
         report.load_time = started.elapsed();
 
@@ -205,7 +195,7 @@ impl Node {
 
     /// Is a function of this name deployed?
     pub fn has_function(&self, name: &str) -> bool {
-        self.state.function(name).is_some()
+        self.state.has_function(name)
     }
 
     /// Deploys a component as the node's API would (used for the bundled example).
@@ -257,37 +247,13 @@ fn router(state: Arc<AppState>) -> Router {
     api.fallback(front::serve_user_route).with_state(state)
 }
 
-type Loaded = (usize, usize, usize, Vec<(String, String)>);
-
-/// Loads the live version of every function; one that fails is reported and skipped.
-fn load_all(state: &AppState) -> Result<Loaded, NodeError> {
-    let mut out: Loaded = (0, 0, 0, Vec::new());
-    for v in state.store.live_versions()? {
-        let result = state.host.load(&v.sha256, || {
-            state
-                .store
-                .read_artifact(&v.sha256)
-                .map_err(std::io::Error::other)
-        });
-        match result {
-            Ok(component) => {
-                match component.source {
-                    verge_host::CodeSource::Cached => out.1 += 1,
-                    verge_host::CodeSource::Compiled => out.2 += 1,
-                }
-                let f = Function::new(Arc::new(component), v.function, v.version, v.env)
-                    .with_limits(
-                        v.limits.timeout_ms.map(Duration::from_millis),
-                        v.limits.memory_bytes.map(|m| m as usize),
-                    );
-                state.install(f, v.limits.concurrency);
-                out.0 += 1;
-            }
-            Err(e) => {
-                tracing::error!(function = %v.function, version = v.version, error = %e, "could not load function");
-                out.3.push((v.function, e.to_string()));
-            }
-        }
+/// Registers the live version of every function; each is loaded (from the
+/// compile cache) by its first request. Returns how many.
+fn register_all(state: &AppState) -> Result<usize, NodeError> {
+    let versions = state.store.live_versions()?;
+    let n = versions.len();
+    for v in versions {
+        state.register(v);
     }
-    Ok(out)
+    Ok(n)
 }

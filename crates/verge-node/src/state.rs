@@ -11,7 +11,23 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use verge_host::{Function, Host};
 use verge_spec::Route;
-use verge_store::{Ledger, Store};
+use verge_store::{Ledger, LiveVersion, Store};
+
+use crate::error::ApiError;
+
+/// A function as the node holds it: ready to run, or registered at start and
+/// loaded (from the compile cache) by its first request. Idle functions thus
+/// cost a registry entry, not their compiled code.
+#[derive(Clone)]
+enum Slot {
+    Ready(Function),
+    Registered(Arc<Pending>),
+}
+
+struct Pending {
+    version: LiveVersion,
+    loaded: tokio::sync::OnceCell<Function>,
+}
 
 /// Node-wide limits: defaults for versions that set none, and ceilings.
 #[derive(Debug, Clone, Copy)]
@@ -103,7 +119,7 @@ pub struct AppState {
     pub(crate) ceilings: Ceilings,
     pub(crate) prices: Prices,
     pub(crate) admission: Admission,
-    functions: RwLock<HashMap<String, Function>>,
+    functions: RwLock<HashMap<String, Slot>>,
     slots: RwLock<HashMap<String, Arc<Semaphore>>>,
     routes: RwLock<Arc<Vec<Route>>>,
 }
@@ -127,33 +143,117 @@ impl AppState {
         }
     }
 
-    pub(crate) fn function(&self, name: &str) -> Option<Function> {
+    /// Is a function of this name deployed (loaded or not)?
+    pub(crate) fn has_function(&self, name: &str) -> bool {
         self.functions
             .read()
             .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(name)
+    }
+
+    /// The function serving `name`, loading it on its first request.
+    pub(crate) async fn function(
+        self: &Arc<Self>,
+        name: &str,
+    ) -> Result<Option<Function>, ApiError> {
+        let slot = self
+            .functions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
             .get(name)
-            .cloned()
+            .cloned();
+        let pending = match slot {
+            None => return Ok(None),
+            Some(Slot::Ready(f)) => return Ok(Some(f)),
+            Some(Slot::Registered(p)) => p,
+        };
+        let (state, p) = (self.clone(), pending.clone());
+        let function = pending
+            .loaded
+            .get_or_try_init(|| async move {
+                crate::api::blocking(move || state.load_version(&p.version)).await
+            })
+            .await?
+            .clone();
+        let mut functions = self
+            .functions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(Slot::Registered(current)) = functions.get(name)
+            && Arc::ptr_eq(current, &pending)
+        {
+            functions.insert(name.to_string(), Slot::Ready(function.clone()));
+        }
+        Ok(Some(function))
+    }
+
+    /// Loads a stored version (compiled code from the cache when it is there).
+    fn load_version(&self, v: &LiveVersion) -> Result<Function, ApiError> {
+        let component = self
+            .host
+            .load(&v.sha256, || {
+                self.store
+                    .read_artifact(&v.sha256)
+                    .map_err(std::io::Error::other)
+            })
+            .map_err(|e| {
+                ApiError::Internal(format!(
+                    "could not load function {:?} version {}: {e}",
+                    v.function, v.version
+                ))
+            })?;
+        Ok(Function::new(
+            Arc::new(component),
+            v.function.clone(),
+            v.version,
+            v.env.clone(),
+        )
+        .with_limits(
+            v.limits.timeout_ms.map(Duration::from_millis),
+            v.limits.memory_bytes.map(|m| m as usize),
+        ))
+    }
+
+    /// Registers a stored version, to be loaded by its first request.
+    pub(crate) fn register(&self, version: LiveVersion) {
+        let name = version.function.clone();
+        self.set_concurrency(&name, version.limits.concurrency);
+        self.functions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                name,
+                Slot::Registered(Arc::new(Pending {
+                    version,
+                    loaded: tokio::sync::OnceCell::new(),
+                })),
+            );
+    }
+
+    fn set_concurrency(&self, name: &str, concurrency: Option<u32>) {
+        let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
+        match concurrency {
+            Some(n) => {
+                slots.insert(
+                    name.to_string(),
+                    Arc::new(Semaphore::new(n.max(1) as usize)),
+                );
+            }
+            None => {
+                slots.remove(name);
+            }
+        }
     }
 
     /// Makes `function` the one that serves its name, with at most
     /// `concurrency` invocations at once (`None`: only the node's cap).
     pub(crate) fn install(&self, function: Function, concurrency: Option<u32>) {
         let name = function.name.clone();
-        {
-            let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
-            match concurrency {
-                Some(n) => {
-                    slots.insert(name.clone(), Arc::new(Semaphore::new(n.max(1) as usize)));
-                }
-                None => {
-                    slots.remove(&name);
-                }
-            }
-        }
+        self.set_concurrency(&name, concurrency);
         self.functions
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(name, function);
+            .insert(name, Slot::Ready(function));
     }
 
     pub(crate) fn uninstall(&self, name: &str) {

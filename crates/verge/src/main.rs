@@ -448,15 +448,10 @@ async fn up(
         ),
     }
     println!(
-        "functions       {} loaded ({} from the compile cache, {} compiled) in {} ms",
-        report.functions_loaded,
-        report.from_cache,
-        report.compiled,
+        "functions       {} deployed, each loaded from the compile cache by its first request (start took {} ms)",
+        report.functions,
         report.load_time.as_millis()
     );
-    for (name, why) in &report.failed {
-        println!("                could not load {name}: {why}");
-    }
     if example {
         if node.has_function("hello") {
             println!("example         function hello already deployed");
