@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Resident memory of a node with N deployed, idle functions (copies of the C
 # hello under different names), measured after a restart (every function
-# loaded from the compile cache, none called), and the first request to a
+# registered, none loaded or called), and the first request to a
 # function never called since that restart.
 #   bench/idle-rss.sh [COUNTS="1 100 1000 10000"]
 source "$(dirname "$0")/lib.sh"
 counts=${1:-"1 100 1000 10000"}
 build
 tmp=$(mktemp -d); trap 'stop_node; rm -rf "$tmp"' EXIT
-echo "| functions | deploy all | start (load all) | RSS idle after restart | first request to an uncalled function |"
+echo "| functions | deploy all | start | RSS idle after restart | first request to an uncalled function |"
 echo "|---|---|---|---|---|"
 for n in $counts; do
   d="$tmp/n$n"; mkdir -p "$d"
