@@ -128,6 +128,19 @@ pub(crate) async fn serve_user_route(
 /// Runs `function` on `request` and turns the outcome into a response.
 pub(crate) async fn run(state: &AppState, function: &Function, request: Request) -> Response {
     let id = new_invocation_id();
+    let limits = state.body_limits;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.request as u64) {
+        return ApiError::TooLarge(format!(
+            "the request body is larger than this node's limit of {} bytes for function requests (verge up --max-request-body)",
+            limits.request
+        ))
+        .into_response();
+    }
     let waited = std::time::Instant::now();
     let permits = match state.admit(&function.name).await {
         Ok(p) => p,
@@ -154,15 +167,18 @@ pub(crate) async fn run(state: &AppState, function: &Function, request: Request)
             .build()
             .unwrap_or_else(|_| parts.uri.clone());
     }
-    let request = Request::from_parts(parts, body);
+    // A body without a Content-Length is cut at the limit: the guest's read fails.
+    let request = Request::from_parts(parts, http_body_util::Limited::new(body, limits.request));
     match state.host.invoke(function, &id, request).await {
         Ok(response) => {
-            // The slots are held until the response body is done.
+            // The slots are held until the response body is done; a response
+            // body past the limit is cut (the connection is closed early).
             let mut response = response.map(move |b| {
-                Body::new(http_body_util::BodyExt::map_frame(b, move |f| {
+                let held = http_body_util::BodyExt::map_frame(b, move |f| {
                     let _held = &permits;
                     f
-                }))
+                });
+                Body::new(http_body_util::Limited::new(held, limits.response))
             });
             if let Ok(v) = HeaderValue::from_str(&id) {
                 response.headers_mut().insert(INVOCATION_ID_HEADER, v);

@@ -50,6 +50,12 @@ pub struct NodeConfig {
     pub max_wait: Duration,
     /// Meter invocations and keep usage records (off only for benchmarks).
     pub metering: bool,
+    /// Largest request body of a function invocation, bytes.
+    pub max_request_body: usize,
+    /// Largest response body of a function invocation, bytes.
+    pub max_response_body: usize,
+    /// Bytes of stdout and of stderr kept per invocation.
+    pub log_limit: usize,
 }
 
 impl NodeConfig {
@@ -66,6 +72,9 @@ impl NodeConfig {
             queue_depth: 1000,
             max_wait: Duration::from_secs(10),
             metering: true,
+            max_request_body: 16 << 20,
+            max_response_body: 64 << 20,
+            log_limit: 64 << 10,
         }
     }
 }
@@ -125,7 +134,7 @@ impl Node {
             cache_dir: data_dir.join("cache"),
             max_instances: config.max_instances,
             memory_limit: config.memory_limit,
-            output_limit: 64 << 10,
+            output_limit: config.log_limit,
             timeout: config.timeout,
             metering: config.metering,
         })?;
@@ -150,6 +159,10 @@ impl Node {
                     memory: config.memory_limit,
                 },
                 prices: config.prices,
+                body_limits: state::BodyLimits {
+                    request: config.max_request_body,
+                    response: config.max_response_body,
+                },
                 admission: state::Admission::new(
                     config.max_instances,
                     config.queue_depth,

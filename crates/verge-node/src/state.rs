@@ -97,6 +97,13 @@ pub(crate) enum Refused {
     WaitedTooLong(Duration),
 }
 
+/// Largest request and response bodies of function invocations, bytes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyLimits {
+    pub request: usize,
+    pub response: usize,
+}
+
 /// The node's settings as handlers see them.
 pub(crate) struct Settings {
     pub data_dir: PathBuf,
@@ -105,6 +112,7 @@ pub(crate) struct Settings {
     pub ceilings: Ceilings,
     pub prices: Prices,
     pub admission: Admission,
+    pub body_limits: BodyLimits,
 }
 
 /// Everything a handler needs.
@@ -119,6 +127,7 @@ pub struct AppState {
     pub(crate) ceilings: Ceilings,
     pub(crate) prices: Prices,
     pub(crate) admission: Admission,
+    pub(crate) body_limits: BodyLimits,
     functions: RwLock<HashMap<String, Slot>>,
     slots: RwLock<HashMap<String, Arc<Semaphore>>>,
     routes: RwLock<Arc<Vec<Route>>>,
@@ -137,6 +146,7 @@ impl AppState {
             ceilings: settings.ceilings,
             prices: settings.prices,
             admission: settings.admission,
+            body_limits: settings.body_limits,
             slots: RwLock::default(),
             functions: RwLock::default(),
             routes: RwLock::default(),

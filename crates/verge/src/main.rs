@@ -74,6 +74,15 @@ enum Command {
         /// Longest a request waits for a slot; beyond that: 503
         #[arg(long, default_value = "10s")]
         max_wait: String,
+        /// Largest request body of a function invocation
+        #[arg(long, default_value = "16MiB")]
+        max_request_body: String,
+        /// Largest response body of a function invocation (longer ones are cut)
+        #[arg(long, default_value = "64MiB")]
+        max_response_body: String,
+        /// Bytes of stdout and of stderr kept per invocation (more is truncated and marked)
+        #[arg(long, default_value = "64KiB")]
+        log_limit: String,
         /// Turn metering off (no usage records): only to measure what it costs
         #[arg(long, hide = true)]
         no_metering: bool,
@@ -233,8 +242,16 @@ async fn run(cli: Cli) -> Result<()> {
         queue_depth,
         max_wait,
         no_metering,
+        max_request_body,
+        max_response_body,
+        log_limit,
     } = &cli.command
     {
+        let bodies = (
+            parse_size(max_request_body).context("--max-request-body")? as usize,
+            parse_size(max_response_body).context("--max-response-body")? as usize,
+            parse_size(log_limit).context("--log-limit")? as usize,
+        );
         return up(
             &data_dir,
             *listen,
@@ -246,6 +263,7 @@ async fn run(cli: Cli) -> Result<()> {
             *queue_depth,
             parse_duration(max_wait).context("--max-wait")?,
             !*no_metering,
+            bodies,
         )
         .await;
     }
@@ -411,6 +429,7 @@ async fn up(
     queue_depth: usize,
     max_wait: Duration,
     metering: bool,
+    (max_request_body, max_response_body, log_limit): (usize, usize, usize),
 ) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -428,6 +447,9 @@ async fn up(
     config.queue_depth = queue_depth;
     config.max_wait = max_wait;
     config.metering = metering;
+    config.max_request_body = max_request_body;
+    config.max_response_body = max_response_body;
+    config.log_limit = log_limit;
     let node = verge_node::Node::start(config).await.with_context(|| {
         format!(
             "while starting the node with data directory {}",

@@ -129,7 +129,7 @@ fn the_concurrency_cap_queues_first_then_answers_503() {
         thread::spawn(move || http.get(url).send().unwrap())
     };
     // A holds the only slot; B waits in the queue; C finds the queue full.
-    let a = get("/one/burn?ms=1500");
+    let a = get("/one/burn?ms=3000");
     wait_until("A runs", || health(&node, "running") == 1);
     let b = get("/one/ok");
     wait_until("B is queued", || queued(&node) == 1);
@@ -199,4 +199,87 @@ fn a_request_waits_at_most_the_maximum_wait() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 200, "the slot is free again");
+}
+
+#[test]
+fn body_and_log_limits_hold() {
+    let node = TestNode::start_with(&[
+        "--max-request-body",
+        "8KiB",
+        "--max-response-body",
+        "4KiB",
+        "--log-limit",
+        "1KiB",
+    ]);
+    node.deploy("rust-echo", "echo", "/e");
+    node.deploy("rust-sandbox", "s", "/s");
+    // Declared too large: refused before the function runs.
+    let r = node
+        .http()
+        .post(format!("{}/e", node.url))
+        .body(vec![1u8; 9000])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert!(r.text().unwrap().contains("--max-request-body"));
+    // Within both limits: whole.
+    let r = node
+        .http()
+        .post(format!("{}/e", node.url))
+        .body(vec![2u8; 3000])
+        .send()
+        .unwrap();
+    assert_eq!(r.bytes().unwrap().len(), 3000);
+    // A response past its limit is cut short: the client never gets more than
+    // the limit (the connection closes, before or after the head was sent).
+    let cut = node
+        .http()
+        .post(format!("{}/e", node.url))
+        .body(vec![3u8; 6000])
+        .send();
+    if let Ok(r) = cut
+        && let Ok(b) = r.bytes()
+    {
+        assert!(b.len() <= 4096, "got {} bytes", b.len());
+    }
+    // The node keeps serving.
+    let r = node
+        .http()
+        .post(format!("{}/e", node.url))
+        .body(vec![4u8; 100])
+        .send()
+        .unwrap();
+    assert_eq!(r.bytes().unwrap().len(), 100);
+    // Captured output is kept up to the log limit, and marked.
+    let printed = node
+        .http()
+        .get(format!("{}/s/print?n=8192", node.url))
+        .send()
+        .unwrap();
+    let id = printed.headers()["verge-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let logs = loop {
+        let logs: serde_json::Value = node
+            .api_get(&format!("/v1/logs?invocation={id}"))
+            .json()
+            .unwrap();
+        if logs.as_array().is_some_and(|a| !a.is_empty()) {
+            break logs;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no log record for {id}"
+        );
+        thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let out = logs[0]["stdout"].as_str().unwrap();
+    assert!(
+        out.ends_with("[output truncated]"),
+        "{}",
+        &out[out.len().saturating_sub(40)..]
+    );
+    assert!(out.len() <= 1024 + 32, "{}", out.len());
 }
