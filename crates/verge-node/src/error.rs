@@ -74,6 +74,7 @@ pub(crate) fn outcome_status(outcome: &str) -> u16 {
         "timeout" => StatusCode::GATEWAY_TIMEOUT,
         "capacity" => StatusCode::SERVICE_UNAVAILABLE,
         "error_response" => StatusCode::BAD_GATEWAY,
+        "request_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
     .as_u16()

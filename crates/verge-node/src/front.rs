@@ -74,8 +74,21 @@ fn refuse(
             function.name
         ),
     };
+    record_rejection(state, function, &id, "capacity", waited);
+    ApiError::Overloaded { detail, id }.into_response()
+}
+
+/// Records an invocation refused before its guest ran (`outcome`: `capacity`
+/// or `request_too_large`), so that the ledger shows every answer given.
+fn record_rejection(
+    state: &AppState,
+    function: &Function,
+    id: &str,
+    outcome: &str,
+    waited: std::time::Duration,
+) {
     state.ledger.record(verge_spec::UsageRecord {
-        invocation_id: id.clone(),
+        invocation_id: id.to_string(),
         function: function.name.clone(),
         version: function.version,
         started_at_ms: std::time::SystemTime::now()
@@ -83,18 +96,10 @@ fn refuse(
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0),
         wall_us: waited.as_micros() as u64,
-        cpu_us: 0,
-        peak_memory_bytes: 0,
-        memory_limit_bytes: 0,
-        request_bytes: 0,
-        response_bytes: 0,
-        status: crate::error::outcome_status("capacity"),
-        outcome: "capacity".into(),
-        cold: false,
-        stdout: None,
-        stderr: None,
+        status: crate::error::outcome_status(outcome),
+        outcome: outcome.to_string(),
+        ..Default::default()
     });
-    ApiError::Overloaded { detail, id }.into_response()
 }
 
 /// Fallback handler: every request that is not for the control API.
@@ -135,11 +140,22 @@ pub(crate) async fn run(state: &AppState, function: &Function, request: Request)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limits.request as u64) {
-        return ApiError::TooLarge(format!(
-            "the request body is larger than this node's limit of {} bytes for function requests (verge up --max-request-body)",
+        record_rejection(
+            state,
+            function,
+            &id,
+            "request_too_large",
+            Default::default(),
+        );
+        let mut response = ApiError::TooLarge(format!(
+            "the request body is larger than this node's limit of {} bytes for function requests (verge up --max-request-body); invocation {id}",
             limits.request
         ))
         .into_response();
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            response.headers_mut().insert(INVOCATION_ID_HEADER, v);
+        }
+        return response;
     }
     let waited = std::time::Instant::now();
     let permits = match state.admit(&function.name).await {

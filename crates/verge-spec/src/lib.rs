@@ -257,7 +257,7 @@ pub struct Problem {
 }
 
 /// What one invocation used, as metered by the host and kept in the ledger.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UsageRecord {
     pub invocation_id: String,
     pub function: String,
@@ -277,7 +277,8 @@ pub struct UsageRecord {
     /// HTTP status the caller got.
     pub status: u16,
     /// `ok`, `trap`, `timeout`, `memory_limit`, `no_response`, `error_response`,
-    /// `capacity` or `instantiate`.
+    /// `instantiate`, or, for requests refused before the guest ran,
+    /// `capacity` and `request_too_large`.
     pub outcome: String,
     /// True on the first invocation after the compiled code was loaded.
     pub cold: bool,

@@ -221,6 +221,10 @@ fn body_and_log_limits_hold() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 413);
+    let refused_id = r.headers()["verge-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert!(r.text().unwrap().contains("--max-request-body"));
     // Within both limits: whole.
     let r = node
@@ -282,4 +286,19 @@ fn body_and_log_limits_hold() {
         &out[out.len().saturating_sub(40)..]
     );
     assert!(out.len() <= 1024 + 32, "{}", out.len());
+    // The refused request is in the ledger with its outcome.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let rec: serde_json::Value = node
+            .api_get(&format!("/v1/invocations?id={refused_id}"))
+            .json()
+            .unwrap();
+        if let Some(r) = rec.as_array().and_then(|a| a.first()) {
+            assert_eq!(r["outcome"], "request_too_large");
+            assert_eq!(r["status"], 413);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no record of the 413");
+        thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
