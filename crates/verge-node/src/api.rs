@@ -440,7 +440,7 @@ async fn usage(
     let mut q = UsageQuery {
         since_ms: None,
         until_ms: None,
-        by: UsageBy::Function,
+        by: vec![UsageBy::Function],
         granularity_ms: 1,
         price_per_million_requests: state.prices.per_million_requests,
         price_per_gb_second: state.prices.per_gb_second,
@@ -450,9 +450,9 @@ async fn usage(
             "since" => q.since_ms = Some(parse_time_bound(&v, now_ms)?),
             "until" => q.until_ms = Some(parse_time_bound(&v, now_ms)?),
             "by" => {
-                q.by = UsageBy::parse(&v).ok_or_else(|| {
+                q.by = UsageBy::parse_list(&v).ok_or_else(|| {
                     ApiError::BadRequest(format!(
-                        "by {v:?}: group by function, version, hour or minute"
+                        "by {v:?}: group by function, version, hour or minute, or a subject and a time such as version,hour"
                     ))
                 })?
             }

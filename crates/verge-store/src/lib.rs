@@ -545,6 +545,21 @@ pub enum UsageBy {
 }
 
 impl UsageBy {
+    /// Parses a grouping: `function`, `version`, `hour`, `minute`, or a
+    /// subject and a time together (`version,minute`).
+    pub fn parse_list(s: &str) -> Option<Vec<Self>> {
+        let list: Vec<Self> = s
+            .split(',')
+            .map(|p| Self::parse(p.trim()))
+            .collect::<Option<_>>()?;
+        let subjects = list
+            .iter()
+            .filter(|b| matches!(b, UsageBy::Function | UsageBy::Version))
+            .count();
+        let times = list.len() - subjects;
+        (subjects <= 1 && times <= 1 && !list.is_empty()).then_some(list)
+    }
+
     /// Parses `function`, `version`, `hour` or `minute`.
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
@@ -580,7 +595,8 @@ impl UsageBy {
 pub struct UsageQuery {
     pub since_ms: Option<i64>,
     pub until_ms: Option<i64>,
-    pub by: UsageBy,
+    /// Grouping: a subject (function or version), a time bucket, or both.
+    pub by: Vec<UsageBy>,
     /// Billing granularity: wall time is rounded up to a multiple of it.
     pub granularity_ms: u64,
     pub price_per_million_requests: f64,
@@ -686,7 +702,11 @@ impl Store {
              FROM invocations
              WHERE (?1 IS NULL OR started_at_ms >= ?1) AND (?2 IS NULL OR started_at_ms < ?2)
              GROUP BY k ORDER BY k",
-            key = q.by.key_sql()
+            key =
+                q.by.iter()
+                    .map(|b| b.key_sql())
+                    .collect::<Vec<_>>()
+                    .join(" || ' ' || ")
         );
         let conn = self.conn();
         let mut stmt = conn.prepare(&sql)?;
@@ -732,7 +752,12 @@ impl Store {
             out.push(u);
         }
         Ok(UsageReport {
-            by: q.by.as_str().into(),
+            by: q
+                .by
+                .iter()
+                .map(|b| b.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
             since_ms: q.since_ms,
             until_ms: q.until_ms,
             granularity_ms: q.granularity_ms,
@@ -863,7 +888,7 @@ mod tests {
         let mut q = UsageQuery {
             since_ms: None,
             until_ms: None,
-            by: UsageBy::Function,
+            by: vec![UsageBy::Function],
             granularity_ms: 1,
             price_per_million_requests: 0.2,
             price_per_gb_second: 0.0000166667,
@@ -885,8 +910,15 @@ mod tests {
             "{r100:?}"
         );
         assert!(r100.total.cost > r.total.cost);
-        q.by = UsageBy::Hour;
+        q.by = vec![UsageBy::Hour];
         assert_eq!(store.usage(&q).unwrap().rows[0].key, "2026-11-18T11:00:00Z");
+        q.by = UsageBy::parse_list("version,minute").unwrap();
+        let r = store.usage(&q).unwrap();
+        assert_eq!(r.rows[0].key, "f@1 2026-11-18T11:06:00Z");
+        assert_eq!(r.by, "version,minute");
+        assert!(UsageBy::parse_list("function,version").is_none());
+        assert!(UsageBy::parse_list("hour,minute").is_none());
+        assert!(UsageBy::parse_list("planet").is_none());
         drop(ledger);
     }
 

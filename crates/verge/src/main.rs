@@ -121,7 +121,7 @@ enum Command {
         /// Until: unix ms, or a duration ago
         #[arg(long)]
         until: Option<String>,
-        /// Group by function, version, hour or minute
+        /// Group by function, version, hour or minute, or a subject and a time (version,hour)
         #[arg(long, default_value = "function")]
         by: String,
         /// Billing granularity (1ms, 100ms): wall time is rounded up to it

@@ -231,6 +231,19 @@ fn usage_totals_equal_the_sum_of_the_records() {
     assert!(lines.next().unwrap().starts_with("KEY,INVOCATIONS"));
     assert!(csv.contains("hello@1,5,"), "{csv}");
     assert!(csv.contains("total,8,"), "{csv}");
+    let per_minute: Value = node.api_get("/v1/usage?by=version,minute").json().unwrap();
+    let keys: Vec<&str> = per_minute["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["key"].as_str().unwrap())
+        .collect();
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with("hello@1 ") && k.ends_with(":00Z")),
+        "{keys:?}"
+    );
+    assert_eq!(per_minute["total"]["invocations"], 8);
     let table = node.cli_ok(&["usage", "--since", "1h"]);
     assert!(table.contains("per GB-second"), "{table}");
     let err = node.cli_err(&["usage", "--by", "planet"]);
