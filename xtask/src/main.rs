@@ -237,7 +237,13 @@ const JS_GUESTS: [&str; 2] = ["hello", "echo"];
 fn js_guests(root: &Path, out: &Path) -> Result<()> {
     let dir = root.join("guests/js");
     let bin = dir.join("node_modules/.bin/componentize-js");
-    if !bin.exists() {
+    let installed = dir.join("node_modules/.package-lock.json");
+    if !bin.exists()
+        || !fresh(
+            &installed,
+            &[&dir.join("package.json"), &dir.join("package-lock.json")],
+        )
+    {
         require("npm", ".", "apt-get install -y nodejs npm")?;
         println!("installing componentize-js (npm)");
         run(Command::new("npm")
