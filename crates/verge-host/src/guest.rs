@@ -191,8 +191,9 @@ where
     B::Error: std::fmt::Display,
 {
     let cfg = host.config();
-    let stdout = Capture::new(cfg.output_limit);
-    let stderr = Capture::new(cfg.output_limit);
+    let log_limit = function.log_limit.unwrap_or(cfg.output_limit);
+    let stdout = Capture::new(log_limit);
+    let stderr = Capture::new(log_limit);
     let timeout = function.timeout.unwrap_or(cfg.timeout);
     let memory_limit = function.memory_limit.unwrap_or(cfg.memory_limit);
     let started = Instant::now();

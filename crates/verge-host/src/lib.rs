@@ -196,6 +196,8 @@ pub struct Function {
     pub timeout: Option<Duration>,
     /// Memory limit of this version, bytes; the host's when `None`.
     pub memory_limit: Option<usize>,
+    /// Bytes of stdout and of stderr kept per invocation; the host's when `None`.
+    pub log_limit: Option<usize>,
 }
 
 impl Function {
@@ -213,13 +215,20 @@ impl Function {
             env: Arc::new(env),
             timeout: None,
             memory_limit: None,
+            log_limit: None,
         }
     }
 
-    /// Sets this version's limits (each capped by the host's).
-    pub fn with_limits(mut self, timeout: Option<Duration>, memory_limit: Option<usize>) -> Self {
+    /// Sets this version's limits (`None`: the host's).
+    pub fn with_limits(
+        mut self,
+        timeout: Option<Duration>,
+        memory_limit: Option<usize>,
+        log_limit: Option<usize>,
+    ) -> Self {
         self.timeout = timeout;
         self.memory_limit = memory_limit;
+        self.log_limit = log_limit;
         self
     }
 }

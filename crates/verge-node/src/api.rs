@@ -145,6 +145,9 @@ impl DeployOptions {
                 "host" => host = Some(normalize_route_host(&v)?),
                 "timeout" => opts.limits.timeout_ms = Some(parse_duration(&v)?.as_millis() as u64),
                 "memory" => opts.limits.memory_bytes = Some(parse_size(&v)?),
+                "max_request_body" => opts.limits.request_body = Some(parse_size(&v)?),
+                "max_response_body" => opts.limits.response_body = Some(parse_size(&v)?),
+                "log_limit" => opts.limits.log_bytes = Some(parse_size(&v)?),
                 "concurrency" => {
                     opts.limits.concurrency =
                         Some(v.parse::<u32>().ok().filter(|n| *n >= 1).ok_or_else(|| {
@@ -155,7 +158,7 @@ impl DeployOptions {
                 }
                 other => {
                     return Err(ApiError::BadRequest(format!(
-                        "unknown query parameter {other:?}; accepted: route, host, env, timeout, memory, concurrency"
+                        "unknown query parameter {other:?}; accepted: route, host, env, timeout, memory, concurrency, max_request_body, max_response_body, log_limit"
                     )));
                 }
             }
@@ -262,8 +265,9 @@ pub(crate) async fn deploy(
             Function::new(Arc::new(loaded), fname, v, env).with_limits(
                 limits.timeout_ms.map(std::time::Duration::from_millis),
                 limits.memory_bytes.map(|m| m as usize),
+                limits.log_bytes.map(|m| m as usize),
             ),
-            limits.concurrency,
+            limits,
         );
         Ok(v)
     })
@@ -308,6 +312,20 @@ fn check_limits(state: &AppState, limits: &Limits) -> Result<(), ApiError> {
             bytes >> 20,
             c.memory >> 20
         )));
+    }
+    let b = state.body_limits;
+    for (value, ceiling, flag) in [
+        (limits.request_body, b.request, "--max-request-body"),
+        (limits.response_body, b.response, "--max-response-body"),
+        (limits.log_bytes, state.log_limit, "--log-limit"),
+    ] {
+        if let Some(v) = value
+            && v > ceiling as u64
+        {
+            return Err(ApiError::BadRequest(format!(
+                "{v} bytes is over this node's ceiling of {ceiling} bytes; raise it with `verge up {flag}`"
+            )));
+        }
     }
     Ok(())
 }

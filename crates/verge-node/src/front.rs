@@ -133,7 +133,7 @@ pub(crate) async fn serve_user_route(
 /// Runs `function` on `request` and turns the outcome into a response.
 pub(crate) async fn run(state: &AppState, function: &Function, request: Request) -> Response {
     let id = new_invocation_id();
-    let limits = state.body_limits;
+    let limits = state.body_limits_of(&function.name);
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -148,7 +148,7 @@ pub(crate) async fn run(state: &AppState, function: &Function, request: Request)
             Default::default(),
         );
         let mut response = ApiError::TooLarge(format!(
-            "the request body is larger than this node's limit of {} bytes for function requests (verge up --max-request-body); invocation {id}",
+            "the request body is larger than the limit of {} bytes for this function (verge deploy --max-request-body, up to verge up --max-request-body); invocation {id}",
             limits.request
         ))
         .into_response();

@@ -159,6 +159,7 @@ impl Node {
                     memory: config.memory_limit,
                 },
                 prices: config.prices,
+                log_limit: config.log_limit,
                 body_limits: state::BodyLimits {
                     request: config.max_request_body,
                     response: config.max_response_body,

@@ -11,7 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use verge_host::{Function, Host};
 use verge_spec::Route;
-use verge_store::{Ledger, LiveVersion, Store};
+use verge_store::{Ledger, Limits, LiveVersion, Store};
 
 use crate::error::ApiError;
 
@@ -113,6 +113,7 @@ pub(crate) struct Settings {
     pub prices: Prices,
     pub admission: Admission,
     pub body_limits: BodyLimits,
+    pub log_limit: usize,
 }
 
 /// Everything a handler needs.
@@ -128,6 +129,8 @@ pub struct AppState {
     pub(crate) prices: Prices,
     pub(crate) admission: Admission,
     pub(crate) body_limits: BodyLimits,
+    pub(crate) log_limit: usize,
+    bodies: RwLock<HashMap<String, BodyLimits>>,
     functions: RwLock<HashMap<String, Slot>>,
     slots: RwLock<HashMap<String, Arc<Semaphore>>>,
     routes: RwLock<Arc<Vec<Route>>>,
@@ -147,6 +150,8 @@ impl AppState {
             prices: settings.prices,
             admission: settings.admission,
             body_limits: settings.body_limits,
+            log_limit: settings.log_limit,
+            bodies: RwLock::default(),
             slots: RwLock::default(),
             functions: RwLock::default(),
             routes: RwLock::default(),
@@ -221,13 +226,14 @@ impl AppState {
         .with_limits(
             v.limits.timeout_ms.map(Duration::from_millis),
             v.limits.memory_bytes.map(|m| m as usize),
+            v.limits.log_bytes.map(|m| m as usize),
         ))
     }
 
     /// Registers a stored version, to be loaded by its first request.
     pub(crate) fn register(&self, version: LiveVersion) {
         let name = version.function.clone();
-        self.set_concurrency(&name, version.limits.concurrency);
+        self.set_limits(&name, &version.limits);
         self.functions
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -240,9 +246,22 @@ impl AppState {
             );
     }
 
-    fn set_concurrency(&self, name: &str, concurrency: Option<u32>) {
+    /// Records the limits the node enforces for `name` (the host enforces the rest).
+    fn set_limits(&self, name: &str, limits: &Limits) {
+        let bodies = BodyLimits {
+            request: limits
+                .request_body
+                .map_or(self.body_limits.request, |b| b as usize),
+            response: limits
+                .response_body
+                .map_or(self.body_limits.response, |b| b as usize),
+        };
+        self.bodies
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string(), bodies);
         let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
-        match concurrency {
+        match limits.concurrency {
             Some(n) => {
                 slots.insert(
                     name.to_string(),
@@ -257,13 +276,23 @@ impl AppState {
 
     /// Makes `function` the one that serves its name, with at most
     /// `concurrency` invocations at once (`None`: only the node's cap).
-    pub(crate) fn install(&self, function: Function, concurrency: Option<u32>) {
+    pub(crate) fn install(&self, function: Function, limits: Limits) {
         let name = function.name.clone();
-        self.set_concurrency(&name, concurrency);
+        self.set_limits(&name, &limits);
         self.functions
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(name, Slot::Ready(function));
+    }
+
+    /// Body limits of `name`: its version's, else the node's.
+    pub(crate) fn body_limits_of(&self, name: &str) -> BodyLimits {
+        self.bodies
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .copied()
+            .unwrap_or(self.body_limits)
     }
 
     pub(crate) fn uninstall(&self, name: &str) {
@@ -272,6 +301,10 @@ impl AppState {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(name);
         self.slots
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+        self.bodies
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(name);

@@ -185,6 +185,15 @@ pub struct VersionInfo {
     /// Invocations that may run at once, when set (else unbounded but for the node's cap).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<u32>,
+    /// Largest request body in bytes, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_body: Option<u64>,
+    /// Largest response body in bytes, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_body: Option<u64>,
+    /// Bytes of stdout and of stderr kept per invocation, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_bytes: Option<u64>,
     /// Configured values the guest sees as its environment.
     pub env: BTreeMap<String, String>,
     /// Creation time, RFC 3339 UTC.

@@ -75,6 +75,30 @@ pub struct Limits {
     pub memory_bytes: Option<u64>,
     /// Invocations of this version that may run at once.
     pub concurrency: Option<u32>,
+    /// Largest request body, bytes.
+    pub request_body: Option<u64>,
+    /// Largest response body, bytes.
+    pub response_body: Option<u64>,
+    /// Bytes of stdout and of stderr kept per invocation.
+    pub log_bytes: Option<u64>,
+}
+
+/// The version columns that hold [`Limits`], in order.
+const LIMIT_COLUMNS: &str =
+    "timeout_ms, memory_bytes, concurrency, request_body, response_body, log_bytes";
+
+impl Limits {
+    /// Reads the [`LIMIT_COLUMNS`] starting at column `at`.
+    fn from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Self> {
+        Ok(Self {
+            timeout_ms: r.get(at)?,
+            memory_bytes: r.get(at + 1)?,
+            concurrency: r.get(at + 2)?,
+            request_body: r.get(at + 3)?,
+            response_body: r.get(at + 4)?,
+            log_bytes: r.get(at + 5)?,
+        })
+    }
 }
 
 /// The embedded store (see the crate docs).
@@ -127,6 +151,9 @@ CREATE TABLE IF NOT EXISTS versions (
     timeout_ms INTEGER,
     memory_bytes INTEGER,
     concurrency INTEGER,
+    request_body INTEGER,
+    response_body INTEGER,
+    log_bytes INTEGER,
     PRIMARY KEY (function, number)
 );
 CREATE TABLE IF NOT EXISTS routes (
@@ -287,8 +314,10 @@ impl Store {
         let env_json: BTreeMap<&str, &str> =
             env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         tx.execute(
-            "INSERT INTO versions (function, number, sha256, size, env, created_at, timeout_ms, memory_bytes, concurrency)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            &format!(
+                "INSERT INTO versions (function, number, sha256, size, env, created_at, {LIMIT_COLUMNS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+            ),
             params![
                 function,
                 next,
@@ -298,7 +327,10 @@ impl Store {
                 t,
                 limits.timeout_ms,
                 limits.memory_bytes,
-                limits.concurrency
+                limits.concurrency,
+                limits.request_body,
+                limits.response_body,
+                limits.log_bytes
             ],
         )?;
         for (host, path) in routes {
@@ -371,8 +403,11 @@ impl Store {
     pub fn live_versions(&self) -> Result<Vec<LiveVersion>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT f.name, v.number, v.sha256, v.env, v.timeout_ms, v.memory_bytes, v.concurrency FROM functions f
-             JOIN versions v ON v.function = f.name AND v.number = f.live_version ORDER BY f.name",
+            &format!(
+                "SELECT f.name, v.number, v.sha256, v.env, {} FROM functions f
+                 JOIN versions v ON v.function = f.name AND v.number = f.live_version ORDER BY f.name",
+                LIMIT_COLUMNS.replace(", ", ", v.").replacen("timeout_ms", "v.timeout_ms", 1)
+            ),
         )?;
         let rows = stmt.query_map([], |r| {
             Ok((
@@ -380,11 +415,7 @@ impl Store {
                 r.get::<_, u64>(1)?,
                 r.get::<_, String>(2)?,
                 r.get::<_, String>(3)?,
-                Limits {
-                    timeout_ms: r.get(4)?,
-                    memory_bytes: r.get(5)?,
-                    concurrency: r.get(6)?,
-                },
+                Limits::from_row(r, 4)?,
             ))
         })?;
         let mut out = Vec::new();
@@ -455,10 +486,10 @@ impl Store {
             .optional()?;
         let (live_version, created_at) =
             head.ok_or_else(|| StoreError::FunctionNotFound(name.to_string()))?;
-        let mut stmt = conn.prepare(
-            "SELECT number, sha256, size, env, created_at, timeout_ms, memory_bytes, concurrency
-             FROM versions WHERE function = ?1 ORDER BY number DESC",
-        )?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT number, sha256, size, env, created_at, {LIMIT_COLUMNS}
+                 FROM versions WHERE function = ?1 ORDER BY number DESC"
+        ))?;
         let rows = stmt.query_map(params![name], |r| {
             Ok((
                 r.get::<_, u64>(0)?,
@@ -466,21 +497,22 @@ impl Store {
                 r.get::<_, u64>(2)?,
                 r.get::<_, String>(3)?,
                 r.get::<_, i64>(4)?,
-                r.get::<_, Option<u64>>(5)?,
-                r.get::<_, Option<u64>>(6)?,
-                r.get::<_, Option<u32>>(7)?,
+                Limits::from_row(r, 5)?,
             ))
         })?;
         let mut versions = Vec::new();
         for row in rows {
-            let (version, sha256, size, env, created, timeout_ms, memory_bytes, concurrency) = row?;
+            let (version, sha256, size, env, created, limits) = row?;
             versions.push(VersionInfo {
                 version,
                 sha256,
                 size,
-                timeout_ms,
-                memory_bytes,
-                concurrency,
+                timeout_ms: limits.timeout_ms,
+                memory_bytes: limits.memory_bytes,
+                concurrency: limits.concurrency,
+                request_body: limits.request_body,
+                response_body: limits.response_body,
+                log_bytes: limits.log_bytes,
                 env: parse_env(&env)?.into_iter().collect(),
                 created_at: rfc3339(created),
             });

@@ -112,6 +112,15 @@ enum Command {
         /// Invocations of this version that may run at once [default: only the node's cap]
         #[arg(long)]
         concurrency: Option<u32>,
+        /// Largest request body of this version (for example 1MiB) [default: the node's]
+        #[arg(long)]
+        max_request_body: Option<String>,
+        /// Largest response body of this version [default: the node's]
+        #[arg(long)]
+        max_response_body: Option<String>,
+        /// Bytes of stdout and of stderr kept per invocation [default: the node's]
+        #[arg(long)]
+        log_limit: Option<String>,
     },
     /// Usage and cost: invocations, GB-seconds, CPU-seconds, bytes out
     Usage {
@@ -280,9 +289,26 @@ async fn run(cli: Cli) -> Result<()> {
             timeout,
             memory,
             concurrency,
+            max_request_body,
+            max_response_body,
+            log_limit,
         } => {
             let concurrency = concurrency.map(|c| c.to_string());
             let mut extra = Vec::new();
+            for (key, flag, value) in [
+                ("max_request_body", "--max-request-body", &max_request_body),
+                (
+                    "max_response_body",
+                    "--max-response-body",
+                    &max_response_body,
+                ),
+                ("log_limit", "--log-limit", &log_limit),
+            ] {
+                if let Some(v) = value {
+                    parse_size(v).context(flag)?;
+                    extra.push((key, v.as_str()));
+                }
+            }
             if let Some(c) = &concurrency {
                 extra.push(("concurrency", c.as_str()));
             }

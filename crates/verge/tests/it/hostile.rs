@@ -302,3 +302,104 @@ fn body_and_log_limits_hold() {
         thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+#[test]
+fn body_and_log_limits_per_version() {
+    let node = TestNode::start_with(&["--max-request-body", "64KiB"]);
+    let echo = crate::kit::fixture("rust-echo");
+    let sandbox = crate::kit::fixture("rust-sandbox");
+    node.cli_ok(&[
+        "deploy",
+        echo.to_str().unwrap(),
+        "--name",
+        "tiny",
+        "--route",
+        "/tiny",
+        "--max-request-body",
+        "1KiB",
+    ]);
+    node.cli_ok(&[
+        "deploy",
+        echo.to_str().unwrap(),
+        "--name",
+        "roomy",
+        "--route",
+        "/roomy",
+    ]);
+    node.cli_ok(&[
+        "deploy",
+        sandbox.to_str().unwrap(),
+        "--name",
+        "quiet",
+        "--route",
+        "/quiet",
+        "--log-limit",
+        "512",
+    ]);
+    let post = |path: &str, n: usize| {
+        node.http()
+            .post(format!("{}{path}", node.url))
+            .body(vec![7u8; n])
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(post("/tiny", 2000), 413, "the version's own limit");
+    assert_eq!(post("/roomy", 2000), 200, "the node's limit for the other");
+    assert_eq!(post("/roomy", 70_000), 413, "the node's limit");
+    let show: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&["show", "tiny", "--json"])).unwrap();
+    assert_eq!(show["versions"][0]["request_body"], 1024);
+    let err = node.cli_err(&[
+        "deploy",
+        echo.to_str().unwrap(),
+        "--name",
+        "big",
+        "--max-request-body",
+        "1MiB",
+    ]);
+    assert!(
+        err.contains("ceiling") && err.contains("--max-request-body"),
+        "{err}"
+    );
+
+    let r = node
+        .http()
+        .get(format!("{}/quiet/print?n=4096", node.url))
+        .send()
+        .unwrap();
+    let id = r.headers()["verge-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let out = loop {
+        let logs: serde_json::Value = node
+            .api_get(&format!("/v1/logs?invocation={id}"))
+            .json()
+            .unwrap();
+        if let Some(out) = logs[0]["stdout"].as_str() {
+            break out.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no log record for {id}"
+        );
+        thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(
+        out.len() <= 512 + 32 && out.ends_with("[output truncated]"),
+        "{}",
+        out.len()
+    );
+    // And the limits come back after a restart.
+    let node = node.kill9_and_restart();
+    let r = node
+        .http()
+        .post(format!("{}/tiny", node.url))
+        .body(vec![7u8; 2000])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 413);
+}
