@@ -103,11 +103,7 @@ fn queued(node: &TestNode) -> u64 {
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !f() {
-        assert!(std::time::Instant::now() < deadline, "never: {what}");
-        thread::sleep(std::time::Duration::from_millis(10));
-    }
+    crate::kit::eventually(what, || f().then_some(()))
 }
 
 #[test]
@@ -264,21 +260,15 @@ fn body_and_log_limits_hold() {
         .to_str()
         .unwrap()
         .to_string();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let logs = loop {
+    let logs = crate::kit::eventually(&format!("a log record for {id}"), || {
         let logs: serde_json::Value = node
             .api_get(&format!("/v1/logs?invocation={id}"))
             .json()
             .unwrap();
-        if logs.as_array().is_some_and(|a| !a.is_empty()) {
-            break logs;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no log record for {id}"
-        );
-        thread::sleep(std::time::Duration::from_millis(20));
-    };
+        logs.as_array()
+            .is_some_and(|a| !a.is_empty())
+            .then_some(logs)
+    });
     let out = logs[0]["stdout"].as_str().unwrap();
     assert!(
         out.ends_with("[output truncated]"),
@@ -287,20 +277,15 @@ fn body_and_log_limits_hold() {
     );
     assert!(out.len() <= 1024 + 32, "{}", out.len());
     // The refused request is in the ledger with its outcome.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
+    let r = crate::kit::eventually("a record of the 413", || {
         let rec: serde_json::Value = node
             .api_get(&format!("/v1/invocations?id={refused_id}"))
             .json()
             .unwrap();
-        if let Some(r) = rec.as_array().and_then(|a| a.first()) {
-            assert_eq!(r["outcome"], "request_too_large");
-            assert_eq!(r["status"], 413);
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no record of the 413");
-        thread::sleep(std::time::Duration::from_millis(20));
-    }
+        rec.as_array().and_then(|a| a.first()).cloned()
+    });
+    assert_eq!(r["outcome"], "request_too_large");
+    assert_eq!(r["status"], 413);
 }
 
 #[test]
@@ -373,21 +358,13 @@ fn body_and_log_limits_per_version() {
         .to_str()
         .unwrap()
         .to_string();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let out = loop {
+    let out = crate::kit::eventually(&format!("a log record for {id}"), || {
         let logs: serde_json::Value = node
             .api_get(&format!("/v1/logs?invocation={id}"))
             .json()
             .unwrap();
-        if let Some(out) = logs[0]["stdout"].as_str() {
-            break out.to_string();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no log record for {id}"
-        );
-        thread::sleep(std::time::Duration::from_millis(20));
-    };
+        logs[0]["stdout"].as_str().map(str::to_string)
+    });
     assert!(
         out.len() <= 512 + 32 && out.ends_with("[output truncated]"),
         "{}",

@@ -142,18 +142,10 @@ impl TestNode {
 
     /// Waits until the node's log contains `needle`.
     pub fn wait_for_log(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        eventually(&format!("the node's log contains {needle:?}"), || {
             let log = self.log();
-            if log.contains(needle) {
-                return log;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "log never contained {needle:?}:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            log.contains(needle).then_some(log)
+        })
     }
 
     /// The CLI, pointed at this node through VERGE_SERVER / VERGE_TOKEN.
@@ -228,6 +220,19 @@ impl Drop for TestNode {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` until it yields a value (a condition, never a fixed
+/// sleep); fails naming `what` after 30 s.
+pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

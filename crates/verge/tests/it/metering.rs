@@ -8,22 +8,13 @@ use crate::kit::{TestNode, fixture, noise};
 
 /// Waits until the ledger holds at least `n` records of `function`.
 fn records(node: &TestNode, function: &str, n: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    crate::kit::eventually(&format!("{n} records of {function} in the ledger"), || {
         let got: Vec<Value> = node
             .api_get(&format!("/v1/invocations?function={function}&limit=10000"))
             .json()
             .unwrap();
-        if got.len() >= n {
-            return got;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {n} records arrived",
-            got.len()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        (got.len() >= n).then_some(got)
+    })
 }
 
 fn by_id<'a>(records: &'a [Value], id: &str) -> &'a Value {
