@@ -119,6 +119,7 @@ impl WasiHttpHooks for DenyOutbound {
 /// limits, interrupted at `deadline`.
 fn new_store(
     host: &Host,
+    engine: &wasmtime::Engine,
     function: &Function,
     stdout: &Capture,
     stderr: &Capture,
@@ -148,7 +149,7 @@ fn new_store(
             hit: false,
         },
     };
-    let mut store = Store::new(&host.engine, state);
+    let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limits);
     // A guest that never blocks yields to the executor at every epoch tick, so
     // it cannot starve other requests; past the deadline it is interrupted.
@@ -168,10 +169,9 @@ fn new_store(
 pub(crate) async fn instantiate_only(host: &Host, function: &Function) -> Result<(), InvokeError> {
     let capture = Capture::new(0);
     let deadline = Instant::now() + function.timeout.unwrap_or(host.config().timeout);
-    let mut store = new_store(host, function, &capture, &capture, deadline);
-    function
-        .component
-        .pre
+    let code = function.component.code();
+    let mut store = new_store(host, &code.engine, function, &capture, &capture, deadline);
+    code.pre
         .instantiate_async(&mut store)
         .await
         .map(drop)
@@ -198,7 +198,10 @@ where
     let memory_limit = function.memory_limit.unwrap_or(cfg.memory_limit);
     let started = Instant::now();
     let deadline = started + timeout;
-    let mut store = new_store(host, function, &stdout, &stderr, deadline);
+    // The code in force when the request starts serves all of it, even if
+    // optimized code replaces it meanwhile.
+    let code = function.component.code();
+    let mut store = new_store(host, &code.engine, function, &stdout, &stderr, deadline);
 
     let meter = Meter::new(
         if cfg.metering {
@@ -277,7 +280,7 @@ where
     // One task per invocation: it runs the guest to the end (the response body
     // may still stream after the response head is sent), meters it, and
     // reports its output.
-    let pre = function.component.pre.clone();
+    let pre = code.pre.clone();
     let log = log_output.clone();
     let task_meter = meter.clone();
     let (task_stdout, task_stderr) = (stdout.clone(), stderr.clone());

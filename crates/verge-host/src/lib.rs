@@ -21,14 +21,14 @@ use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use wasmtime::component::{Component, Linker, types::ComponentItem};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Strategy};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 pub use capture::Capture;
@@ -51,6 +51,50 @@ pub struct HostConfig {
     /// Meter invocations (CPU time per poll) and emit usage records. Off only
     /// to measure what metering costs.
     pub metering: bool,
+    /// When to compile with the baseline compiler first.
+    pub tiering: Tiering,
+}
+
+/// Which compiler makes a component's machine code.
+///
+/// Cranelift (optimizing) takes seconds for the 13-18 MB components of the
+/// JavaScript and Python toolchains; Winch (baseline) compiles several times
+/// faster into slower code. With tiering a large component serves on baseline
+/// code first while optimized code compiles in the background
+/// ([`Host::optimize`]); the swap is invisible to callers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tiering {
+    /// Optimized code only.
+    Off,
+    /// Components of at least `min_size` bytes start on baseline code.
+    Auto { min_size: usize },
+    /// Baseline code only, never optimized (to measure the baseline).
+    BaselineOnly,
+}
+
+impl Default for Tiering {
+    fn default() -> Self {
+        Tiering::Auto { min_size: 1 << 20 }
+    }
+}
+
+/// The kind of machine code a component runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// Compiled fast, runs slower (Winch).
+    Baseline,
+    /// Compiled by the optimizing compiler (Cranelift).
+    Optimized,
+}
+
+impl Tier {
+    /// `baseline` or `optimized`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Baseline => "baseline",
+            Tier::Optimized => "optimized",
+        }
+    }
 }
 
 impl HostConfig {
@@ -63,6 +107,7 @@ impl HostConfig {
             output_limit: 64 << 10,
             timeout: Duration::from_secs(30),
             metering: true,
+            tiering: Tiering::default(),
         }
     }
 }
@@ -165,11 +210,21 @@ impl CodeSource {
     }
 }
 
+/// Machine code of a component, pre-instantiated, with its engine.
+pub(crate) struct Code {
+    pub(crate) pre: ProxyPre<GuestState>,
+    pub(crate) engine: Engine,
+    tier: Tier,
+}
+
 /// A validated, compiled and pre-instantiated component.
 pub struct LoadedComponent {
-    pre: ProxyPre<GuestState>,
+    /// Swapped once when optimized code replaces baseline code.
+    code: RwLock<Arc<Code>>,
+    /// Set while optimized code is being made for it.
+    optimizing: AtomicBool,
     /// Set by the first invocation: the ones before it are cold.
-    used: std::sync::atomic::AtomicBool,
+    used: AtomicBool,
     sha256: String,
     /// Where its code came from and how long loading took.
     pub source: CodeSource,
@@ -177,9 +232,33 @@ pub struct LoadedComponent {
 }
 
 impl LoadedComponent {
+    fn new(code: Code, sha256: &str, source: CodeSource, load_time: Duration) -> Self {
+        Self {
+            code: RwLock::new(Arc::new(code)),
+            optimizing: AtomicBool::new(false),
+            used: AtomicBool::new(false),
+            sha256: sha256.to_string(),
+            source,
+            load_time,
+        }
+    }
+
     /// The sha256 of the component's bytes.
     pub fn sha256(&self) -> &str {
         &self.sha256
+    }
+
+    /// The code requests start on now.
+    pub(crate) fn code(&self) -> Arc<Code> {
+        self.code
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The kind of code it runs on now.
+    pub fn tier(&self) -> Tier {
+        self.code().tier
     }
 }
 
@@ -219,6 +298,16 @@ impl Function {
         }
     }
 
+    /// The loaded component it runs.
+    pub fn component(&self) -> &Arc<LoadedComponent> {
+        &self.component
+    }
+
+    /// The kind of code it runs on now.
+    pub fn tier(&self) -> Tier {
+        self.component.tier()
+    }
+
     /// Sets this version's limits (`None`: the host's).
     pub fn with_limits(
         mut self,
@@ -236,18 +325,55 @@ impl Function {
 /// Counters of the host since it started.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HostStats {
+    /// Components compiled (by either compiler).
     pub compiled: u64,
+    /// Components whose code came from the on-disk cache.
     pub cache_hits: u64,
+    /// Components that started on baseline code.
+    pub baseline: u64,
+    /// Baseline components whose optimized code replaced it.
+    pub optimized: u64,
+}
+
+/// One compiler's engine and the linker built for it.
+struct Compiler {
+    engine: Engine,
+    linker: Linker<GuestState>,
+    /// Part of cache file names: compiled code only loads into an equal engine.
+    key: String,
+    tier: Tier,
+}
+
+impl Compiler {
+    fn new(config: &Config, tier: Tier) -> Result<Self, HostError> {
+        let engine = Engine::new(config).map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::<GuestState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        let mut hasher = DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let key = format!("{:016x}", hasher.finish());
+        Ok(Self {
+            engine,
+            linker,
+            key,
+            tier,
+        })
+    }
 }
 
 /// The WebAssembly host (see the crate docs).
 pub struct Host {
-    engine: Engine,
-    linker: Linker<GuestState>,
+    optimizing: Compiler,
+    /// Winch, unless tiering is off.
+    baseline: Option<Compiler>,
     config: HostConfig,
-    engine_key: String,
     compiled: AtomicU64,
     cache_hits: AtomicU64,
+    baseline_loads: AtomicU64,
+    optimized: AtomicU64,
     usage_sink: Option<UsageSink>,
 }
 
@@ -256,43 +382,52 @@ pub struct Host {
 const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 impl Host {
-    /// Builds the engine and the linker, and starts the epoch ticker.
+    /// Builds the engines and the linkers, and starts the epoch ticker.
     pub fn new(config: HostConfig) -> Result<Self, HostError> {
         fs::create_dir_all(&config.cache_dir).map_err(|source| HostError::CacheDir {
             path: config.cache_dir.clone(),
             source,
         })?;
-        let engine = Engine::new(&engine_config(&config))
-            .map_err(|e| HostError::Engine(format!("{e:#}")))?;
-        let mut linker = Linker::<GuestState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-            .map_err(|e| HostError::Engine(format!("{e:#}")))?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
-            .map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        let optimizing = Compiler::new(&engine_config(&config, Tier::Optimized), Tier::Optimized)?;
+        let baseline = match config.tiering {
+            Tiering::Off => None,
+            _ => Some(Compiler::new(
+                &engine_config(&config, Tier::Baseline),
+                Tier::Baseline,
+            )?),
+        };
 
-        let mut hasher = DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut hasher);
-        let engine_key = format!("{:016x}", hasher.finish());
-
-        let weak = engine.weak();
+        let weak: Vec<_> = std::iter::once(&optimizing)
+            .chain(baseline.as_ref())
+            .map(|c| c.engine.weak())
+            .collect();
         std::thread::Builder::new()
             .name("verge-epoch".into())
             .spawn(move || {
-                while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
+                loop {
+                    let mut alive = false;
+                    for w in &weak {
+                        if let Some(engine) = w.upgrade() {
+                            engine.increment_epoch();
+                            alive = true;
+                        }
+                    }
+                    if !alive {
+                        break;
+                    }
                     std::thread::sleep(EPOCH_TICK);
                 }
             })
             .map_err(|e| HostError::Engine(format!("could not start the epoch thread: {e}")))?;
 
         Ok(Self {
-            engine,
-            linker,
+            optimizing,
+            baseline,
             config,
-            engine_key,
             compiled: AtomicU64::new(0),
             cache_hits: AtomicU64::new(0),
+            baseline_loads: AtomicU64::new(0),
+            optimized: AtomicU64::new(0),
             usage_sink: None,
         })
     }
@@ -313,6 +448,8 @@ impl Host {
         HostStats {
             compiled: self.compiled.load(Ordering::Relaxed),
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            baseline: self.baseline_loads.load(Ordering::Relaxed),
+            optimized: self.optimized.load(Ordering::Relaxed),
         }
     }
 
@@ -335,19 +472,37 @@ impl Host {
         Ok(())
     }
 
-    fn cache_path(&self, sha256: &str) -> PathBuf {
+    fn cache_path(&self, compiler: &Compiler, sha256: &str) -> PathBuf {
         self.config
             .cache_dir
-            .join(format!("{sha256}-{}.cwasm", self.engine_key))
+            .join(format!("{sha256}-{}.cwasm", compiler.key))
     }
 
-    /// Is compiled code for this component in the cache?
+    /// Is optimized code for this component in the cache?
     pub fn is_cached(&self, sha256: &str) -> bool {
-        self.cache_path(sha256).is_file()
+        self.cache_path(&self.optimizing, sha256).is_file()
+    }
+
+    /// Removes the cached code of a component (both tiers); returns the files removed.
+    pub fn forget(&self, sha256: &str) -> usize {
+        let mut removed = 0;
+        for compiler in std::iter::once(&self.optimizing).chain(self.baseline.as_ref()) {
+            let path = self.cache_path(compiler, sha256);
+            match fs::remove_file(&path) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove cached code")
+                }
+            }
+        }
+        removed
     }
 
     /// Validates, compiles (or loads from the cache) and pre-instantiates a
-    /// component. `bytes` is only called when the cache has no usable code.
+    /// component. `bytes` is only called when the cache has no usable
+    /// optimized code. With tiering, a large component gets baseline code:
+    /// call [`Host::optimize`] (on a background thread) to replace it.
     /// Blocking and CPU-heavy: call it from a blocking thread.
     pub fn load(
         &self,
@@ -358,43 +513,125 @@ impl Host {
             return Err(DeployError::BadKey(sha256.to_string()));
         }
         let started = Instant::now();
-        let path = self.cache_path(sha256);
-        let (component, source) = match self.deserialize(&path) {
-            Some(c) => (c, CodeSource::Cached),
-            None => {
-                let bytes = bytes().map_err(DeployError::Read)?;
-                Self::check_bytes(&bytes)?;
-                let component = Component::new(&self.engine, &bytes)
-                    .map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
-                self.check_world(&component)?;
-                let pre = self.prepare(&component)?;
-                // Only cache code that passed every check.
-                if let Err(e) = self.write_cache(&component, &path) {
-                    tracing::warn!(path = %path.display(), error = %e, "could not write compiled code to the cache; the next start will compile again");
-                }
-                self.compiled.fetch_add(1, Ordering::Relaxed);
-                return Ok(LoadedComponent {
-                    pre,
-                    used: Default::default(),
-                    sha256: sha256.to_string(),
-                    source: CodeSource::Compiled,
-                    load_time: started.elapsed(),
-                });
-            }
+        if let Some(code) = self.load_cached(&self.optimizing, sha256)? {
+            return Ok(LoadedComponent::new(
+                code,
+                sha256,
+                CodeSource::Cached,
+                started.elapsed(),
+            ));
+        }
+        let bytes = bytes().map_err(DeployError::Read)?;
+        Self::check_bytes(&bytes)?;
+        let compiler = match (&self.baseline, self.config.tiering) {
+            (Some(b), Tiering::BaselineOnly) => b,
+            (Some(b), Tiering::Auto { min_size }) if bytes.len() >= min_size => b,
+            _ => &self.optimizing,
         };
-        self.check_world(&component)?;
-        let pre = self.prepare(&component)?;
+        if compiler.tier == Tier::Baseline {
+            self.baseline_loads.fetch_add(1, Ordering::Relaxed);
+            if let Some(code) = self.load_cached(compiler, sha256)? {
+                return Ok(LoadedComponent::new(
+                    code,
+                    sha256,
+                    CodeSource::Cached,
+                    started.elapsed(),
+                ));
+            }
+        }
+        let code = self.compile(compiler, sha256, &bytes)?;
+        Ok(LoadedComponent::new(
+            code,
+            sha256,
+            CodeSource::Compiled,
+            started.elapsed(),
+        ))
+    }
+
+    /// Does this component run on baseline code that [`Host::optimize`] would replace?
+    pub fn wants_optimizing(&self, component: &LoadedComponent) -> bool {
+        component.tier() == Tier::Baseline
+            && self.config.tiering != Tiering::BaselineOnly
+            && !component.optimizing.load(Ordering::Relaxed)
+    }
+
+    /// Makes optimized code for a component running on baseline code (from
+    /// the cache, or compiled and cached) and swaps it in: requests that
+    /// start afterwards run on it, requests already running finish on the
+    /// baseline code. Returns whether a swap happened. Blocking and
+    /// CPU-heavy: run it on a background thread.
+    pub fn optimize(
+        &self,
+        component: &LoadedComponent,
+        bytes: impl FnOnce() -> std::io::Result<Vec<u8>>,
+    ) -> Result<bool, DeployError> {
+        if component.tier() == Tier::Optimized || component.optimizing.swap(true, Ordering::AcqRel)
+        {
+            return Ok(false);
+        }
+        let result = (|| {
+            if let Some(code) = self.load_cached(&self.optimizing, &component.sha256)? {
+                return Ok(code);
+            }
+            let bytes = bytes().map_err(DeployError::Read)?;
+            self.compile(&self.optimizing, &component.sha256, &bytes)
+        })();
+        let outcome = match result {
+            Ok(code) => {
+                *component
+                    .code
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = Arc::new(code);
+                self.optimized.fetch_add(1, Ordering::Relaxed);
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        };
+        component.optimizing.store(false, Ordering::Release);
+        outcome
+    }
+
+    /// Code from the cache of `compiler`, checked and pre-instantiated.
+    fn load_cached(&self, compiler: &Compiler, sha256: &str) -> Result<Option<Code>, DeployError> {
+        let path = self.cache_path(compiler, sha256);
+        let Some(component) = self.deserialize(compiler, &path) else {
+            return Ok(None);
+        };
+        self.check_world(compiler, &component)?;
+        let pre = self.prepare(compiler, &component)?;
         self.cache_hits.fetch_add(1, Ordering::Relaxed);
-        Ok(LoadedComponent {
+        Ok(Some(Code {
             pre,
-            used: Default::default(),
-            sha256: sha256.to_string(),
-            source,
-            load_time: started.elapsed(),
+            engine: compiler.engine.clone(),
+            tier: compiler.tier,
+        }))
+    }
+
+    /// Compiles with `compiler`, checks, pre-instantiates and caches.
+    fn compile(
+        &self,
+        compiler: &Compiler,
+        sha256: &str,
+        bytes: &[u8],
+    ) -> Result<Code, DeployError> {
+        let component = Component::new(&compiler.engine, bytes)
+            .map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
+        self.check_world(compiler, &component)?;
+        let pre = self.prepare(compiler, &component)?;
+        // Only cache code that passed every check.
+        let path = self.cache_path(compiler, sha256);
+        if let Err(e) = self.write_cache(&component, &path) {
+            tracing::warn!(path = %path.display(), error = %e, "could not write compiled code to the cache; the next start will compile again");
+        }
+        self.compiled.fetch_add(1, Ordering::Relaxed);
+        Ok(Code {
+            pre,
+            engine: compiler.engine.clone(),
+            tier: compiler.tier,
         })
     }
 
-    fn deserialize(&self, path: &Path) -> Option<Component> {
+    fn deserialize(&self, compiler: &Compiler, path: &Path) -> Option<Component> {
         if !path.is_file() {
             return None;
         }
@@ -403,7 +640,7 @@ impl Host {
         // directory, via a temporary file and an atomic rename, so it is either
         // whole or absent; wasmtime also checks its header against the engine.
         #[allow(unsafe_code)]
-        let result = unsafe { Component::deserialize_file(&self.engine, path) };
+        let result = unsafe { Component::deserialize_file(&compiler.engine, path) };
         match result {
             Ok(c) => Some(c),
             Err(e) => {
@@ -425,15 +662,15 @@ impl Host {
     }
 
     /// Checks the component's world: the proxy export, and only imports Verge provides.
-    fn check_world(&self, component: &Component) -> Result<(), DeployError> {
+    fn check_world(&self, compiler: &Compiler, component: &Component) -> Result<(), DeployError> {
         let ty = component.component_type();
-        for (name, _) in ty.imports(&self.engine) {
+        for (name, _) in ty.imports(&compiler.engine) {
             if !is_provided_import(name) {
                 return Err(DeployError::UnsupportedImport(name.to_string()));
             }
         }
         let exports: Vec<String> = ty
-            .exports(&self.engine)
+            .exports(&compiler.engine)
             .filter(|(_, item)| matches!(item.ty, ComponentItem::ComponentInstance(_)))
             .map(|(name, _)| name.to_string())
             .collect();
@@ -451,8 +688,12 @@ impl Host {
         Ok(())
     }
 
-    fn prepare(&self, component: &Component) -> Result<ProxyPre<GuestState>, DeployError> {
-        let pre = self
+    fn prepare(
+        &self,
+        compiler: &Compiler,
+        component: &Component,
+    ) -> Result<ProxyPre<GuestState>, DeployError> {
+        let pre = compiler
             .linker
             .instantiate_pre(component)
             .map_err(|e| DeployError::Link(format!("{e:#}")))?;
@@ -497,11 +738,19 @@ fn is_provided_import(name: &str) -> bool {
     PACKAGES.iter().any(|p| name.starts_with(p)) && name.contains("@0.2.")
 }
 
-fn engine_config(config: &HostConfig) -> Config {
+fn engine_config(config: &HostConfig, tier: Tier) -> Config {
     let mut c = Config::new();
     c.wasm_component_model(true);
     c.epoch_interruption(true);
     c.memory_init_cow(true);
+    if tier == Tier::Baseline {
+        // Baseline code serves for the seconds optimized code takes to
+        // compile: instances come from the on-demand allocator, so that the
+        // pool's address-space reservation is not doubled. Guest memory is
+        // still bounded by the store's limiter.
+        c.strategy(Strategy::Winch);
+        return c;
+    }
     let n = config.max_instances.max(1);
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(n)

@@ -14,17 +14,18 @@ use axum::extract::{Path, RawQuery, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, on};
 use http::{StatusCode, header};
-use verge_host::{Function, Host};
+use verge_host::Host;
 use verge_spec::{
-    DeployResponse, FunctionDetail, FunctionSummary, Health, Route, RouteRequest, UsageRecord,
-    UsageReport, normalize_route_host, normalize_route_path, parse_duration, parse_env, parse_size,
+    Alias, AliasTarget, DeployResponse, FunctionDetail, FunctionSummary, Health, LIVE_ALIAS, Route,
+    RouteRequest, Step, UsageRecord, UsageReport, VersionInfo, normalize_route_host,
+    normalize_route_path, parse_duration, parse_env, parse_size, validate_alias_name,
     validate_function_name,
 };
-use verge_store::{Limits, StoreError, UsageBy, UsageQuery, sha256_hex};
+use verge_store::{Limits, NewVersion, StoreError, StoredVersion, UsageBy, UsageQuery, sha256_hex};
 
 use crate::error::ApiError;
 use crate::front;
-use crate::state::AppState;
+use crate::state::{AppState, Selector, function_of};
 
 macro_rules! api_routes {
     ($( $method:ident $path:literal => $handler:expr ),* $(,)?) => {
@@ -46,7 +47,13 @@ api_routes! {
     GET "/v1/functions/{name}" => get_function,
     DELETE "/v1/functions/{name}" => delete_function,
     POST "/v1/functions/{name}/versions" => create_version,
+    GET "/v1/functions/{name}/versions" => list_versions,
+    POST "/v1/functions/{name}/versions/{version}/invoke" => invoke_version,
     POST "/v1/functions/{name}/invoke" => invoke,
+    GET "/v1/functions/{name}/aliases" => list_aliases,
+    PUT "/v1/functions/{name}/aliases/{alias}" => put_alias,
+    DELETE "/v1/functions/{name}/aliases/{alias}" => delete_alias,
+    POST "/v1/functions/{name}/aliases/{alias}/rollback" => rollback_alias,
     GET "/v1/invocations" => list_invocations,
     GET "/v1/usage" => usage,
     GET "/v1/logs" => logs,
@@ -66,6 +73,8 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
         functions: state.function_count() as u64,
         compiled: stats.compiled,
         cache_hits: stats.cache_hits,
+        baseline: stats.baseline,
+        optimized: stats.optimized,
         queued: state.admission.queued() as u64,
         running: state.admission.running() as u64,
     })
@@ -105,9 +114,129 @@ async fn get_function(
 ) -> Result<Json<FunctionDetail>, ApiError> {
     validate_function_name(&name)?;
     let s = state.clone();
-    Ok(Json(
-        blocking(move || Ok(s.store.get_function(&name)?)).await?,
-    ))
+    let n = name.clone();
+    let mut detail = blocking(move || Ok(s.store.get_function(&n)?)).await?;
+    fill_tiers(&state, &name, &mut detail.versions);
+    Ok(Json(detail))
+}
+
+/// Adds the tier of each loaded version's code.
+fn fill_tiers(state: &AppState, name: &str, versions: &mut [VersionInfo]) {
+    let tiers = state.tiers(name);
+    for v in versions {
+        v.code = tiers.get(&v.version).map(|t| t.to_string());
+    }
+}
+
+async fn list_versions(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<VersionInfo>>, ApiError> {
+    validate_function_name(&name)?;
+    let s = state.clone();
+    let n = name.clone();
+    let mut versions = blocking(move || Ok(s.store.versions(&n)?)).await?;
+    fill_tiers(&state, &name, &mut versions);
+    Ok(Json(versions))
+}
+
+async fn list_aliases(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<Alias>>, ApiError> {
+    validate_function_name(&name)?;
+    let s = state.clone();
+    Ok(Json(blocking(move || Ok(s.store.aliases(&name)?)).await?))
+}
+
+fn find_alias(aliases: Vec<Alias>, alias: &str) -> Result<Alias, ApiError> {
+    aliases
+        .into_iter()
+        .find(|a| a.name == alias)
+        .ok_or_else(|| ApiError::Internal(format!("alias {alias:?} vanished")))
+}
+
+/// Points an alias at one version, or two with weights; one atomic swap for
+/// requests (those in flight finish on the version they started with).
+async fn put_alias(
+    State(state): State<Arc<AppState>>,
+    Path((name, alias)): Path<(String, String)>,
+    Json(target): Json<AliasTarget>,
+) -> Result<Json<Alias>, ApiError> {
+    validate_function_name(&name)?;
+    validate_alias_name(&alias)?;
+    target.validate()?;
+    if target.canary.is_some_and(|c| c.version == target.version) {
+        return Err(ApiError::BadRequest(format!(
+            "the canary version {} is the alias's main version; give another version, or promote it",
+            target.version
+        )));
+    }
+    let _guard = state.deploy_lock.lock().await;
+    let s = state.clone();
+    let (n, a, t) = (name.clone(), alias.clone(), target.clone());
+    let aliases = blocking(move || {
+        s.store.set_alias(&n, &a, &t)?;
+        Ok(s.store.aliases(&n)?)
+    })
+    .await?;
+    state.set_alias(&name, &alias, target.clone());
+    tracing::info!(function = %name, %alias, target = %target.describe(), "alias set");
+    collect(&state, &name).await;
+    Ok(Json(find_alias(aliases, &alias)?))
+}
+
+async fn rollback_alias(
+    State(state): State<Arc<AppState>>,
+    Path((name, alias)): Path<(String, String)>,
+) -> Result<Json<Alias>, ApiError> {
+    validate_function_name(&name)?;
+    validate_alias_name(&alias)?;
+    let _guard = state.deploy_lock.lock().await;
+    let s = state.clone();
+    let (n, a) = (name.clone(), alias.clone());
+    let (target, aliases) = blocking(move || {
+        let t = s.store.rollback_alias(&n, &a)?;
+        Ok((t, s.store.aliases(&n)?))
+    })
+    .await?;
+    tracing::info!(function = %name, %alias, target = %target.describe(), "alias rolled back");
+    state.set_alias(&name, &alias, target);
+    Ok(Json(find_alias(aliases, &alias)?))
+}
+
+async fn delete_alias(
+    State(state): State<Arc<AppState>>,
+    Path((name, alias)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    validate_function_name(&name)?;
+    validate_alias_name(&alias)?;
+    let _guard = state.deploy_lock.lock().await;
+    let s = state.clone();
+    let (n, a) = (name.clone(), alias.clone());
+    blocking(move || Ok(s.store.delete_alias(&n, &a)?)).await?;
+    state.remove_alias(&name, &alias);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Applies retention to `name` after a change: drops removed versions from
+/// memory and their compiled code from the cache. Failures are logged: the
+/// change that triggered it already succeeded.
+async fn collect(state: &Arc<AppState>, name: &str) {
+    let s = state.clone();
+    let n = name.to_string();
+    let keep = state.keep_versions;
+    match blocking(move || Ok(s.store.collect_versions(&n, keep)?)).await {
+        Ok(c) if c.versions.is_empty() => {}
+        Ok(c) => {
+            state.remove_versions(name, &c.versions);
+            let files: usize = c.artifacts.iter().map(|sha| state.host.forget(sha)).sum();
+            tracing::info!(function = %name, versions = ?c.versions, artifacts = c.artifacts.len(), compiled_files = files, "retention removed old versions");
+        }
+        Err(e) => {
+            tracing::warn!(function = %name, error = %e, "retention failed; old versions stay")
+        }
+    }
 }
 
 async fn delete_function(
@@ -118,19 +247,38 @@ async fn delete_function(
     let _guard = state.deploy_lock.lock().await;
     let s = state.clone();
     let n = name.clone();
-    blocking(move || Ok(s.store.delete_function(&n)?)).await?;
+    let orphans = blocking(move || Ok(s.store.delete_function(&n)?)).await?;
     state.uninstall(&name);
+    for sha in &orphans {
+        state.host.forget(sha);
+    }
     state.refresh_routes()?;
     tracing::info!(function = %name, "function deleted");
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// What a deploy asks for besides the bytes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct DeployOptions {
     pub env: Vec<(String, String)>,
     pub routes: Vec<(Option<String>, String)>,
     pub limits: Limits,
+    /// Point `live` at the new version (the first version always is).
+    pub promote: bool,
+    /// Name of the token that deploys.
+    pub deployed_by: String,
+}
+
+impl Default for DeployOptions {
+    fn default() -> Self {
+        Self {
+            env: Vec::new(),
+            routes: Vec::new(),
+            limits: Limits::default(),
+            promote: true,
+            deployed_by: "admin".into(),
+        }
+    }
 }
 
 impl DeployOptions {
@@ -148,6 +296,17 @@ impl DeployOptions {
                 "max_request_body" => opts.limits.request_body = Some(parse_size(&v)?),
                 "max_response_body" => opts.limits.response_body = Some(parse_size(&v)?),
                 "log_limit" => opts.limits.log_bytes = Some(parse_size(&v)?),
+                "promote" => {
+                    opts.promote = match v.as_ref() {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => {
+                            return Err(ApiError::BadRequest(format!(
+                                "promote {v:?} must be true or false"
+                            )));
+                        }
+                    }
+                }
                 "concurrency" => {
                     opts.limits.concurrency =
                         Some(v.parse::<u32>().ok().filter(|n| *n >= 1).ok_or_else(|| {
@@ -158,7 +317,7 @@ impl DeployOptions {
                 }
                 other => {
                     return Err(ApiError::BadRequest(format!(
-                        "unknown query parameter {other:?}; accepted: route, host, env, timeout, memory, concurrency, max_request_body, max_response_body, log_limit"
+                        "unknown query parameter {other:?}; accepted: route, host, env, timeout, memory, concurrency, max_request_body, max_response_body, log_limit, promote"
                     )));
                 }
             }
@@ -209,21 +368,31 @@ async fn create_version(
     request: Request,
 ) -> Result<(StatusCode, Json<DeployResponse>), ApiError> {
     validate_function_name(&name)?;
-    let opts = DeployOptions::from_query(query.as_deref())?;
+    let mut opts = DeployOptions::from_query(query.as_deref())?;
     let (parts, body) = request.into_parts();
+    if let Some(caller) = parts.extensions.get::<crate::auth::Caller>() {
+        opts.deployed_by = caller.0.clone();
+    }
     let bytes = read_body(body, state.max_upload, &parts.headers).await?;
     let resp = deploy(&state, &name, bytes, opts).await?;
-    Ok((StatusCode::CREATED, Json(resp)))
+    let status = if resp.reused {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(resp)))
 }
 
-/// Validates, compiles, stores and installs a new version of `name`.
-/// Nothing is stored unless every check passed.
+/// Validates, compiles, stores and installs a new version of `name`, and
+/// promotes `live` to it unless told not to. Nothing is stored unless every
+/// check passed.
 pub(crate) async fn deploy(
     state: &Arc<AppState>,
     name: &str,
     bytes: Bytes,
     opts: DeployOptions,
 ) -> Result<DeployResponse, ApiError> {
+    let mut steps = Steps::new();
     validate_function_name(name)?;
     check_limits(state, &opts.limits)?;
     Host::check_bytes(&bytes)?;
@@ -235,7 +404,7 @@ pub(crate) async fn deploy(
             return Err(StoreError::RouteConflict { route, owner }.into());
         }
     }
-    let started = Instant::now();
+    steps.done("validate");
     let s = state.clone();
     let sha = sha256_hex(&bytes);
     let size = bytes.len() as u64;
@@ -244,43 +413,72 @@ pub(crate) async fn deploy(
         let bytes = bytes.clone();
         blocking(move || Ok(s.host.load(&sha, || Ok(bytes.to_vec()))?)).await?
     };
-    let compile_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let compile_ms = steps.done("compile");
     let code = loaded.source.as_str().to_string();
+    let tier = loaded.tier().as_str().to_string();
 
     let _guard = state.deploy_lock.lock().await;
     let s = state.clone();
-    let (fname, env, routes, limits) = (
+    let (fname, env, routes, limits, by, promote) = (
         name.to_string(),
         opts.env.clone(),
         opts.routes.clone(),
         opts.limits,
+        opts.deployed_by.clone(),
+        opts.promote,
     );
-    let version = blocking(move || {
-        let stored = s.store.put_artifact(&bytes)?;
+    let body = bytes.clone();
+    let created = blocking(move || {
+        let stored = s.store.put_artifact(&body)?;
         debug_assert_eq!(stored, loaded.sha256());
-        let v = s
-            .store
-            .create_version(&fname, &stored, size, &env, limits, &routes)?;
-        s.install(
-            Function::new(Arc::new(loaded), fname, v, env).with_limits(
-                limits.timeout_ms.map(std::time::Duration::from_millis),
-                limits.memory_bytes.map(|m| m as usize),
-                limits.log_bytes.map(|m| m as usize),
-            ),
+        let created = s.store.create_version(&NewVersion {
+            function: &fname,
+            sha256: &stored,
+            size,
+            env: &env,
             limits,
-        );
-        Ok(v)
+            routes: &routes,
+            deployed_by: &by,
+            promote,
+        })?;
+        let stored = StoredVersion {
+            function: fname,
+            version: created.version,
+            sha256: stored,
+            env,
+            limits,
+        };
+        let function = function_of(&stored, Arc::new(loaded));
+        s.put_version(stored, Some(function));
+        Ok(created)
     })
     .await?;
+    steps.done("store");
+    if created.promoted {
+        state.set_alias(name, LIVE_ALIAS, AliasTarget::single(created.version));
+    }
     state.refresh_routes()?;
-    tracing::info!(function = %name, version, sha256 = %sha, code = %code, compile_ms, "version deployed");
+    steps.done("promote");
+    drop(_guard);
+    // The version's slot holds the loaded code now; optimize it if it is baseline.
+    if let Ok(slot) = state.resolve(name, Selector::Version(created.version), |_| None)
+        && let Ok(f) = state.load(&slot).await
+    {
+        state.optimize_in_background(&f, Some(bytes));
+    }
+    collect(state, name).await;
+    tracing::info!(function = %name, version = created.version, reused = created.reused, promoted = created.promoted, sha256 = %sha, code = %code, %tier, compile_ms, "version deployed");
     Ok(DeployResponse {
         function: name.to_string(),
-        version,
+        version: created.version,
         sha256: sha,
         size,
         compile_ms,
         code,
+        tier,
+        reused: created.reused,
+        promoted: created.promoted.then(|| LIVE_ALIAS.to_string()),
+        steps: steps.steps,
         routes: opts
             .routes
             .into_iter()
@@ -288,9 +486,36 @@ pub(crate) async fn deploy(
                 host,
                 path,
                 function: name.to_string(),
+                alias: LIVE_ALIAS.to_string(),
             })
             .collect(),
     })
+}
+
+/// Times the steps of a deploy.
+struct Steps {
+    last: Instant,
+    steps: Vec<Step>,
+}
+
+impl Steps {
+    fn new() -> Self {
+        Self {
+            last: Instant::now(),
+            steps: Vec::new(),
+        }
+    }
+
+    /// Ends step `name`; returns its milliseconds.
+    fn done(&mut self, name: &str) -> f64 {
+        let ms = self.last.elapsed().as_secs_f64() * 1000.0;
+        self.last = Instant::now();
+        self.steps.push(Step {
+            name: name.to_string(),
+            ms,
+        });
+        ms
+    }
 }
 
 /// A version's limits must be positive and within the node's ceilings.
@@ -500,23 +725,70 @@ async fn invoke(
     RawQuery(query): RawQuery,
     request: Request,
 ) -> Result<Response, ApiError> {
+    invoke_with(state, name, None, query, request).await
+}
+
+async fn invoke_version(
+    State(state): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let version = version.parse::<u64>().map_err(|_| {
+        ApiError::BadRequest(format!("version {version:?} is not a version number"))
+    })?;
+    invoke_with(state, name, Some(version), query, request).await
+}
+
+/// Calls a function with a POST of the request's body: its `alias` (query,
+/// default `live`) or the given version.
+async fn invoke_with(
+    state: Arc<AppState>,
+    name: String,
+    version: Option<u64>,
+    query: Option<String>,
+    request: Request,
+) -> Result<Response, ApiError> {
     validate_function_name(&name)?;
-    let function = state
-        .function(&name)
-        .await?
-        .ok_or_else(|| ApiError::Store(StoreError::FunctionNotFound(name.clone())))?;
     let mut path = "/".to_string();
+    let mut alias = LIVE_ALIAS.to_string();
     for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
-        if k == "path" {
-            if !v.starts_with('/') {
+        match k.as_ref() {
+            "path" => {
+                if !v.starts_with('/') {
+                    return Err(ApiError::BadRequest(format!(
+                        "path {v:?} must start with '/'"
+                    )));
+                }
+                path = v.into_owned();
+            }
+            "alias" if version.is_none() => {
+                validate_alias_name(&v)?;
+                alias = v.into_owned();
+            }
+            other => {
                 return Err(ApiError::BadRequest(format!(
-                    "path {v:?} must start with '/'"
+                    "unknown query parameter {other:?}; accepted: path{}",
+                    if version.is_none() { ", alias" } else { "" }
                 )));
             }
-            path = v.into_owned();
         }
     }
+    let selector = match version {
+        Some(v) => Selector::Version(v),
+        None => Selector::Alias(&alias),
+    };
     let (parts, body) = request.into_parts();
+    let (slot, function) = match front::resolve(&state, &name, selector, &parts.headers).await {
+        Ok(found) => found,
+        Err(e) => {
+            // Say "not deployed" the way the store does for unknown functions.
+            if !state.has_function(&name) {
+                return Err(StoreError::FunctionNotFound(name).into());
+            }
+            return Err(e);
+        }
+    };
     let mut builder = http::Request::builder()
         .method(http::Method::POST)
         .uri(format!("http://localhost{path}"))
@@ -530,7 +802,7 @@ async fn invoke(
     let request = builder
         .body(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid invocation request: {e}")))?;
-    Ok(front::run(&state, &function, request).await)
+    Ok(front::run(&state, &slot, &function, request).await)
 }
 
 async fn list_routes(State(state): State<Arc<AppState>>) -> Result<Json<Vec<Route>>, ApiError> {
@@ -544,15 +816,18 @@ async fn put_route(
     validate_function_name(&req.function)?;
     let path = normalize_route_path(&req.path)?;
     let host = req.host.as_deref().map(normalize_route_host).transpose()?;
+    let alias = req.alias.unwrap_or_else(|| LIVE_ALIAS.to_string());
+    validate_alias_name(&alias)?;
     let _guard = state.deploy_lock.lock().await;
     state
         .store
-        .put_route(host.as_deref(), &path, &req.function)?;
+        .put_route(host.as_deref(), &path, &req.function, &alias)?;
     state.refresh_routes()?;
     Ok(Json(Route {
         host,
         path,
         function: req.function,
+        alias,
     }))
 }
 

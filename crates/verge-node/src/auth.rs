@@ -67,10 +67,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The name of the token a control API call was made with.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller(pub String);
+
 /// Middleware: lets `/v1/health` through, demands a valid bearer token elsewhere.
 pub(crate) async fn require_token(
     State(state): State<Arc<AppState>>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     if request.uri().path() == "/v1/health" {
@@ -82,13 +86,15 @@ pub(crate) async fn require_token(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| hash_token(t.trim()));
-    let ok = presented.is_some_and(|h| {
+    let caller = presented.and_then(|h| {
         state
             .token_hashes
             .iter()
-            .any(|known| constant_time_eq(known.as_bytes(), h.as_bytes()))
+            .find(|(_, known)| constant_time_eq(known.as_bytes(), h.as_bytes()))
+            .map(|(name, _)| name.clone())
     });
-    if ok {
+    if let Some(name) = caller {
+        request.extensions_mut().insert(Caller(name));
         next.run(request).await
     } else {
         ApiError::Unauthorized.into_response()

@@ -48,8 +48,12 @@ impl ApiError {
             ApiError::Store(e) => match e {
                 StoreError::FunctionNotFound(_)
                 | StoreError::RouteNotFound(_)
-                | StoreError::VersionNotFound { .. } => (StatusCode::NOT_FOUND, "not found"),
+                | StoreError::VersionNotFound { .. }
+                | StoreError::AliasNotFound { .. } => (StatusCode::NOT_FOUND, "not found"),
                 StoreError::RouteConflict { .. } => (StatusCode::CONFLICT, "route conflict"),
+                StoreError::NoRollback { .. } | StoreError::AliasInUse(_) => {
+                    (StatusCode::CONFLICT, "conflict")
+                }
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "storage error"),
             },
             ApiError::Invoke { error, .. } => match error {

@@ -13,10 +13,10 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, Uri, header};
 use rand::RngCore;
 use verge_host::{Function, InvokeError};
-use verge_spec::INVOCATION_ID_HEADER;
+use verge_spec::{AliasTarget, INVOCATION_ID_HEADER, VERSION_HEADER};
 
 use crate::error::ApiError;
-use crate::state::{AppState, Refused};
+use crate::state::{AppState, Refused, Selector, Unresolved, VersionSlot, sticky_hash};
 
 /// A new invocation id: 48 bits of unix milliseconds then 80 random bits,
 /// hex (32 characters). Time-ordered, so the ledger's index grows at its end.
@@ -102,6 +102,64 @@ fn record_rejection(
     });
 }
 
+/// The value of cookie `name` in the request's Cookie headers.
+fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then_some(v)
+        })
+}
+
+/// The sticky key of a request for an alias that has one.
+pub(crate) fn sticky_key(headers: &http::HeaderMap, target: &AliasTarget) -> Option<u64> {
+    if let Some(h) = &target.sticky_header
+        && let Some(v) = headers.get(h.as_str())
+    {
+        return Some(sticky_hash(v.as_bytes()));
+    }
+    if let Some(c) = &target.sticky_cookie
+        && let Some(v) = cookie(headers, c)
+    {
+        return Some(sticky_hash(v.as_bytes()));
+    }
+    None
+}
+
+/// Finds the version for a request and loads it, or says why not.
+pub(crate) async fn resolve(
+    state: &Arc<AppState>,
+    function: &str,
+    selector: Selector<'_>,
+    headers: &http::HeaderMap,
+) -> Result<(Arc<VersionSlot>, Function), ApiError> {
+    let described = match &selector {
+        Selector::Alias(a) => format!("alias {a:?}"),
+        Selector::Version(v) => format!("version {v}"),
+    };
+    let slot = state
+        .resolve(function, selector, |t| sticky_key(headers, t))
+        .map_err(|why| {
+            ApiError::NotFound(match why {
+                Unresolved::Function => format!(
+                    "function {function:?} is not deployed on this node; deploy it with `verge deploy FILE --name {function}`"
+                ),
+                Unresolved::Alias => format!(
+                    "function {function:?} has no {described}; list its aliases with `verge alias ls {function}`"
+                ),
+                Unresolved::Version => format!(
+                    "function {function:?} has no {described}; list its versions with `verge versions {function}`"
+                ),
+            })
+        })?;
+    let f = state.load(&slot).await?;
+    Ok((slot, f))
+}
+
 /// Fallback handler: every request that is not for the control API.
 pub(crate) async fn serve_user_route(
     State(state): State<Arc<AppState>>,
@@ -116,24 +174,37 @@ pub(crate) async fn serve_user_route(
         ))
         .into_response();
     };
-    let function = match state.function(&route.function).await {
-        Ok(f) => f,
-        Err(e) => return e.into_response(),
+    let pinned = match request.headers().get(VERSION_HEADER) {
+        None => None,
+        Some(v) => match v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+            Some(n) => Some(n),
+            None => {
+                return ApiError::BadRequest(format!(
+                    "the {VERSION_HEADER} header must be a version number, such as 7"
+                ))
+                .into_response();
+            }
+        },
     };
-    let Some(function) = function else {
-        return ApiError::NotFound(format!(
-            "route {} points at function {:?}, which is not deployed on this node",
-            route.path, route.function
-        ))
-        .into_response();
+    let selector = match pinned {
+        Some(v) => Selector::Version(v),
+        None => Selector::Alias(&route.alias),
     };
-    run(&state, &function, request).await
+    match resolve(&state, &route.function, selector, request.headers()).await {
+        Ok((slot, function)) => run(&state, &slot, &function, request).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 /// Runs `function` on `request` and turns the outcome into a response.
-pub(crate) async fn run(state: &AppState, function: &Function, request: Request) -> Response {
+pub(crate) async fn run(
+    state: &AppState,
+    slot: &VersionSlot,
+    function: &Function,
+    request: Request,
+) -> Response {
     let id = new_invocation_id();
-    let limits = state.body_limits_of(&function.name);
+    let limits = slot.bodies;
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -158,7 +229,7 @@ pub(crate) async fn run(state: &AppState, function: &Function, request: Request)
         return response;
     }
     let waited = std::time::Instant::now();
-    let permits = match state.admit(&function.name).await {
+    let permits = match state.admit(slot).await {
         Ok(p) => p,
         Err(refused) => return refuse(state, function, id, refused, waited.elapsed()),
     };
@@ -199,6 +270,9 @@ pub(crate) async fn run(state: &AppState, function: &Function, request: Request)
             if let Ok(v) = HeaderValue::from_str(&id) {
                 response.headers_mut().insert(INVOCATION_ID_HEADER, v);
             }
+            response
+                .headers_mut()
+                .insert(VERSION_HEADER, HeaderValue::from(function.version));
             response
         }
         Err(error) => {

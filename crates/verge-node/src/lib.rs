@@ -23,6 +23,7 @@ pub use api::{API_ROUTES, OPENAPI};
 pub use auth::TOKEN_FILE;
 pub use error::ApiError;
 pub use state::Prices;
+pub use verge_host::Tiering;
 
 use state::{AppState, Ceilings, Settings};
 
@@ -56,6 +57,11 @@ pub struct NodeConfig {
     pub max_response_body: usize,
     /// Bytes of stdout and of stderr kept per invocation.
     pub log_limit: usize,
+    /// Versions kept per function, besides those an alias points at or
+    /// would roll back to.
+    pub keep_versions: usize,
+    /// When large components start on baseline code.
+    pub tiering: Tiering,
 }
 
 impl NodeConfig {
@@ -75,6 +81,8 @@ impl NodeConfig {
             max_request_body: 16 << 20,
             max_response_body: 64 << 20,
             log_limit: 64 << 10,
+            keep_versions: 10,
+            tiering: Tiering::default(),
         }
     }
 }
@@ -137,6 +145,7 @@ impl Node {
             output_limit: config.log_limit,
             timeout: config.timeout,
             metering: config.metering,
+            tiering: config.tiering,
         })?;
         let sink = ledger.clone();
         host.set_usage_sink(Arc::new(move |mut record| {
@@ -160,6 +169,7 @@ impl Node {
                 },
                 prices: config.prices,
                 log_limit: config.log_limit,
+                keep_versions: config.keep_versions.max(1),
                 body_limits: state::BodyLimits {
                     request: config.max_request_body,
                     response: config.max_response_body,
@@ -261,13 +271,14 @@ fn router(state: Arc<AppState>) -> Router {
     api.fallback(front::serve_user_route).with_state(state)
 }
 
-/// Registers the live version of every function; each is loaded (from the
-/// compile cache) by its first request. Returns how many.
+/// Registers every stored version and alias; each version is loaded (from
+/// the compile cache) by its first request. Returns how many functions.
 fn register_all(state: &AppState) -> Result<usize, NodeError> {
-    let versions = state.store.live_versions()?;
-    let n = versions.len();
-    for v in versions {
+    for v in state.store.stored_versions()? {
         state.register(v);
     }
-    Ok(n)
+    for (function, alias, target) in state.store.all_aliases()? {
+        state.set_alias(&function, &alias, target);
+    }
+    Ok(state.function_count())
 }

@@ -9,24 +9,51 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use verge_host::{Function, Host};
-use verge_spec::Route;
-use verge_store::{Ledger, Limits, LiveVersion, Store};
+use verge_host::{Function, Host, LoadedComponent};
+use verge_spec::{AliasTarget, Route};
+use verge_store::{Ledger, Store, StoredVersion};
 
 use crate::error::ApiError;
 
-/// A function as the node holds it: ready to run, or registered at start and
-/// loaded (from the compile cache) by its first request. Idle functions thus
-/// cost a registry entry, not their compiled code.
-#[derive(Clone)]
-enum Slot {
-    Ready(Function),
-    Registered(Arc<Pending>),
+/// One version as the node holds it: its limits, and its code, loaded (from
+/// the compile cache) by its first request. Idle versions thus cost a
+/// registry entry, not their compiled code.
+pub(crate) struct VersionSlot {
+    pub stored: StoredVersion,
+    pub bodies: BodyLimits,
+    /// Invocations of this version that may run at once, if limited.
+    concurrency: Option<Arc<Semaphore>>,
+    loaded: tokio::sync::OnceCell<Function>,
 }
 
-struct Pending {
-    version: LiveVersion,
-    loaded: tokio::sync::OnceCell<Function>,
+impl VersionSlot {
+    /// The loaded code's tier, if loaded.
+    pub(crate) fn tier(&self) -> Option<&'static str> {
+        self.loaded.get().map(|f| f.tier().as_str())
+    }
+}
+
+/// A function's versions and aliases as the request path sees them.
+#[derive(Default)]
+struct FunctionEntry {
+    versions: HashMap<u64, Arc<VersionSlot>>,
+    aliases: HashMap<String, AliasTarget>,
+}
+
+/// Which version a request asks for.
+pub(crate) enum Selector<'a> {
+    Alias(&'a str),
+    Version(u64),
+}
+
+/// Why no version was found for a request.
+pub(crate) enum Unresolved {
+    /// No function of that name.
+    Function,
+    /// The function has no such alias.
+    Alias,
+    /// The function has no such version.
+    Version,
 }
 
 /// Node-wide limits: defaults for versions that set none, and ceilings.
@@ -108,12 +135,13 @@ pub(crate) struct BodyLimits {
 pub(crate) struct Settings {
     pub data_dir: PathBuf,
     pub max_upload: usize,
-    pub token_hashes: Vec<String>,
+    pub token_hashes: Vec<(String, String)>,
     pub ceilings: Ceilings,
     pub prices: Prices,
     pub admission: Admission,
     pub body_limits: BodyLimits,
     pub log_limit: usize,
+    pub keep_versions: usize,
 }
 
 /// Everything a handler needs.
@@ -123,16 +151,16 @@ pub struct AppState {
     pub(crate) ledger: Arc<Ledger>,
     pub(crate) data_dir: PathBuf,
     pub(crate) max_upload: usize,
-    pub(crate) token_hashes: Vec<String>,
+    pub(crate) token_hashes: Vec<(String, String)>,
     pub(crate) deploy_lock: tokio::sync::Mutex<()>,
     pub(crate) ceilings: Ceilings,
     pub(crate) prices: Prices,
     pub(crate) admission: Admission,
     pub(crate) body_limits: BodyLimits,
     pub(crate) log_limit: usize,
-    bodies: RwLock<HashMap<String, BodyLimits>>,
-    functions: RwLock<HashMap<String, Slot>>,
-    slots: RwLock<HashMap<String, Arc<Semaphore>>>,
+    /// Versions kept per function (besides those aliases need).
+    pub(crate) keep_versions: usize,
+    functions: RwLock<HashMap<String, FunctionEntry>>,
     routes: RwLock<Arc<Vec<Route>>>,
 }
 
@@ -151,14 +179,13 @@ impl AppState {
             admission: settings.admission,
             body_limits: settings.body_limits,
             log_limit: settings.log_limit,
-            bodies: RwLock::default(),
-            slots: RwLock::default(),
+            keep_versions: settings.keep_versions,
             functions: RwLock::default(),
             routes: RwLock::default(),
         }
     }
 
-    /// Is a function of this name deployed (loaded or not)?
+    /// Is a function of this name deployed?
     pub(crate) fn has_function(&self, name: &str) -> bool {
         self.functions
             .read()
@@ -166,44 +193,90 @@ impl AppState {
             .contains_key(name)
     }
 
-    /// The function serving `name`, loading it on its first request.
-    pub(crate) async fn function(
-        self: &Arc<Self>,
+    /// The version of `name` a request gets: the one pinned, or the alias's
+    /// pick (weighted; by the sticky key when the alias has one and
+    /// `sticky_key` finds it in the request).
+    pub(crate) fn resolve(
+        &self,
         name: &str,
-    ) -> Result<Option<Function>, ApiError> {
-        let slot = self
+        selector: Selector<'_>,
+        sticky_key: impl FnOnce(&AliasTarget) -> Option<u64>,
+    ) -> Result<Arc<VersionSlot>, Unresolved> {
+        let functions = self
             .functions
             .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(name)
-            .cloned();
-        let pending = match slot {
-            None => return Ok(None),
-            Some(Slot::Ready(f)) => return Ok(Some(f)),
-            Some(Slot::Registered(p)) => p,
+            .unwrap_or_else(PoisonError::into_inner);
+        let entry = functions.get(name).ok_or(Unresolved::Function)?;
+        let version = match selector {
+            Selector::Version(v) => v,
+            Selector::Alias(alias) => {
+                let target = entry.aliases.get(alias).ok_or(Unresolved::Alias)?;
+                pick(target, sticky_key(target))
+            }
         };
-        let (state, p) = (self.clone(), pending.clone());
-        let function = pending
+        entry
+            .versions
+            .get(&version)
+            .cloned()
+            .ok_or(Unresolved::Version)
+    }
+
+    /// The function of a version, loading its code on first use. Baseline
+    /// code gets optimized in the background.
+    pub(crate) async fn load(
+        self: &Arc<Self>,
+        slot: &Arc<VersionSlot>,
+    ) -> Result<Function, ApiError> {
+        if let Some(f) = slot.loaded.get() {
+            return Ok(f.clone());
+        }
+        let (state, s) = (self.clone(), slot.clone());
+        let function = slot
             .loaded
             .get_or_try_init(|| async move {
-                crate::api::blocking(move || state.load_version(&p.version)).await
+                crate::api::blocking(move || state.load_version(&s.stored)).await
             })
             .await?
             .clone();
-        let mut functions = self
-            .functions
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(Slot::Registered(current)) = functions.get(name)
-            && Arc::ptr_eq(current, &pending)
-        {
-            functions.insert(name.to_string(), Slot::Ready(function.clone()));
+        self.optimize_in_background(&function, None);
+        Ok(function)
+    }
+
+    /// Replaces baseline code by optimized code on a background thread, when
+    /// the function runs on baseline code.
+    pub(crate) fn optimize_in_background(
+        self: &Arc<Self>,
+        function: &Function,
+        bytes: Option<bytes::Bytes>,
+    ) {
+        if !self.host.wants_optimizing(function.component()) {
+            return;
         }
-        Ok(Some(function))
+        let (state, f) = (self.clone(), function.clone());
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let sha = f.component().sha256().to_string();
+            let result = state.host.optimize(f.component(), || match bytes {
+                Some(b) => Ok(b.to_vec()),
+                None => state
+                    .store
+                    .read_artifact(&sha)
+                    .map_err(std::io::Error::other),
+            });
+            match result {
+                Ok(true) => {
+                    tracing::info!(function = %f.name, version = f.version, ms = started.elapsed().as_millis() as u64, "optimized code swapped in")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(function = %f.name, version = f.version, error = %e, "could not optimize; the version keeps its baseline code")
+                }
+            }
+        });
     }
 
     /// Loads a stored version (compiled code from the cache when it is there).
-    fn load_version(&self, v: &LiveVersion) -> Result<Function, ApiError> {
+    fn load_version(&self, v: &StoredVersion) -> Result<Function, ApiError> {
         let component = self
             .host
             .load(&v.sha256, || {
@@ -217,82 +290,104 @@ impl AppState {
                     v.function, v.version
                 ))
             })?;
-        Ok(Function::new(
-            Arc::new(component),
-            v.function.clone(),
-            v.version,
-            v.env.clone(),
-        )
-        .with_limits(
-            v.limits.timeout_ms.map(Duration::from_millis),
-            v.limits.memory_bytes.map(|m| m as usize),
-            v.limits.log_bytes.map(|m| m as usize),
-        ))
+        Ok(function_of(v, Arc::new(component)))
+    }
+
+    fn slot(&self, stored: StoredVersion, loaded: Option<Function>) -> Arc<VersionSlot> {
+        let limits = stored.limits;
+        Arc::new(VersionSlot {
+            bodies: BodyLimits {
+                request: limits
+                    .request_body
+                    .map_or(self.body_limits.request, |b| b as usize),
+                response: limits
+                    .response_body
+                    .map_or(self.body_limits.response, |b| b as usize),
+            },
+            concurrency: limits
+                .concurrency
+                .map(|n| Arc::new(Semaphore::new(n.max(1) as usize))),
+            loaded: tokio::sync::OnceCell::new_with(loaded),
+            stored,
+        })
     }
 
     /// Registers a stored version, to be loaded by its first request.
-    pub(crate) fn register(&self, version: LiveVersion) {
-        let name = version.function.clone();
-        self.set_limits(&name, &version.limits);
-        self.functions
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(
-                name,
-                Slot::Registered(Arc::new(Pending {
-                    version,
-                    loaded: tokio::sync::OnceCell::new(),
-                })),
-            );
+    pub(crate) fn register(&self, stored: StoredVersion) {
+        self.put_version(stored, None);
     }
 
-    /// Records the limits the node enforces for `name` (the host enforces the rest).
-    fn set_limits(&self, name: &str, limits: &Limits) {
-        let bodies = BodyLimits {
-            request: limits
-                .request_body
-                .map_or(self.body_limits.request, |b| b as usize),
-            response: limits
-                .response_body
-                .map_or(self.body_limits.response, |b| b as usize),
-        };
-        self.bodies
+    /// Adds a version (its code loaded when `loaded` is given). A version
+    /// already held keeps its slot, and gets the code if it had none.
+    pub(crate) fn put_version(&self, stored: StoredVersion, loaded: Option<Function>) {
+        let mut functions = self
+            .functions
             .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(name.to_string(), bodies);
-        let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
-        match limits.concurrency {
-            Some(n) => {
-                slots.insert(
-                    name.to_string(),
-                    Arc::new(Semaphore::new(n.max(1) as usize)),
-                );
+            .unwrap_or_else(PoisonError::into_inner);
+        let entry = functions.entry(stored.function.clone()).or_default();
+        match entry.versions.get(&stored.version) {
+            Some(slot) => {
+                if let Some(f) = loaded {
+                    let _ = slot.loaded.set(f);
+                }
             }
             None => {
-                slots.remove(name);
+                let version = stored.version;
+                let slot = self.slot(stored, loaded);
+                entry.versions.insert(version, slot);
             }
         }
     }
 
-    /// Makes `function` the one that serves its name, with at most
-    /// `concurrency` invocations at once (`None`: only the node's cap).
-    pub(crate) fn install(&self, function: Function, limits: Limits) {
-        let name = function.name.clone();
-        self.set_limits(&name, &limits);
+    /// Points an alias of `name` at `target` (one atomic swap for requests).
+    pub(crate) fn set_alias(&self, name: &str, alias: &str, target: AliasTarget) {
         self.functions
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(name, Slot::Ready(function));
+            .entry(name.to_string())
+            .or_default()
+            .aliases
+            .insert(alias.to_string(), target);
     }
 
-    /// Body limits of `name`: its version's, else the node's.
-    pub(crate) fn body_limits_of(&self, name: &str) -> BodyLimits {
-        self.bodies
+    pub(crate) fn remove_alias(&self, name: &str, alias: &str) {
+        if let Some(f) = self
+            .functions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(name)
+        {
+            f.aliases.remove(alias);
+        }
+    }
+
+    /// Drops versions retention removed (requests holding them finish).
+    pub(crate) fn remove_versions(&self, name: &str, versions: &[u64]) {
+        if let Some(f) = self
+            .functions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(name)
+        {
+            for v in versions {
+                f.versions.remove(v);
+            }
+        }
+    }
+
+    /// The tier of each loaded version of `name`.
+    pub(crate) fn tiers(&self, name: &str) -> HashMap<u64, &'static str> {
+        self.functions
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(name)
-            .copied()
-            .unwrap_or(self.body_limits)
+            .map(|f| {
+                f.versions
+                    .iter()
+                    .filter_map(|(v, s)| Some((*v, s.tier()?)))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub(crate) fn uninstall(&self, name: &str) {
@@ -300,25 +395,12 @@ impl AppState {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(name);
-        self.slots
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(name);
-        self.bodies
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(name);
     }
 
-    /// Waits for a slot of `name` and of the node: at once if free, else in
+    /// Waits for a slot of the version and of the node: at once if free, else in
     /// the bounded queue for at most the maximum wait.
-    pub(crate) async fn admit(&self, name: &str) -> Result<Permits, Refused> {
-        let slot = self
-            .slots
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(name)
-            .cloned();
+    pub(crate) async fn admit(&self, version: &VersionSlot) -> Result<Permits, Refused> {
+        let slot = version.concurrency.clone();
         let node = self.admission.node.clone();
         let fast = match &slot {
             Some(s) => s.clone().try_acquire_owned().ok().map(Some),
@@ -395,5 +477,73 @@ impl AppState {
                 host_ok && verge_spec::path_matches(&r.path, path)
             })
             .cloned()
+    }
+}
+
+/// The function of a stored version on loaded code.
+pub(crate) fn function_of(v: &StoredVersion, component: Arc<LoadedComponent>) -> Function {
+    Function::new(component, v.function.clone(), v.version, v.env.clone()).with_limits(
+        v.limits.timeout_ms.map(Duration::from_millis),
+        v.limits.memory_bytes.map(|m| m as usize),
+        v.limits.log_bytes.map(|m| m as usize),
+    )
+}
+
+/// The version an alias sends a request to: the canary's with its weight in
+/// percent, by a roll in 0..100 (the sticky key's, or a random one).
+pub(crate) fn pick(target: &AliasTarget, sticky: Option<u64>) -> u64 {
+    let Some(canary) = &target.canary else {
+        return target.version;
+    };
+    let roll = match sticky {
+        Some(h) => h % 100,
+        None => rand::random_range(0..100u64),
+    };
+    if roll < u64::from(canary.weight) {
+        canary.version
+    } else {
+        target.version
+    }
+}
+
+/// A stable hash of a sticky key (FNV-1a, then a mixer so that similar keys
+/// spread): the same key gets the same version, across restarts too.
+pub(crate) fn sticky_hash(key: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // splitmix64 finalizer
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use verge_spec::Canary;
+
+    #[test]
+    fn weighted_and_sticky_picks() {
+        let target = AliasTarget {
+            canary: Some(Canary {
+                version: 2,
+                weight: 10,
+            }),
+            ..AliasTarget::single(1)
+        };
+        let canary = (0..100_000).filter(|_| pick(&target, None) == 2).count();
+        assert!((9_000..11_000).contains(&canary), "{canary}");
+        let sticky = (0..10_000u32)
+            .filter(|i| pick(&target, Some(sticky_hash(format!("user-{i}").as_bytes()))) == 2)
+            .count();
+        assert!((800..1_200).contains(&sticky), "{sticky}");
+        let h = sticky_hash(b"user-42");
+        assert!((0..100).all(|_| pick(&target, Some(h)) == pick(&target, Some(h))));
+        assert_eq!(pick(&AliasTarget::single(5), None), 5);
     }
 }

@@ -38,6 +38,34 @@ pub enum SpecError {
     /// An environment entry that is not `KEY=VALUE`.
     #[error("invalid env entry {0:?}: write it as KEY=VALUE, with a non-empty KEY")]
     Env(String),
+    /// An alias name outside `[a-z0-9-]{1,63}` or one that looks like a number.
+    #[error(
+        "invalid alias name {0:?}: use 1 to 63 characters from a-z, 0-9 and '-', not all digits (for example \"live\" or \"staging\")"
+    )]
+    AliasName(String),
+    /// A canary weight outside 1..=99.
+    #[error("invalid canary weight {0}: give the canary's share of traffic in percent, 1 to 99")]
+    Weight(u32),
+    /// A sticky header name that is not a valid HTTP header name.
+    #[error("invalid sticky header {0:?}: give an HTTP header name such as x-user-id")]
+    StickyHeader(String),
+}
+
+/// The alias that routes and invocations use unless told otherwise.
+pub const LIVE_ALIAS: &str = "live";
+
+/// The request header that pins a request on a route to one version.
+pub const VERSION_HEADER: &str = "verge-version";
+
+/// Checks an alias name: like a function name, but not all digits (so that
+/// `NAME:7` can mean version 7).
+pub fn validate_alias_name(name: &str) -> Result<(), SpecError> {
+    let ok = validate_function_name(name).is_ok() && !name.bytes().all(|b| b.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::AliasName(name.to_string()))
+    }
 }
 
 /// Checks a function name against `[a-z0-9-]{1,63}`.
@@ -159,6 +187,13 @@ pub struct Route {
     pub path: String,
     /// The function that serves it.
     pub function: String,
+    /// The alias of the function it resolves through, at request time.
+    #[serde(default = "live")]
+    pub alias: String,
+}
+
+fn live() -> String {
+    LIVE_ALIAS.to_string()
 }
 
 /// Body of `PUT /v1/routes`.
@@ -168,6 +203,99 @@ pub struct RouteRequest {
     pub host: Option<String>,
     pub path: String,
     pub function: String,
+    /// Alias to resolve through (default `live`).
+    #[serde(default)]
+    pub alias: Option<String>,
+}
+
+/// Where an alias sends requests: one version, or two with weights.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AliasTarget {
+    /// The version that gets the traffic the canary does not.
+    pub version: u64,
+    /// A second version and its share of the traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Canary>,
+    /// Requests with the same value of this header always get the same version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky_header: Option<String>,
+    /// Requests with the same value of this cookie always get the same version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky_cookie: Option<String>,
+}
+
+impl AliasTarget {
+    /// All of the traffic to one version.
+    pub fn single(version: u64) -> Self {
+        Self {
+            version,
+            canary: None,
+            sticky_header: None,
+            sticky_cookie: None,
+        }
+    }
+
+    /// Checks the weight and the sticky key names.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if let Some(c) = &self.canary
+            && !(1..=99).contains(&c.weight)
+        {
+            return Err(SpecError::Weight(c.weight));
+        }
+        for name in [&self.sticky_header, &self.sticky_cookie]
+            .into_iter()
+            .flatten()
+        {
+            let ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.!#$%&'*+^`|~".contains(&b));
+            if !ok {
+                return Err(SpecError::StickyHeader(name.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The versions it names: the main one, then the canary's.
+    pub fn versions(&self) -> impl Iterator<Item = u64> + '_ {
+        std::iter::once(self.version).chain(self.canary.as_ref().map(|c| c.version))
+    }
+
+    /// For people: `7`, or `6 (90%) + 7 (10%)`.
+    pub fn describe(&self) -> String {
+        match &self.canary {
+            None => self.version.to_string(),
+            Some(c) => format!(
+                "{} ({}%) + {} ({}%)",
+                self.version,
+                100 - c.weight,
+                c.version,
+                c.weight
+            ),
+        }
+    }
+}
+
+/// The second version of an alias and its share of the traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Canary {
+    pub version: u64,
+    /// Percent of requests, 1 to 99.
+    pub weight: u32,
+}
+
+/// A named pointer at one or two versions of a function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alias {
+    pub name: String,
+    #[serde(flatten)]
+    pub target: AliasTarget,
+    /// What `rollback` returns to, if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<AliasTarget>,
+    /// Last change, RFC 3339 UTC.
+    pub updated_at: String,
 }
 
 /// One immutable version of a function.
@@ -198,6 +326,16 @@ pub struct VersionInfo {
     pub env: BTreeMap<String, String>,
     /// Creation time, RFC 3339 UTC.
     pub created_at: String,
+    /// Name of the token that deployed it.
+    #[serde(default)]
+    pub deployed_by: String,
+    /// Aliases pointing at it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// Its machine code on this node: `optimized`, `baseline` (being
+    /// optimized in the background), or absent when not loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
 
 /// Answer of `POST /v1/functions/{name}/versions`.
@@ -211,16 +349,42 @@ pub struct DeployResponse {
     pub compile_ms: f64,
     /// `compiled` or `cached`.
     pub code: String,
+    /// `optimized`, or `baseline` while optimized code compiles in the background.
+    #[serde(default)]
+    pub tier: String,
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// The same bytes and configuration were deployed before: that version
+    /// was reused instead of creating a new one.
+    #[serde(default)]
+    pub reused: bool,
+    /// The alias promoted to this version, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted: Option<String>,
+    /// Time of each step on the node.
+    #[serde(default)]
+    pub steps: Vec<Step>,
+}
+
+/// One step of a deploy and its time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Step {
+    pub name: String,
+    pub ms: f64,
 }
 
 /// A function in `GET /v1/functions`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FunctionSummary {
     pub name: String,
-    /// The version that serves requests.
+    /// The main version of the `live` alias.
     pub live_version: u64,
+    /// The `live` alias for people (`7`, or `6 (90%) + 7 (10%)`).
+    #[serde(default)]
+    pub live: String,
+    /// Versions kept.
+    #[serde(default)]
+    pub versions: u64,
     pub sha256: String,
     pub size: u64,
     pub routes: Vec<Route>,
@@ -234,6 +398,7 @@ pub struct FunctionDetail {
     pub live_version: u64,
     pub created_at: String,
     pub routes: Vec<Route>,
+    pub aliases: Vec<Alias>,
     pub versions: Vec<VersionInfo>,
 }
 
@@ -247,6 +412,12 @@ pub struct Health {
     pub compiled: u64,
     /// Components whose compiled code was loaded from the on-disk cache.
     pub cache_hits: u64,
+    /// Components that started on baseline code.
+    #[serde(default)]
+    pub baseline: u64,
+    /// Baseline components whose optimized code has replaced it.
+    #[serde(default)]
+    pub optimized: u64,
     /// Requests waiting for a concurrency slot right now.
     #[serde(default)]
     pub queued: u64,
@@ -398,6 +569,32 @@ mod tests {
         assert_eq!(parse_env("A=").unwrap(), ("A".into(), String::new()));
         assert!(parse_env("=x").is_err());
         assert!(parse_env("nokey").is_err());
+    }
+
+    #[test]
+    fn aliases() {
+        assert!(validate_alias_name("live").is_ok());
+        assert!(validate_alias_name("v2-beta").is_ok());
+        assert!(validate_alias_name("7").is_err());
+        assert!(validate_alias_name("Live").is_err());
+        let mut t = AliasTarget::single(6);
+        assert!(t.validate().is_ok());
+        t.canary = Some(Canary {
+            version: 7,
+            weight: 10,
+        });
+        assert_eq!(t.describe(), "6 (90%) + 7 (10%)");
+        assert_eq!(t.versions().collect::<Vec<_>>(), vec![6, 7]);
+        t.sticky_header = Some("x-user".into());
+        assert!(t.validate().is_ok());
+        t.sticky_header = Some("x user".into());
+        assert!(t.validate().is_err());
+        t.sticky_header = None;
+        t.canary = Some(Canary {
+            version: 7,
+            weight: 100,
+        });
+        assert!(t.validate().is_err());
     }
 
     #[test]

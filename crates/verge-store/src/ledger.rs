@@ -174,7 +174,7 @@ fn write_loop(shared: &Shared) {
 }
 
 fn commit(conn: &mut Connection, batch: &[UsageRecord]) -> Result<(), rusqlite::Error> {
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
         let mut stmt = tx.prepare_cached(
             "INSERT OR IGNORE INTO invocations (id, function, version, started_at_ms, wall_us, cpu_us,

@@ -16,8 +16,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 use verge_spec::{
-    FunctionDetail, FunctionSummary, Route, UsageRecord, UsageReport, UsageRow, VersionInfo,
-    rfc3339,
+    Alias, AliasTarget, FunctionDetail, FunctionSummary, LIVE_ALIAS, Route, UsageRecord,
+    UsageReport, UsageRow, VersionInfo, rfc3339,
 };
 
 mod ledger;
@@ -34,8 +34,18 @@ pub enum StoreError {
     RouteConflict { route: String, owner: String },
     #[error("route {0} not found")]
     RouteNotFound(String),
-    #[error("function {function:?} has no version {version}")]
+    #[error(
+        "function {function:?} has no version {version}; list them with `verge versions {function}`"
+    )]
     VersionNotFound { function: String, version: u64 },
+    #[error(
+        "function {function:?} has no alias {alias:?}; list them with `verge alias ls {function}`"
+    )]
+    AliasNotFound { function: String, alias: String },
+    #[error("alias {alias:?} of function {function:?} has no earlier target to roll back to")]
+    NoRollback { function: String, alias: String },
+    #[error("{0}")]
+    AliasInUse(String),
     #[error("database error: {0}")]
     Db(#[from] rusqlite::Error),
     #[error("artifact store error at {path}: {source}")]
@@ -58,14 +68,48 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
-/// A version record as the node loads it at start-up.
+/// A stored version as the node loads it.
 #[derive(Debug, Clone)]
-pub struct LiveVersion {
+pub struct StoredVersion {
     pub function: String,
     pub version: u64,
     pub sha256: String,
     pub env: Vec<(String, String)>,
     pub limits: Limits,
+}
+
+/// What a deploy asks the store to record.
+#[derive(Debug, Clone)]
+pub struct NewVersion<'a> {
+    pub function: &'a str,
+    pub sha256: &'a str,
+    pub size: u64,
+    pub env: &'a [(String, String)],
+    pub limits: Limits,
+    /// Routes to bind to the function's `live` alias.
+    pub routes: &'a [(Option<String>, String)],
+    /// Name of the token that deploys it.
+    pub deployed_by: &'a str,
+    /// Point `live` at it. The first version of a function is always promoted.
+    pub promote: bool,
+}
+
+/// What [`Store::create_version`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Created {
+    pub version: u64,
+    /// The same bytes and configuration existed: that version was reused.
+    pub reused: bool,
+    /// `live` now points at it (and did not before).
+    pub promoted: bool,
+}
+
+/// What retention removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Collected {
+    pub versions: Vec<u64>,
+    /// Artifacts no version references any more (deleted from disk).
+    pub artifacts: Vec<String>,
 }
 
 /// Limits set for one version (`None`: the node's default).
@@ -137,7 +181,6 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 CREATE TABLE IF NOT EXISTS functions (
     name TEXT PRIMARY KEY,
-    live_version INTEGER NOT NULL,
     created_at INTEGER NOT NULL,
     updated_at INTEGER NOT NULL
 );
@@ -154,14 +197,49 @@ CREATE TABLE IF NOT EXISTS versions (
     request_body INTEGER,
     response_body INTEGER,
     log_bytes INTEGER,
+    deployed_by TEXT NOT NULL DEFAULT 'admin',
+    config_key TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (function, number)
 );
 CREATE TABLE IF NOT EXISTS routes (
     host TEXT NOT NULL DEFAULT '',
     path TEXT NOT NULL,
     function TEXT NOT NULL REFERENCES functions(name) ON DELETE CASCADE,
+    alias TEXT NOT NULL DEFAULT 'live',
     PRIMARY KEY (host, path)
 );
+-- An alias's current target (JSON AliasTarget).
+CREATE TABLE IF NOT EXISTS aliases (
+    function TEXT NOT NULL REFERENCES functions(name) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    target TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (function, name)
+);
+-- Earlier targets of each alias, newest last: `rollback` pops from here.
+CREATE TABLE IF NOT EXISTS alias_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    function TEXT NOT NULL REFERENCES functions(name) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    target TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+";
+
+/// Schema of session-1 databases (`functions.live_version`, no aliases)
+/// brought to the current one; run once, in one transaction.
+const MIGRATE_1: &str = "
+ALTER TABLE versions ADD COLUMN deployed_by TEXT NOT NULL DEFAULT 'admin';
+ALTER TABLE versions ADD COLUMN config_key TEXT NOT NULL DEFAULT '';
+ALTER TABLE routes ADD COLUMN alias TEXT NOT NULL DEFAULT 'live';
+INSERT OR IGNORE INTO aliases (function, name, target, updated_at)
+    SELECT name, 'live', json_object('version', live_version), updated_at FROM functions;
+ALTER TABLE functions DROP COLUMN live_version;
+";
+
+const INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS versions_config ON versions (function, config_key);
+CREATE INDEX IF NOT EXISTS alias_history_by_alias ON alias_history (function, name, id);
 ";
 
 impl Store {
@@ -188,6 +266,16 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        let old: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('functions') WHERE name = 'live_version'",
+            [],
+            |r| r.get(0),
+        )?;
+        if old > 0 {
+            conn.execute_batch(&format!("BEGIN; {MIGRATE_1} COMMIT;"))?;
+            tracing::info!("registry migrated to versions with aliases");
+        }
+        conn.execute_batch(INDEXES)?;
         conn.execute_batch(ledger::SCHEMA)?;
         Ok(Self {
             conn: Mutex::new(conn),
@@ -219,11 +307,11 @@ impl Store {
         Ok(())
     }
 
-    /// All stored token hashes.
-    pub fn token_hashes(&self) -> Result<Vec<String>, StoreError> {
+    /// All stored tokens: (name, hash).
+    pub fn token_hashes(&self) -> Result<Vec<(String, String)>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT hash FROM tokens")?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
+        let mut stmt = conn.prepare("SELECT name, hash FROM tokens")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -284,88 +372,339 @@ impl Store {
             .optional()?)
     }
 
-    /// Records a new version of `function` (creating the function), makes it
-    /// live, and binds `routes` to the function, all in one transaction.
-    pub fn create_version(
-        &self,
-        function: &str,
-        sha256: &str,
-        size: u64,
-        env: &[(String, String)],
-        limits: Limits,
-        routes: &[(Option<String>, String)],
-    ) -> Result<u64, StoreError> {
+    /// Records a version of a function (creating the function), unless one
+    /// with the same bytes and configuration exists (then that one is
+    /// reused), promotes `live` when asked (always for a new function), and
+    /// binds `routes` to the function's `live` alias, all in one transaction.
+    pub fn create_version(&self, new: &NewVersion<'_>) -> Result<Created, StoreError> {
+        let function = new.function;
+        let env_json: BTreeMap<&str, &str> = new
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let env_json =
+            serde_json::to_string(&env_json).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let l = new.limits;
+        let config_key = sha256_hex(
+            format!(
+                "{}|{env_json}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+                new.sha256,
+                l.timeout_ms,
+                l.memory_bytes,
+                l.concurrency,
+                l.request_body,
+                l.response_body,
+                l.log_bytes
+            )
+            .as_bytes(),
+        );
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        for (host, path) in routes {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for (host, path) in new.routes {
             check_route_free(&tx, host.as_deref(), path, function)?;
         }
         let t = now();
-        let next: u64 = tx.query_row(
-            "SELECT COALESCE(MAX(number), 0) + 1 FROM versions WHERE function = ?1",
-            params![function],
-            |r| r.get(0),
-        )?;
-        tx.execute(
-            "INSERT INTO functions (name, live_version, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)
-             ON CONFLICT(name) DO UPDATE SET live_version = excluded.live_version, updated_at = excluded.updated_at",
-            params![function, next, t],
-        )?;
-        let env_json: BTreeMap<&str, &str> =
-            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        tx.execute(
-            &format!(
-                "INSERT INTO versions (function, number, sha256, size, env, created_at, {LIMIT_COLUMNS})
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
-            ),
-            params![
-                function,
-                next,
-                sha256,
-                size,
-                serde_json::to_string(&env_json).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                t,
-                limits.timeout_ms,
-                limits.memory_bytes,
-                limits.concurrency,
-                limits.request_body,
-                limits.response_body,
-                limits.log_bytes
-            ],
-        )?;
-        for (host, path) in routes {
+        let existing: Option<u64> = tx
+            .query_row(
+                "SELECT number FROM versions WHERE function = ?1 AND config_key = ?2 ORDER BY number DESC LIMIT 1",
+                params![function, config_key],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let version = match existing {
+            Some(v) => v,
+            None => {
+                let next: u64 = tx.query_row(
+                    "SELECT COALESCE(MAX(number), 0) + 1 FROM versions WHERE function = ?1",
+                    params![function],
+                    |r| r.get(0),
+                )?;
+                tx.execute(
+                    "INSERT INTO functions (name, created_at, updated_at) VALUES (?1, ?2, ?2)
+                     ON CONFLICT(name) DO UPDATE SET updated_at = excluded.updated_at",
+                    params![function, t],
+                )?;
+                tx.execute(
+                    &format!(
+                        "INSERT INTO versions (function, number, sha256, size, env, created_at, deployed_by, config_key, {LIMIT_COLUMNS})
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+                    ),
+                    params![
+                        function,
+                        next,
+                        new.sha256,
+                        new.size,
+                        env_json,
+                        t,
+                        new.deployed_by,
+                        config_key,
+                        l.timeout_ms,
+                        l.memory_bytes,
+                        l.concurrency,
+                        l.request_body,
+                        l.response_body,
+                        l.log_bytes
+                    ],
+                )?;
+                next
+            }
+        };
+        let has_live = alias_target(&tx, function, LIVE_ALIAS)?.is_some();
+        let promoted = if new.promote || !has_live {
+            set_alias_tx(&tx, function, LIVE_ALIAS, &AliasTarget::single(version))?
+        } else {
+            false
+        };
+        for (host, path) in new.routes {
             tx.execute(
-                "INSERT OR IGNORE INTO routes (host, path, function) VALUES (?1, ?2, ?3)",
-                params![host.as_deref().unwrap_or(""), path, function],
+                "INSERT OR IGNORE INTO routes (host, path, function, alias) VALUES (?1, ?2, ?3, ?4)",
+                params![host.as_deref().unwrap_or(""), path, function, LIVE_ALIAS],
             )?;
         }
         tx.commit()?;
-        Ok(next)
+        Ok(Created {
+            version,
+            reused: existing.is_some(),
+            promoted,
+        })
     }
 
-    /// Binds a route to an existing function; idempotent for the same owner.
+    /// Points an alias at a target (creating the alias); the old target goes
+    /// to the alias's history. Returns whether anything changed.
+    pub fn set_alias(
+        &self,
+        function: &str,
+        alias: &str,
+        target: &AliasTarget,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        function_exists(&tx, function)?;
+        let changed = set_alias_tx(&tx, function, alias, target)?;
+        tx.commit()?;
+        Ok(changed)
+    }
+
+    /// Points an alias back at its previous target (skipping targets whose
+    /// versions retention removed). Returns the target now in force.
+    pub fn rollback_alias(&self, function: &str, alias: &str) -> Result<AliasTarget, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        function_exists(&tx, function)?;
+        if alias_target(&tx, function, alias)?.is_none() {
+            return Err(StoreError::AliasNotFound {
+                function: function.to_string(),
+                alias: alias.to_string(),
+            });
+        }
+        loop {
+            let last: Option<(i64, String)> = tx
+                .query_row(
+                    "SELECT id, target FROM alias_history WHERE function = ?1 AND name = ?2 ORDER BY id DESC LIMIT 1",
+                    params![function, alias],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((id, json)) = last else {
+                return Err(StoreError::NoRollback {
+                    function: function.to_string(),
+                    alias: alias.to_string(),
+                });
+            };
+            tx.execute("DELETE FROM alias_history WHERE id = ?1", params![id])?;
+            let target = parse_target(&json)?;
+            let mut all_exist = true;
+            for v in target.versions() {
+                all_exist &= version_exists(&tx, function, v)?;
+            }
+            if all_exist {
+                tx.execute(
+                    "UPDATE aliases SET target = ?3, updated_at = ?4 WHERE function = ?1 AND name = ?2",
+                    params![function, alias, json, now()],
+                )?;
+                tx.commit()?;
+                return Ok(target);
+            }
+        }
+    }
+
+    /// Removes an alias. `live` and aliases that routes use are refused.
+    pub fn delete_alias(&self, function: &str, alias: &str) -> Result<(), StoreError> {
+        if alias == LIVE_ALIAS {
+            return Err(StoreError::AliasInUse(format!(
+                "the {LIVE_ALIAS:?} alias cannot be removed; point it elsewhere with `verge promote {function} VERSION`"
+            )));
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let routes: Vec<String> = {
+            let mut stmt = tx.prepare(
+                "SELECT host || path FROM routes WHERE function = ?1 AND alias = ?2 ORDER BY host, path",
+            )?;
+            let rows = stmt.query_map(params![function, alias], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        if !routes.is_empty() {
+            return Err(StoreError::AliasInUse(format!(
+                "alias {alias:?} of {function:?} serves the routes {}; remove them first (`verge routes rm`)",
+                routes.join(", ")
+            )));
+        }
+        let n = tx.execute(
+            "DELETE FROM aliases WHERE function = ?1 AND name = ?2",
+            params![function, alias],
+        )?;
+        if n == 0 {
+            return Err(StoreError::AliasNotFound {
+                function: function.to_string(),
+                alias: alias.to_string(),
+            });
+        }
+        tx.execute(
+            "DELETE FROM alias_history WHERE function = ?1 AND name = ?2",
+            params![function, alias],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The aliases of one function, by name.
+    pub fn aliases(&self, function: &str) -> Result<Vec<Alias>, StoreError> {
+        let conn = self.conn();
+        function_exists(&conn, function)?;
+        let mut stmt = conn.prepare(
+            "SELECT a.name, a.target, a.updated_at,
+                    (SELECT h.target FROM alias_history h WHERE h.function = a.function AND h.name = a.name ORDER BY h.id DESC LIMIT 1)
+             FROM aliases a WHERE a.function = ?1 ORDER BY a.name",
+        )?;
+        let rows = stmt.query_map(params![function], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Option<String>>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, target, at, previous) = row?;
+            out.push(Alias {
+                name,
+                target: parse_target(&target)?,
+                previous: previous.as_deref().map(parse_target).transpose()?,
+                updated_at: rfc3339(at),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every alias of every function: (function, alias, target).
+    pub fn all_aliases(&self) -> Result<Vec<(String, String, AliasTarget)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT function, name, target FROM aliases")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (f, a, t) = row?;
+            out.push((f, a, parse_target(&t)?));
+        }
+        Ok(out)
+    }
+
+    /// Removes the versions of `function` beyond the newest `keep`, except
+    /// those an alias points at or would roll back to; deletes artifacts no
+    /// version references any more.
+    pub fn collect_versions(&self, function: &str, keep: usize) -> Result<Collected, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let numbers: Vec<(u64, String)> = {
+            let mut stmt = tx.prepare(
+                "SELECT number, sha256 FROM versions WHERE function = ?1 ORDER BY number DESC",
+            )?;
+            let rows = stmt.query_map(params![function], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        if numbers.len() <= keep {
+            return Ok(Collected::default());
+        }
+        let mut protected = std::collections::HashSet::new();
+        {
+            let mut stmt = tx.prepare(
+                "SELECT a.target, (SELECT h.target FROM alias_history h WHERE h.function = a.function AND h.name = a.name ORDER BY h.id DESC LIMIT 1)
+                 FROM aliases a WHERE a.function = ?1",
+            )?;
+            let rows = stmt.query_map(params![function], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+            })?;
+            for row in rows {
+                let (current, previous) = row?;
+                protected.extend(parse_target(&current)?.versions());
+                if let Some(p) = previous {
+                    protected.extend(parse_target(&p)?.versions());
+                }
+            }
+        }
+        let mut out = Collected::default();
+        let mut shas = Vec::new();
+        for (number, sha) in numbers.into_iter().skip(keep) {
+            if protected.contains(&number) {
+                continue;
+            }
+            tx.execute(
+                "DELETE FROM versions WHERE function = ?1 AND number = ?2",
+                params![function, number],
+            )?;
+            out.versions.push(number);
+            shas.push(sha);
+        }
+        out.artifacts = orphans(&tx, shas)?;
+        tx.commit()?;
+        drop(conn);
+        self.remove_artifacts(&out.artifacts);
+        out.versions.sort_unstable();
+        Ok(out)
+    }
+
+    fn remove_artifacts(&self, shas: &[String]) {
+        for sha in shas {
+            if let Ok(path) = self.artifact_path(sha)
+                && let Err(e) = fs::remove_file(&path)
+            {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove an unreferenced artifact");
+            }
+        }
+    }
+
+    /// Binds a route to an alias of an existing function; for the same
+    /// owner it (re)binds the alias.
     pub fn put_route(
         &self,
         host: Option<&str>,
         path: &str,
         function: &str,
+        alias: &str,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let exists: Option<i64> = tx
-            .query_row(
-                "SELECT 1 FROM functions WHERE name = ?1",
-                params![function],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if exists.is_none() {
-            return Err(StoreError::FunctionNotFound(function.to_string()));
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        function_exists(&tx, function)?;
+        if alias_target(&tx, function, alias)?.is_none() {
+            return Err(StoreError::AliasNotFound {
+                function: function.to_string(),
+                alias: alias.to_string(),
+            });
         }
         check_route_free(&tx, host, path, function)?;
         tx.execute(
-            "INSERT OR IGNORE INTO routes (host, path, function) VALUES (?1, ?2, ?3)",
-            params![host.unwrap_or(""), path, function],
+            "INSERT INTO routes (host, path, function, alias) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(host, path) DO UPDATE SET alias = excluded.alias",
+            params![host.unwrap_or(""), path, function, alias],
         )?;
         tx.commit()?;
         Ok(())
@@ -387,57 +726,113 @@ impl Store {
     pub fn routes(&self) -> Result<Vec<Route>, StoreError> {
         let conn = self.conn();
         let mut stmt =
-            conn.prepare("SELECT host, path, function FROM routes ORDER BY host, path")?;
+            conn.prepare("SELECT host, path, function, alias FROM routes ORDER BY host, path")?;
         let rows = stmt.query_map([], |r| {
             let host: String = r.get(0)?;
             Ok(Route {
                 host: (!host.is_empty()).then_some(host),
                 path: r.get(1)?,
                 function: r.get(2)?,
+                alias: r.get(3)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// The live version of every function (what the node serves).
-    pub fn live_versions(&self) -> Result<Vec<LiveVersion>, StoreError> {
+    fn version_rows(
+        &self,
+        function: Option<&str>,
+        number: Option<u64>,
+    ) -> Result<Vec<(StoredVersion, u64, i64, String)>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
-            &format!(
-                "SELECT f.name, v.number, v.sha256, v.env, {} FROM functions f
-                 JOIN versions v ON v.function = f.name AND v.number = f.live_version ORDER BY f.name",
-                LIMIT_COLUMNS.replace(", ", ", v.").replacen("timeout_ms", "v.timeout_ms", 1)
-            ),
-        )?;
-        let rows = stmt.query_map([], |r| {
+        let mut stmt = conn.prepare(&format!(
+            "SELECT function, number, sha256, env, size, created_at, deployed_by, {LIMIT_COLUMNS}
+             FROM versions WHERE (?1 IS NULL OR function = ?1) AND (?2 IS NULL OR number = ?2)
+             ORDER BY function, number DESC"
+        ))?;
+        let rows = stmt.query_map(params![function, number], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, u64>(1)?,
                 r.get::<_, String>(2)?,
                 r.get::<_, String>(3)?,
-                Limits::from_row(r, 4)?,
+                r.get::<_, u64>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, String>(6)?,
+                Limits::from_row(r, 7)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (function, version, sha256, env, limits) = row?;
-            out.push(LiveVersion {
-                function,
-                version,
-                sha256,
-                env: parse_env(&env)?,
-                limits,
-            });
+            let (function, version, sha256, env, size, created, by, limits) = row?;
+            out.push((
+                StoredVersion {
+                    function,
+                    version,
+                    sha256,
+                    env: parse_env(&env)?,
+                    limits,
+                },
+                size,
+                created,
+                by,
+            ));
         }
         Ok(out)
     }
 
-    /// The live version of one function.
-    pub fn live_version(&self, function: &str) -> Result<LiveVersion, StoreError> {
-        self.live_versions()?
+    /// Every stored version of every function (what the node registers at start).
+    pub fn stored_versions(&self) -> Result<Vec<StoredVersion>, StoreError> {
+        Ok(self
+            .version_rows(None, None)?
             .into_iter()
-            .find(|v| v.function == function)
-            .ok_or_else(|| StoreError::FunctionNotFound(function.to_string()))
+            .map(|r| r.0)
+            .collect())
+    }
+
+    /// One stored version.
+    pub fn stored_version(
+        &self,
+        function: &str,
+        version: u64,
+    ) -> Result<StoredVersion, StoreError> {
+        self.version_rows(Some(function), Some(version))?
+            .into_iter()
+            .next()
+            .map(|r| r.0)
+            .ok_or_else(|| StoreError::VersionNotFound {
+                function: function.to_string(),
+                version,
+            })
+    }
+
+    /// The versions of one function, newest first, with the aliases naming each.
+    pub fn versions(&self, function: &str) -> Result<Vec<VersionInfo>, StoreError> {
+        let aliases = self.aliases(function)?;
+        let rows = self.version_rows(Some(function), None)?;
+        Ok(rows
+            .into_iter()
+            .map(|(v, size, created, by)| VersionInfo {
+                version: v.version,
+                sha256: v.sha256,
+                size,
+                timeout_ms: v.limits.timeout_ms,
+                memory_bytes: v.limits.memory_bytes,
+                concurrency: v.limits.concurrency,
+                request_body: v.limits.request_body,
+                response_body: v.limits.response_body,
+                log_bytes: v.limits.log_bytes,
+                env: v.env.into_iter().collect(),
+                created_at: rfc3339(created),
+                deployed_by: by,
+                aliases: aliases
+                    .iter()
+                    .filter(|a| a.target.versions().any(|n| n == v.version))
+                    .map(|a| a.name.clone())
+                    .collect(),
+                code: None,
+            })
+            .collect())
     }
 
     /// Summaries of every function.
@@ -445,126 +840,210 @@ impl Store {
         let routes = self.routes()?;
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT f.name, f.live_version, v.sha256, v.size, f.updated_at FROM functions f
-             JOIN versions v ON v.function = f.name AND v.number = f.live_version ORDER BY f.name",
+            "SELECT f.name, a.target, f.updated_at, (SELECT COUNT(*) FROM versions c WHERE c.function = f.name)
+             FROM functions f JOIN aliases a ON a.function = f.name AND a.name = 'live' ORDER BY f.name",
         )?;
         let rows = stmt.query_map([], |r| {
-            Ok(FunctionSummary {
-                name: r.get(0)?,
-                live_version: r.get(1)?,
-                sha256: r.get(2)?,
-                size: r.get(3)?,
-                routes: Vec::new(),
-                updated_at: rfc3339(r.get(4)?),
-            })
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, u64>(3)?,
+            ))
         })?;
-        let mut out: Vec<FunctionSummary> = rows.collect::<Result<_, _>>()?;
-        for f in &mut out {
-            f.routes = routes
-                .iter()
-                .filter(|r| r.function == f.name)
-                .cloned()
-                .collect();
+        let mut heads = Vec::new();
+        for row in rows {
+            heads.push(row?);
+        }
+        let mut out = Vec::new();
+        for (name, target, updated, count) in heads {
+            let target = parse_target(&target)?;
+            let (sha256, size): (String, u64) = conn.query_row(
+                "SELECT sha256, size FROM versions WHERE function = ?1 AND number = ?2",
+                params![name, target.version],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            out.push(FunctionSummary {
+                routes: routes
+                    .iter()
+                    .filter(|r| r.function == name)
+                    .cloned()
+                    .collect(),
+                name,
+                live_version: target.version,
+                live: target.describe(),
+                versions: count,
+                sha256,
+                size,
+                updated_at: rfc3339(updated),
+            });
         }
         Ok(out)
     }
 
-    /// One function with its versions and routes.
+    /// One function with its aliases, versions and routes.
     pub fn get_function(&self, name: &str) -> Result<FunctionDetail, StoreError> {
         let routes: Vec<Route> = self
             .routes()?
             .into_iter()
             .filter(|r| r.function == name)
             .collect();
-        let conn = self.conn();
-        let head: Option<(u64, i64)> = conn
+        let created_at: i64 = self
+            .conn()
             .query_row(
-                "SELECT live_version, created_at FROM functions WHERE name = ?1",
+                "SELECT created_at FROM functions WHERE name = ?1",
                 params![name],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| r.get(0),
             )
-            .optional()?;
-        let (live_version, created_at) =
-            head.ok_or_else(|| StoreError::FunctionNotFound(name.to_string()))?;
-        let mut stmt = conn.prepare(&format!(
-            "SELECT number, sha256, size, env, created_at, {LIMIT_COLUMNS}
-                 FROM versions WHERE function = ?1 ORDER BY number DESC"
-        ))?;
-        let rows = stmt.query_map(params![name], |r| {
-            Ok((
-                r.get::<_, u64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, u64>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, i64>(4)?,
-                Limits::from_row(r, 5)?,
-            ))
-        })?;
-        let mut versions = Vec::new();
-        for row in rows {
-            let (version, sha256, size, env, created, limits) = row?;
-            versions.push(VersionInfo {
-                version,
-                sha256,
-                size,
-                timeout_ms: limits.timeout_ms,
-                memory_bytes: limits.memory_bytes,
-                concurrency: limits.concurrency,
-                request_body: limits.request_body,
-                response_body: limits.response_body,
-                log_bytes: limits.log_bytes,
-                env: parse_env(&env)?.into_iter().collect(),
-                created_at: rfc3339(created),
-            });
-        }
+            .optional()?
+            .ok_or_else(|| StoreError::FunctionNotFound(name.to_string()))?;
+        let aliases = self.aliases(name)?;
+        let live_version = aliases
+            .iter()
+            .find(|a| a.name == LIVE_ALIAS)
+            .map(|a| a.target.version)
+            .unwrap_or(0);
         Ok(FunctionDetail {
             name: name.to_string(),
             live_version,
             created_at: rfc3339(created_at),
             routes,
-            versions,
+            versions: self.versions(name)?,
+            aliases,
         })
     }
 
-    /// Deletes a function, its versions and routes; removes artifacts no
-    /// longer referenced. Returns the sha256s removed.
+    /// Deletes a function, its versions, aliases and routes; removes artifacts
+    /// no longer referenced. Returns the sha256s removed.
     pub fn delete_function(&self, name: &str) -> Result<Vec<String>, StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let shas: Vec<String> = {
             let mut stmt =
                 tx.prepare("SELECT DISTINCT sha256 FROM versions WHERE function = ?1")?;
             let rows = stmt.query_map(params![name], |r| r.get(0))?;
             rows.collect::<Result<_, _>>()?
         };
-        tx.execute("DELETE FROM routes WHERE function = ?1", params![name])?;
-        tx.execute("DELETE FROM versions WHERE function = ?1", params![name])?;
+        for table in ["routes", "aliases", "alias_history", "versions"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE function = ?1"),
+                params![name],
+            )?;
+        }
         let n = tx.execute("DELETE FROM functions WHERE name = ?1", params![name])?;
         if n == 0 {
             return Err(StoreError::FunctionNotFound(name.to_string()));
         }
-        let mut orphans = Vec::new();
-        for sha in shas {
-            let used: i64 = tx.query_row(
-                "SELECT COUNT(*) FROM versions WHERE sha256 = ?1",
-                params![sha],
-                |r| r.get(0),
-            )?;
-            if used == 0 {
-                orphans.push(sha);
-            }
-        }
+        let orphans = orphans(&tx, shas)?;
         tx.commit()?;
         drop(conn);
-        for sha in &orphans {
-            if let Ok(path) = self.artifact_path(sha)
-                && let Err(e) = fs::remove_file(&path)
-            {
-                tracing::warn!(path = %path.display(), error = %e, "could not remove an unreferenced artifact");
-            }
-        }
+        self.remove_artifacts(&orphans);
         Ok(orphans)
     }
+}
+
+/// Of `shas`, those no version references.
+fn orphans(tx: &rusqlite::Transaction<'_>, shas: Vec<String>) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    for sha in shas {
+        let used: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM versions WHERE sha256 = ?1",
+            params![sha],
+            |r| r.get(0),
+        )?;
+        if used == 0 && !out.contains(&sha) {
+            out.push(sha);
+        }
+    }
+    Ok(out)
+}
+
+fn function_exists(conn: &Connection, function: &str) -> Result<(), StoreError> {
+    let exists: Option<i64> = conn
+        .query_row(
+            "SELECT 1 FROM functions WHERE name = ?1",
+            params![function],
+            |r| r.get(0),
+        )
+        .optional()?;
+    exists
+        .map(drop)
+        .ok_or_else(|| StoreError::FunctionNotFound(function.to_string()))
+}
+
+fn version_exists(conn: &Connection, function: &str, version: u64) -> Result<bool, StoreError> {
+    let n: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM versions WHERE function = ?1 AND number = ?2",
+        params![function, version],
+        |r| r.get(0),
+    )?;
+    Ok(n > 0)
+}
+
+fn alias_target(
+    conn: &Connection,
+    function: &str,
+    alias: &str,
+) -> Result<Option<AliasTarget>, StoreError> {
+    let json: Option<String> = conn
+        .query_row(
+            "SELECT target FROM aliases WHERE function = ?1 AND name = ?2",
+            params![function, alias],
+            |r| r.get(0),
+        )
+        .optional()?;
+    json.as_deref().map(parse_target).transpose()
+}
+
+/// Sets an alias inside a transaction, checking that its versions exist;
+/// the replaced target goes to the history. Returns whether it changed.
+fn set_alias_tx(
+    tx: &rusqlite::Transaction<'_>,
+    function: &str,
+    alias: &str,
+    target: &AliasTarget,
+) -> Result<bool, StoreError> {
+    for v in target.versions() {
+        if !version_exists(tx, function, v)? {
+            return Err(StoreError::VersionNotFound {
+                function: function.to_string(),
+                version: v,
+            });
+        }
+    }
+    let current = alias_target(tx, function, alias)?;
+    if current.as_ref() == Some(target) {
+        return Ok(false);
+    }
+    let t = now();
+    let json = serde_json::to_string(target).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    if let Some(old) = current {
+        let old = serde_json::to_string(&old).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        tx.execute(
+            "INSERT INTO alias_history (function, name, target, at) VALUES (?1, ?2, ?3, ?4)",
+            params![function, alias, old, t],
+        )?;
+        // History is for rollbacks, not an audit log: keep the last 100.
+        tx.execute(
+            "DELETE FROM alias_history WHERE function = ?1 AND name = ?2 AND id NOT IN
+               (SELECT id FROM alias_history WHERE function = ?1 AND name = ?2 ORDER BY id DESC LIMIT 100)",
+            params![function, alias],
+        )?;
+    }
+    tx.execute(
+        "INSERT INTO aliases (function, name, target, updated_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(function, name) DO UPDATE SET target = excluded.target, updated_at = excluded.updated_at",
+        params![function, alias, json, t],
+    )?;
+    tx.execute(
+        "UPDATE functions SET updated_at = ?2 WHERE name = ?1",
+        params![function, t],
+    )?;
+    Ok(true)
+}
+
+fn parse_target(json: &str) -> Result<AliasTarget, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("alias target: {e}")))
 }
 
 /// How `usage` groups its rows.
@@ -833,6 +1312,24 @@ fn parse_env(json: &str) -> Result<Vec<(String, String)>, StoreError> {
 mod tests {
     use super::*;
 
+    fn new_version<'a>(
+        function: &'a str,
+        sha: &'a str,
+        env: &'a [(String, String)],
+        routes: &'a [(Option<String>, String)],
+    ) -> NewVersion<'a> {
+        NewVersion {
+            function,
+            sha256: sha,
+            size: 3,
+            env,
+            limits: Limits::default(),
+            routes,
+            deployed_by: "admin",
+            promote: true,
+        }
+    }
+
     #[test]
     fn versions_routes_and_delete() {
         let dir = tempfile::tempdir().unwrap();
@@ -840,27 +1337,28 @@ mod tests {
         let sha = store.put_artifact(b"abc").unwrap();
         assert_eq!(store.read_artifact(&sha).unwrap(), b"abc");
         let routes = vec![(None, "/a".to_string())];
+        let env = [("K".to_string(), "V".to_string())];
+        let first = store
+            .create_version(&new_version("f", &sha, &[], &routes))
+            .unwrap();
         assert_eq!(
-            store
-                .create_version("f", &sha, 3, &[], Limits::default(), &routes)
-                .unwrap(),
-            1
+            (first.version, first.reused, first.promoted),
+            (1, false, true)
         );
+        let second = store
+            .create_version(&new_version("f", &sha, &env, &routes))
+            .unwrap();
+        assert_eq!((second.version, second.reused), (2, false));
+        // Same bytes and configuration: the version is reused.
+        let again = store
+            .create_version(&new_version("f", &sha, &env, &routes))
+            .unwrap();
         assert_eq!(
-            store
-                .create_version(
-                    "f",
-                    &sha,
-                    3,
-                    &[("K".into(), "V".into())],
-                    Limits::default(),
-                    &routes
-                )
-                .unwrap(),
-            2
+            (again.version, again.reused, again.promoted),
+            (2, true, false)
         );
         let err = store
-            .create_version("g", &sha, 3, &[], Limits::default(), &routes)
+            .create_version(&new_version("g", &sha, &[], &routes))
             .unwrap_err();
         assert!(matches!(err, StoreError::RouteConflict { .. }), "{err}");
         assert!(
@@ -870,14 +1368,151 @@ mod tests {
         let f = store.get_function("f").unwrap();
         assert_eq!(f.live_version, 2);
         assert_eq!(f.versions[0].env.get("K").map(String::as_str), Some("V"));
-        assert_eq!(store.live_versions().unwrap().len(), 1);
+        assert_eq!(f.versions[0].aliases, vec!["live".to_string()]);
+        assert_eq!(f.routes[0].alias, "live");
+        assert_eq!(store.stored_versions().unwrap().len(), 2);
         assert_eq!(store.delete_function("f").unwrap(), vec![sha.clone()]);
         assert!(store.read_artifact(&sha).is_err());
         assert!(store.routes().unwrap().is_empty());
+        assert!(store.all_aliases().unwrap().is_empty());
         assert!(matches!(
             store.delete_function("f"),
             Err(StoreError::FunctionNotFound(_))
         ));
+    }
+
+    #[test]
+    fn aliases_promote_and_roll_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = store.put_artifact(b"a").unwrap();
+        let b = store.put_artifact(b"b").unwrap();
+        store
+            .create_version(&new_version("f", &a, &[], &[]))
+            .unwrap();
+        let mut no_promote = new_version("f", &b, &[], &[]);
+        no_promote.promote = false;
+        let v2 = store.create_version(&no_promote).unwrap();
+        assert_eq!((v2.version, v2.promoted), (2, false));
+        assert_eq!(store.get_function("f").unwrap().live_version, 1);
+        let canary = AliasTarget {
+            canary: Some(verge_spec::Canary {
+                version: 2,
+                weight: 10,
+            }),
+            sticky_header: Some("x-user".into()),
+            ..AliasTarget::single(1)
+        };
+        assert!(store.set_alias("f", "live", &canary).unwrap());
+        assert!(!store.set_alias("f", "live", &canary).unwrap(), "unchanged");
+        assert!(
+            store
+                .set_alias("f", "live", &AliasTarget::single(2))
+                .unwrap()
+        );
+        let live = &store.aliases("f").unwrap()[0];
+        assert_eq!(live.previous.as_ref(), Some(&canary));
+        assert_eq!(store.rollback_alias("f", "live").unwrap(), canary);
+        assert_eq!(
+            store.rollback_alias("f", "live").unwrap(),
+            AliasTarget::single(1)
+        );
+        assert!(matches!(
+            store.rollback_alias("f", "live"),
+            Err(StoreError::NoRollback { .. })
+        ));
+        assert!(matches!(
+            store.set_alias("f", "beta", &AliasTarget::single(9)),
+            Err(StoreError::VersionNotFound { version: 9, .. })
+        ));
+        store
+            .set_alias("f", "beta", &AliasTarget::single(2))
+            .unwrap();
+        store.put_route(None, "/beta", "f", "beta").unwrap();
+        assert!(matches!(
+            store.delete_alias("f", "beta"),
+            Err(StoreError::AliasInUse(_))
+        ));
+        assert!(matches!(
+            store.delete_alias("f", "live"),
+            Err(StoreError::AliasInUse(_))
+        ));
+        assert!(matches!(
+            store.put_route(None, "/x", "f", "nope"),
+            Err(StoreError::AliasNotFound { .. })
+        ));
+        store.delete_route(None, "/beta").unwrap();
+        store.delete_alias("f", "beta").unwrap();
+        assert_eq!(store.aliases("f").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn retention_keeps_aliased_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut shas = Vec::new();
+        for i in 0..6u8 {
+            let sha = store.put_artifact(&[i]).unwrap();
+            store
+                .create_version(&new_version("f", &sha, &[], &[]))
+                .unwrap();
+            shas.push(sha);
+        }
+        // live -> 6 (previous 5); pin 1 with an alias.
+        store
+            .set_alias("f", "old", &AliasTarget::single(1))
+            .unwrap();
+        let collected = store.collect_versions("f", 2).unwrap();
+        assert_eq!(collected.versions, vec![2, 3, 4]);
+        assert_eq!(
+            collected.artifacts,
+            vec![shas[3].clone(), shas[2].clone(), shas[1].clone()]
+        );
+        assert!(store.read_artifact(&shas[1]).is_err());
+        assert!(store.read_artifact(&shas[0]).is_ok());
+        let left: Vec<u64> = store
+            .versions("f")
+            .unwrap()
+            .iter()
+            .map(|v| v.version)
+            .collect();
+        assert_eq!(left, vec![6, 5, 1]);
+        assert_eq!(
+            store.collect_versions("f", 2).unwrap(),
+            Collected::default()
+        );
+    }
+
+    #[test]
+    fn migrates_a_session_one_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join("verge.db")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE functions (name TEXT PRIMARY KEY, live_version INTEGER NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+                 CREATE TABLE versions (function TEXT NOT NULL, number INTEGER NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL, env TEXT NOT NULL, created_at INTEGER NOT NULL, timeout_ms INTEGER, memory_bytes INTEGER, concurrency INTEGER, request_body INTEGER, response_body INTEGER, log_bytes INTEGER, PRIMARY KEY (function, number));
+                 CREATE TABLE routes (host TEXT NOT NULL DEFAULT '', path TEXT NOT NULL, function TEXT NOT NULL, PRIMARY KEY (host, path));
+                 INSERT INTO functions VALUES ('f', 2, 1, 1);
+                 INSERT INTO versions (function, number, sha256, size, env, created_at) VALUES ('f', 1, 'aa', 1, '{}', 1), ('f', 2, 'bb', 1, '{}', 1);
+                 INSERT INTO routes VALUES ('', '/f', 'f');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let f = store.get_function("f").unwrap();
+        assert_eq!(f.live_version, 2);
+        assert_eq!(f.routes[0].alias, "live");
+        assert_eq!(f.versions[0].deployed_by, "admin");
+        drop(store);
+        // And opening again is a no-op.
+        assert_eq!(
+            Store::open(dir.path())
+                .unwrap()
+                .get_function("f")
+                .unwrap()
+                .live_version,
+            2
+        );
     }
 
     fn record(id: &str, function: &str, wall_us: u64) -> UsageRecord {
@@ -970,13 +1605,16 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             let sha = store.put_artifact(b"xyz").unwrap();
             store
-                .create_version("f", &sha, 3, &[], Limits::default(), &[])
+                .create_version(&new_version("f", &sha, &[], &[]))
                 .unwrap();
             assert!(store.insert_token_hash("admin", "h").unwrap());
         }
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.live_version("f").unwrap().version, 1);
+        assert_eq!(store.get_function("f").unwrap().live_version, 1);
         assert!(!store.insert_token_hash("admin", "h2").unwrap());
-        assert_eq!(store.token_hashes().unwrap(), vec!["h".to_string()]);
+        assert_eq!(
+            store.token_hashes().unwrap(),
+            vec![("admin".to_string(), "h".to_string())]
+        );
     }
 }

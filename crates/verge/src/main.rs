@@ -3,6 +3,7 @@
 
 mod client;
 mod table;
+mod versions;
 
 use std::io::{IsTerminal, Read};
 use std::net::SocketAddr;
@@ -13,8 +14,10 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::Method;
+use verge_node::Tiering;
 use verge_spec::{
-    DeployResponse, FunctionDetail, FunctionSummary, INVOCATION_ID_HEADER, Route, RouteRequest,
+    DeployResponse, FunctionDetail, FunctionSummary, INVOCATION_ID_HEADER, LIVE_ALIAS, Route,
+    RouteRequest,
 };
 
 use client::{Client, default_data_dir};
@@ -86,6 +89,13 @@ enum Command {
         /// Turn metering off (no usage records): only to measure what it costs
         #[arg(long, hide = true)]
         no_metering: bool,
+        /// Versions kept per function, besides those an alias points at or would roll back to
+        #[arg(long, default_value_t = 10)]
+        keep_versions: usize,
+        /// Machine code: auto (components from 1 MiB serve on baseline code at once,
+        /// optimized code replaces it in the background), optimized, or baseline
+        #[arg(long, default_value = "auto", value_parser = ["auto", "optimized", "baseline"])]
+        code: String,
     },
     /// Deploy a component as a new version of a function and make it live
     Deploy {
@@ -121,6 +131,45 @@ enum Command {
         /// Bytes of stdout and of stderr kept per invocation [default: the node's]
         #[arg(long)]
         log_limit: Option<String>,
+        /// Create the version without pointing `live` at it (call it by version, then `verge promote`)
+        #[arg(long)]
+        no_promote: bool,
+    },
+    /// List a function's versions, the aliases on each, and their code
+    Versions { name: String },
+    /// Point an alias (default live) at one version: all of its traffic
+    Promote {
+        name: String,
+        version: u64,
+        #[arg(long, default_value = LIVE_ALIAS)]
+        alias: String,
+    },
+    /// Send a share of an alias's traffic (default live) to a version
+    Canary {
+        name: String,
+        version: u64,
+        /// Percent of requests the canary gets (1-99)
+        #[arg(long)]
+        weight: u32,
+        /// Requests with the same value of this header always get the same version
+        #[arg(long)]
+        sticky_header: Option<String>,
+        /// Requests with the same value of this cookie always get the same version
+        #[arg(long)]
+        sticky_cookie: Option<String>,
+        #[arg(long, default_value = LIVE_ALIAS)]
+        alias: String,
+    },
+    /// Point an alias (default live) back at its previous target
+    Rollback {
+        name: String,
+        #[arg(long, default_value = LIVE_ALIAS)]
+        alias: String,
+    },
+    /// List, set and remove aliases
+    Alias {
+        #[command(subcommand)]
+        action: versions::AliasAction,
     },
     /// Usage and cost: invocations, GB-seconds, CPU-seconds, bytes out
     Usage {
@@ -160,9 +209,15 @@ enum Command {
     Show { name: String },
     /// Delete a function with its versions and routes
     Rm { name: String },
-    /// Call a function's live version with a POST
+    /// Call a function (its live alias unless told otherwise) with a POST
     Invoke {
         name: String,
+        /// Call this version
+        #[arg(long, conflicts_with = "alias")]
+        version: Option<u64>,
+        /// Call through this alias
+        #[arg(long)]
+        alias: Option<String>,
         /// Request body: TEXT, @FILE, or - for standard input
         #[arg(long, short)]
         data: Option<String>,
@@ -198,6 +253,9 @@ enum RoutesAction {
         function: String,
         #[arg(long)]
         host: Option<String>,
+        /// The function's alias the route resolves through
+        #[arg(long, default_value = LIVE_ALIAS)]
+        alias: String,
     },
     /// Remove a route
     Rm {
@@ -254,6 +312,8 @@ async fn run(cli: Cli) -> Result<()> {
         max_request_body,
         max_response_body,
         log_limit,
+        keep_versions,
+        code,
     } = &cli.command
     {
         let bodies = (
@@ -273,6 +333,7 @@ async fn run(cli: Cli) -> Result<()> {
             parse_duration(max_wait).context("--max-wait")?,
             !*no_metering,
             bodies,
+            (*keep_versions, code),
         )
         .await;
     }
@@ -292,6 +353,7 @@ async fn run(cli: Cli) -> Result<()> {
             max_request_body,
             max_response_body,
             log_limit,
+            no_promote,
         } => {
             let concurrency = concurrency.map(|c| c.to_string());
             let mut extra = Vec::new();
@@ -320,8 +382,38 @@ async fn run(cli: Cli) -> Result<()> {
                 parse_size(m).context("--memory")?;
                 extra.push(("memory", m.as_str()));
             }
+            if no_promote {
+                extra.push(("promote", "false"));
+            }
             deploy(&client, json, &file, &name, &route, host, &env, &extra).await
         }
+        Command::Versions { name } => versions::versions(&client, json, &name).await,
+        Command::Promote {
+            name,
+            version,
+            alias,
+        } => versions::promote(&client, json, &name, version, &alias).await,
+        Command::Canary {
+            name,
+            version,
+            weight,
+            sticky_header,
+            sticky_cookie,
+            alias,
+        } => {
+            versions::canary(
+                &client,
+                json,
+                &name,
+                version,
+                weight,
+                &alias,
+                (sticky_header, sticky_cookie),
+            )
+            .await
+        }
+        Command::Rollback { name, alias } => versions::rollback(&client, json, &name, &alias).await,
+        Command::Alias { action } => versions::alias(&client, json, action).await,
         Command::Usage {
             since,
             until,
@@ -351,7 +443,8 @@ async fn run(cli: Cli) -> Result<()> {
                 .map(|f| {
                     vec![
                         f.name.clone(),
-                        f.live_version.to_string(),
+                        f.live.clone(),
+                        f.versions.to_string(),
                         table::size(f.size),
                         f.sha256.chars().take(12).collect(),
                         routes_label(&f.routes),
@@ -362,7 +455,9 @@ async fn run(cli: Cli) -> Result<()> {
             print!(
                 "{}",
                 table::render(
-                    &["NAME", "LIVE", "SIZE", "SHA256", "ROUTES", "UPDATED"],
+                    &[
+                        "NAME", "LIVE", "VERSIONS", "SIZE", "SHA256", "ROUTES", "UPDATED"
+                    ],
                     &rows
                 )
             );
@@ -374,34 +469,39 @@ async fn run(cli: Cli) -> Result<()> {
                 return print_json(&f);
             }
             println!("function  {}", f.name);
-            println!("live      version {}", f.live_version);
             println!("created   {}", f.created_at);
             println!("routes    {}", routes_label(&f.routes));
+            for a in &f.aliases {
+                println!("alias     {} -> {}", a.name, a.target.describe());
+            }
             println!();
             let rows: Vec<Vec<String>> = f
                 .versions
                 .iter()
                 .map(|v| {
                     vec![
-                        format!(
-                            "{}{}",
-                            v.version,
-                            if v.version == f.live_version {
-                                " (live)"
-                            } else {
-                                ""
-                            }
-                        ),
+                        v.version.to_string(),
+                        if v.aliases.is_empty() {
+                            "-".into()
+                        } else {
+                            v.aliases.join(",")
+                        },
                         table::size(v.size),
                         v.sha256.chars().take(12).collect(),
                         v.env.keys().cloned().collect::<Vec<_>>().join(","),
+                        v.code.clone().unwrap_or_else(|| "not loaded".into()),
                         v.created_at.clone(),
                     ]
                 })
                 .collect();
             print!(
                 "{}",
-                table::render(&["VERSION", "SIZE", "SHA256", "ENV", "CREATED"], &rows)
+                table::render(
+                    &[
+                        "VERSION", "ALIASES", "SIZE", "SHA256", "ENV", "CODE", "CREATED"
+                    ],
+                    &rows
+                )
             );
             Ok(())
         }
@@ -415,7 +515,23 @@ async fn run(cli: Cli) -> Result<()> {
             println!("deleted function {name}");
             Ok(())
         }
-        Command::Invoke { name, data, path } => invoke(&client, json, &name, data, &path).await,
+        Command::Invoke {
+            name,
+            version,
+            alias,
+            data,
+            path,
+        } => {
+            let endpoint = match version {
+                Some(v) => format!("/v1/functions/{name}/versions/{v}/invoke"),
+                None => format!("/v1/functions/{name}/invoke"),
+            };
+            let mut pairs = vec![("path", path.as_str())];
+            if let Some(a) = &alias {
+                pairs.push(("alias", a.as_str()));
+            }
+            invoke(&client, json, &endpoint, pairs, data).await
+        }
         Command::Logs {
             name,
             invocation,
@@ -456,6 +572,7 @@ async fn up(
     max_wait: Duration,
     metering: bool,
     (max_request_body, max_response_body, log_limit): (usize, usize, usize),
+    (keep_versions, code): (usize, &str),
 ) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -476,6 +593,12 @@ async fn up(
     config.max_request_body = max_request_body;
     config.max_response_body = max_response_body;
     config.log_limit = log_limit;
+    config.keep_versions = keep_versions;
+    config.tiering = match code {
+        "optimized" => Tiering::Off,
+        "baseline" => Tiering::BaselineOnly,
+        _ => Tiering::default(),
+    };
     let node = verge_node::Node::start(config).await.with_context(|| {
         format!(
             "while starting the node with data directory {}",
@@ -611,16 +734,47 @@ async fn deploy(
     if json {
         return print_json(&r);
     }
+    let total_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let node_ms: f64 = r.steps.iter().map(|s| s.ms).sum();
+    println!("  upload    {:>8.1} ms", (total_ms - node_ms).max(0.0));
+    for step in &r.steps {
+        let note = match step.name.as_str() {
+            "compile" if r.tier == "baseline" => {
+                format!(
+                    "{} code, baseline (optimized code follows in the background)",
+                    r.code
+                )
+            }
+            "compile" => format!("{} code, {}", r.code, r.tier),
+            "store" if r.reused => format!(
+                "same bytes and configuration as version {}: reused",
+                r.version
+            ),
+            "promote" => match &r.promoted {
+                Some(alias) => format!("{alias} -> version {}", r.version),
+                None => "live unchanged".to_string(),
+            },
+            _ => String::new(),
+        };
+        println!("  {:<9} {:>8.1} ms  {note}", step.name, step.ms);
+    }
     println!(
-        "deployed {} version {} ({}, sha256 {}), {} in {:.0} ms, total {:.0} ms",
+        "deployed {} version {} ({}, sha256 {}) in {total_ms:.0} ms",
         r.function,
         r.version,
         table::size(r.size),
         &r.sha256[..12.min(r.sha256.len())],
-        r.code,
-        r.compile_ms,
-        started.elapsed().as_secs_f64() * 1000.0
     );
+    if r.promoted.is_none() {
+        println!(
+            "not live: call it with `verge invoke {} --version {}` or the {} header, then `verge promote {} {}`",
+            r.function,
+            r.version,
+            verge_spec::VERSION_HEADER,
+            r.function,
+            r.version
+        );
+    }
     for route in &r.routes {
         let base = client.server.clone();
         match &route.host {
@@ -656,9 +810,9 @@ fn query_string(q: &str) -> String {
 async fn invoke(
     client: &Client,
     json: bool,
-    name: &str,
+    endpoint: &str,
+    query: Vec<(&str, &str)>,
     data: Option<String>,
-    path: &str,
 ) -> Result<()> {
     let body: Vec<u8> = match data.as_deref() {
         None => Vec::new(),
@@ -677,10 +831,7 @@ async fn invoke(
     let rb = client
         .request(
             Method::POST,
-            &format!(
-                "/v1/functions/{name}/invoke{}",
-                query_string(&form_url([("path", path)]))
-            ),
+            &format!("{endpoint}{}", query_string(&form_url(query))),
         )
         .body(body);
     let resp = client.send(rb).await?;
@@ -728,16 +879,21 @@ async fn routes(client: &Client, json: bool, action: RoutesAction) -> Result<()>
                         r.host.clone().unwrap_or_else(|| "*".into()),
                         r.path.clone(),
                         r.function.clone(),
+                        r.alias.clone(),
                     ]
                 })
                 .collect();
-            print!("{}", table::render(&["HOST", "PATH", "FUNCTION"], &rows));
+            print!(
+                "{}",
+                table::render(&["HOST", "PATH", "FUNCTION", "ALIAS"], &rows)
+            );
             Ok(())
         }
         RoutesAction::Add {
             path,
             function,
             host,
+            alias,
         } => {
             let r: Route = client
                 .json(
@@ -747,6 +903,7 @@ async fn routes(client: &Client, json: bool, action: RoutesAction) -> Result<()>
                             host,
                             path,
                             function,
+                            alias: Some(alias),
                         }),
                 )
                 .await?;
@@ -754,10 +911,11 @@ async fn routes(client: &Client, json: bool, action: RoutesAction) -> Result<()>
                 return print_json(&r);
             }
             println!(
-                "route {}{} -> {}",
+                "route {}{} -> {}:{}",
                 r.host.as_deref().unwrap_or(""),
                 r.path,
-                r.function
+                r.function,
+                r.alias
             );
             Ok(())
         }

@@ -10,3 +10,4 @@ mod bad_input;
 mod hostile;
 mod metering;
 mod serving;
+mod versions;

@@ -126,7 +126,7 @@ fn redeploy_makes_a_new_live_version_and_rm_removes_everything() {
         .unwrap();
     assert_eq!(body, "Hello from C!\n");
     let show = node.cli_ok(&["show", "greeter"]);
-    assert!(show.contains("2 (live)"), "{show}");
+    assert!(show.contains("alias     live -> 2"), "{show}");
     let table = node.cli_ok(&["ls"]);
     assert!(table.starts_with("NAME"), "{table}");
     assert!(
@@ -134,9 +134,13 @@ fn redeploy_makes_a_new_live_version_and_rm_removes_everything() {
         "{table}"
     );
 
-    // Same bytes again: the compiled code is reused.
+    // Same bytes again: the version and the compiled code are reused.
     let r = node.deploy("c-hello", "greeter", "/greet");
     assert_eq!(r["code"], "cached");
+    assert_eq!(
+        (r["version"].as_u64(), r["reused"].as_bool()),
+        (Some(2), Some(true))
+    );
 
     node.cli_ok(&["rm", "greeter"]);
     let resp = node
@@ -378,7 +382,11 @@ fn deploy_output_for_people_and_for_scripts() {
         "--route",
         "/hi",
     ]);
-    assert!(out.starts_with("deployed hi version 1"), "{out}");
+    assert!(out.contains("\ndeployed hi version 1"), "{out}");
+    assert!(
+        out.contains("promote") && out.contains("live -> version 1"),
+        "{out}"
+    );
     assert!(out.contains(&format!("serving  {}/hi", node.url)), "{out}");
     let routes: serde_json::Value =
         serde_json::from_str(&node.cli_ok(&["routes", "--json"])).unwrap();
