@@ -114,7 +114,7 @@ fn guests(root: &Path, only: &[&str]) -> Result<()> {
     Ok(())
 }
 
-const RUST_GUESTS: [&str; 5] = ["hello", "echo", "trap", "sandbox", "hostile"];
+const RUST_GUESTS: [&str; 6] = ["hello", "echo", "trap", "sandbox", "hostile", "relay"];
 
 fn rust_guests(root: &Path, out: &Path) -> Result<()> {
     let installed =

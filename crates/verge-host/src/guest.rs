@@ -11,17 +11,17 @@ use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
-use verge_spec::UsageRecord;
+use verge_spec::{CloudEvent, UsageRecord};
 
 use crate::meter::{Meter, Metered};
-use crate::{BodyError, Capture, Function, Host, InvokeError, ResponseBody};
+use crate::{BodyError, Capture, EventSink, Function, Host, InvokeError, ResponseBody};
 
 /// The data of one invocation's store.
 pub(crate) struct GuestState {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     table: ResourceTable,
-    hooks: DenyOutbound,
+    hooks: Outbound,
     limits: GuestLimits,
 }
 
@@ -84,11 +84,16 @@ impl WasiHttpView for GuestState {
     }
 }
 
-/// Outbound HTTP is refused until an allowlist exists: the guest gets
-/// `HTTP-request-denied` and a line on its stderr saying why.
-struct DenyOutbound {
+/// Outbound HTTP of a guest: requests to the events URL are events, handled
+/// in-process (no network); anything else is refused until an allowlist
+/// exists: the guest gets `HTTP-request-denied` and a line on its stderr.
+struct Outbound {
     stderr: Capture,
     function: String,
+    version: u64,
+    /// Hops of the event chain this invocation belongs to.
+    hops: u32,
+    events: Option<EventSink>,
 }
 
 type SendResult = wasmtime_wasi_http::Result<(
@@ -96,13 +101,96 @@ type SendResult = wasmtime_wasi_http::Result<(
     Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
 )>;
 
-impl WasiHttpHooks for DenyOutbound {
+/// Largest event body a guest may send at once.
+const MAX_EVENT_BODY: usize = 1 << 20;
+
+fn small_response(status: u16, text: String) -> SendResult {
+    let body = http_body_util::Full::new(Bytes::from(text))
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    let response = http::Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "text/plain")
+        .body(body)
+        .map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e.to_string())))?;
+    Ok((response, Box::new(async { Ok(()) })))
+}
+
+/// Parses the events a guest sent (structured, batch or binary mode).
+fn parse_events(parts: &http::request::Parts, body: &[u8]) -> Result<Vec<CloudEvent>, String> {
+    let ct = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let base = ct
+        .as_deref()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let result = if base == verge_spec::BATCH {
+        CloudEvent::from_batch(body)
+    } else if base == verge_spec::STRUCTURED {
+        CloudEvent::from_structured(body).map(|e| vec![e])
+    } else {
+        let headers: Vec<(&str, &str)> = parts
+            .headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
+            .collect();
+        CloudEvent::from_binary(headers, ct.as_deref(), body).map(|e| vec![e])
+    };
+    result.map_err(|e| e.to_string())
+}
+
+impl WasiHttpHooks for Outbound {
     fn send_request(
         &mut self,
         request: http::Request<WasiBody>,
         _options: Option<wasmtime_wasi_http::RequestOptions>,
         _fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
     ) -> Box<dyn Future<Output = SendResult> + Send> {
+        if request.uri().host() == Some(crate::EVENTS_HOST)
+            && let Some(sink) = self.events.clone()
+        {
+            let (function, version, hops) = (self.function.clone(), self.version, self.hops);
+            return Box::new(async move {
+                let (parts, body) = request.into_parts();
+                let body = match http_body_util::Limited::new(body, MAX_EVENT_BODY)
+                    .collect()
+                    .await
+                {
+                    Ok(b) => b.to_bytes(),
+                    Err(e) => {
+                        return small_response(
+                            413,
+                            format!(
+                                "could not read the events (at most {MAX_EVENT_BODY} bytes): {e}\n"
+                            ),
+                        );
+                    }
+                };
+                let mut events = match parse_events(&parts, &body) {
+                    Ok(events) => events,
+                    Err(e) => return small_response(400, format!("{e}\n")),
+                };
+                for e in &mut events {
+                    e.source = format!("/verge/functions/{function}");
+                    e.set_hops(hops + 1);
+                    if e.time.is_none() {
+                        e.time = Some(verge_spec::rfc3339_ms(verge_spec_now_ms()));
+                    }
+                }
+                let n = events.len();
+                match sink(&function, version, events) {
+                    Ok(()) => small_response(202, format!("accepted {n} events\n")),
+                    Err(e) => small_response(503, format!("{e}\n")),
+                }
+            });
+        }
         let line = format!(
             "verge: outbound HTTP request to {} denied: function {:?} has no allowed outbound hosts\n",
             request.uri(),
@@ -115,6 +203,13 @@ impl WasiHttpHooks for DenyOutbound {
     }
 }
 
+fn verge_spec_now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// A fresh store for one invocation of `function`, with its own captures and
 /// limits, interrupted at `deadline`.
 fn new_store(
@@ -124,6 +219,7 @@ fn new_store(
     stdout: &Capture,
     stderr: &Capture,
     deadline: Instant,
+    hops: u32,
 ) -> Store<GuestState> {
     let cfg = host.config();
     let wasi = WasiCtxBuilder::new()
@@ -138,9 +234,12 @@ fn new_store(
         wasi,
         http: WasiHttpCtx::new(),
         table: ResourceTable::new(),
-        hooks: DenyOutbound {
+        hooks: Outbound {
             stderr: stderr.clone(),
             function: function.name.clone(),
+            version: function.version,
+            hops,
+            events: host.event_sink.clone(),
         },
         limits: GuestLimits {
             limit: function.memory_limit.unwrap_or(cfg.memory_limit),
@@ -170,7 +269,15 @@ pub(crate) async fn instantiate_only(host: &Host, function: &Function) -> Result
     let capture = Capture::new(0);
     let deadline = Instant::now() + function.timeout.unwrap_or(host.config().timeout);
     let code = function.component.code();
-    let mut store = new_store(host, &code.engine, function, &capture, &capture, deadline);
+    let mut store = new_store(
+        host,
+        &code.engine,
+        function,
+        &capture,
+        &capture,
+        deadline,
+        0,
+    );
     code.pre
         .instantiate_async(&mut store)
         .await
@@ -201,7 +308,21 @@ where
     // The code in force when the request starts serves all of it, even if
     // optimized code replaces it meanwhile.
     let code = function.component.code();
-    let mut store = new_store(host, &code.engine, function, &stdout, &stderr, deadline);
+    let hops = request
+        .headers()
+        .get("ce-vergehops")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(0);
+    let mut store = new_store(
+        host,
+        &code.engine,
+        function,
+        &stdout,
+        &stderr,
+        deadline,
+        hops,
+    );
 
     let meter = Meter::new(
         if cfg.metering {
@@ -228,6 +349,7 @@ where
             cold: !function.component.used.swap(true, Ordering::Relaxed),
             stdout: None,
             stderr: None,
+            hops,
         },
     );
 

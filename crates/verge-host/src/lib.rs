@@ -32,6 +32,18 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 pub use capture::Capture;
+
+/// Host name of the events URL guests get (`VERGE_EVENTS_URL`): requests to
+/// it never leave the process.
+pub const EVENTS_HOST: &str = "events.verge.internal";
+
+/// The events URL guests get in their environment as `VERGE_EVENTS_URL`.
+pub const EVENTS_URL: &str = "http://events.verge.internal/";
+
+/// Receives the events a guest POSTs to its events URL: (function, version,
+/// events with source and hops already set). An error is shown to the guest.
+pub type EventSink =
+    Arc<dyn Fn(&str, u64, Vec<verge_spec::CloudEvent>) -> Result<(), String> + Send + Sync>;
 use guest::GuestState;
 pub use meter::UsageSink;
 
@@ -375,6 +387,7 @@ pub struct Host {
     baseline_loads: AtomicU64,
     optimized: AtomicU64,
     usage_sink: Option<UsageSink>,
+    event_sink: Option<EventSink>,
 }
 
 /// Interval of the epoch ticker: the granularity of timeouts and of yields of
@@ -429,6 +442,7 @@ impl Host {
             baseline_loads: AtomicU64::new(0),
             optimized: AtomicU64::new(0),
             usage_sink: None,
+            event_sink: None,
         })
     }
 
@@ -436,6 +450,12 @@ impl Host {
     /// runtime's threads when an invocation and its response body are done).
     pub fn set_usage_sink(&mut self, sink: UsageSink) {
         self.usage_sink = Some(sink);
+    }
+
+    /// Sends the events guests POST to their events URL to `sink`; without
+    /// one, such requests are refused like any outbound request.
+    pub fn set_event_sink(&mut self, sink: EventSink) {
+        self.event_sink = Some(sink);
     }
 
     /// The host's settings.

@@ -127,6 +127,7 @@ mod tests {
                 cold: false,
                 stdout: None,
                 stderr: None,
+                hops: 0,
             },
         );
         let other = meter.clone();

@@ -57,6 +57,21 @@ api_routes! {
     GET "/v1/invocations" => list_invocations,
     GET "/v1/usage" => usage,
     GET "/v1/logs" => logs,
+    POST "/v1/events" => crate::events::ingest,
+    GET "/v1/triggers" => crate::events::list_triggers,
+    POST "/v1/triggers" => crate::events::add_trigger,
+    DELETE "/v1/triggers/{id}" => crate::events::delete_trigger,
+    GET "/v1/jobs" => crate::events::list_jobs,
+    GET "/v1/jobs/{id}" => crate::events::get_job,
+    GET "/v1/dlq" => crate::events::list_dead_letters,
+    DELETE "/v1/dlq" => crate::events::purge_dead_letters,
+    GET "/v1/dlq/{id}" => crate::events::get_dead_letter,
+    POST "/v1/dlq/{id}/replay" => crate::events::replay_dead_letter,
+    GET "/v1/functions/{name}/async" => crate::events::get_async_config,
+    PUT "/v1/functions/{name}/async" => crate::events::put_async_config,
+    GET "/v1/schedules" => crate::events::list_schedules,
+    POST "/v1/schedules" => crate::events::add_schedule,
+    DELETE "/v1/schedules/{id}" => crate::events::delete_schedule,
     GET "/v1/routes" => list_routes,
     PUT "/v1/routes" => put_route,
     DELETE "/v1/routes" => delete_route,
@@ -182,6 +197,11 @@ async fn put_alias(
     .await?;
     state.set_alias(&name, &alias, target.clone());
     tracing::info!(function = %name, %alias, target = %target.describe(), "alias set");
+    state.emit(
+        crate::events::types::ALIAS_CHANGED,
+        &format!("{name}/{alias}"),
+        serde_json::json!({ "function": name, "alias": alias, "target": target }),
+    );
     collect(&state, &name).await;
     Ok(Json(find_alias(aliases, &alias)?))
 }
@@ -201,6 +221,11 @@ async fn rollback_alias(
     })
     .await?;
     tracing::info!(function = %name, %alias, target = %target.describe(), "alias rolled back");
+    state.emit(
+        crate::events::types::ALIAS_CHANGED,
+        &format!("{name}/{alias}"),
+        serde_json::json!({ "function": name, "alias": alias, "target": target, "rollback": true }),
+    );
     state.set_alias(&name, &alias, target);
     Ok(Json(find_alias(aliases, &alias)?))
 }
@@ -252,6 +277,16 @@ async fn delete_function(
     for sha in &orphans {
         state.host.forget(sha);
     }
+    let s = state.clone();
+    let n = name.clone();
+    if let Err(e) = blocking(move || Ok(s.bus.forget_function(&n)?)).await {
+        tracing::warn!(function = %name, error = %e, "could not remove the function's triggers and schedules");
+    }
+    state.emit(
+        crate::events::types::FUNCTION_DELETED,
+        &name,
+        serde_json::json!({ "function": name }),
+    );
     state.refresh_routes()?;
     tracing::info!(function = %name, "function deleted");
     Ok(StatusCode::NO_CONTENT)
@@ -467,6 +502,20 @@ pub(crate) async fn deploy(
         state.optimize_in_background(&f, Some(bytes));
     }
     collect(state, name).await;
+    if !created.reused {
+        state.emit(
+            crate::events::types::VERSION_CREATED,
+            name,
+            serde_json::json!({ "function": name, "version": created.version, "sha256": sha, "size": size }),
+        );
+    }
+    if created.promoted {
+        state.emit(
+            crate::events::types::FUNCTION_DEPLOYED,
+            name,
+            serde_json::json!({ "function": name, "version": created.version, "alias": LIVE_ALIAS }),
+        );
+    }
     tracing::info!(function = %name, version = created.version, reused = created.reused, promoted = created.promoted, sha256 = %sha, code = %code, %tier, compile_ms, "version deployed");
     Ok(DeployResponse {
         function: name.to_string(),
@@ -555,7 +604,7 @@ fn check_limits(state: &AppState, limits: &Limits) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+pub(crate) fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
     form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .into_owned()
         .collect()
@@ -752,8 +801,20 @@ async fn invoke_with(
     validate_function_name(&name)?;
     let mut path = "/".to_string();
     let mut alias = LIVE_ALIAS.to_string();
+    let mut run_async = false;
     for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match k.as_ref() {
+            "async" => {
+                run_async = match v.as_ref() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => {
+                        return Err(ApiError::BadRequest(format!(
+                            "async {v:?} must be true or false"
+                        )));
+                    }
+                }
+            }
             "path" => {
                 if !v.starts_with('/') {
                     return Err(ApiError::BadRequest(format!(
@@ -768,17 +829,30 @@ async fn invoke_with(
             }
             other => {
                 return Err(ApiError::BadRequest(format!(
-                    "unknown query parameter {other:?}; accepted: path{}",
+                    "unknown query parameter {other:?}; accepted: path, async{}",
                     if version.is_none() { ", alias" } else { "" }
                 )));
             }
         }
     }
+    let (parts, body) = request.into_parts();
+    if run_async {
+        let (status, job) = crate::events::enqueue_invoke(
+            &state,
+            &name,
+            &alias,
+            version,
+            path,
+            &parts.headers,
+            body,
+        )
+        .await?;
+        return Ok((status, job).into_response());
+    }
     let selector = match version {
         Some(v) => Selector::Version(v),
         None => Selector::Alias(&alias),
     };
-    let (parts, body) = request.into_parts();
     let (slot, function) = match front::resolve(&state, &name, selector, &parts.headers).await {
         Ok(found) => found,
         Err(e) => {

@@ -25,6 +25,8 @@ pub enum ApiError {
     Deploy(#[from] DeployError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Bus(#[from] verge_bus::BusError),
     #[error("{error}")]
     Invoke { error: InvokeError, id: String },
     #[error("{detail}")]
@@ -55,6 +57,13 @@ impl ApiError {
                     (StatusCode::CONFLICT, "conflict")
                 }
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "storage error"),
+            },
+            ApiError::Bus(e) => match e {
+                verge_bus::BusError::NotFound(_) => (StatusCode::NOT_FOUND, "not found"),
+                verge_bus::BusError::Invalid(_) | verge_bus::BusError::Cron(_) => {
+                    (StatusCode::BAD_REQUEST, "bad request")
+                }
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, "event bus error"),
             },
             ApiError::Invoke { error, .. } => match error {
                 InvokeError::Capacity(_) => (StatusCode::SERVICE_UNAVAILABLE, "at capacity"),

@@ -5,6 +5,7 @@
 mod api;
 mod auth;
 mod error;
+mod events;
 mod front;
 mod state;
 
@@ -62,6 +63,12 @@ pub struct NodeConfig {
     pub keep_versions: usize,
     /// When large components start on baseline code.
     pub tiering: Tiering,
+    /// This node's name: its events' source is `/verge/nodes/<name>`.
+    pub node_name: String,
+    /// First retry delay of a failed job (doubles per attempt).
+    pub retry_base: Duration,
+    /// Functions an event chain may go through before its events are dead-lettered.
+    pub hop_limit: u32,
 }
 
 impl NodeConfig {
@@ -83,6 +90,9 @@ impl NodeConfig {
             log_limit: 64 << 10,
             keep_versions: 10,
             tiering: Tiering::default(),
+            node_name: default_node_name(),
+            retry_base: Duration::from_secs(1),
+            hop_limit: 16,
         }
     }
 }
@@ -94,6 +104,8 @@ pub enum NodeError {
     Store(#[from] verge_store::StoreError),
     #[error(transparent)]
     Host(#[from] verge_host::HostError),
+    #[error(transparent)]
+    Bus(#[from] verge_bus::BusError),
     #[error("could not listen on {addr}: {source}; pick another address with --listen")]
     Bind {
         addr: SocketAddr,
@@ -147,18 +159,65 @@ impl Node {
             metering: config.metering,
             tiering: config.tiering,
         })?;
+        let mut bus = verge_bus::Bus::open(&data_dir)?;
+        bus.retry_base = config.retry_base;
+        bus.hop_limit = config.hop_limit;
+        let requeued = bus.recover()?;
+        if requeued > 0 {
+            tracing::info!(
+                jobs = requeued,
+                "jobs left running by the last run are queued again"
+            );
+        }
+        let bus = Arc::new(bus);
+        let wake = Arc::new(tokio::sync::Notify::new());
         let sink = ledger.clone();
+        let (b, w, node) = (bus.clone(), wake.clone(), config.node_name.clone());
         host.set_usage_sink(Arc::new(move |mut record| {
             if record.status == 0 {
                 record.status = error::outcome_status(&record.outcome);
             }
+            let failed = match record.outcome.as_str() {
+                "ok" | "capacity" | "request_too_large" => None,
+                "timeout" => Some(events::types::INVOCATION_TIMED_OUT),
+                _ => Some(events::types::INVOCATION_FAILED),
+            };
+            if let Some(ty) = failed {
+                let mut e = events::platform_event(
+                    &node,
+                    ty,
+                    &record.function,
+                    serde_json::json!({
+                        "function": record.function,
+                        "version": record.version,
+                        "invocation": record.invocation_id,
+                        "outcome": record.outcome,
+                        "status": record.status,
+                    }),
+                );
+                e.set_hops(record.hops + 1);
+                events::publish(&b, &w, vec![e]);
+            }
             sink.record(record);
+        }));
+        let (b, w) = (bus.clone(), wake.clone());
+        host.set_event_sink(Arc::new(move |function, version, events| {
+            let published = b.publish(&events).map_err(|e| {
+                format!("the events could not be stored: {e}; retry later")
+            })?;
+            tracing::debug!(%function, version, events = events.len(), deliveries = published.queued.len(), "function emitted events");
+            if !published.queued.is_empty() {
+                w.notify_one();
+            }
+            Ok(())
         }));
         let token_hashes = store.token_hashes()?;
         let state = Arc::new(AppState::new(
             store,
             host,
             ledger,
+            bus,
+            wake,
             Settings {
                 data_dir: data_dir.clone(),
                 max_upload: config.max_upload,
@@ -170,6 +229,7 @@ impl Node {
                 prices: config.prices,
                 log_limit: config.log_limit,
                 keep_versions: config.keep_versions.max(1),
+                node_name: config.node_name.clone(),
                 body_limits: state::BodyLimits {
                     request: config.max_request_body,
                     response: config.max_response_body,
@@ -250,10 +310,24 @@ impl Node {
             tracing::warn!(path = %node_file.display(), error = %e, "could not write the node file; the CLI will need --server");
         }
         let app = router(self.state.clone());
+        let dispatcher = tokio::spawn(events::dispatcher(self.state.clone()));
+        let scheduler = tokio::spawn(events::scheduler(self.state.clone()));
+        self.state.emit(
+            events::types::NODE_STARTED,
+            &self.state.node_name,
+            serde_json::json!({ "node": self.state.node_name, "url": format!("http://{addr}") }),
+        );
         let result = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(|e| NodeError::Other(format!("server error: {e}")));
+        self.state.emit(
+            events::types::NODE_STOPPING,
+            &self.state.node_name,
+            serde_json::json!({ "node": self.state.node_name }),
+        );
+        scheduler.abort();
+        dispatcher.abort();
         let _ = std::fs::remove_file(&node_file);
         self.state.ledger.flush();
         result
@@ -281,4 +355,17 @@ fn register_all(state: &AppState) -> Result<usize, NodeError> {
         state.set_alias(&function, &alias, target);
     }
     Ok(state.function_count())
+}
+
+/// The machine's host name, else `node`.
+fn default_node_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        })
+        .unwrap_or_else(|| "node".to_string())
 }

@@ -142,6 +142,7 @@ pub(crate) struct Settings {
     pub body_limits: BodyLimits,
     pub log_limit: usize,
     pub keep_versions: usize,
+    pub node_name: String,
 }
 
 /// Everything a handler needs.
@@ -160,12 +161,26 @@ pub struct AppState {
     pub(crate) log_limit: usize,
     /// Versions kept per function (besides those aliases need).
     pub(crate) keep_versions: usize,
+    pub(crate) bus: Arc<verge_bus::Bus>,
+    /// Wakes the dispatcher when jobs are queued or workers free up.
+    pub(crate) wake: Arc<tokio::sync::Notify>,
+    /// Jobs being delivered at once.
+    pub(crate) job_slots: Arc<Semaphore>,
+    /// This node's name (the source of its events).
+    pub(crate) node_name: String,
     functions: RwLock<HashMap<String, FunctionEntry>>,
     routes: RwLock<Arc<Vec<Route>>>,
 }
 
 impl AppState {
-    pub(crate) fn new(store: Store, host: Host, ledger: Arc<Ledger>, settings: Settings) -> Self {
+    pub(crate) fn new(
+        store: Store,
+        host: Host,
+        ledger: Arc<Ledger>,
+        bus: Arc<verge_bus::Bus>,
+        wake: Arc<tokio::sync::Notify>,
+        settings: Settings,
+    ) -> Self {
         Self {
             store,
             host,
@@ -180,6 +195,10 @@ impl AppState {
             body_limits: settings.body_limits,
             log_limit: settings.log_limit,
             keep_versions: settings.keep_versions,
+            bus,
+            wake,
+            job_slots: Arc::new(Semaphore::new(crate::events::JOB_WORKERS)),
+            node_name: settings.node_name,
             functions: RwLock::default(),
             routes: RwLock::default(),
         }
@@ -482,7 +501,11 @@ impl AppState {
 
 /// The function of a stored version on loaded code.
 pub(crate) fn function_of(v: &StoredVersion, component: Arc<LoadedComponent>) -> Function {
-    Function::new(component, v.function.clone(), v.version, v.env.clone()).with_limits(
+    let mut env = v.env.clone();
+    if !env.iter().any(|(k, _)| k == "VERGE_EVENTS_URL") {
+        env.push(("VERGE_EVENTS_URL".into(), verge_host::EVENTS_URL.into()));
+    }
+    Function::new(component, v.function.clone(), v.version, env).with_limits(
         v.limits.timeout_ms.map(Duration::from_millis),
         v.limits.memory_bytes.map(|m| m as usize),
         v.limits.log_bytes.map(|m| m as usize),

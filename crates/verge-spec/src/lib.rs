@@ -7,6 +7,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+mod events;
+pub use events::*;
+
 /// The longest function name accepted.
 pub const MAX_FUNCTION_NAME: usize = 63;
 
@@ -468,6 +471,14 @@ pub struct UsageRecord {
     /// Captured stderr (bounded; marked when truncated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stderr: Option<String>,
+    /// Functions the event chain went through before this invocation (from
+    /// the request's `ce-vergehops`); not kept in the ledger.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub hops: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// One row of `GET /v1/usage`.
@@ -501,6 +512,12 @@ pub struct UsageReport {
 
 /// The response header that carries an invocation's id.
 pub const INVOCATION_ID_HEADER: &str = "verge-invocation-id";
+
+/// Formats unix milliseconds as an RFC 3339 UTC timestamp with milliseconds.
+pub fn rfc3339_ms(unix_ms: i64) -> String {
+    let s = rfc3339(unix_ms.div_euclid(1000));
+    format!("{}.{:03}Z", &s[..s.len() - 1], unix_ms.rem_euclid(1000))
+}
 
 /// Formats unix seconds as an RFC 3339 UTC timestamp.
 pub fn rfc3339(unix_secs: i64) -> String {

@@ -1150,6 +1150,7 @@ impl Store {
                 cold: r.get(12)?,
                 stdout: None,
                 stderr: None,
+                hops: 0,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -1194,6 +1195,7 @@ impl Store {
                     cold: false,
                     stdout: r.get(6)?,
                     stderr: r.get(7)?,
+                    hops: 0,
                 })
             },
         )?;
@@ -1532,6 +1534,7 @@ mod tests {
             cold: false,
             stdout: None,
             stderr: None,
+            hops: 0,
         }
     }
 

@@ -2,6 +2,7 @@
 //! crate that knows clap.
 
 mod client;
+mod events;
 mod table;
 mod versions;
 
@@ -96,6 +97,12 @@ enum Command {
         /// optimized code replaces it in the background), optimized, or baseline
         #[arg(long, default_value = "auto", value_parser = ["auto", "optimized", "baseline"])]
         code: String,
+        /// This node's name, the source of its events (/verge/nodes/NAME) [default: the host name]
+        #[arg(long)]
+        node_name: Option<String>,
+        /// First retry delay of a failed asynchronous job (doubles per attempt)
+        #[arg(long, default_value = "1s")]
+        retry_base: String,
     },
     /// Deploy a component as a new version of a function and make it live
     Deploy {
@@ -212,6 +219,9 @@ enum Command {
     /// Call a function (its live alias unless told otherwise) with a POST
     Invoke {
         name: String,
+        /// Queue the invocation (202 and an id; retried on failure, then dead-lettered)
+        #[arg(long = "async")]
+        run_async: bool,
         /// Call this version
         #[arg(long, conflicts_with = "alias")]
         version: Option<u64>,
@@ -234,6 +244,37 @@ enum Command {
         /// Keep printing new invocations' output as they finish
         #[arg(long, short)]
         follow: bool,
+    },
+    /// Event triggers: deliver matching CloudEvents to a function
+    Trigger {
+        #[command(subcommand)]
+        action: events::TriggerAction,
+    },
+    /// Dead-lettered events and asynchronous invocations
+    Dlq {
+        #[command(subcommand)]
+        action: events::DlqAction,
+    },
+    /// Cron schedules that fire a function
+    Schedule {
+        #[command(subcommand)]
+        action: events::ScheduleAction,
+    },
+    /// Show or set a function's retries, maximum event age and destinations
+    Async {
+        name: String,
+        /// Retries after the first attempt [default: 2]
+        #[arg(long)]
+        retries: Option<u32>,
+        /// Oldest a queued event or invocation may get (90s, 30m, 6h, 1d) [default: 6h]
+        #[arg(long)]
+        max_age: Option<String>,
+        /// Emit an event of this type when a job succeeds
+        #[arg(long)]
+        on_success: Option<String>,
+        /// Emit an event of this type when a job is dead-lettered
+        #[arg(long)]
+        on_failure: Option<String>,
     },
     /// List routes, or add and remove them
     Routes {
@@ -314,6 +355,8 @@ async fn run(cli: Cli) -> Result<()> {
         log_limit,
         keep_versions,
         code,
+        node_name,
+        retry_base,
     } = &cli.command
     {
         let bodies = (
@@ -334,6 +377,10 @@ async fn run(cli: Cli) -> Result<()> {
             !*no_metering,
             bodies,
             (*keep_versions, code),
+            (
+                node_name.clone(),
+                parse_duration(retry_base).context("--retry-base")?,
+            ),
         )
         .await;
     }
@@ -426,7 +473,12 @@ async fn run(cli: Cli) -> Result<()> {
             status,
             id,
             limit,
-        } => invocations(&client, json, name, status, id, limit).await,
+        } => match id {
+            Some(id) if id.starts_with("inv_") || id.starts_with("job_") => {
+                events::job(&client, json, &id).await
+            }
+            id => invocations(&client, json, name, status, id, limit).await,
+        },
         Command::Ls => {
             let fs: Vec<FunctionSummary> = client.get("/v1/functions").await?;
             if json {
@@ -517,6 +569,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Invoke {
             name,
+            run_async,
             version,
             alias,
             data,
@@ -530,7 +583,26 @@ async fn run(cli: Cli) -> Result<()> {
             if let Some(a) = &alias {
                 pairs.push(("alias", a.as_str()));
             }
-            invoke(&client, json, &endpoint, pairs, data).await
+            if run_async {
+                pairs.push(("async", "true"));
+            }
+            invoke(&client, json, &endpoint, pairs, data, run_async).await
+        }
+        Command::Trigger { action } => events::trigger(&client, json, action).await,
+        Command::Dlq { action } => events::dlq(&client, json, action).await,
+        Command::Schedule { action } => events::schedule(&client, json, action).await,
+        Command::Async {
+            name,
+            retries,
+            max_age,
+            on_success,
+            on_failure,
+        } => {
+            let body = serde_json::json!({
+                "max_retries": retries, "max_age": max_age,
+                "on_success": on_success, "on_failure": on_failure,
+            });
+            events::async_config(&client, json, &name, body).await
         }
         Command::Logs {
             name,
@@ -573,6 +645,7 @@ async fn up(
     metering: bool,
     (max_request_body, max_response_body, log_limit): (usize, usize, usize),
     (keep_versions, code): (usize, &str),
+    (node_name, retry_base): (Option<String>, Duration),
 ) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -594,6 +667,10 @@ async fn up(
     config.max_response_body = max_response_body;
     config.log_limit = log_limit;
     config.keep_versions = keep_versions;
+    if let Some(n) = node_name {
+        config.node_name = n;
+    }
+    config.retry_base = retry_base;
     config.tiering = match code {
         "optimized" => Tiering::Off,
         "baseline" => Tiering::BaselineOnly,
@@ -813,6 +890,7 @@ async fn invoke(
     endpoint: &str,
     query: Vec<(&str, &str)>,
     data: Option<String>,
+    run_async: bool,
 ) -> Result<()> {
     let body: Vec<u8> = match data.as_deref() {
         None => Vec::new(),
@@ -834,6 +912,17 @@ async fn invoke(
             &format!("{endpoint}{}", query_string(&form_url(query))),
         )
         .body(body);
+    if run_async {
+        let job: verge_bus::Job = client.json(rb).await?;
+        if json {
+            return print_json(&job);
+        }
+        println!(
+            "queued {} for {}:{}; follow it with `verge invocations --id {}`",
+            job.id, job.function, job.alias, job.id
+        );
+        return Ok(());
+    }
     let resp = client.send(rb).await?;
     let status = resp.status();
     let id = resp

@@ -7,6 +7,7 @@ mod kit;
 
 mod auth;
 mod bad_input;
+mod events;
 mod hostile;
 mod metering;
 mod serving;

@@ -291,8 +291,12 @@ fn guests_get_no_ambient_authority() {
     lines.sort();
     assert_eq!(
         lines,
-        vec!["GREETING=hi there", "MODE=test"],
-        "only configured values"
+        vec![
+            "GREETING=hi there",
+            "MODE=test",
+            "VERGE_EVENTS_URL=http://events.verge.internal/"
+        ],
+        "only configured values, and the events URL Verge gives every function"
     );
     let fs = get("/fs");
     assert!(fs.contains("read_dir(/) denied"), "{fs}");

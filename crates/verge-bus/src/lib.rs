@@ -1,0 +1,1014 @@
+//! Verge's CloudEvents bus, embedded on SQLite: triggers (event
+//! subscriptions), a durable delivery queue shared by event deliveries and
+//! asynchronous invocations (at least once, retries with exponential backoff
+//! and jitter, a dead-letter state), per-function retry policies, and cron
+//! schedules.
+//!
+//! The bus knows no wasm and serves no HTTP: the node claims due jobs, runs
+//! them, and reports each outcome back ([`Bus::complete`], [`Bus::fail`]).
+//! A job claimed by a node that dies is claimed again after its lease
+//! expires ([`Bus::recover`] at start), so delivery is at least once.
+//!
+//! Its database is its own file (`bus.db`, WAL, synchronous FULL): an
+//! acknowledged publish is on disk before the call returns.
+
+pub mod cron;
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::{Deserialize, Serialize};
+use verge_spec::CloudEvent;
+
+pub use cron::{Cron, CronError};
+
+/// A failure of the bus.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("event bus database error: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("stored event data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Cron(#[from] CronError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Milliseconds since the unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn new_id(prefix: &str) -> String {
+    let ms = now_ms() as u64;
+    let mut r = [0u8; 8];
+    rand::fill(&mut r);
+    format!("{prefix}{:012x}{}", ms, hex::encode(r))
+}
+
+/// An event subscription of a function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trigger {
+    pub id: String,
+    pub function: String,
+    pub alias: String,
+    /// Event type; a trailing `*` matches a prefix.
+    #[serde(rename = "type")]
+    pub ty: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_prefix: Option<String>,
+    pub created_ms: i64,
+}
+
+impl Trigger {
+    /// Does `event` match this trigger?
+    pub fn matches(&self, event: &CloudEvent) -> bool {
+        let type_ok = match self.ty.strip_suffix('*') {
+            Some(prefix) => event.ty.starts_with(prefix),
+            None => event.ty == self.ty,
+        };
+        type_ok
+            && self.source.as_ref().is_none_or(|s| *s == event.source)
+            && self.subject_prefix.as_ref().is_none_or(|p| {
+                event
+                    .subject
+                    .as_deref()
+                    .is_some_and(|subject| subject.starts_with(p.as_str()))
+            })
+    }
+}
+
+/// Retry policy and destinations of a function's asynchronous work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AsyncConfig {
+    /// Retries after the first attempt (Lambda's default: 2).
+    pub max_retries: u32,
+    /// Oldest a job may get before it is dead-lettered (default 6 hours).
+    pub max_age_ms: i64,
+    /// Event type emitted when a job succeeds, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_success: Option<String>,
+    /// Event type emitted when a job is dead-lettered, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<String>,
+}
+
+impl Default for AsyncConfig {
+    fn default() -> Self {
+        Self {
+            max_retries: 2,
+            max_age_ms: 6 * 3600 * 1000,
+            on_success: None,
+            on_failure: None,
+        }
+    }
+}
+
+/// What a job delivers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Payload {
+    /// An event, delivered as a CloudEvents binary-mode POST.
+    Event { event: CloudEvent },
+    /// An asynchronous invocation: a POST of `body` with `headers` to `path`.
+    Invoke {
+        path: String,
+        headers: Vec<(String, String)>,
+        #[serde(with = "bytes_b64")]
+        body: Vec<u8>,
+    },
+}
+
+mod bytes_b64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        hex::decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where a job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Dead,
+}
+
+impl JobState {
+    fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Dead => "dead",
+        }
+    }
+    /// Parses `queued`, `running`, `succeeded` or `dead`.
+    pub fn parse(s: &str) -> Result<Self, BusError> {
+        Ok(match s {
+            "queued" => JobState::Queued,
+            "running" => JobState::Running,
+            "succeeded" => JobState::Succeeded,
+            "dead" => JobState::Dead,
+            other => return Err(BusError::Corrupt(format!("job state {other:?}"))),
+        })
+    }
+}
+
+/// A unit of asynchronous work: one delivery of an event to a function, or
+/// one asynchronous invocation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub function: String,
+    pub alias: String,
+    /// A pinned version, if any (else the alias resolves at run time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    pub payload: Payload,
+    /// Functions the chain went through before this job.
+    pub hops: u32,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub state: JobState,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+    pub next_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// The trigger that created it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
+}
+
+/// A cron schedule of a function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Schedule {
+    pub id: String,
+    pub function: String,
+    pub alias: String,
+    pub cron: String,
+    pub tz: String,
+    /// After downtime: `skip` missed firings, or run `once` for them.
+    pub missed: String,
+    pub next_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ms: Option<i64>,
+}
+
+/// Backoff before attempt `attempt + 1`: 1 s doubling, capped at 5 minutes,
+/// with full jitter over its upper half.
+pub fn backoff(base: Duration, attempt: u32) -> Duration {
+    let cap = Duration::from_secs(300);
+    let exp = base
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+        .min(cap);
+    let half = exp / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS triggers (
+    id TEXT PRIMARY KEY,
+    function TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    type TEXT NOT NULL,
+    source TEXT,
+    subject_prefix TEXT,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    function TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    version INTEGER,
+    payload TEXT NOT NULL,
+    hops INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    max_attempts INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    next_ms INTEGER NOT NULL,
+    lease_ms INTEGER,
+    last_error TEXT,
+    trigger_id TEXT,
+    updated_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, next_ms);
+CREATE INDEX IF NOT EXISTS jobs_by_function ON jobs (function, state);
+CREATE TABLE IF NOT EXISTS async_config (
+    function TEXT PRIMARY KEY,
+    config TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS schedules (
+    id TEXT PRIMARY KEY,
+    function TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    cron TEXT NOT NULL,
+    tz TEXT NOT NULL,
+    missed TEXT NOT NULL,
+    next_ms INTEGER NOT NULL,
+    last_ms INTEGER,
+    created_ms INTEGER NOT NULL
+);
+";
+
+const JOB_COLUMNS: &str = "id, function, alias, version, payload, hops, attempts, max_attempts, state, created_ms, expires_ms, next_ms, last_error, trigger_id";
+
+fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Job, String)> {
+    let payload: String = r.get(4)?;
+    let state: String = r.get(8)?;
+    Ok((
+        Job {
+            id: r.get(0)?,
+            function: r.get(1)?,
+            alias: r.get(2)?,
+            version: r.get(3)?,
+            payload: Payload::Invoke {
+                path: String::new(),
+                headers: Vec::new(),
+                body: Vec::new(),
+            },
+            hops: r.get(5)?,
+            attempts: r.get(6)?,
+            max_attempts: r.get(7)?,
+            state: JobState::Queued,
+            created_ms: r.get(9)?,
+            expires_ms: r.get(10)?,
+            next_ms: r.get(11)?,
+            last_error: r.get(12)?,
+            trigger: r.get(13)?,
+        },
+        format!("{state}\n{payload}"),
+    ))
+}
+
+fn finish_job((mut job, raw): (Job, String)) -> Result<Job, BusError> {
+    let (state, payload) = raw.split_once('\n').unwrap_or(("", ""));
+    job.state = JobState::parse(state)?;
+    job.payload = serde_json::from_str(payload)
+        .map_err(|e| BusError::Corrupt(format!("job payload: {e}")))?;
+    Ok(job)
+}
+
+/// What a publish did with each event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Published {
+    /// Jobs queued for delivery.
+    pub queued: Vec<String>,
+    /// Jobs dead-lettered at once (hop limit).
+    pub dead: Vec<String>,
+}
+
+/// The bus (see the crate docs).
+pub struct Bus {
+    conn: Mutex<Connection>,
+    /// Past this many hops an event is dead-lettered instead of delivered.
+    pub hop_limit: u32,
+    /// First retry delay (doubles per attempt).
+    pub retry_base: Duration,
+    /// How long a claimed job is leased before another claim may take it.
+    pub lease: Duration,
+}
+
+impl Bus {
+    /// Opens (creating if needed) `bus.db` in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, BusError> {
+        let conn = Connection::open(dir.join("bus.db"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            hop_limit: 16,
+            retry_base: Duration::from_secs(1),
+            lease: Duration::from_secs(15 * 60),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Jobs left running by a node that stopped go back to the queue.
+    pub fn recover(&self) -> Result<usize, BusError> {
+        Ok(self.conn().execute(
+            "UPDATE jobs SET state = 'queued', lease_ms = NULL, next_ms = ?1 WHERE state = 'running'",
+            params![now_ms()],
+        )?)
+    }
+
+    /// Adds a trigger.
+    pub fn add_trigger(
+        &self,
+        function: &str,
+        alias: &str,
+        ty: &str,
+        source: Option<&str>,
+        subject_prefix: Option<&str>,
+    ) -> Result<Trigger, BusError> {
+        if ty.is_empty() || ty[..ty.len() - 1].contains('*') {
+            return Err(BusError::Invalid(format!(
+                "event type {ty:?}: give a type such as com.acme.order.created, or a prefix ending in * (dev.verge.function.*)"
+            )));
+        }
+        let t = Trigger {
+            id: new_id("trg_"),
+            function: function.to_string(),
+            alias: alias.to_string(),
+            ty: ty.to_string(),
+            source: source.map(str::to_string),
+            subject_prefix: subject_prefix.map(str::to_string),
+            created_ms: now_ms(),
+        };
+        self.conn().execute(
+            "INSERT INTO triggers (id, function, alias, type, source, subject_prefix, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![t.id, t.function, t.alias, t.ty, t.source, t.subject_prefix, t.created_ms],
+        )?;
+        Ok(t)
+    }
+
+    /// Triggers, of one function or all.
+    pub fn triggers(&self, function: Option<&str>) -> Result<Vec<Trigger>, BusError> {
+        let conn = self.conn();
+        triggers_of(&conn, function)
+    }
+
+    /// Removes a trigger.
+    pub fn remove_trigger(&self, id: &str) -> Result<(), BusError> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM triggers WHERE id = ?1", params![id])?;
+        if n == 0 {
+            return Err(BusError::NotFound(format!("trigger {id:?}")));
+        }
+        Ok(())
+    }
+
+    /// Removes everything of a deleted function: triggers, schedules,
+    /// queued jobs (dead letters stay, to be inspected or purged).
+    pub fn forget_function(&self, function: &str) -> Result<(), BusError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "DELETE FROM triggers WHERE function = ?1",
+            params![function],
+        )?;
+        tx.execute(
+            "DELETE FROM schedules WHERE function = ?1",
+            params![function],
+        )?;
+        tx.execute(
+            "DELETE FROM jobs WHERE function = ?1 AND state IN ('queued', 'running')",
+            params![function],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The async configuration of a function (defaults if never set).
+    pub fn async_config(&self, function: &str) -> Result<AsyncConfig, BusError> {
+        let conn = self.conn();
+        config_of(&conn, function)
+    }
+
+    /// Sets the async configuration of a function.
+    pub fn set_async_config(&self, function: &str, config: &AsyncConfig) -> Result<(), BusError> {
+        let json = serde_json::to_string(config).map_err(|e| BusError::Corrupt(e.to_string()))?;
+        self.conn().execute(
+            "INSERT INTO async_config (function, config) VALUES (?1, ?2)
+             ON CONFLICT(function) DO UPDATE SET config = excluded.config",
+            params![function, json],
+        )?;
+        Ok(())
+    }
+
+    /// Publishes events durably: each matching trigger gets a queued job
+    /// (or a dead one, past the hop limit), all in one transaction.
+    pub fn publish(&self, events: &[CloudEvent]) -> Result<Published, BusError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let triggers = triggers_of(&tx, None)?;
+        let mut out = Published::default();
+        let now = now_ms();
+        for event in events {
+            let hops = event.hops();
+            for t in triggers.iter().filter(|t| t.matches(event)) {
+                let config = config_of(&tx, &t.function)?;
+                let mut job = Job {
+                    id: new_id("job_"),
+                    function: t.function.clone(),
+                    alias: t.alias.clone(),
+                    version: None,
+                    payload: Payload::Event {
+                        event: event.clone(),
+                    },
+                    hops,
+                    attempts: 0,
+                    max_attempts: config.max_retries + 1,
+                    state: JobState::Queued,
+                    created_ms: now,
+                    expires_ms: now + config.max_age_ms,
+                    next_ms: now,
+                    last_error: None,
+                    trigger: Some(t.id.clone()),
+                };
+                if hops >= self.hop_limit {
+                    job.state = JobState::Dead;
+                    job.last_error = Some(format!(
+                        "hop limit: the event went through {hops} functions (limit {}); a trigger loop?",
+                        self.hop_limit
+                    ));
+                    out.dead.push(job.id.clone());
+                } else {
+                    out.queued.push(job.id.clone());
+                }
+                insert_job(&tx, &job)?;
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Queues a job directly (an asynchronous invocation, a schedule firing).
+    pub fn enqueue(
+        &self,
+        function: &str,
+        alias: &str,
+        version: Option<u64>,
+        payload: Payload,
+        hops: u32,
+    ) -> Result<Job, BusError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let config = config_of(&tx, function)?;
+        let now = now_ms();
+        let job = Job {
+            id: new_id("inv_"),
+            function: function.to_string(),
+            alias: alias.to_string(),
+            version,
+            payload,
+            hops,
+            attempts: 0,
+            max_attempts: config.max_retries + 1,
+            state: JobState::Queued,
+            created_ms: now,
+            expires_ms: now + config.max_age_ms,
+            next_ms: now,
+            last_error: None,
+            trigger: None,
+        };
+        insert_job(&tx, &job)?;
+        tx.commit()?;
+        Ok(job)
+    }
+
+    /// Claims up to `limit` due jobs (their attempt counted), oldest first.
+    pub fn claim(&self, limit: usize) -> Result<Vec<Job>, BusError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let now = now_ms();
+        let jobs: Vec<Job> = {
+            let mut stmt = tx.prepare(&format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'queued' AND next_ms <= ?1 ORDER BY next_ms LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![now, limit as i64], job_from_row)?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(finish_job(row?)?);
+            }
+            out
+        };
+        let lease = now + self.lease.as_millis() as i64;
+        for job in &jobs {
+            tx.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_ms = ?2, updated_ms = ?3 WHERE id = ?1",
+                params![job.id, lease, now],
+            )?;
+        }
+        tx.commit()?;
+        Ok(jobs
+            .into_iter()
+            .map(|mut j| {
+                j.attempts += 1;
+                j.state = JobState::Running;
+                j
+            })
+            .collect())
+    }
+
+    /// When the next queued job is due, if any.
+    pub fn next_due_ms(&self) -> Result<Option<i64>, BusError> {
+        Ok(self.conn().query_row(
+            "SELECT MIN(next_ms) FROM jobs WHERE state = 'queued'",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Jobs queued or running right now.
+    pub fn depth(&self) -> Result<u64, BusError> {
+        Ok(self.conn().query_row(
+            "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Marks a job done.
+    pub fn complete(&self, id: &str) -> Result<(), BusError> {
+        self.conn().execute(
+            "UPDATE jobs SET state = 'succeeded', lease_ms = NULL, last_error = NULL, updated_ms = ?2 WHERE id = ?1",
+            params![id, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// Records a failed attempt: the job is retried after a backoff, or
+    /// dead-lettered when its attempts or its age are used up. Returns the
+    /// job as it is now.
+    pub fn fail(&self, id: &str, error: &str) -> Result<Job, BusError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut job = job_of(&tx, id)?;
+        let now = now_ms();
+        let next = now + backoff(self.retry_base, job.attempts).as_millis() as i64;
+        let (state, reason) = if job.attempts >= job.max_attempts {
+            (
+                JobState::Dead,
+                format!("{error} (after {} attempts)", job.attempts),
+            )
+        } else if next > job.expires_ms {
+            (
+                JobState::Dead,
+                format!("{error} (the job is older than its maximum age)"),
+            )
+        } else {
+            (JobState::Queued, error.to_string())
+        };
+        tx.execute(
+            "UPDATE jobs SET state = ?2, next_ms = ?3, lease_ms = NULL, last_error = ?4, updated_ms = ?5 WHERE id = ?1",
+            params![id, state.as_str(), next, reason, now],
+        )?;
+        tx.commit()?;
+        job.state = state;
+        job.next_ms = next;
+        job.last_error = Some(reason);
+        Ok(job)
+    }
+
+    /// One job.
+    pub fn job(&self, id: &str) -> Result<Job, BusError> {
+        let conn = self.conn();
+        job_of(&conn, id)
+    }
+
+    /// Jobs of a function (or all) in a state (or any), newest first.
+    pub fn jobs(
+        &self,
+        function: Option<&str>,
+        state: Option<JobState>,
+        limit: u32,
+    ) -> Result<Vec<Job>, BusError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR function = ?1) AND (?2 IS NULL OR state = ?2)
+             ORDER BY created_ms DESC LIMIT ?3"
+        ))?;
+        let rows = stmt.query_map(
+            params![function, state.map(JobState::as_str), limit],
+            job_from_row,
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(finish_job(row?)?);
+        }
+        Ok(out)
+    }
+
+    /// Dead-lettered jobs, newest first.
+    pub fn dead_letters(&self, function: Option<&str>, limit: u32) -> Result<Vec<Job>, BusError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'dead' AND (?1 IS NULL OR function = ?1) ORDER BY updated_ms DESC LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![function, limit], job_from_row)?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(finish_job(row?)?);
+        }
+        Ok(out)
+    }
+
+    /// Queues a dead-lettered job again with fresh attempts and age.
+    pub fn replay(&self, id: &str) -> Result<Job, BusError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let job = job_of(&tx, id)?;
+        if job.state != JobState::Dead {
+            return Err(BusError::Invalid(format!(
+                "job {id} is {}, not dead-lettered; only dead letters can be replayed",
+                job.state.as_str()
+            )));
+        }
+        let config = config_of(&tx, &job.function)?;
+        let now = now_ms();
+        tx.execute(
+            "UPDATE jobs SET state = 'queued', attempts = 0, max_attempts = ?2, next_ms = ?3, expires_ms = ?4, hops = 0, updated_ms = ?3 WHERE id = ?1",
+            params![id, config.max_retries + 1, now, now + config.max_age_ms],
+        )?;
+        let job = job_of(&tx, id)?;
+        tx.commit()?;
+        Ok(job)
+    }
+
+    /// Deletes dead letters (of one function, or all); returns how many.
+    pub fn purge(&self, function: Option<&str>) -> Result<usize, BusError> {
+        Ok(self.conn().execute(
+            "DELETE FROM jobs WHERE state = 'dead' AND (?1 IS NULL OR function = ?1)",
+            params![function],
+        )?)
+    }
+
+    /// Deletes succeeded jobs older than `age` (their record is kept that long
+    /// for `verge invocations --id`).
+    pub fn prune(&self, age: Duration) -> Result<usize, BusError> {
+        Ok(self.conn().execute(
+            "DELETE FROM jobs WHERE state = 'succeeded' AND updated_ms < ?1",
+            params![now_ms() - age.as_millis() as i64],
+        )?)
+    }
+
+    /// Adds a schedule; its first firing is the next one after now.
+    pub fn add_schedule(
+        &self,
+        function: &str,
+        alias: &str,
+        expr: &str,
+        tz: Option<&str>,
+        missed: &str,
+    ) -> Result<Schedule, BusError> {
+        let cron = Cron::parse(expr)?;
+        let zone = cron::zone(tz)?;
+        if missed != "skip" && missed != "once" {
+            return Err(BusError::Invalid(format!(
+                "missed-run policy {missed:?}: give skip or once"
+            )));
+        }
+        let next = next_fire(&cron, &zone, now_ms()).ok_or_else(|| {
+            BusError::Invalid(format!("the cron expression {expr:?} never fires"))
+        })?;
+        let s = Schedule {
+            id: new_id("sch_"),
+            function: function.to_string(),
+            alias: alias.to_string(),
+            cron: expr.to_string(),
+            tz: tz.unwrap_or("UTC").to_string(),
+            missed: missed.to_string(),
+            next_ms: next,
+            last_ms: None,
+        };
+        self.conn().execute(
+            "INSERT INTO schedules (id, function, alias, cron, tz, missed, next_ms, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![s.id, s.function, s.alias, s.cron, s.tz, s.missed, s.next_ms, now_ms()],
+        )?;
+        Ok(s)
+    }
+
+    /// Schedules, of one function or all.
+    pub fn schedules(&self, function: Option<&str>) -> Result<Vec<Schedule>, BusError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, function, alias, cron, tz, missed, next_ms, last_ms FROM schedules
+             WHERE (?1 IS NULL OR function = ?1) ORDER BY function, created_ms",
+        )?;
+        let rows = stmt.query_map(params![function], |r| {
+            Ok(Schedule {
+                id: r.get(0)?,
+                function: r.get(1)?,
+                alias: r.get(2)?,
+                cron: r.get(3)?,
+                tz: r.get(4)?,
+                missed: r.get(5)?,
+                next_ms: r.get(6)?,
+                last_ms: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Removes a schedule.
+    pub fn remove_schedule(&self, id: &str) -> Result<(), BusError> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM schedules WHERE id = ?1", params![id])?;
+        if n == 0 {
+            return Err(BusError::NotFound(format!("schedule {id:?}")));
+        }
+        Ok(())
+    }
+
+    /// Advances every due schedule to its next firing after now; returns the
+    /// firings to deliver: (schedule, the time it was due). A schedule that
+    /// missed more than one firing (the node was down) fires once or not at
+    /// all, as its policy says.
+    pub fn due_schedules(&self) -> Result<Vec<(Schedule, i64)>, BusError> {
+        let now = now_ms();
+        let due: Vec<Schedule> = self
+            .schedules(None)?
+            .into_iter()
+            .filter(|s| s.next_ms <= now)
+            .collect();
+        let mut out = Vec::new();
+        for s in due {
+            let cron = Cron::parse(&s.cron)?;
+            let zone = cron::zone(Some(&s.tz))?;
+            let following = next_fire(&cron, &zone, s.next_ms);
+            let missed_several = following.is_some_and(|f| f <= now);
+            let next = next_fire(&cron, &zone, now).unwrap_or(i64::MAX);
+            let fire = !missed_several || s.missed == "once";
+            self.conn().execute(
+                "UPDATE schedules SET next_ms = ?2, last_ms = CASE WHEN ?3 THEN ?4 ELSE last_ms END WHERE id = ?1",
+                params![s.id, next, fire, now],
+            )?;
+            if fire {
+                let at = s.next_ms;
+                out.push((s, at));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn next_fire(cron: &Cron, zone: &jiff::tz::TimeZone, after_ms: i64) -> Option<i64> {
+    let after = jiff::Timestamp::from_millisecond(after_ms).ok()?;
+    cron.next_after(after, zone).map(|t| t.as_millisecond())
+}
+
+fn insert_job(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<(), BusError> {
+    let payload =
+        serde_json::to_string(&job.payload).map_err(|e| BusError::Corrupt(e.to_string()))?;
+    tx.execute(
+        "INSERT INTO jobs (id, function, alias, version, payload, hops, attempts, max_attempts, state, created_ms, expires_ms, next_ms, last_error, trigger_id, updated_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?10)",
+        params![
+            job.id,
+            job.function,
+            job.alias,
+            job.version,
+            payload,
+            job.hops,
+            job.attempts,
+            job.max_attempts,
+            job.state.as_str(),
+            job.created_ms,
+            job.expires_ms,
+            job.next_ms,
+            job.last_error,
+            job.trigger
+        ],
+    )?;
+    Ok(())
+}
+
+fn job_of(conn: &Connection, id: &str) -> Result<Job, BusError> {
+    let row = conn
+        .query_row(
+            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"),
+            params![id],
+            job_from_row,
+        )
+        .optional()?
+        .ok_or_else(|| BusError::NotFound(format!("job {id:?}")))?;
+    finish_job(row)
+}
+
+fn triggers_of(conn: &Connection, function: Option<&str>) -> Result<Vec<Trigger>, BusError> {
+    let mut stmt = conn.prepare(
+        "SELECT id, function, alias, type, source, subject_prefix, created_ms FROM triggers
+         WHERE (?1 IS NULL OR function = ?1) ORDER BY function, created_ms",
+    )?;
+    let rows = stmt.query_map(params![function], |r| {
+        Ok(Trigger {
+            id: r.get(0)?,
+            function: r.get(1)?,
+            alias: r.get(2)?,
+            ty: r.get(3)?,
+            source: r.get(4)?,
+            subject_prefix: r.get(5)?,
+            created_ms: r.get(6)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn config_of(conn: &Connection, function: &str) -> Result<AsyncConfig, BusError> {
+    let json: Option<String> = conn
+        .query_row(
+            "SELECT config FROM async_config WHERE function = ?1",
+            params![function],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match json {
+        None => Ok(AsyncConfig::default()),
+        Some(j) => {
+            serde_json::from_str(&j).map_err(|e| BusError::Corrupt(format!("async config: {e}")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str, ty: &str) -> CloudEvent {
+        CloudEvent::new(id, "/test", ty)
+    }
+
+    #[test]
+    fn triggers_match_type_prefix_source_and_subject() {
+        let t = Trigger {
+            id: "t".into(),
+            function: "f".into(),
+            alias: "live".into(),
+            ty: "com.acme.*".into(),
+            source: Some("/test".into()),
+            subject_prefix: Some("orders/".into()),
+            created_ms: 0,
+        };
+        let mut e = event("1", "com.acme.order");
+        assert!(!t.matches(&e), "no subject");
+        e.subject = Some("orders/7".into());
+        assert!(t.matches(&e));
+        e.source = "/other".into();
+        assert!(!t.matches(&e));
+        assert!(!t.matches(&event("2", "com.other")));
+    }
+
+    #[test]
+    fn publish_claim_retry_dead_letter_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bus = Bus::open(dir.path()).unwrap();
+        bus.retry_base = Duration::from_millis(1);
+        bus.add_trigger("f", "live", "com.acme.*", None, None)
+            .unwrap();
+        bus.set_async_config(
+            "f",
+            &AsyncConfig {
+                max_retries: 1,
+                ..AsyncConfig::default()
+            },
+        )
+        .unwrap();
+        let p = bus
+            .publish(&[event("e1", "com.acme.x"), event("e2", "other")])
+            .unwrap();
+        assert_eq!(p.queued.len(), 1);
+        let jobs = bus.claim(10).unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].attempts, 1);
+        assert!(bus.claim(10).unwrap().is_empty(), "claimed jobs are leased");
+        let j = bus.fail(&jobs[0].id, "status 500").unwrap();
+        assert_eq!(j.state, JobState::Queued);
+        std::thread::sleep(Duration::from_millis(10));
+        let again = bus.claim(10).unwrap();
+        assert_eq!(again[0].attempts, 2);
+        let dead = bus.fail(&again[0].id, "status 500").unwrap();
+        assert_eq!(dead.state, JobState::Dead);
+        assert!(dead.last_error.unwrap().contains("after 2 attempts"));
+        assert_eq!(bus.dead_letters(Some("f"), 10).unwrap().len(), 1);
+        let replayed = bus.replay(&dead.id).unwrap();
+        assert_eq!((replayed.state, replayed.attempts), (JobState::Queued, 0));
+        let j = bus.claim(10).unwrap().remove(0);
+        bus.complete(&j.id).unwrap();
+        assert_eq!(bus.job(&j.id).unwrap().state, JobState::Succeeded);
+        assert_eq!(bus.purge(None).unwrap(), 0);
+    }
+
+    #[test]
+    fn running_jobs_survive_a_crash_and_hops_stop_loops() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let bus = Bus::open(dir.path()).unwrap();
+            bus.add_trigger("f", "live", "t", None, None).unwrap();
+            bus.publish(&[event("e1", "t")]).unwrap();
+            assert_eq!(bus.claim(1).unwrap().len(), 1);
+        }
+        let bus = Bus::open(dir.path()).unwrap();
+        assert!(bus.claim(1).unwrap().is_empty());
+        assert_eq!(bus.recover().unwrap(), 1);
+        assert_eq!(bus.claim(1).unwrap()[0].attempts, 2);
+        let mut looping = event("e2", "t");
+        looping.set_hops(16);
+        let p = bus.publish(&[looping]).unwrap();
+        assert_eq!((p.queued.len(), p.dead.len()), (0, 1));
+        assert!(
+            bus.job(&p.dead[0])
+                .unwrap()
+                .last_error
+                .unwrap()
+                .contains("hop limit")
+        );
+    }
+
+    #[test]
+    fn schedules_fire_and_skip_missed_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = Bus::open(dir.path()).unwrap();
+        let s = bus
+            .add_schedule("f", "live", "* * * * * *", None, "skip")
+            .unwrap();
+        assert!(s.next_ms > now_ms() - 1000);
+        assert!(
+            bus.add_schedule("f", "live", "bogus", None, "skip")
+                .is_err()
+        );
+        assert!(
+            bus.add_schedule("f", "live", "* * * * *", Some("Nowhere/City"), "skip")
+                .is_err()
+        );
+        // Pretend the node was down for a minute.
+        bus.conn()
+            .execute(
+                "UPDATE schedules SET next_ms = ?1",
+                params![now_ms() - 60_000],
+            )
+            .unwrap();
+        assert!(
+            bus.due_schedules().unwrap().is_empty(),
+            "skip: missed firings are dropped"
+        );
+        let once = bus
+            .add_schedule("g", "live", "* * * * * *", None, "once")
+            .unwrap();
+        bus.conn()
+            .execute(
+                "UPDATE schedules SET next_ms = ?1 WHERE id = ?2",
+                params![now_ms() - 60_000, once.id],
+            )
+            .unwrap();
+        let fired = bus.due_schedules().unwrap();
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0].0.function, "g");
+    }
+}
