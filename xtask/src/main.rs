@@ -232,7 +232,7 @@ fn python_guests(root: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-const JS_GUESTS: [&str; 2] = ["hello", "echo"];
+const JS_GUESTS: [&str; 3] = ["hello", "echo", "relay"];
 
 fn js_guests(root: &Path, out: &Path) -> Result<()> {
     let dir = root.join("guests/js");

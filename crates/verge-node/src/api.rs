@@ -90,6 +90,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
         cache_hits: stats.cache_hits,
         baseline: stats.baseline,
         optimized: stats.optimized,
+        jobs: state.bus.depth().unwrap_or(0),
         queued: state.admission.queued() as u64,
         running: state.admission.running() as u64,
     })

@@ -421,6 +421,9 @@ pub struct Health {
     /// Baseline components whose optimized code has replaced it.
     #[serde(default)]
     pub optimized: u64,
+    /// Event deliveries and asynchronous invocations queued or running.
+    #[serde(default)]
+    pub jobs: u64,
     /// Requests waiting for a concurrency slot right now.
     #[serde(default)]
     pub queued: u64,

@@ -2,7 +2,8 @@
 //!
 //! Prints `received <ce-id> <ce-type> hops=<ce-vergehops>` on stdout, then,
 //! when `EMIT_TYPE` is set, emits an event of that type (id
-//! `<incoming id>/<EMIT_TYPE>`, the incoming data passed on) to its events URL
+//! `<incoming id>/<EMIT_TYPE>`, the incoming data passed on, and the extension
+//! `nexttype` from `EMIT_NEXT` if set) to its events URL
 //! (`VERGE_EVENTS_URL`), and answers with the status in `STATUS` (default 200),
 //! after `SLEEP_MS` milliseconds if set.
 
@@ -31,19 +32,22 @@ fn env(name: &str) -> Option<String> {
 }
 
 /// POSTs a binary-mode event to the events URL; returns the status.
-fn emit(url: &str, id: &str, ty: &str, body: &[u8]) -> Result<u16, String> {
+fn emit(url: &str, id: &str, ty: &str, next: Option<&str>, body: &[u8]) -> Result<u16, String> {
     let authority = url
         .trim_start_matches("http://")
         .trim_end_matches('/')
         .to_string();
-    let headers = Fields::from_list(&[
+    let mut list = vec![
         ("ce-specversion".to_string(), b"1.0".to_vec()),
         ("ce-id".to_string(), id.as_bytes().to_vec()),
         ("ce-source".to_string(), b"/relay".to_vec()),
         ("ce-type".to_string(), ty.as_bytes().to_vec()),
         ("content-type".to_string(), b"application/json".to_vec()),
-    ])
-    .map_err(|e| format!("{e:?}"))?;
+    ];
+    if let Some(n) = next {
+        list.push(("ce-nexttype".to_string(), n.as_bytes().to_vec()));
+    }
+    let headers = Fields::from_list(&list).map_err(|e| format!("{e:?}"))?;
     let request = OutgoingRequest::new(headers);
     request.set_method(&Method::Post).map_err(|_| "method")?;
     request.set_scheme(Some(&Scheme::Http)).map_err(|_| "scheme")?;
@@ -78,7 +82,8 @@ impl Guest for Relay {
         let data = if body.is_empty() { b"{}".to_vec() } else { body };
         let mut message = format!("relayed {id}\n");
         if let (Some(next), Some(url)) = (env("EMIT_TYPE"), env("VERGE_EVENTS_URL")) {
-            match emit(&url, &format!("{id}/{next}"), &next, &data) {
+            let then = env("EMIT_NEXT");
+            match emit(&url, &format!("{id}/{next}"), &next, then.as_deref(), &data) {
                 Ok(status) => message.push_str(&format!("emitted {next}: {status}\n")),
                 Err(e) => {
                     eprintln!("emit failed: {e}");
