@@ -203,7 +203,11 @@ fn chains_run_and_loops_stop_at_the_hop_limit() {
     let node = TestNode::start();
     // A (Rust relay) emits b.go asking for c.go next; B (the JavaScript relay)
     // emits c.go; C is the Python echo.
-    deploy_relay(&node, "a", &["EMIT_TYPE=com.acme.b.go", "EMIT_NEXT=com.acme.c.go"]);
+    deploy_relay(
+        &node,
+        "a",
+        &["EMIT_TYPE=com.acme.b.go", "EMIT_NEXT=com.acme.c.go"],
+    );
     node.deploy("js-relay", "b", "/b");
     node.deploy("python-echo", "c", "/c");
     node.cli_ok(&["trigger", "add", "a", "--on", "com.acme.a.go"]);
