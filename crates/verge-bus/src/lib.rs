@@ -317,8 +317,8 @@ pub struct Published {
     pub dead: Vec<String>,
 }
 
-/// The bus (see the crate docs).
-pub struct Bus {
+/// The embedded bus on SQLite (see the crate docs).
+pub struct SqliteBus {
     conn: Mutex<Connection>,
     /// Past this many hops an event is dead-lettered instead of delivered.
     pub hop_limit: u32,
@@ -328,7 +328,117 @@ pub struct Bus {
     pub lease: Duration,
 }
 
-impl Bus {
+/// The bus: what the node needs of it. [`SqliteBus`] is the embedded
+/// implementation; a NATS JetStream one comes with the cluster.
+pub trait Bus: Send + Sync {
+    /// Jobs left running by a node that stopped go back to the queue.
+    fn recover(&self) -> Result<usize, BusError>;
+
+    /// Adds a trigger.
+    fn add_trigger(
+        &self,
+        function: &str,
+        alias: &str,
+        ty: &str,
+        source: Option<&str>,
+        subject_prefix: Option<&str>,
+    ) -> Result<Trigger, BusError>;
+
+    /// Triggers, of one function or all.
+    fn triggers(&self, function: Option<&str>) -> Result<Vec<Trigger>, BusError>;
+
+    /// Removes a trigger.
+    fn remove_trigger(&self, id: &str) -> Result<(), BusError>;
+
+    /// Removes everything of a deleted function: triggers, schedules,
+    /// queued jobs (dead letters stay, to be inspected or purged).
+    fn forget_function(&self, function: &str) -> Result<(), BusError>;
+
+    /// The async configuration of a function (defaults if never set).
+    fn async_config(&self, function: &str) -> Result<AsyncConfig, BusError>;
+
+    /// Sets the async configuration of a function.
+    fn set_async_config(&self, function: &str, config: &AsyncConfig) -> Result<(), BusError>;
+
+    /// Publishes events durably: each matching trigger gets a queued job
+    /// (or a dead one, past the hop limit), all in one transaction.
+    fn publish(&self, events: &[CloudEvent]) -> Result<Published, BusError>;
+
+    /// Queues a job directly (an asynchronous invocation, a schedule firing).
+    fn enqueue(
+        &self,
+        function: &str,
+        alias: &str,
+        version: Option<u64>,
+        payload: Payload,
+        hops: u32,
+    ) -> Result<Job, BusError>;
+
+    /// Claims up to `limit` due jobs (their attempt counted), oldest first.
+    fn claim(&self, limit: usize) -> Result<Vec<Job>, BusError>;
+
+    /// When the next queued job is due, if any.
+    fn next_due_ms(&self) -> Result<Option<i64>, BusError>;
+
+    /// Jobs queued or running right now.
+    fn depth(&self) -> Result<u64, BusError>;
+
+    /// Marks a job done.
+    fn complete(&self, id: &str) -> Result<(), BusError>;
+
+    /// Records a failed attempt: the job is retried after a backoff, or
+    /// dead-lettered when its attempts or its age are used up. Returns the
+    /// job as it is now.
+    fn fail(&self, id: &str, error: &str) -> Result<Job, BusError>;
+
+    /// One job.
+    fn job(&self, id: &str) -> Result<Job, BusError>;
+
+    /// Jobs of a function (or all) in a state (or any), newest first.
+    fn jobs(
+        &self,
+        function: Option<&str>,
+        state: Option<JobState>,
+        limit: u32,
+    ) -> Result<Vec<Job>, BusError>;
+
+    /// Dead-lettered jobs, newest first.
+    fn dead_letters(&self, function: Option<&str>, limit: u32) -> Result<Vec<Job>, BusError>;
+
+    /// Queues a dead-lettered job again with fresh attempts and age.
+    fn replay(&self, id: &str) -> Result<Job, BusError>;
+
+    /// Deletes dead letters (of one function, or all); returns how many.
+    fn purge(&self, function: Option<&str>) -> Result<usize, BusError>;
+
+    /// Deletes succeeded jobs older than `age` (their record is kept that long
+    /// for `verge invocations --id`).
+    fn prune(&self, age: Duration) -> Result<usize, BusError>;
+
+    /// Adds a schedule; its first firing is the next one after now.
+    fn add_schedule(
+        &self,
+        function: &str,
+        alias: &str,
+        expr: &str,
+        tz: Option<&str>,
+        missed: &str,
+    ) -> Result<Schedule, BusError>;
+
+    /// Schedules, of one function or all.
+    fn schedules(&self, function: Option<&str>) -> Result<Vec<Schedule>, BusError>;
+
+    /// Removes a schedule.
+    fn remove_schedule(&self, id: &str) -> Result<(), BusError>;
+
+    /// Advances every due schedule to its next firing after now; returns the
+    /// firings to deliver: (schedule, the time it was due). A schedule that
+    /// missed more than one firing (the node was down) fires once or not at
+    /// all, as its policy says.
+    fn due_schedules(&self) -> Result<Vec<(Schedule, i64)>, BusError>;
+}
+
+impl SqliteBus {
     /// Opens (creating if needed) `bus.db` in `dir`.
     pub fn open(dir: &Path) -> Result<Self, BusError> {
         let conn = Connection::open(dir.join("bus.db"))?;
@@ -347,17 +457,17 @@ impl Bus {
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
 
-    /// Jobs left running by a node that stopped go back to the queue.
-    pub fn recover(&self) -> Result<usize, BusError> {
+impl Bus for SqliteBus {
+    fn recover(&self) -> Result<usize, BusError> {
         Ok(self.conn().execute(
             "UPDATE jobs SET state = 'queued', lease_ms = NULL, next_ms = ?1 WHERE state = 'running'",
             params![now_ms()],
         )?)
     }
 
-    /// Adds a trigger.
-    pub fn add_trigger(
+    fn add_trigger(
         &self,
         function: &str,
         alias: &str,
@@ -386,14 +496,12 @@ impl Bus {
         Ok(t)
     }
 
-    /// Triggers, of one function or all.
-    pub fn triggers(&self, function: Option<&str>) -> Result<Vec<Trigger>, BusError> {
+    fn triggers(&self, function: Option<&str>) -> Result<Vec<Trigger>, BusError> {
         let conn = self.conn();
         triggers_of(&conn, function)
     }
 
-    /// Removes a trigger.
-    pub fn remove_trigger(&self, id: &str) -> Result<(), BusError> {
+    fn remove_trigger(&self, id: &str) -> Result<(), BusError> {
         let n = self
             .conn()
             .execute("DELETE FROM triggers WHERE id = ?1", params![id])?;
@@ -403,9 +511,7 @@ impl Bus {
         Ok(())
     }
 
-    /// Removes everything of a deleted function: triggers, schedules,
-    /// queued jobs (dead letters stay, to be inspected or purged).
-    pub fn forget_function(&self, function: &str) -> Result<(), BusError> {
+    fn forget_function(&self, function: &str) -> Result<(), BusError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
@@ -424,14 +530,12 @@ impl Bus {
         Ok(())
     }
 
-    /// The async configuration of a function (defaults if never set).
-    pub fn async_config(&self, function: &str) -> Result<AsyncConfig, BusError> {
+    fn async_config(&self, function: &str) -> Result<AsyncConfig, BusError> {
         let conn = self.conn();
         config_of(&conn, function)
     }
 
-    /// Sets the async configuration of a function.
-    pub fn set_async_config(&self, function: &str, config: &AsyncConfig) -> Result<(), BusError> {
+    fn set_async_config(&self, function: &str, config: &AsyncConfig) -> Result<(), BusError> {
         let json = serde_json::to_string(config).map_err(|e| BusError::Corrupt(e.to_string()))?;
         self.conn().execute(
             "INSERT INTO async_config (function, config) VALUES (?1, ?2)
@@ -441,9 +545,7 @@ impl Bus {
         Ok(())
     }
 
-    /// Publishes events durably: each matching trigger gets a queued job
-    /// (or a dead one, past the hop limit), all in one transaction.
-    pub fn publish(&self, events: &[CloudEvent]) -> Result<Published, BusError> {
+    fn publish(&self, events: &[CloudEvent]) -> Result<Published, BusError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let triggers = triggers_of(&tx, None)?;
@@ -488,8 +590,7 @@ impl Bus {
         Ok(out)
     }
 
-    /// Queues a job directly (an asynchronous invocation, a schedule firing).
-    pub fn enqueue(
+    fn enqueue(
         &self,
         function: &str,
         alias: &str,
@@ -522,8 +623,7 @@ impl Bus {
         Ok(job)
     }
 
-    /// Claims up to `limit` due jobs (their attempt counted), oldest first.
-    pub fn claim(&self, limit: usize) -> Result<Vec<Job>, BusError> {
+    fn claim(&self, limit: usize) -> Result<Vec<Job>, BusError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let now = now_ms();
@@ -556,8 +656,7 @@ impl Bus {
             .collect())
     }
 
-    /// When the next queued job is due, if any.
-    pub fn next_due_ms(&self) -> Result<Option<i64>, BusError> {
+    fn next_due_ms(&self) -> Result<Option<i64>, BusError> {
         Ok(self.conn().query_row(
             "SELECT MIN(next_ms) FROM jobs WHERE state = 'queued'",
             [],
@@ -565,8 +664,7 @@ impl Bus {
         )?)
     }
 
-    /// Jobs queued or running right now.
-    pub fn depth(&self) -> Result<u64, BusError> {
+    fn depth(&self) -> Result<u64, BusError> {
         Ok(self.conn().query_row(
             "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')",
             [],
@@ -574,8 +672,7 @@ impl Bus {
         )?)
     }
 
-    /// Marks a job done.
-    pub fn complete(&self, id: &str) -> Result<(), BusError> {
+    fn complete(&self, id: &str) -> Result<(), BusError> {
         self.conn().execute(
             "UPDATE jobs SET state = 'succeeded', lease_ms = NULL, last_error = NULL, updated_ms = ?2 WHERE id = ?1",
             params![id, now_ms()],
@@ -583,10 +680,7 @@ impl Bus {
         Ok(())
     }
 
-    /// Records a failed attempt: the job is retried after a backoff, or
-    /// dead-lettered when its attempts or its age are used up. Returns the
-    /// job as it is now.
-    pub fn fail(&self, id: &str, error: &str) -> Result<Job, BusError> {
+    fn fail(&self, id: &str, error: &str) -> Result<Job, BusError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut job = job_of(&tx, id)?;
@@ -616,14 +710,12 @@ impl Bus {
         Ok(job)
     }
 
-    /// One job.
-    pub fn job(&self, id: &str) -> Result<Job, BusError> {
+    fn job(&self, id: &str) -> Result<Job, BusError> {
         let conn = self.conn();
         job_of(&conn, id)
     }
 
-    /// Jobs of a function (or all) in a state (or any), newest first.
-    pub fn jobs(
+    fn jobs(
         &self,
         function: Option<&str>,
         state: Option<JobState>,
@@ -645,8 +737,7 @@ impl Bus {
         Ok(out)
     }
 
-    /// Dead-lettered jobs, newest first.
-    pub fn dead_letters(&self, function: Option<&str>, limit: u32) -> Result<Vec<Job>, BusError> {
+    fn dead_letters(&self, function: Option<&str>, limit: u32) -> Result<Vec<Job>, BusError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'dead' AND (?1 IS NULL OR function = ?1) ORDER BY updated_ms DESC LIMIT ?2"
@@ -659,8 +750,7 @@ impl Bus {
         Ok(out)
     }
 
-    /// Queues a dead-lettered job again with fresh attempts and age.
-    pub fn replay(&self, id: &str) -> Result<Job, BusError> {
+    fn replay(&self, id: &str) -> Result<Job, BusError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let job = job_of(&tx, id)?;
@@ -681,25 +771,21 @@ impl Bus {
         Ok(job)
     }
 
-    /// Deletes dead letters (of one function, or all); returns how many.
-    pub fn purge(&self, function: Option<&str>) -> Result<usize, BusError> {
+    fn purge(&self, function: Option<&str>) -> Result<usize, BusError> {
         Ok(self.conn().execute(
             "DELETE FROM jobs WHERE state = 'dead' AND (?1 IS NULL OR function = ?1)",
             params![function],
         )?)
     }
 
-    /// Deletes succeeded jobs older than `age` (their record is kept that long
-    /// for `verge invocations --id`).
-    pub fn prune(&self, age: Duration) -> Result<usize, BusError> {
+    fn prune(&self, age: Duration) -> Result<usize, BusError> {
         Ok(self.conn().execute(
             "DELETE FROM jobs WHERE state = 'succeeded' AND updated_ms < ?1",
             params![now_ms() - age.as_millis() as i64],
         )?)
     }
 
-    /// Adds a schedule; its first firing is the next one after now.
-    pub fn add_schedule(
+    fn add_schedule(
         &self,
         function: &str,
         alias: &str,
@@ -734,8 +820,7 @@ impl Bus {
         Ok(s)
     }
 
-    /// Schedules, of one function or all.
-    pub fn schedules(&self, function: Option<&str>) -> Result<Vec<Schedule>, BusError> {
+    fn schedules(&self, function: Option<&str>) -> Result<Vec<Schedule>, BusError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT id, function, alias, cron, tz, missed, next_ms, last_ms FROM schedules
@@ -756,8 +841,7 @@ impl Bus {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Removes a schedule.
-    pub fn remove_schedule(&self, id: &str) -> Result<(), BusError> {
+    fn remove_schedule(&self, id: &str) -> Result<(), BusError> {
         let n = self
             .conn()
             .execute("DELETE FROM schedules WHERE id = ?1", params![id])?;
@@ -767,11 +851,7 @@ impl Bus {
         Ok(())
     }
 
-    /// Advances every due schedule to its next firing after now; returns the
-    /// firings to deliver: (schedule, the time it was due). A schedule that
-    /// missed more than one firing (the node was down) fires once or not at
-    /// all, as its policy says.
-    pub fn due_schedules(&self) -> Result<Vec<(Schedule, i64)>, BusError> {
+    fn due_schedules(&self) -> Result<Vec<(Schedule, i64)>, BusError> {
         let now = now_ms();
         let due: Vec<Schedule> = self
             .schedules(None)?
@@ -908,7 +988,7 @@ mod tests {
     #[test]
     fn publish_claim_retry_dead_letter_replay() {
         let dir = tempfile::tempdir().unwrap();
-        let mut bus = Bus::open(dir.path()).unwrap();
+        let mut bus = SqliteBus::open(dir.path()).unwrap();
         bus.retry_base = Duration::from_millis(1);
         bus.add_trigger("f", "live", "com.acme.*", None, None)
             .unwrap();
@@ -949,12 +1029,12 @@ mod tests {
     fn running_jobs_survive_a_crash_and_hops_stop_loops() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let bus = Bus::open(dir.path()).unwrap();
+            let bus = SqliteBus::open(dir.path()).unwrap();
             bus.add_trigger("f", "live", "t", None, None).unwrap();
             bus.publish(&[event("e1", "t")]).unwrap();
             assert_eq!(bus.claim(1).unwrap().len(), 1);
         }
-        let bus = Bus::open(dir.path()).unwrap();
+        let bus = SqliteBus::open(dir.path()).unwrap();
         assert!(bus.claim(1).unwrap().is_empty());
         assert_eq!(bus.recover().unwrap(), 1);
         assert_eq!(bus.claim(1).unwrap()[0].attempts, 2);
@@ -974,7 +1054,7 @@ mod tests {
     #[test]
     fn schedules_fire_and_skip_missed_runs() {
         let dir = tempfile::tempdir().unwrap();
-        let bus = Bus::open(dir.path()).unwrap();
+        let bus = SqliteBus::open(dir.path()).unwrap();
         let s = bus
             .add_schedule("f", "live", "* * * * * *", None, "skip")
             .unwrap();

@@ -59,7 +59,7 @@ pub(crate) fn platform_event(node: &str, ty: &str, subject: &str, data: Value) -
 
 /// Publishes events and wakes the dispatcher; failures are logged (the
 /// platform's own events never fail the action that caused them).
-pub(crate) fn publish(bus: &Bus, wake: &tokio::sync::Notify, events: Vec<CloudEvent>) {
+pub(crate) fn publish(bus: &dyn Bus, wake: &tokio::sync::Notify, events: Vec<CloudEvent>) {
     match bus.publish(&events) {
         Ok(p) => {
             if !p.queued.is_empty() {
@@ -77,7 +77,7 @@ impl AppState {
     /// Emits a platform event.
     pub(crate) fn emit(&self, ty: &str, subject: &str, data: Value) {
         publish(
-            &self.bus,
+            &*self.bus,
             &self.wake,
             vec![platform_event(&self.node_name, ty, subject, data)],
         );
@@ -594,7 +594,7 @@ pub(crate) async fn scheduler(state: Arc<AppState>) {
             if let Err(e) = queued {
                 tracing::warn!(error = %e, "could not queue a schedule firing");
             }
-            publish(&state.bus, &state.wake, vec![event]);
+            publish(&*state.bus, &state.wake, vec![event]);
         }
     }
 }
@@ -705,5 +705,5 @@ fn emit_destination(state: &AppState, ty: &str, job: &Job, error: Option<&str>) 
     e.subject = Some(job.id.clone());
     e.time = Some(verge_spec::rfc3339_ms(verge_bus::now_ms()));
     e.set_hops(job.hops + 1);
-    publish(&state.bus, &state.wake, vec![e]);
+    publish(&*state.bus, &state.wake, vec![e]);
 }

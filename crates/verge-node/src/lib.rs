@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::routing::any;
 use tokio::net::TcpListener;
+use verge_bus::Bus as _;
 use verge_host::{Host, HostConfig};
 use verge_store::{Ledger, Store};
 
@@ -159,7 +160,7 @@ impl Node {
             metering: config.metering,
             tiering: config.tiering,
         })?;
-        let mut bus = verge_bus::Bus::open(&data_dir)?;
+        let mut bus = verge_bus::SqliteBus::open(&data_dir)?;
         bus.retry_base = config.retry_base;
         bus.hop_limit = config.hop_limit;
         let requeued = bus.recover()?;
@@ -169,7 +170,7 @@ impl Node {
                 "jobs left running by the last run are queued again"
             );
         }
-        let bus = Arc::new(bus);
+        let bus: Arc<dyn verge_bus::Bus> = Arc::new(bus);
         let wake = Arc::new(tokio::sync::Notify::new());
         let sink = ledger.clone();
         let (b, w, node) = (bus.clone(), wake.clone(), config.node_name.clone());
@@ -196,7 +197,7 @@ impl Node {
                     }),
                 );
                 e.set_hops(record.hops + 1);
-                events::publish(&b, &w, vec![e]);
+                events::publish(&*b, &w, vec![e]);
             }
             sink.record(record);
         }));

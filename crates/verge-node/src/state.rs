@@ -161,7 +161,7 @@ pub struct AppState {
     pub(crate) log_limit: usize,
     /// Versions kept per function (besides those aliases need).
     pub(crate) keep_versions: usize,
-    pub(crate) bus: Arc<verge_bus::Bus>,
+    pub(crate) bus: Arc<dyn verge_bus::Bus>,
     /// Wakes the dispatcher when jobs are queued or workers free up.
     pub(crate) wake: Arc<tokio::sync::Notify>,
     /// Jobs being delivered at once.
@@ -177,7 +177,7 @@ impl AppState {
         store: Store,
         host: Host,
         ledger: Arc<Ledger>,
-        bus: Arc<verge_bus::Bus>,
+        bus: Arc<dyn verge_bus::Bus>,
         wake: Arc<tokio::sync::Notify>,
         settings: Settings,
     ) -> Self {

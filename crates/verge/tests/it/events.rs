@@ -359,3 +359,58 @@ fn schedules_fire_and_keep_firing_after_a_restart() {
     let err = node.cli_err(&["schedule", "add", "tick", "* * * * *", "--tz", "Mars/Base"]);
     assert!(err.contains("unknown time zone"), "{err}");
 }
+
+#[test]
+fn destinations_and_failure_events_reach_triggers() {
+    let node = TestNode::start_with(&["--retry-base", "50ms"]);
+    deploy_relay(&node, "worker", &[]);
+    deploy_relay(&node, "observer", &[]);
+    let out = node.cli_ok(&[
+        "async",
+        "worker",
+        "--retries",
+        "0",
+        "--on-success",
+        "com.acme.worker.ok",
+        "--on-failure",
+        "com.acme.worker.failed",
+    ]);
+    assert!(out.contains("retries     0"), "{out}");
+    node.cli_ok(&["trigger", "add", "observer", "--on", "com.acme.worker.*"]);
+    node.cli_ok(&[
+        "trigger",
+        "add",
+        "observer",
+        "--on",
+        "dev.verge.invocation.failed",
+    ]);
+    node.cli_ok(&["invoke", "worker", "--async", "--data", "fine"]);
+    // A version that traps: its async invocation fails, is dead-lettered at once.
+    let trap = fixture("rust-trap");
+    node.cli_ok(&["deploy", trap.to_str().unwrap(), "--name", "worker"]);
+    node.cli_ok(&["invoke", "worker", "--async", "--data", "boom"]);
+    let seen = eventually("the observer got all three events", || {
+        let types: HashSet<String> = jobs(&node, "observer")
+            .iter()
+            .filter(|j| j["state"] == "succeeded")
+            .map(|j| {
+                j["payload"]["event"]["type"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect();
+        [
+            "com.acme.worker.ok",
+            "com.acme.worker.failed",
+            "dev.verge.invocation.failed",
+        ]
+        .iter()
+        .all(|t| types.contains(*t))
+        .then_some(types)
+    });
+    assert!(!seen.is_empty());
+    let dead: Vec<serde_json::Value> = node.api_get("/v1/dlq?function=worker").json().unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["attempts"], 1, "no retries configured");
+}
