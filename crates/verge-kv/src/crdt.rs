@@ -1,0 +1,280 @@
+//! The CRDT of one key: a last-writer-wins register or a PN-counter, with
+//! a hybrid logical clock for ordering. Pure: no I/O.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A hybrid logical clock reading with the node that took it: the order of
+/// writes (wall time in ms, then a counter, then the node id to break ties).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+pub struct Stamp {
+    pub wall_ms: u64,
+    pub counter: u32,
+    pub node: u64,
+}
+
+/// A node's hybrid logical clock.
+#[derive(Debug, Clone)]
+pub struct Clock {
+    node: u64,
+    last: Stamp,
+    /// Largest jump ahead of the wall clock the clock accepts from remote data.
+    pub max_skew_ms: u64,
+    /// Remote stamps ahead of the local wall clock by more than the bound.
+    pub skewed: u64,
+}
+
+impl Clock {
+    pub fn new(node: u64) -> Self {
+        Self {
+            node,
+            last: Stamp {
+                node,
+                ..Stamp::default()
+            },
+            max_skew_ms: 60_000,
+            skewed: 0,
+        }
+    }
+
+    pub fn node(&self) -> u64 {
+        self.node
+    }
+
+    /// A new stamp, later than every stamp this clock issued or observed
+    /// (within the skew bound).
+    pub fn tick(&mut self, now_ms: u64) -> Stamp {
+        let s = if now_ms > self.last.wall_ms {
+            Stamp {
+                wall_ms: now_ms,
+                counter: 0,
+                node: self.node,
+            }
+        } else {
+            Stamp {
+                wall_ms: self.last.wall_ms,
+                counter: self.last.counter.saturating_add(1),
+                node: self.node,
+            }
+        };
+        self.last = s;
+        s
+    }
+
+    /// Observes a remote stamp: the clock moves up to it, but never more
+    /// than `max_skew_ms` past the local wall clock (counted in `skewed`).
+    pub fn observe(&mut self, remote: Stamp, now_ms: u64) {
+        let bound = now_ms.saturating_add(self.max_skew_ms);
+        let candidate = if remote.wall_ms > bound {
+            self.skewed += 1;
+            (bound, 0)
+        } else {
+            (remote.wall_ms, remote.counter)
+        };
+        if candidate > (self.last.wall_ms, self.last.counter) {
+            self.last = Stamp {
+                wall_ms: candidate.0,
+                counter: candidate.1,
+                node: self.node,
+            };
+        }
+    }
+}
+
+/// What a key holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Register,
+    Counter,
+}
+
+/// The replicated state of one key. Merging two states (`join`) is
+/// commutative, associative and idempotent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub kind: Kind,
+    /// The stamp of the key's first write: when two replicas first wrote
+    /// different kinds, the earlier kind wins.
+    pub created: Stamp,
+    /// Register: the latest write (None: deleted) and its stamp.
+    pub value: Option<Vec<u8>>,
+    pub stamp: Stamp,
+    /// Counter: per node, the sum of its increments and of its decrements.
+    pub inc: BTreeMap<u64, u64>,
+    pub dec: BTreeMap<u64, u64>,
+    /// Counter: what a delete observed (subtracted from the sums).
+    pub inc_reset: BTreeMap<u64, u64>,
+    pub dec_reset: BTreeMap<u64, u64>,
+}
+
+fn max_merge(a: &mut BTreeMap<u64, u64>, b: &BTreeMap<u64, u64>) {
+    for (k, v) in b {
+        let e = a.entry(*k).or_insert(0);
+        *e = (*e).max(*v);
+    }
+}
+
+impl Entry {
+    /// A register written with `value` (None: a tombstone) at `stamp`.
+    pub fn register(value: Option<Vec<u8>>, stamp: Stamp) -> Self {
+        Self {
+            kind: Kind::Register,
+            created: stamp,
+            value,
+            stamp,
+            inc: BTreeMap::new(),
+            dec: BTreeMap::new(),
+            inc_reset: BTreeMap::new(),
+            dec_reset: BTreeMap::new(),
+        }
+    }
+
+    /// A new counter.
+    pub fn counter(stamp: Stamp) -> Self {
+        Self {
+            kind: Kind::Counter,
+            created: stamp,
+            value: None,
+            stamp,
+            inc: BTreeMap::new(),
+            dec: BTreeMap::new(),
+            inc_reset: BTreeMap::new(),
+            dec_reset: BTreeMap::new(),
+        }
+    }
+
+    /// Writes a register value (or a tombstone) at `stamp`.
+    pub fn set(&mut self, value: Option<Vec<u8>>, stamp: Stamp) {
+        if stamp > self.stamp {
+            self.value = value;
+            self.stamp = stamp;
+        }
+    }
+
+    /// Adds `delta` to a counter as node `node`.
+    pub fn add(&mut self, node: u64, delta: i64, stamp: Stamp) {
+        let side = if delta >= 0 {
+            &mut self.inc
+        } else {
+            &mut self.dec
+        };
+        *side.entry(node).or_insert(0) += delta.unsigned_abs();
+        self.stamp = self.stamp.max(stamp);
+    }
+
+    /// Deletes a counter: what this replica has seen is subtracted from now on.
+    pub fn reset(&mut self, stamp: Stamp) {
+        self.inc_reset = self.inc.clone();
+        self.dec_reset = self.dec.clone();
+        self.stamp = self.stamp.max(stamp);
+    }
+
+    /// The counter's value.
+    pub fn count(&self) -> i64 {
+        let sum = |m: &BTreeMap<u64, u64>, r: &BTreeMap<u64, u64>| -> i64 {
+            m.iter()
+                .map(|(k, v)| v.saturating_sub(*r.get(k).unwrap_or(&0)) as i64)
+                .sum()
+        };
+        sum(&self.inc, &self.inc_reset) - sum(&self.dec, &self.dec_reset)
+    }
+
+    /// Is there a value: a register's, or a counter's increments since its last delete?
+    pub fn is_present(&self) -> bool {
+        match self.kind {
+            Kind::Register => self.value.is_some(),
+            Kind::Counter => {
+                let live = |m: &BTreeMap<u64, u64>, r: &BTreeMap<u64, u64>| {
+                    m.iter().any(|(k, v)| *v > *r.get(k).unwrap_or(&0))
+                };
+                live(&self.inc, &self.inc_reset) || live(&self.dec, &self.dec_reset)
+            }
+        }
+    }
+
+    /// Joins another state of the same key into this one.
+    pub fn join(&mut self, other: &Entry) {
+        if self.kind != other.kind {
+            // Different kinds written concurrently: the earlier first write wins.
+            if other.created < self.created {
+                *self = other.clone();
+            }
+            return;
+        }
+        self.created = self.created.min(other.created);
+        match self.kind {
+            Kind::Register => {
+                if other.stamp > self.stamp {
+                    self.value = other.value.clone();
+                    self.stamp = other.stamp;
+                }
+            }
+            Kind::Counter => {
+                max_merge(&mut self.inc, &other.inc);
+                max_merge(&mut self.dec, &other.dec);
+                max_merge(&mut self.inc_reset, &other.inc_reset);
+                max_merge(&mut self.dec_reset, &other.dec_reset);
+                self.stamp = self.stamp.max(other.stamp);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(wall: u64, node: u64) -> Stamp {
+        Stamp {
+            wall_ms: wall,
+            counter: 0,
+            node,
+        }
+    }
+
+    #[test]
+    fn registers_keep_the_latest_write() {
+        let mut a = Entry::register(Some(b"a".to_vec()), st(1, 1));
+        let b = Entry::register(Some(b"b".to_vec()), st(2, 2));
+        let mut b2 = b.clone();
+        a.join(&b);
+        b2.join(&Entry::register(Some(b"a".to_vec()), st(1, 1)));
+        assert_eq!(a, b2);
+        assert_eq!(a.value.as_deref(), Some(&b"b"[..]));
+        a.join(&Entry::register(None, st(3, 1)));
+        assert!(!a.is_present());
+    }
+
+    #[test]
+    fn counters_count_every_increment() {
+        let mut a = Entry::counter(st(1, 1));
+        let mut b = Entry::counter(st(1, 2));
+        a.add(1, 5, st(2, 1));
+        b.add(2, 3, st(2, 2));
+        b.add(2, -1, st(3, 2));
+        a.join(&b);
+        assert_eq!(a.count(), 7);
+        a.join(&b);
+        assert_eq!(a.count(), 7, "idempotent");
+        a.reset(st(4, 1));
+        assert_eq!(a.count(), 0);
+        assert!(!a.is_present());
+    }
+
+    #[test]
+    fn the_clock_is_monotonic_and_bounded() {
+        let mut c = Clock::new(1);
+        let a = c.tick(100);
+        let b = c.tick(100);
+        assert!(b > a);
+        c.observe(st(10_000_000, 2), 100);
+        assert_eq!(c.skewed, 1);
+        let d = c.tick(100);
+        assert!(d.wall_ms <= 100 + c.max_skew_ms, "{d:?}");
+        assert!(d > b);
+    }
+}

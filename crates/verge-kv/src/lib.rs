@@ -1,0 +1,525 @@
+//! Verge's replicated key-value store: every replica a master. Each key is a
+//! CRDT ([`crdt::Entry`]): a last-writer-wins register ordered by (hybrid
+//! logical clock, node id), or a PN-counter. Writes are local SQLite
+//! transactions; replicas exchange entry states (deltas) in any order, any
+//! number of times, and converge (strong eventual consistency).
+//!
+//! The outbox: every entry row carries the local sequence number of its last
+//! change; what a peer has not seen is the rows above the peer's cursor, one
+//! row per key however often it changed, so an offline backlog is bounded by
+//! the keys touched. A digest per key range finds what a transport lost.
+//!
+//! No wasm and no HTTP in here: the host exposes it to guests, the node
+//! carries deltas between replicas.
+
+pub mod crdt;
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use crdt::{Clock, Entry, Kind, Stamp};
+
+/// A failure of the store, or a refused operation.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("key-value database error: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("stored key-value data is corrupt: {0}")]
+    Corrupt(String),
+    #[error(
+        "key {key:?} in bucket {bucket:?} holds a {is}; it cannot be used as a {wanted} (a key's kind is fixed by its first write)"
+    )]
+    WrongKind {
+        bucket: String,
+        key: String,
+        is: &'static str,
+        wanted: &'static str,
+    },
+    #[error("invalid bucket name {0:?}: use 1 to 63 characters from a-z, 0-9, '-' and '_'")]
+    BucketName(String),
+}
+
+fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::Register => "value (set/get)",
+        Kind::Counter => "counter (increment)",
+    }
+}
+
+/// Checks a bucket name.
+pub fn validate_bucket(name: &str) -> Result<(), KvError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(KvError::BucketName(name.to_string()))
+    }
+}
+
+/// What a key reads as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "value")]
+pub enum Value {
+    Bytes(Vec<u8>),
+    Count(i64),
+}
+
+/// One key's state as replicas exchange it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delta {
+    pub bucket: String,
+    pub key: String,
+    pub entry: Entry,
+}
+
+/// One operation of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Set(String, Vec<u8>),
+    Delete(String),
+    Increment(String, i64),
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS entries (
+    bucket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    entry TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (bucket, key)
+);
+CREATE INDEX IF NOT EXISTS entries_seq ON entries (seq);
+CREATE TABLE IF NOT EXISTS peers (
+    peer TEXT PRIMARY KEY,
+    acked_seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+";
+
+/// Number of key ranges a digest has.
+pub const RANGES: usize = 16;
+
+fn range_of(key: &str) -> usize {
+    (Sha256::digest(key.as_bytes())[0] >> 4) as usize
+}
+
+/// The replica (see the crate docs).
+pub struct Kv {
+    conn: Mutex<Connection>,
+    clock: Mutex<Clock>,
+}
+
+impl Kv {
+    /// Opens (creating if needed) `kv.db` in `dir` as replica `node`.
+    pub fn open(dir: &Path, node: u64) -> Result<Self, KvError> {
+        let conn = Connection::open(dir.join("kv.db"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        let mut clock = Clock::new(node);
+        // Never issue a stamp below one already stored.
+        let max: Option<String> = conn
+            .query_row(
+                "SELECT entry FROM entries ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(json) = max {
+            clock.observe(parse(&json)?.stamp, now_ms());
+        }
+        Ok(Self {
+            conn: Mutex::new(conn),
+            clock: Mutex::new(clock),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn tick(&self) -> Stamp {
+        self.clock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .tick(now_ms())
+    }
+
+    /// This replica's node id.
+    pub fn node(&self) -> u64 {
+        self.clock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .node()
+    }
+
+    /// Remote stamps that were ahead of the local clock by more than the bound.
+    pub fn skewed(&self) -> u64 {
+        self.clock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .skewed
+    }
+
+    /// The replicated state of a key, tombstones included.
+    pub fn entry(&self, bucket: &str, key: &str) -> Result<Option<Entry>, KvError> {
+        let conn = self.conn();
+        entry_of(&conn, bucket, key)
+    }
+
+    /// Reads a key.
+    pub fn get(&self, bucket: &str, key: &str) -> Result<Option<Value>, KvError> {
+        let conn = self.conn();
+        Ok(entry_of(&conn, bucket, key)?.and_then(|e| read(&e)))
+    }
+
+    /// Writes a value.
+    pub fn set(&self, bucket: &str, key: &str, value: &[u8]) -> Result<(), KvError> {
+        self.batch(bucket, vec![Op::Set(key.to_string(), value.to_vec())])
+            .map(drop)
+    }
+
+    /// Deletes a key (a tombstone, so that the delete replicates).
+    pub fn delete(&self, bucket: &str, key: &str) -> Result<(), KvError> {
+        self.batch(bucket, vec![Op::Delete(key.to_string())])
+            .map(drop)
+    }
+
+    /// Adds `delta` to a counter; returns its new value.
+    pub fn increment(&self, bucket: &str, key: &str, delta: i64) -> Result<i64, KvError> {
+        let out = self.batch(bucket, vec![Op::Increment(key.to_string(), delta)])?;
+        Ok(out.first().copied().flatten().unwrap_or(0))
+    }
+
+    /// Applies operations in one transaction (all or none); returns, per
+    /// operation, a counter's new value.
+    pub fn batch(&self, bucket: &str, ops: Vec<Op>) -> Result<Vec<Option<i64>>, KvError> {
+        validate_bucket(bucket)?;
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut seq = next_seq(&tx)?;
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            let stamp = self.tick();
+            let node = stamp.node;
+            let (key, entry, result) = match op {
+                Op::Set(key, value) => {
+                    let entry = match entry_of(&tx, bucket, &key)? {
+                        None => Entry::register(Some(value), stamp),
+                        Some(mut e) => {
+                            expect_kind(&e, Kind::Register, bucket, &key)?;
+                            e.set(Some(value), stamp);
+                            e
+                        }
+                    };
+                    (key, entry, None)
+                }
+                Op::Delete(key) => match entry_of(&tx, bucket, &key)? {
+                    None => (key, Entry::register(None, stamp), None),
+                    Some(mut e) => {
+                        match e.kind {
+                            Kind::Register => e.set(None, stamp),
+                            Kind::Counter => e.reset(stamp),
+                        }
+                        (key, e, None)
+                    }
+                },
+                Op::Increment(key, delta) => {
+                    let mut e = match entry_of(&tx, bucket, &key)? {
+                        None => Entry::counter(stamp),
+                        Some(e) => {
+                            expect_kind(&e, Kind::Counter, bucket, &key)?;
+                            e
+                        }
+                    };
+                    e.add(node, delta, stamp);
+                    let v = e.count();
+                    (key, e, Some(v))
+                }
+            };
+            seq += 1;
+            put_entry(&tx, bucket, &key, &entry, seq)?;
+            out.push(result);
+        }
+        set_seq(&tx, seq)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Present keys of a bucket, in order, starting after `after`.
+    pub fn keys(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, KvError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT key, entry FROM entries WHERE bucket = ?1 AND key > ?2 AND substr(key, 1, length(?3)) = ?3 ORDER BY key",
+        )?;
+        let rows = stmt.query_map(params![bucket, after.unwrap_or(""), prefix], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (key, json) = row?;
+            if parse(&json)?.is_present() {
+                out.push(key);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Buckets with at least one entry (tombstones included).
+    pub fn buckets(&self) -> Result<Vec<(String, u64)>, KvError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT bucket, COUNT(*) FROM entries GROUP BY bucket ORDER BY bucket")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Entries changed since `peer` last acknowledged: one delta per key.
+    pub fn pending(&self, peer: &str, limit: usize) -> Result<(Vec<Delta>, u64), KvError> {
+        let conn = self.conn();
+        let acked: u64 = conn
+            .query_row(
+                "SELECT acked_seq FROM peers WHERE peer = ?1",
+                params![peer],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        let mut stmt = conn.prepare(
+            "SELECT bucket, key, entry, seq FROM entries WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![acked, limit as i64], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, u64>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        let mut upto = acked;
+        for row in rows {
+            let (bucket, key, json, seq) = row?;
+            out.push(Delta {
+                bucket,
+                key,
+                entry: parse(&json)?,
+            });
+            upto = upto.max(seq);
+        }
+        Ok((out, upto))
+    }
+
+    /// Records that `peer` has everything up to `seq`.
+    pub fn ack(&self, peer: &str, seq: u64) -> Result<(), KvError> {
+        self.conn().execute(
+            "INSERT INTO peers (peer, acked_seq) VALUES (?1, ?2)
+             ON CONFLICT(peer) DO UPDATE SET acked_seq = MAX(acked_seq, excluded.acked_seq)",
+            params![peer, seq],
+        )?;
+        Ok(())
+    }
+
+    /// Merges deltas from another replica (any order, any number of times).
+    /// Returns the keys whose state changed.
+    pub fn apply(&self, deltas: &[Delta]) -> Result<Vec<(String, String)>, KvError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut seq = next_seq(&tx)?;
+        let mut changed = Vec::new();
+        {
+            let mut clock = self.clock.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = now_ms();
+            for d in deltas {
+                validate_bucket(&d.bucket)?;
+                clock.observe(d.entry.stamp, now);
+                let merged = match entry_of(&tx, &d.bucket, &d.key)? {
+                    None => d.entry.clone(),
+                    Some(mut e) => {
+                        let before = e.clone();
+                        e.join(&d.entry);
+                        if e == before {
+                            continue;
+                        }
+                        e
+                    }
+                };
+                seq += 1;
+                put_entry(&tx, &d.bucket, &d.key, &merged, seq)?;
+                changed.push((d.bucket.clone(), d.key.clone()));
+            }
+        }
+        set_seq(&tx, seq)?;
+        tx.commit()?;
+        Ok(changed)
+    }
+
+    /// A hash per key range of a bucket's entries: ranges that differ between
+    /// two replicas hold what a transport lost.
+    pub fn digest(&self, bucket: &str) -> Result<[String; RANGES], KvError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT key, entry FROM entries WHERE bucket = ?1 ORDER BY key")?;
+        let rows = stmt.query_map(params![bucket], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut hashers: Vec<Sha256> = (0..RANGES).map(|_| Sha256::new()).collect();
+        for row in rows {
+            let (key, json) = row?;
+            let h = &mut hashers[range_of(&key)];
+            h.update(key.as_bytes());
+            h.update([0]);
+            // The canonical form: the parsed entry re-serialized.
+            let canonical = serde_json::to_string(&parse(&json)?)
+                .map_err(|e| KvError::Corrupt(e.to_string()))?;
+            h.update(canonical.as_bytes());
+            h.update([0]);
+        }
+        Ok(std::array::from_fn(|i| {
+            hex::encode(hashers[i].clone().finalize())
+        }))
+    }
+
+    /// Every entry of a bucket in the given key ranges (for repair).
+    pub fn entries_in_ranges(&self, bucket: &str, ranges: &[usize]) -> Result<Vec<Delta>, KvError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT key, entry FROM entries WHERE bucket = ?1")?;
+        let rows = stmt.query_map(params![bucket], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (key, json) = row?;
+            if ranges.contains(&range_of(&key)) {
+                out.push(Delta {
+                    bucket: bucket.to_string(),
+                    key,
+                    entry: parse(&json)?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Metadata bytes of a key beside its value (stamps, counters), as stored.
+    pub fn metadata_bytes(&self, bucket: &str, key: &str) -> Result<Option<usize>, KvError> {
+        let conn = self.conn();
+        let json: Option<String> = conn
+            .query_row(
+                "SELECT entry FROM entries WHERE bucket = ?1 AND key = ?2",
+                params![bucket, key],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(json.map(|j| {
+            let value = parse(&j)
+                .ok()
+                .and_then(|e| e.value)
+                .map_or(0, |v| v.len() * 2 + 2);
+            j.len().saturating_sub(value)
+        }))
+    }
+}
+
+fn read(e: &Entry) -> Option<Value> {
+    if !e.is_present() {
+        return None;
+    }
+    Some(match e.kind {
+        Kind::Register => Value::Bytes(e.value.clone().unwrap_or_default()),
+        Kind::Counter => Value::Count(e.count()),
+    })
+}
+
+fn expect_kind(e: &Entry, want: Kind, bucket: &str, key: &str) -> Result<(), KvError> {
+    if e.kind == want {
+        Ok(())
+    } else {
+        Err(KvError::WrongKind {
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+            is: kind_name(e.kind),
+            wanted: kind_name(want),
+        })
+    }
+}
+
+fn parse(json: &str) -> Result<Entry, KvError> {
+    serde_json::from_str(json).map_err(|e| KvError::Corrupt(format!("entry: {e}")))
+}
+
+fn entry_of(conn: &Connection, bucket: &str, key: &str) -> Result<Option<Entry>, KvError> {
+    let json: Option<String> = conn
+        .query_row(
+            "SELECT entry FROM entries WHERE bucket = ?1 AND key = ?2",
+            params![bucket, key],
+            |r| r.get(0),
+        )
+        .optional()?;
+    json.as_deref().map(parse).transpose()
+}
+
+fn put_entry(
+    conn: &Connection,
+    bucket: &str,
+    key: &str,
+    e: &Entry,
+    seq: u64,
+) -> Result<(), KvError> {
+    let json = serde_json::to_string(e).map_err(|e| KvError::Corrupt(e.to_string()))?;
+    conn.execute(
+        "INSERT INTO entries (bucket, key, entry, seq) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(bucket, key) DO UPDATE SET entry = excluded.entry, seq = excluded.seq",
+        params![bucket, key, json, seq],
+    )?;
+    Ok(())
+}
+
+fn next_seq(conn: &Connection) -> Result<u64, KvError> {
+    Ok(conn
+        .query_row("SELECT value FROM meta WHERE name = 'seq'", [], |r| {
+            r.get(0)
+        })
+        .optional()?
+        .unwrap_or(0))
+}
+
+fn set_seq(conn: &Connection, seq: u64) -> Result<(), KvError> {
+    conn.execute(
+        "INSERT INTO meta (name, value) VALUES ('seq', ?1) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+        params![seq],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
