@@ -89,6 +89,19 @@ pub enum Op {
     Increment(String, i64),
 }
 
+/// Random bytes from the OS (for a new replica id).
+fn getrandom(buf: &mut [u8]) {
+    use std::io::Read;
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(buf);
+    }
+    // Mix in the time, in case /dev/urandom was unreadable.
+    let t = now_ms().to_le_bytes();
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b ^= t[i % 8];
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -129,13 +142,44 @@ pub struct Kv {
 }
 
 impl Kv {
-    /// Opens (creating if needed) `kv.db` in `dir` as replica `node`.
-    pub fn open(dir: &Path, node: u64) -> Result<Self, KvError> {
+    /// Opens (creating if needed) `kv.db` in `dir`, with the replica id it
+    /// was created with (a random 64-bit id on first open).
+    pub fn open_replica(dir: &Path) -> Result<Self, KvError> {
+        let conn = Self::connect(dir)?;
+        let stored: Option<i64> = conn
+            .query_row("SELECT value FROM meta WHERE name = 'node'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let node = match stored {
+            Some(n) => n as u64,
+            None => {
+                let mut b = [0u8; 8];
+                getrandom(&mut b);
+                let n = u64::from_le_bytes(b) >> 1;
+                conn.execute(
+                    "INSERT INTO meta (name, value) VALUES ('node', ?1)",
+                    params![n as i64],
+                )?;
+                n
+            }
+        };
+        drop(conn);
+        Self::open(dir, node)
+    }
+
+    fn connect(dir: &Path) -> Result<Connection, KvError> {
         let conn = Connection::open(dir.join("kv.db"))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        Ok(conn)
+    }
+
+    /// Opens (creating if needed) `kv.db` in `dir` as replica `node`.
+    pub fn open(dir: &Path, node: u64) -> Result<Self, KvError> {
+        let conn = Self::connect(dir)?;
         let mut clock = Clock::new(node);
         // Never issue a stamp below one already stored.
         let max: Option<String> = conn

@@ -19,6 +19,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     TooLarge(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Spec(#[from] SpecError),
     #[error(transparent)]
@@ -42,6 +44,7 @@ impl ApiError {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad request"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not found"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload too large"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::Spec(_) => (StatusCode::BAD_REQUEST, "invalid input"),
             ApiError::Deploy(e) if e.is_user_error() => {
                 (StatusCode::BAD_REQUEST, "invalid component")

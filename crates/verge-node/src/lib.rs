@@ -7,6 +7,7 @@ mod auth;
 mod error;
 mod events;
 mod front;
+mod kv;
 mod state;
 
 use std::net::SocketAddr;
@@ -24,6 +25,7 @@ use verge_store::{Ledger, Store};
 pub use api::{API_ROUTES, OPENAPI};
 pub use auth::TOKEN_FILE;
 pub use error::ApiError;
+pub use kv::Peer;
 pub use state::Prices;
 pub use verge_host::Tiering;
 
@@ -70,6 +72,8 @@ pub struct NodeConfig {
     pub retry_base: Duration,
     /// Functions an event chain may go through before its events are dead-lettered.
     pub hop_limit: u32,
+    /// Nodes this node replicates its key-value store to.
+    pub peers: Vec<Peer>,
 }
 
 impl NodeConfig {
@@ -94,6 +98,7 @@ impl NodeConfig {
             node_name: default_node_name(),
             retry_base: Duration::from_secs(1),
             hop_limit: 16,
+            peers: Vec::new(),
         }
     }
 }
@@ -137,6 +142,7 @@ pub struct Node {
     state: Arc<AppState>,
     listener: TcpListener,
     report: StartReport,
+    peers: Vec<Peer>,
 }
 
 impl Node {
@@ -218,6 +224,9 @@ impl Node {
             host,
             ledger,
             bus,
+            verge_kv::Kv::open_replica(&data_dir).map_err(|e| {
+                NodeError::Other(format!("could not open the key-value store: {e}"))
+            })?,
             wake,
             Settings {
                 data_dir: data_dir.clone(),
@@ -258,6 +267,7 @@ impl Node {
             state,
             listener,
             report,
+            peers: config.peers.clone(),
         })
     }
 
@@ -312,6 +322,11 @@ impl Node {
         }
         let app = router(self.state.clone());
         let dispatcher = tokio::spawn(events::dispatcher(self.state.clone()));
+        let replicators: Vec<_> = self
+            .peers
+            .iter()
+            .map(|p| tokio::spawn(kv::replicate(self.state.clone(), p.clone())))
+            .collect();
         let scheduler = tokio::spawn(events::scheduler(self.state.clone()));
         self.state.emit(
             events::types::NODE_STARTED,
@@ -329,6 +344,9 @@ impl Node {
         );
         scheduler.abort();
         dispatcher.abort();
+        for r in replicators {
+            r.abort();
+        }
         let _ = std::fs::remove_file(&node_file);
         self.state.ledger.flush();
         result

@@ -162,6 +162,8 @@ pub struct AppState {
     /// Versions kept per function (besides those aliases need).
     pub(crate) keep_versions: usize,
     pub(crate) bus: Arc<dyn verge_bus::Bus>,
+    /// This node's replica of the key-value store.
+    pub(crate) kv: verge_kv::Kv,
     /// Wakes the dispatcher when jobs are queued or workers free up.
     pub(crate) wake: Arc<tokio::sync::Notify>,
     /// Jobs being delivered at once.
@@ -178,6 +180,7 @@ impl AppState {
         host: Host,
         ledger: Arc<Ledger>,
         bus: Arc<dyn verge_bus::Bus>,
+        kv: verge_kv::Kv,
         wake: Arc<tokio::sync::Notify>,
         settings: Settings,
     ) -> Self {
@@ -196,6 +199,7 @@ impl AppState {
             log_limit: settings.log_limit,
             keep_versions: settings.keep_versions,
             bus,
+            kv,
             wake,
             job_slots: Arc::new(Semaphore::new(crate::events::JOB_WORKERS)),
             node_name: settings.node_name,

@@ -3,6 +3,7 @@
 
 mod client;
 mod events;
+mod kv;
 mod table;
 mod versions;
 
@@ -103,6 +104,12 @@ enum Command {
         /// First retry delay of a failed asynchronous job (doubles per attempt)
         #[arg(long, default_value = "1s")]
         retry_base: String,
+        /// Another node to replicate the key-value store to (repeatable), for example http://core:8080
+        #[arg(long = "peer", value_name = "URL")]
+        peers: Vec<String>,
+        /// The token the peers accept (their admin token)
+        #[arg(long, env = "VERGE_PEER_TOKEN", hide_env_values = true)]
+        peer_token: Option<String>,
     },
     /// Deploy a component as a new version of a function and make it live
     Deploy {
@@ -276,6 +283,11 @@ enum Command {
         #[arg(long)]
         on_failure: Option<String>,
     },
+    /// The replicated key-value store: buckets, get, set, del, incr, ls
+    Kv {
+        #[command(subcommand)]
+        action: kv::KvAction,
+    },
     /// List routes, or add and remove them
     Routes {
         #[command(subcommand)]
@@ -357,8 +369,20 @@ async fn run(cli: Cli) -> Result<()> {
         code,
         node_name,
         retry_base,
+        peers,
+        peer_token,
     } = &cli.command
     {
+        if !peers.is_empty() && peer_token.is_none() {
+            bail!("--peer needs --peer-token (or VERGE_PEER_TOKEN): the token the peer accepts");
+        }
+        let peers: Vec<verge_node::Peer> = peers
+            .iter()
+            .map(|url| verge_node::Peer {
+                url: url.clone(),
+                token: peer_token.clone().unwrap_or_default(),
+            })
+            .collect();
         let bodies = (
             parse_size(max_request_body).context("--max-request-body")? as usize,
             parse_size(max_response_body).context("--max-response-body")? as usize,
@@ -381,6 +405,7 @@ async fn run(cli: Cli) -> Result<()> {
                 node_name.clone(),
                 parse_duration(retry_base).context("--retry-base")?,
             ),
+            peers,
         )
         .await;
     }
@@ -589,6 +614,7 @@ async fn run(cli: Cli) -> Result<()> {
             invoke(&client, json, &endpoint, pairs, data, run_async).await
         }
         Command::Trigger { action } => events::trigger(&client, json, action).await,
+        Command::Kv { action } => kv::kv(&client, json, action).await,
         Command::Dlq { action } => events::dlq(&client, json, action).await,
         Command::Schedule { action } => events::schedule(&client, json, action).await,
         Command::Async {
@@ -646,6 +672,7 @@ async fn up(
     (max_request_body, max_response_body, log_limit): (usize, usize, usize),
     (keep_versions, code): (usize, &str),
     (node_name, retry_base): (Option<String>, Duration),
+    peers: Vec<verge_node::Peer>,
 ) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -671,6 +698,7 @@ async fn up(
         config.node_name = n;
     }
     config.retry_base = retry_base;
+    config.peers = peers;
     config.tiering = match code {
         "optimized" => Tiering::Off,
         "baseline" => Tiering::BaselineOnly,

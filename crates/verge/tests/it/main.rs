@@ -9,6 +9,7 @@ mod auth;
 mod bad_input;
 mod events;
 mod hostile;
+mod kv;
 mod metering;
 mod serving;
 mod versions;

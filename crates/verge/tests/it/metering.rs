@@ -38,26 +38,36 @@ fn get_id(node: &TestNode, path: &str) -> (u16, String, String) {
     (status, id, r.text().unwrap())
 }
 
+/// The CPU time of an invocation is measured: it agrees with the CPU the
+/// node's process used meanwhile (from /proc), not with the wall time the
+/// guest asked to burn (on a loaded machine the two differ, and the record
+/// must follow the CPU).
 #[test]
 fn cpu_time_is_measured_not_estimated() {
     let node = TestNode::start();
     node.deploy("rust-hostile", "hostile", "/h");
-    let mut ids = Vec::new();
-    for ms in [50u64, 200] {
+    get_id(&node, "/h/ok"); // load the function first
+    for ms in [100u64, 400] {
+        let before = node.cpu_ms();
         let (status, id, _) = get_id(&node, &format!("/h/burn?ms={ms}"));
+        let used = node.cpu_ms() - before;
         assert_eq!(status, 200);
-        ids.push((ms, id));
-    }
-    let recs = records(&node, "hostile", 2);
-    for (ms, id) in ids {
-        let r = by_id(&recs, &id);
+        let r = crate::kit::eventually("the burn's record in the ledger", || {
+            let got: Vec<Value> = node
+                .api_get(&format!("/v1/invocations?id={id}"))
+                .json()
+                .unwrap();
+            got.into_iter().next()
+        });
         let cpu_ms = r["cpu_us"].as_u64().unwrap() as f64 / 1000.0;
-        let want = ms as f64;
+        let wall_ms = r["wall_us"].as_u64().unwrap() as f64 / 1000.0;
+        assert!(wall_ms >= ms as f64, "{r}");
+        assert!(cpu_ms <= wall_ms + 1.0, "more CPU than wall time: {r}");
+        // /proc counts in 10 ms ticks; the node does a little work besides the guest.
         assert!(
-            (cpu_ms - want).abs() <= want * 0.15,
-            "burn of {ms} ms reported {cpu_ms:.1} ms of CPU: {r}"
+            cpu_ms <= used + 20.0 && cpu_ms >= used * 0.8 - 20.0,
+            "burn of {ms} ms: the record says {cpu_ms:.1} ms of CPU, the process used {used:.0} ms: {r}"
         );
-        assert!(r["wall_us"].as_u64().unwrap() >= ms * 1000);
     }
 }
 

@@ -1,0 +1,138 @@
+//! `verge kv`: the node's replicated key-value store.
+
+use anyhow::{Result, bail};
+use clap::Subcommand;
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::client::Client;
+use crate::{print_json, query_string, table};
+
+#[derive(Subcommand)]
+pub enum KvAction {
+    /// Buckets on this node and their entry counts (tombstones included)
+    Buckets,
+    /// Read a key
+    Get { bucket: String, key: String },
+    /// Write a value
+    Set {
+        bucket: String,
+        key: String,
+        value: String,
+    },
+    /// Delete a key
+    Del { bucket: String, key: String },
+    /// Add to a counter (default 1; negative subtracts)
+    Incr {
+        bucket: String,
+        key: String,
+        #[arg(allow_hyphen_values = true)]
+        by: Option<i64>,
+    },
+    /// List the keys of a bucket
+    Ls {
+        bucket: String,
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
+}
+
+fn path(bucket: &str, key: &str) -> String {
+    let enc: String = form_urlencoded::byte_serialize(key.as_bytes()).collect();
+    format!("/v1/kv/{bucket}/{}", enc.replace('+', "%20"))
+}
+
+pub async fn kv(client: &Client, json: bool, action: KvAction) -> Result<()> {
+    match action {
+        KvAction::Buckets => {
+            let v: Value = client.get("/v1/kv").await?;
+            if json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|b| {
+                            vec![
+                                b["bucket"].as_str().unwrap_or("").to_string(),
+                                b["entries"].to_string(),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print!("{}", table::render(&["BUCKET", "ENTRIES"], &rows));
+            Ok(())
+        }
+        KvAction::Get { bucket, key } => {
+            let v: Value = client.get(&path(&bucket, &key)).await?;
+            if json {
+                return print_json(&v);
+            }
+            match v["kind"].as_str() {
+                Some("count") => println!("{}", v["count"]),
+                _ => println!("{}", v["value"].as_str().unwrap_or("")),
+            }
+            Ok(())
+        }
+        KvAction::Set { bucket, key, value } => {
+            client
+                .send(
+                    client
+                        .request(Method::PUT, &path(&bucket, &key))
+                        .body(value),
+                )
+                .await?;
+            if json {
+                return print_json(&serde_json::json!({ "bucket": bucket, "key": key }));
+            }
+            println!("set {bucket}/{key}");
+            Ok(())
+        }
+        KvAction::Del { bucket, key } => {
+            client
+                .send(client.request(Method::DELETE, &path(&bucket, &key)))
+                .await?;
+            if json {
+                return print_json(&serde_json::json!({ "deleted": key }));
+            }
+            println!("deleted {bucket}/{key}");
+            Ok(())
+        }
+        KvAction::Incr { bucket, key, by } => {
+            let by = by.unwrap_or(1);
+            let v: Value = client
+                .json(client.request(
+                    Method::POST,
+                    &format!(
+                        "{}/incr{}",
+                        path(&bucket, &key),
+                        query_string(&format!("by={by}"))
+                    ),
+                ))
+                .await?;
+            if json {
+                return print_json(&v);
+            }
+            println!("{}", v["count"]);
+            Ok(())
+        }
+        KvAction::Ls { bucket, prefix } => {
+            if bucket.is_empty() {
+                bail!("give a bucket; list them with `verge kv buckets`");
+            }
+            let q: String = form_urlencoded::Serializer::new(String::new())
+                .append_pair("prefix", &prefix)
+                .finish();
+            let v: Value = client.get(&format!("/v1/kv/{bucket}?{q}")).await?;
+            if json {
+                return print_json(&v);
+            }
+            for k in v["keys"].as_array().into_iter().flatten() {
+                println!("{}", k.as_str().unwrap_or(""));
+            }
+            Ok(())
+        }
+    }
+}

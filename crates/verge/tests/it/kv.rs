@@ -1,0 +1,114 @@
+//! The replicated key-value store across real nodes (issue 6).
+
+use std::net::SocketAddr;
+
+use crate::kit::{Proxy, TestNode, eventually};
+
+fn addr_of(node: &TestNode) -> SocketAddr {
+    node.url.trim_start_matches("http://").parse().unwrap()
+}
+
+fn get(node: &TestNode, bucket: &str, key: &str) -> Option<String> {
+    let out = node.cli(&["kv", "get", bucket, key]);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[test]
+fn two_nodes_converge_after_a_cut_link_heals() {
+    let core = TestNode::start();
+    let proxy = Proxy::start(addr_of(&core));
+    let edge = TestNode::start_with(&["--peer", &proxy.url(), "--peer-token", &core.token()]);
+    edge.cli_ok(&["kv", "set", "shop", "greeting", "hello"]);
+    edge.cli_ok(&["kv", "incr", "shop", "hits", "2"]);
+    eventually("the core has the edge's writes", || {
+        (get(&core, "shop", "greeting").as_deref() == Some("hello")
+            && get(&core, "shop", "hits").as_deref() == Some("2"))
+        .then_some(())
+    });
+    core.cli_ok(&["kv", "set", "shop", "from-core", "c1"]);
+    eventually("the edge pulls the core's write (repair by digest)", || {
+        (get(&edge, "shop", "from-core").as_deref() == Some("c1")).then_some(())
+    });
+
+    // Cut the link; both sides keep serving and writing.
+    proxy.cut();
+    edge.cli_ok(&["kv", "incr", "shop", "hits", "3"]);
+    edge.cli_ok(&["kv", "del", "shop", "greeting"]);
+    edge.cli_ok(&["kv", "set", "shop", "offline", "written at the edge"]);
+    edge.cli_ok(&["kv", "set", "shop", "both", "edge"]);
+    core.cli_ok(&["kv", "incr", "shop", "hits", "4"]);
+    core.cli_ok(&["kv", "incr", "shop", "hits", "-1"]);
+    std::thread::sleep(std::time::Duration::from_millis(5)); // a later wall clock for the core's write
+    core.cli_ok(&["kv", "set", "shop", "both", "core"]);
+    assert_eq!(
+        get(&edge, "shop", "hits").as_deref(),
+        Some("5"),
+        "read-your-writes while cut"
+    );
+    assert_eq!(get(&core, "shop", "hits").as_deref(), Some("5"));
+    assert_eq!(get(&edge, "shop", "greeting"), None);
+    assert_eq!(get(&core, "shop", "greeting").as_deref(), Some("hello"));
+
+    proxy.heal();
+    for node in [&edge, &core] {
+        eventually("both sides converge", || {
+            (get(node, "shop", "hits").as_deref() == Some("8")
+                && get(node, "shop", "greeting").is_none()
+                && get(node, "shop", "offline").as_deref() == Some("written at the edge")
+                && get(node, "shop", "both").as_deref() == Some("core"))
+            .then_some(())
+        });
+    }
+    let keys = core.cli_ok(&["kv", "ls", "shop"]);
+    assert_eq!(
+        keys.lines().collect::<Vec<_>>(),
+        ["both", "from-core", "hits", "offline"]
+    );
+    // Kinds are fixed: a counter is not a value.
+    let err = core.cli_err(&["kv", "set", "shop", "hits", "x"]);
+    assert!(err.contains("fixed by its first write"), "{err}");
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9() {
+    let node = TestNode::start();
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (url, token, log) = (node.url.clone(), node.token(), acked.clone());
+    let writer = std::thread::spawn(move || {
+        let http = reqwest::blocking::Client::new();
+        for i in 0.. {
+            let r = http
+                .put(format!("{url}/v1/kv/storm/k{i}"))
+                .bearer_auth(&token)
+                .body(format!("v{i}"))
+                .send();
+            match r {
+                Ok(r) if r.status().is_success() => log.lock().unwrap().push(i),
+                _ => break,
+            }
+        }
+    });
+    eventually("a write storm", || {
+        (acked.lock().unwrap().len() >= 50).then_some(())
+    });
+    // kill -9 while writes are in flight.
+    let node = node.kill9_and_restart();
+    writer.join().unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 50);
+    let listed = node.cli_ok(&["kv", "ls", "storm"]);
+    let present: std::collections::HashSet<&str> = listed.lines().collect();
+    for i in &acked {
+        assert!(
+            present.contains(format!("k{i}").as_str()),
+            "acknowledged write k{i} lost"
+        );
+    }
+    let last = acked[acked.len() - 1];
+    assert_eq!(
+        get(&node, "storm", &format!("k{last}")),
+        Some(format!("v{last}"))
+    );
+}
