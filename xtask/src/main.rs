@@ -114,7 +114,7 @@ fn guests(root: &Path, only: &[&str]) -> Result<()> {
     Ok(())
 }
 
-const RUST_GUESTS: [&str; 6] = ["hello", "echo", "trap", "sandbox", "hostile", "relay"];
+const RUST_GUESTS: [&str; 7] = ["hello", "echo", "trap", "sandbox", "hostile", "relay", "kv"];
 
 fn rust_guests(root: &Path, out: &Path) -> Result<()> {
     let installed =

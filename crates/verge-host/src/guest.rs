@@ -23,6 +23,13 @@ pub(crate) struct GuestState {
     table: ResourceTable,
     hooks: Outbound,
     limits: GuestLimits,
+    kv: crate::keyvalue::KvCtx,
+}
+
+impl GuestState {
+    pub(crate) fn kv_view(&mut self) -> crate::keyvalue::KvView<'_> {
+        crate::keyvalue::KvView::new(&self.kv, &mut self.table)
+    }
 }
 
 /// Memory accounting of one instance: refuses growth past the limit (the
@@ -240,6 +247,10 @@ fn new_store(
             version: function.version,
             hops,
             events: host.event_sink.clone(),
+        },
+        kv: crate::keyvalue::KvCtx {
+            kv: host.kv.clone(),
+            allowed: function.kv_buckets.clone(),
         },
         limits: GuestLimits {
             limit: function.memory_limit.unwrap_or(cfg.memory_limit),

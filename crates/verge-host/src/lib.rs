@@ -14,6 +14,7 @@
 
 mod capture;
 mod guest;
+mod keyvalue;
 mod meter;
 
 use std::collections::hash_map::DefaultHasher;
@@ -156,7 +157,7 @@ pub enum DeployError {
     )]
     MissingExport { found: String },
     #[error(
-        "the component imports `{0}`, which Verge does not provide; Verge provides WASI 0.2 (cli, clocks, io, random, filesystem, sockets) and wasi:http"
+        "the component imports `{0}`, which Verge does not provide; Verge provides WASI 0.2 (cli, clocks, io, random, filesystem, sockets), wasi:http and wasi:keyvalue@0.2.0-draft"
     )]
     UnsupportedImport(String),
     #[error("the component cannot be linked against Verge's imports: {0}")]
@@ -289,6 +290,8 @@ pub struct Function {
     pub memory_limit: Option<usize>,
     /// Bytes of stdout and of stderr kept per invocation; the host's when `None`.
     pub log_limit: Option<usize>,
+    /// Key-value buckets it may open.
+    pub kv_buckets: Arc<Vec<String>>,
 }
 
 impl Function {
@@ -307,7 +310,14 @@ impl Function {
             timeout: None,
             memory_limit: None,
             log_limit: None,
+            kv_buckets: Arc::new(Vec::new()),
         }
+    }
+
+    /// Grants key-value buckets.
+    pub fn with_buckets(mut self, buckets: Vec<String>) -> Self {
+        self.kv_buckets = Arc::new(buckets);
+        self
     }
 
     /// The loaded component it runs.
@@ -364,6 +374,8 @@ impl Compiler {
             .map_err(|e| HostError::Engine(format!("{e:#}")))?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        keyvalue::add_to_linker(&mut linker, GuestState::kv_view)
+            .map_err(|e| HostError::Engine(format!("{e:#}")))?;
         let mut hasher = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let key = format!("{:016x}", hasher.finish());
@@ -388,6 +400,7 @@ pub struct Host {
     optimized: AtomicU64,
     usage_sink: Option<UsageSink>,
     event_sink: Option<EventSink>,
+    kv: Option<Arc<verge_kv::Kv>>,
 }
 
 /// Interval of the epoch ticker: the granularity of timeouts and of yields of
@@ -443,6 +456,7 @@ impl Host {
             optimized: AtomicU64::new(0),
             usage_sink: None,
             event_sink: None,
+            kv: None,
         })
     }
 
@@ -456,6 +470,12 @@ impl Host {
     /// one, such requests are refused like any outbound request.
     pub fn set_event_sink(&mut self, sink: EventSink) {
         self.event_sink = Some(sink);
+    }
+
+    /// Gives guests `wasi:keyvalue` on this replica (each version only the
+    /// buckets it was granted).
+    pub fn set_kv(&mut self, kv: Arc<verge_kv::Kv>) {
+        self.kv = Some(kv);
     }
 
     /// The host's settings.
@@ -746,6 +766,9 @@ impl Host {
 
 /// Interfaces Verge links for guests: WASI 0.2 and wasi:http.
 fn is_provided_import(name: &str) -> bool {
+    if name.starts_with("wasi:keyvalue/") {
+        return name.ends_with("@0.2.0-draft");
+    }
     const PACKAGES: [&str; 7] = [
         "wasi:cli/",
         "wasi:clocks/",
@@ -804,7 +827,8 @@ mod tests {
     fn provided_imports() {
         assert!(is_provided_import("wasi:cli/environment@0.2.12"));
         assert!(is_provided_import("wasi:http/types@0.2.0"));
-        assert!(!is_provided_import("wasi:keyvalue/store@0.2.0-draft"));
+        assert!(is_provided_import("wasi:keyvalue/store@0.2.0-draft"));
+        assert!(!is_provided_import("wasi:keyvalue/store@0.2.0"));
         assert!(!is_provided_import("wasi:http/types@0.3.0"));
         assert!(!is_provided_import("acme:thing/x@1.0.0"));
     }

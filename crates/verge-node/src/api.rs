@@ -308,6 +308,8 @@ pub(crate) struct DeployOptions {
     pub env: Vec<(String, String)>,
     pub routes: Vec<(Option<String>, String)>,
     pub limits: Limits,
+    /// Key-value buckets the version may open.
+    pub buckets: Vec<String>,
     /// Point `live` at the new version (the first version always is).
     pub promote: bool,
     /// Name of the token that deploys.
@@ -320,6 +322,7 @@ impl Default for DeployOptions {
             env: Vec::new(),
             routes: Vec::new(),
             limits: Limits::default(),
+            buckets: Vec::new(),
             promote: true,
             deployed_by: "admin".into(),
         }
@@ -341,6 +344,11 @@ impl DeployOptions {
                 "max_request_body" => opts.limits.request_body = Some(parse_size(&v)?),
                 "max_response_body" => opts.limits.response_body = Some(parse_size(&v)?),
                 "log_limit" => opts.limits.log_bytes = Some(parse_size(&v)?),
+                "kv_bucket" => {
+                    verge_kv::validate_bucket(&v)
+                        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                    opts.buckets.push(v.into_owned());
+                }
                 "promote" => {
                     opts.promote = match v.as_ref() {
                         "true" | "1" => true,
@@ -362,7 +370,7 @@ impl DeployOptions {
                 }
                 other => {
                     return Err(ApiError::BadRequest(format!(
-                        "unknown query parameter {other:?}; accepted: route, host, env, timeout, memory, concurrency, max_request_body, max_response_body, log_limit, promote"
+                        "unknown query parameter {other:?}; accepted: route, host, env, timeout, memory, concurrency, max_request_body, max_response_body, log_limit, promote, kv_bucket"
                     )));
                 }
             }
@@ -464,13 +472,14 @@ pub(crate) async fn deploy(
 
     let _guard = state.deploy_lock.lock().await;
     let s = state.clone();
-    let (fname, env, routes, limits, by, promote) = (
+    let (fname, env, routes, limits, by, promote, buckets) = (
         name.to_string(),
         opts.env.clone(),
         opts.routes.clone(),
         opts.limits,
         opts.deployed_by.clone(),
         opts.promote,
+        opts.buckets.clone(),
     );
     let body = bytes.clone();
     let created = blocking(move || {
@@ -482,6 +491,7 @@ pub(crate) async fn deploy(
             size,
             env: &env,
             limits,
+            buckets: &buckets,
             routes: &routes,
             deployed_by: &by,
             promote,
@@ -492,6 +502,7 @@ pub(crate) async fn deploy(
             sha256: stored,
             env,
             limits,
+            buckets,
         };
         let function = function_of(&stored, Arc::new(loaded));
         s.put_version(stored, Some(function));

@@ -166,6 +166,11 @@ impl Node {
             metering: config.metering,
             tiering: config.tiering,
         })?;
+        let kv =
+            Arc::new(verge_kv::Kv::open_replica(&data_dir).map_err(|e| {
+                NodeError::Other(format!("could not open the key-value store: {e}"))
+            })?);
+        host.set_kv(kv.clone());
         let mut bus = verge_bus::SqliteBus::open(&data_dir)?;
         bus.retry_base = config.retry_base;
         bus.hop_limit = config.hop_limit;
@@ -224,9 +229,7 @@ impl Node {
             host,
             ledger,
             bus,
-            verge_kv::Kv::open_replica(&data_dir).map_err(|e| {
-                NodeError::Other(format!("could not open the key-value store: {e}"))
-            })?,
+            kv,
             wake,
             Settings {
                 data_dir: data_dir.clone(),

@@ -163,7 +163,7 @@ pub struct AppState {
     pub(crate) keep_versions: usize,
     pub(crate) bus: Arc<dyn verge_bus::Bus>,
     /// This node's replica of the key-value store.
-    pub(crate) kv: verge_kv::Kv,
+    pub(crate) kv: Arc<verge_kv::Kv>,
     /// Wakes the dispatcher when jobs are queued or workers free up.
     pub(crate) wake: Arc<tokio::sync::Notify>,
     /// Jobs being delivered at once.
@@ -180,7 +180,7 @@ impl AppState {
         host: Host,
         ledger: Arc<Ledger>,
         bus: Arc<dyn verge_bus::Bus>,
-        kv: verge_kv::Kv,
+        kv: Arc<verge_kv::Kv>,
         wake: Arc<tokio::sync::Notify>,
         settings: Settings,
     ) -> Self {
@@ -509,11 +509,13 @@ pub(crate) fn function_of(v: &StoredVersion, component: Arc<LoadedComponent>) ->
     if !env.iter().any(|(k, _)| k == "VERGE_EVENTS_URL") {
         env.push(("VERGE_EVENTS_URL".into(), verge_host::EVENTS_URL.into()));
     }
-    Function::new(component, v.function.clone(), v.version, env).with_limits(
-        v.limits.timeout_ms.map(Duration::from_millis),
-        v.limits.memory_bytes.map(|m| m as usize),
-        v.limits.log_bytes.map(|m| m as usize),
-    )
+    Function::new(component, v.function.clone(), v.version, env)
+        .with_limits(
+            v.limits.timeout_ms.map(Duration::from_millis),
+            v.limits.memory_bytes.map(|m| m as usize),
+            v.limits.log_bytes.map(|m| m as usize),
+        )
+        .with_buckets(v.buckets.clone())
 }
 
 /// The version an alias sends a request to: the canary's with its weight in

@@ -327,6 +327,9 @@ pub struct VersionInfo {
     pub log_bytes: Option<u64>,
     /// Configured values the guest sees as its environment.
     pub env: BTreeMap<String, String>,
+    /// Key-value buckets the version may open.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kv_buckets: Vec<String>,
     /// Creation time, RFC 3339 UTC.
     pub created_at: String,
     /// Name of the token that deployed it.

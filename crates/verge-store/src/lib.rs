@@ -76,6 +76,8 @@ pub struct StoredVersion {
     pub sha256: String,
     pub env: Vec<(String, String)>,
     pub limits: Limits,
+    /// Key-value buckets the version may open.
+    pub buckets: Vec<String>,
 }
 
 /// What a deploy asks the store to record.
@@ -86,6 +88,8 @@ pub struct NewVersion<'a> {
     pub size: u64,
     pub env: &'a [(String, String)],
     pub limits: Limits,
+    /// Key-value buckets the version may open.
+    pub buckets: &'a [String],
     /// Routes to bind to the function's `live` alias.
     pub routes: &'a [(Option<String>, String)],
     /// Name of the token that deploys it.
@@ -199,6 +203,7 @@ CREATE TABLE IF NOT EXISTS versions (
     log_bytes INTEGER,
     deployed_by TEXT NOT NULL DEFAULT 'admin',
     config_key TEXT NOT NULL DEFAULT '',
+    buckets TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (function, number)
 );
 CREATE TABLE IF NOT EXISTS routes (
@@ -274,6 +279,16 @@ impl Store {
         if old > 0 {
             conn.execute_batch(&format!("BEGIN; {MIGRATE_1} COMMIT;"))?;
             tracing::info!("registry migrated to versions with aliases");
+        }
+        let has_buckets: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('versions') WHERE name = 'buckets'",
+            [],
+            |r| r.get(0),
+        )?;
+        if has_buckets == 0 {
+            conn.execute_batch(
+                "ALTER TABLE versions ADD COLUMN buckets TEXT NOT NULL DEFAULT '[]'",
+            )?;
         }
         conn.execute_batch(INDEXES)?;
         conn.execute_batch(ledger::SCHEMA)?;
@@ -386,9 +401,14 @@ impl Store {
         let env_json =
             serde_json::to_string(&env_json).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let l = new.limits;
+        let mut buckets = new.buckets.to_vec();
+        buckets.sort();
+        buckets.dedup();
+        let buckets_json =
+            serde_json::to_string(&buckets).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let config_key = sha256_hex(
             format!(
-                "{}|{env_json}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+                "{}|{env_json}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{buckets_json}",
                 new.sha256,
                 l.timeout_ms,
                 l.memory_bytes,
@@ -427,8 +447,8 @@ impl Store {
                 )?;
                 tx.execute(
                     &format!(
-                        "INSERT INTO versions (function, number, sha256, size, env, created_at, deployed_by, config_key, {LIMIT_COLUMNS})
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+                        "INSERT INTO versions (function, number, sha256, size, env, created_at, deployed_by, config_key, {LIMIT_COLUMNS}, buckets)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
                     ),
                     params![
                         function,
@@ -444,7 +464,8 @@ impl Store {
                         l.concurrency,
                         l.request_body,
                         l.response_body,
-                        l.log_bytes
+                        l.log_bytes,
+                        buckets_json
                     ],
                 )?;
                 next
@@ -746,7 +767,7 @@ impl Store {
     ) -> Result<Vec<(StoredVersion, u64, i64, String)>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
-            "SELECT function, number, sha256, env, size, created_at, deployed_by, {LIMIT_COLUMNS}
+            "SELECT function, number, sha256, env, size, created_at, deployed_by, {LIMIT_COLUMNS}, buckets
              FROM versions WHERE (?1 IS NULL OR function = ?1) AND (?2 IS NULL OR number = ?2)
              ORDER BY function, number DESC"
         ))?;
@@ -760,11 +781,12 @@ impl Store {
                 r.get::<_, i64>(5)?,
                 r.get::<_, String>(6)?,
                 Limits::from_row(r, 7)?,
+                r.get::<_, String>(13)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (function, version, sha256, env, size, created, by, limits) = row?;
+            let (function, version, sha256, env, size, created, by, limits, buckets) = row?;
             out.push((
                 StoredVersion {
                     function,
@@ -772,6 +794,8 @@ impl Store {
                     sha256,
                     env: parse_env(&env)?,
                     limits,
+                    buckets: serde_json::from_str(&buckets)
+                        .map_err(|e| StoreError::Corrupt(format!("version buckets: {e}")))?,
                 },
                 size,
                 created,
@@ -823,6 +847,7 @@ impl Store {
                 response_body: v.limits.response_body,
                 log_bytes: v.limits.log_bytes,
                 env: v.env.into_iter().collect(),
+                kv_buckets: v.buckets,
                 created_at: rfc3339(created),
                 deployed_by: by,
                 aliases: aliases
@@ -1326,6 +1351,7 @@ mod tests {
             size: 3,
             env,
             limits: Limits::default(),
+            buckets: &[],
             routes,
             deployed_by: "admin",
             promote: true,

@@ -148,6 +148,9 @@ enum Command {
         /// Create the version without pointing `live` at it (call it by version, then `verge promote`)
         #[arg(long)]
         no_promote: bool,
+        /// A key-value bucket the version may open with wasi:keyvalue (repeatable)
+        #[arg(long = "kv-bucket", value_name = "BUCKET")]
+        kv_buckets: Vec<String>,
     },
     /// List a function's versions, the aliases on each, and their code
     Versions { name: String },
@@ -426,6 +429,7 @@ async fn run(cli: Cli) -> Result<()> {
             max_response_body,
             log_limit,
             no_promote,
+            kv_buckets,
         } => {
             let concurrency = concurrency.map(|c| c.to_string());
             let mut extra = Vec::new();
@@ -456,6 +460,9 @@ async fn run(cli: Cli) -> Result<()> {
             }
             if no_promote {
                 extra.push(("promote", "false"));
+            }
+            for b in &kv_buckets {
+                extra.push(("kv_bucket", b.as_str()));
             }
             deploy(&client, json, &file, &name, &route, host, &env, &extra).await
         }

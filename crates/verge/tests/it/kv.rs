@@ -112,3 +112,70 @@ fn acknowledged_writes_survive_kill_9() {
         Some(format!("v{last}"))
     );
 }
+
+#[test]
+fn guests_use_wasi_keyvalue_on_granted_buckets() {
+    let node = TestNode::start();
+    let f = crate::kit::fixture("rust-kv");
+    let f = f.to_str().unwrap();
+    node.cli_ok(&[
+        "deploy",
+        f,
+        "--name",
+        "pages",
+        "--route",
+        "/count",
+        "--route",
+        "/docs",
+        "--route",
+        "/open",
+        "--kv-bucket",
+        "views",
+        "--kv-bucket",
+        "docs",
+    ]);
+    let http = node.http();
+    let call = |method: reqwest::Method, path: &str, body: &str| {
+        let r = http
+            .request(method, format!("{}{path}", node.url))
+            .body(body.to_string())
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    for n in 1..=3 {
+        assert_eq!(
+            call(reqwest::Method::GET, "/count/home", ""),
+            (200, format!("views {n}\n"))
+        );
+    }
+    // The guest's counter is the node's: the CLI reads it.
+    assert_eq!(get(&node, "views", "home").as_deref(), Some("3"));
+    node.cli_ok(&["kv", "incr", "views", "home", "10"]);
+    assert_eq!(
+        call(reqwest::Method::GET, "/count/home", ""),
+        (200, "views 14\n".to_string())
+    );
+    // A small JSON document store.
+    let doc = r#"{"title":"hello","tags":["a","b"]}"#;
+    assert_eq!(call(reqwest::Method::PUT, "/docs/d1", doc).0, 201);
+    assert_eq!(call(reqwest::Method::PUT, "/docs/d2", "{}").0, 201);
+    assert_eq!(
+        call(reqwest::Method::GET, "/docs/d1", ""),
+        (200, doc.to_string())
+    );
+    assert_eq!(
+        call(reqwest::Method::GET, "/docs", ""),
+        (200, "d1\nd2\n".to_string())
+    );
+    assert_eq!(call(reqwest::Method::DELETE, "/docs/d1", "").0, 204);
+    assert_eq!(call(reqwest::Method::GET, "/docs/d1", "").0, 404);
+    assert_eq!(get(&node, "docs", "d2").as_deref(), Some("{}"));
+    // Buckets not granted are refused.
+    let (status, body) = call(reqwest::Method::GET, "/open/secrets", "");
+    assert_eq!((status, body.as_str()), (403, "access denied\n"));
+    // A version without grants opens nothing.
+    node.cli_ok(&["deploy", f, "--name", "pages"]);
+    let (status, body) = call(reqwest::Method::GET, "/count/home", "");
+    assert_eq!((status, body.as_str()), (500, "access denied\n"));
+}

@@ -1,0 +1,219 @@
+//! `wasi:keyvalue@0.2.0-draft` (store, atomics, batch) for guests, on the
+//! node's replica of `verge-kv`. A guest may open only the buckets its
+//! version was granted (`verge deploy --kv-bucket NAME`).
+
+use std::sync::Arc;
+
+use wasmtime::Result;
+use wasmtime::component::{HasData, Resource, ResourceTable, ResourceTableError};
+
+mod generated {
+    wasmtime::component::bindgen!({
+        path: "../../wit/keyvalue",
+        world: "wasi:keyvalue/imports",
+        imports: { default: trappable },
+        with: {
+            "wasi:keyvalue/store.bucket": super::Bucket,
+        },
+        trappable_error_type: {
+            "wasi:keyvalue/store.error" => super::Error,
+        },
+    });
+}
+
+use generated::wasi::keyvalue;
+
+/// Keys returned per `list-keys` call.
+const PAGE: usize = 1000;
+
+/// An error of a key-value call, as the guest sees it.
+pub enum Error {
+    NoSuchStore,
+    AccessDenied,
+    Other(String),
+}
+
+impl From<ResourceTableError> for Error {
+    fn from(err: ResourceTableError) -> Self {
+        Self::Other(err.to_string())
+    }
+}
+
+impl From<verge_kv::KvError> for Error {
+    fn from(err: verge_kv::KvError) -> Self {
+        Self::Other(err.to_string())
+    }
+}
+
+/// An open bucket.
+pub struct Bucket {
+    name: String,
+}
+
+/// What one invocation may reach of the store.
+#[derive(Clone)]
+pub(crate) struct KvCtx {
+    pub kv: Option<Arc<verge_kv::Kv>>,
+    pub allowed: Arc<Vec<String>>,
+}
+
+pub(crate) struct KvView<'a> {
+    ctx: &'a KvCtx,
+    table: &'a mut ResourceTable,
+}
+
+impl<'a> KvView<'a> {
+    pub(crate) fn new(ctx: &'a KvCtx, table: &'a mut ResourceTable) -> Self {
+        Self { ctx, table }
+    }
+
+    fn kv(&self) -> Result<&verge_kv::Kv, Error> {
+        self.ctx
+            .kv
+            .as_deref()
+            .ok_or_else(|| Error::Other("this node has no key-value store".into()))
+    }
+
+    fn bucket(&self, b: &Resource<Bucket>) -> Result<String, Error> {
+        Ok(self.table.get(b)?.name.clone())
+    }
+}
+
+fn bytes_of(v: verge_kv::Value) -> Vec<u8> {
+    match v {
+        verge_kv::Value::Bytes(b) => b,
+        verge_kv::Value::Count(n) => n.to_string().into_bytes(),
+    }
+}
+
+impl keyvalue::store::Host for KvView<'_> {
+    fn open(&mut self, identifier: String) -> Result<Resource<Bucket>, Error> {
+        if verge_kv::validate_bucket(&identifier).is_err() {
+            return Err(Error::NoSuchStore);
+        }
+        if !self.ctx.allowed.contains(&identifier) {
+            return Err(Error::AccessDenied);
+        }
+        Ok(self.table.push(Bucket { name: identifier })?)
+    }
+
+    fn convert_error(&mut self, err: Error) -> Result<keyvalue::store::Error> {
+        Ok(match err {
+            Error::NoSuchStore => keyvalue::store::Error::NoSuchStore,
+            Error::AccessDenied => keyvalue::store::Error::AccessDenied,
+            Error::Other(e) => keyvalue::store::Error::Other(e),
+        })
+    }
+}
+
+impl keyvalue::store::HostBucket for KvView<'_> {
+    fn get(&mut self, bucket: Resource<Bucket>, key: String) -> Result<Option<Vec<u8>>, Error> {
+        let b = self.bucket(&bucket)?;
+        Ok(self.kv()?.get(&b, &key)?.map(bytes_of))
+    }
+
+    fn set(&mut self, bucket: Resource<Bucket>, key: String, value: Vec<u8>) -> Result<(), Error> {
+        let b = self.bucket(&bucket)?;
+        Ok(self.kv()?.set(&b, &key, &value)?)
+    }
+
+    fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> Result<(), Error> {
+        let b = self.bucket(&bucket)?;
+        Ok(self.kv()?.delete(&b, &key)?)
+    }
+
+    fn exists(&mut self, bucket: Resource<Bucket>, key: String) -> Result<bool, Error> {
+        let b = self.bucket(&bucket)?;
+        Ok(self.kv()?.get(&b, &key)?.is_some())
+    }
+
+    fn list_keys(
+        &mut self,
+        bucket: Resource<Bucket>,
+        cursor: Option<u64>,
+    ) -> Result<keyvalue::store::KeyResponse, Error> {
+        let b = self.bucket(&bucket)?;
+        // The cursor is the number of keys already returned.
+        let skip = usize::try_from(cursor.unwrap_or(0)).unwrap_or(usize::MAX);
+        let keys = self
+            .kv()?
+            .keys(&b, "", None, skip.saturating_add(PAGE + 1))?;
+        let page: Vec<String> = keys.iter().skip(skip).take(PAGE).cloned().collect();
+        let next = (keys.len() > skip.saturating_add(PAGE)).then(|| (skip + PAGE) as u64);
+        Ok(keyvalue::store::KeyResponse {
+            keys: page,
+            cursor: next,
+        })
+    }
+
+    fn drop(&mut self, bucket: Resource<Bucket>) -> Result<()> {
+        self.table.delete(bucket)?;
+        Ok(())
+    }
+}
+
+impl keyvalue::atomics::Host for KvView<'_> {
+    fn increment(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        delta: u64,
+    ) -> Result<u64, Error> {
+        let b = self.bucket(&bucket)?;
+        let delta = i64::try_from(delta).map_err(|_| Error::Other("delta too large".into()))?;
+        let n = self.kv()?.increment(&b, &key, delta)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
+impl keyvalue::batch::Host for KvView<'_> {
+    fn get_many(
+        &mut self,
+        bucket: Resource<Bucket>,
+        keys: Vec<String>,
+    ) -> Result<Vec<Option<(String, Vec<u8>)>>, Error> {
+        let b = self.bucket(&bucket)?;
+        let kv = self.kv()?;
+        keys.into_iter()
+            .map(|k| Ok(kv.get(&b, &k)?.map(|v| (k, bytes_of(v)))))
+            .collect()
+    }
+
+    fn set_many(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key_values: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), Error> {
+        let b = self.bucket(&bucket)?;
+        let ops = key_values
+            .into_iter()
+            .map(|(k, v)| verge_kv::Op::Set(k, v))
+            .collect();
+        self.kv()?.batch(&b, ops)?;
+        Ok(())
+    }
+
+    fn delete_many(&mut self, bucket: Resource<Bucket>, keys: Vec<String>) -> Result<(), Error> {
+        let b = self.bucket(&bucket)?;
+        let ops = keys.into_iter().map(verge_kv::Op::Delete).collect();
+        self.kv()?.batch(&b, ops)?;
+        Ok(())
+    }
+}
+
+struct HasKv;
+
+impl HasData for HasKv {
+    type Data<'a> = KvView<'a>;
+}
+
+/// Adds the three interfaces to a linker.
+pub(crate) fn add_to_linker<T: Send + 'static>(
+    l: &mut wasmtime::component::Linker<T>,
+    f: fn(&mut T) -> KvView<'_>,
+) -> Result<()> {
+    keyvalue::store::add_to_linker::<_, HasKv>(l, f)?;
+    keyvalue::atomics::add_to_linker::<_, HasKv>(l, f)?;
+    keyvalue::batch::add_to_linker::<_, HasKv>(l, f)?;
+    Ok(())
+}
