@@ -23,12 +23,14 @@ wrk.method = "PUT"
 wrk.body = '{"title":"hello"}'
 LUA
 curl -fs -X PUT --data '{}' http://127.0.0.1:18097/docs/d1 >/dev/null
-read -r rps p50 p99 < <(wrk_run http://127.0.0.1:18097/count/home 5s 1)
-echo "guest increment (HTTP round trip, 1 connection): p50 $p50, p99 $p99 ($rps req/s)"
-read -r rps p50 p99 < <(wrk_run http://127.0.0.1:18097/docs/d1 5s 1)
-echo "guest get: p50 $p50, p99 $p99 ($rps req/s)"
-out=$(wrk -t1 -c1 -d5s --latency -s "$work/put.lua" http://127.0.0.1:18097/docs/d2)
-echo "guest set: p50 $(awk '$1=="50%" {print $2}' <<<"$out"), p99 $(awk '$1=="99%" {print $2}' <<<"$out") ($(awk '/Requests\/sec/ {print $2}' <<<"$out") req/s)"
+one() { # one LABEL URL [wrk args]: 1 connection, 5 s
+  local label=$1 url=$2; shift 2
+  local out; out=$(wrk -t1 -c1 -d5s --latency "$@" "$url")
+  echo "guest $label (HTTP round trip, 1 connection): p50 $(awk '$1=="50%" {print $2}' <<<"$out"), p99 $(awk '$1=="99%" {print $2}' <<<"$out") ($(awk '/Requests\/sec/ {print $2}' <<<"$out") req/s)"
+}
+one increment http://127.0.0.1:18097/count/home
+one get http://127.0.0.1:18097/docs/d1
+one set http://127.0.0.1:18097/docs/d2 -s "$work/put.lua"
 stop_node
 
 for n in $sizes; do
