@@ -135,10 +135,14 @@ fn range_of(key: &str) -> usize {
     (Sha256::digest(key.as_bytes())[0] >> 4) as usize
 }
 
+/// Told, after each commit, which (bucket, key) pairs changed.
+pub type Observer = Box<dyn Fn(&[(String, String)]) + Send + Sync>;
+
 /// The replica (see the crate docs).
 pub struct Kv {
     conn: Mutex<Connection>,
     clock: Mutex<Clock>,
+    observer: std::sync::OnceLock<Observer>,
 }
 
 impl Kv {
@@ -195,6 +199,7 @@ impl Kv {
         Ok(Self {
             conn: Mutex::new(conn),
             clock: Mutex::new(clock),
+            observer: std::sync::OnceLock::new(),
         })
     }
 
@@ -207,6 +212,19 @@ impl Kv {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .tick(now_ms())
+    }
+
+    /// Sets the function told about changed keys after each commit (once).
+    pub fn set_observer(&self, observer: Observer) {
+        let _ = self.observer.set(observer);
+    }
+
+    fn notify(&self, changed: &[(String, String)]) {
+        if let Some(o) = self.observer.get()
+            && !changed.is_empty()
+        {
+            o(changed);
+        }
     }
 
     /// This replica's node id.
@@ -263,6 +281,7 @@ impl Kv {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut seq = next_seq(&tx)?;
         let mut out = Vec::with_capacity(ops.len());
+        let mut changed = Vec::with_capacity(ops.len());
         for op in ops {
             let stamp = self.tick();
             let node = stamp.node;
@@ -304,9 +323,12 @@ impl Kv {
             seq += 1;
             put_entry(&tx, bucket, &key, &entry, seq)?;
             out.push(result);
+            changed.push((bucket.to_string(), key));
         }
         set_seq(&tx, seq)?;
         tx.commit()?;
+        drop(conn);
+        self.notify(&changed);
         Ok(out)
     }
 
@@ -424,6 +446,8 @@ impl Kv {
         }
         set_seq(&tx, seq)?;
         tx.commit()?;
+        drop(conn);
+        self.notify(&changed);
         Ok(changed)
     }
 

@@ -40,6 +40,7 @@ pub(crate) mod types {
     pub const NODE_STARTED: &str = "dev.verge.node.started";
     pub const NODE_STOPPING: &str = "dev.verge.node.stopping";
     pub const SCHEDULE_FIRED: &str = "dev.verge.schedule.fired";
+    pub const KV_CHANGED: &str = "dev.verge.kv.changed";
 }
 
 fn random_id() -> String {
@@ -596,6 +597,42 @@ pub(crate) async fn scheduler(state: Arc<AppState>) {
             }
             publish(&*state.bus, &state.wake, vec![event]);
         }
+    }
+}
+
+/// Emits one `dev.verge.kv.changed` event per key changed (by a guest, the
+/// API or replication), debounced: every 250 ms, each key at most once.
+pub(crate) async fn kv_changed(
+    state: Arc<AppState>,
+    changes: Arc<std::sync::Mutex<std::collections::BTreeSet<(String, String)>>>,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let keys = std::mem::take(
+            &mut *changes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        if keys.is_empty() {
+            continue;
+        }
+        let events: Vec<CloudEvent> = keys
+            .into_iter()
+            .map(|(bucket, key)| {
+                platform_event(
+                    &state.node_name,
+                    types::KV_CHANGED,
+                    &format!("{bucket}/{key}"),
+                    json!({ "bucket": bucket, "key": key }),
+                )
+            })
+            .collect();
+        let s = state.clone();
+        let _ = blocking(move || {
+            publish(&*s.bus, &s.wake, events);
+            Ok(())
+        })
+        .await;
     }
 }
 

@@ -143,6 +143,8 @@ pub struct Node {
     listener: TcpListener,
     report: StartReport,
     peers: Vec<Peer>,
+    /// Keys changed since the last `kv.changed` events went out.
+    kv_changes: Arc<std::sync::Mutex<std::collections::BTreeSet<(String, String)>>>,
 }
 
 impl Node {
@@ -171,6 +173,15 @@ impl Node {
                 NodeError::Other(format!("could not open the key-value store: {e}"))
             })?);
         host.set_kv(kv.clone());
+        let kv_changes: Arc<std::sync::Mutex<std::collections::BTreeSet<(String, String)>>> =
+            Arc::default();
+        let pending = kv_changes.clone();
+        kv.set_observer(Box::new(move |keys| {
+            pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend(keys.iter().cloned());
+        }));
         let mut bus = verge_bus::SqliteBus::open(&data_dir)?;
         bus.retry_base = config.retry_base;
         bus.hop_limit = config.hop_limit;
@@ -271,6 +282,7 @@ impl Node {
             listener,
             report,
             peers: config.peers.clone(),
+            kv_changes,
         })
     }
 
@@ -331,6 +343,10 @@ impl Node {
             .map(|p| tokio::spawn(kv::replicate(self.state.clone(), p.clone())))
             .collect();
         let scheduler = tokio::spawn(events::scheduler(self.state.clone()));
+        let kv_events = tokio::spawn(events::kv_changed(
+            self.state.clone(),
+            self.kv_changes.clone(),
+        ));
         self.state.emit(
             events::types::NODE_STARTED,
             &self.state.node_name,
@@ -347,6 +363,7 @@ impl Node {
         );
         scheduler.abort();
         dispatcher.abort();
+        kv_events.abort();
         for r in replicators {
             r.abort();
         }

@@ -179,3 +179,53 @@ fn guests_use_wasi_keyvalue_on_granted_buckets() {
     let (status, body) = call(reqwest::Method::GET, "/count/home", "");
     assert_eq!((status, body.as_str()), (500, "access denied\n"));
 }
+
+#[test]
+fn changed_keys_emit_debounced_events() {
+    let node = TestNode::start();
+    let relay = crate::kit::fixture("rust-relay");
+    node.cli_ok(&["deploy", relay.to_str().unwrap(), "--name", "watch"]);
+    node.cli_ok(&[
+        "trigger",
+        "add",
+        "watch",
+        "--on",
+        "dev.verge.kv.changed",
+        "--subject-prefix",
+        "prefs/",
+    ]);
+    // 20 quick writes to one key, and one to another.
+    let http = node.http();
+    for i in 0..20 {
+        let r = http
+            .put(format!("{}/v1/kv/prefs/theme", node.url))
+            .bearer_auth(node.token())
+            .body(format!("v{i}"))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+    node.cli_ok(&["kv", "set", "prefs", "lang", "en"]);
+    node.cli_ok(&["kv", "set", "other", "x", "1"]);
+    let subjects = eventually("kv.changed deliveries for both keys", || {
+        let jobs: Vec<serde_json::Value> = node.api_get("/v1/jobs?function=watch").json().unwrap();
+        let subjects: Vec<String> = jobs
+            .iter()
+            .filter(|j| j["state"] == "succeeded")
+            .map(|j| {
+                j["payload"]["event"]["subject"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect();
+        (subjects.iter().any(|s| s == "prefs/theme") && subjects.iter().any(|s| s == "prefs/lang"))
+            .then_some(subjects)
+    });
+    let theme = subjects.iter().filter(|s| *s == "prefs/theme").count();
+    assert!(theme < 20, "20 writes gave {theme} events: not debounced");
+    assert!(
+        !subjects.iter().any(|s| s.starts_with("other/")),
+        "{subjects:?}"
+    );
+}
