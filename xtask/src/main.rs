@@ -206,7 +206,7 @@ fn c_guests(root: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-const PY_GUESTS: [&str; 2] = ["hello", "echo"];
+const PY_GUESTS: [&str; 3] = ["hello", "echo", "kv"];
 
 fn python_guests(root: &Path, out: &Path) -> Result<()> {
     require(
@@ -221,11 +221,17 @@ fn python_guests(root: &Path, out: &Path) -> Result<()> {
         if fresh(&dest, &[&dir, &wit]) {
             continue;
         }
+        // The kv guest also imports wasi:keyvalue: Verge's `function` world.
+        let world = if g == "kv" {
+            "wasmtime:wasi-http/function"
+        } else {
+            "wasi:http/proxy@0.2.12"
+        };
         run(Command::new("componentize-py")
             .current_dir(&dir)
             .arg("-d")
             .arg(&wit)
-            .args(["-w", "wasi:http/proxy@0.2.12", "componentize", "app", "-o"])
+            .args(["-w", world, "componentize", "app", "-o"])
             .arg(&dest))?;
     }
     println!("python: {}", PY_GUESTS.join(", "));

@@ -9,8 +9,8 @@ use wasmtime::component::{HasData, Resource, ResourceTable, ResourceTableError};
 
 mod generated {
     wasmtime::component::bindgen!({
-        path: "../../wit/keyvalue",
-        world: "wasi:keyvalue/imports",
+        path: "../../wit",
+        world: "wasi:keyvalue/imports@0.2.0-draft",
         imports: { default: trappable },
         with: {
             "wasi:keyvalue/store.bucket": super::Bucket,

@@ -229,3 +229,34 @@ fn changed_keys_emit_debounced_events() {
         "{subjects:?}"
     );
 }
+
+#[test]
+fn a_python_guest_counts_page_views() {
+    let node = TestNode::start();
+    let f = crate::kit::fixture("python-kv");
+    node.cli_ok(&[
+        "deploy",
+        f.to_str().unwrap(),
+        "--name",
+        "pyviews",
+        "--route",
+        "/count",
+        "--route",
+        "/get",
+        "--kv-bucket",
+        "views",
+    ]);
+    let http = node.http();
+    for n in 1..=3 {
+        let body = http
+            .get(format!("{}/count/about", node.url))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        assert_eq!(body, format!("views {n}\n"));
+    }
+    assert_eq!(get(&node, "views", "about").as_deref(), Some("3"));
+    let r = http.get(format!("{}/get/about", node.url)).send().unwrap();
+    assert_eq!(r.text().unwrap(), "3\n");
+}

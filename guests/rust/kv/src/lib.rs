@@ -10,8 +10,8 @@ use wasip2::exports::http::incoming_handler::Guest;
 use wasip2::http::types::{IncomingRequest, Method, ResponseOutparam};
 
 wit_bindgen::generate!({
-    path: "../../../wit/keyvalue",
-    world: "bindings",
+    path: "../../../wit",
+    world: "wasi:keyvalue/imports@0.2.0-draft",
     generate_all,
 });
 
