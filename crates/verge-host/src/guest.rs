@@ -128,29 +128,12 @@ fn parse_events(parts: &http::request::Parts, body: &[u8]) -> Result<Vec<CloudEv
     let ct = parts
         .headers
         .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let base = ct
-        .as_deref()
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    let result = if base == verge_spec::BATCH {
-        CloudEvent::from_batch(body)
-    } else if base == verge_spec::STRUCTURED {
-        CloudEvent::from_structured(body).map(|e| vec![e])
-    } else {
-        let headers: Vec<(&str, &str)> = parts
-            .headers
-            .iter()
-            .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
-            .collect();
-        CloudEvent::from_binary(headers, ct.as_deref(), body).map(|e| vec![e])
-    };
-    result.map_err(|e| e.to_string())
+        .and_then(|v| v.to_str().ok());
+    let headers = parts
+        .headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)));
+    CloudEvent::from_http(ct, headers, body).map_err(|e| e.to_string())
 }
 
 impl WasiHttpHooks for Outbound {

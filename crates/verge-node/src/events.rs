@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use verge_bus::{AsyncConfig, Bus, Job, JobState, Payload, Schedule, Trigger};
 use verge_spec::{
-    BATCH, CloudEvent, LIVE_ALIAS, PLATFORM_TYPE_PREFIX, STRUCTURED, parse_duration,
-    validate_alias_name, validate_function_name,
+    CloudEvent, LIVE_ALIAS, PLATFORM_TYPE_PREFIX, parse_duration, validate_alias_name,
+    validate_function_name,
 };
 
 use crate::api::{blocking, query_pairs};
@@ -108,32 +108,12 @@ pub(crate) async fn ingest(
     let ct = parts
         .headers
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let base = ct
-        .as_deref()
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    let parsed = if base == BATCH {
-        CloudEvent::from_batch(&body)
-    } else if base == STRUCTURED {
-        CloudEvent::from_structured(&body).map(|e| vec![e])
-    } else if parts.headers.contains_key("ce-specversion") || parts.headers.contains_key("ce-id") {
-        let headers: Vec<(&str, &str)> = parts
-            .headers
-            .iter()
-            .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
-            .collect();
-        CloudEvent::from_binary(headers, ct.as_deref(), &body).map(|e| vec![e])
-    } else {
-        return Err(ApiError::BadRequest(format!(
-            "send CloudEvents 1.0 in structured mode (Content-Type: {STRUCTURED}), batch mode ({BATCH}), or binary mode (ce-specversion, ce-id, ce-source and ce-type headers)"
-        )));
-    };
+        .and_then(|v| v.to_str().ok());
+    let headers = parts
+        .headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)));
+    let parsed = CloudEvent::from_http(ct, headers, &body);
     let mut events = parsed.map_err(|e| {
         ApiError::BadRequest(format!(
             "{e}; see the CloudEvents 1.0 specification for the attributes"

@@ -76,6 +76,10 @@ pub enum EventError {
     },
     #[error("the body is not JSON: {0}")]
     Json(String),
+    #[error(
+        "not a CloudEvent: send structured mode (Content-Type: application/cloudevents+json), batch mode (application/cloudevents-batch+json), or binary mode (ce-specversion, ce-id, ce-source and ce-type headers)"
+    )]
+    NotCloudEvents,
 }
 
 fn invalid(name: &str, why: impl Into<String>) -> EventError {
@@ -224,6 +228,36 @@ impl CloudEvent {
             }
         }
         Self::from_value(Value::Object(map))
+    }
+
+    /// Parses an HTTP message as CloudEvents: batch or structured mode by its
+    /// content type, else binary mode (which needs `ce-*` headers).
+    pub fn from_http<'a>(
+        content_type: Option<&str>,
+        headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+        body: &[u8],
+    ) -> Result<Vec<Self>, EventError> {
+        let base = content_type
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if base == BATCH {
+            return Self::from_batch(body);
+        }
+        if base == STRUCTURED {
+            return Self::from_structured(body).map(|e| vec![e]);
+        }
+        let headers: Vec<(&str, &str)> = headers.into_iter().collect();
+        if !headers
+            .iter()
+            .any(|(k, _)| k.len() > 3 && k[..3].eq_ignore_ascii_case("ce-"))
+        {
+            return Err(EventError::NotCloudEvents);
+        }
+        Self::from_binary(headers, content_type, body).map(|e| vec![e])
     }
 
     /// Renders binary mode: `ce-*` headers (with the content type) and the body.
