@@ -1010,8 +1010,19 @@ mod tests {
         assert!(bus.claim(10).unwrap().is_empty(), "claimed jobs are leased");
         let j = bus.fail(&jobs[0].id, "status 500").unwrap();
         assert_eq!(j.state, JobState::Queued);
-        std::thread::sleep(Duration::from_millis(10));
-        let again = bus.claim(10).unwrap();
+        // Claim again once the backoff (at most 1 ms here) has passed.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let again = loop {
+            let c = bus.claim(10).unwrap();
+            if !c.is_empty() {
+                break c;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the retry never came due"
+            );
+            std::thread::yield_now();
+        };
         assert_eq!(again[0].attempts, 2);
         let dead = bus.fail(&again[0].id, "status 500").unwrap();
         assert_eq!(dead.state, JobState::Dead);
