@@ -13,6 +13,8 @@
 //! carries deltas between replicas.
 
 pub mod crdt;
+mod replication;
+pub mod sync;
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -23,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use crdt::{Clock, Entry, Kind, Stamp};
+pub use replication::{CollectReport, Rebootstrapped, ReplicaInfo, StaleWrite, Stats};
 
 /// A failure of the store, or a refused operation.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +45,10 @@ pub enum KvError {
     },
     #[error("invalid bucket name {0:?}: use 1 to 63 characters from a-z, 0-9, '-' and '_'")]
     BucketName(String),
+    #[error(
+        "replica {node:016x} is not admitted: {reason}; it must say hello first (and re-bootstrap if told to)"
+    )]
+    NotAdmitted { node: u64, reason: String },
 }
 
 fn kind_name(k: Kind) -> &'static str {
@@ -109,22 +116,43 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// `entries`: one row per key. `seq` is the local sequence number of the
+/// row's last change (the outbox order), `src` the replica whose delta made
+/// that change when the merged state is exactly that delta (0: a local
+/// write), so that it is not echoed back; `wall` is the entry's stamp time
+/// and `tomb` marks a deleted register (what tombstone collection removes).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS entries (
     bucket TEXT NOT NULL,
     key TEXT NOT NULL,
     entry TEXT NOT NULL,
     seq INTEGER NOT NULL,
+    src INTEGER NOT NULL DEFAULT 0,
+    wall INTEGER NOT NULL DEFAULT 0,
+    tomb INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (bucket, key)
 );
 CREATE INDEX IF NOT EXISTS entries_seq ON entries (seq);
-CREATE TABLE IF NOT EXISTS peers (
-    peer TEXT PRIMARY KEY,
-    acked_seq INTEGER NOT NULL
-);
 CREATE TABLE IF NOT EXISTS meta (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS replicas (
+    node INTEGER PRIMARY KEY,
+    name TEXT,
+    acked_seq INTEGER NOT NULL DEFAULT 0,
+    pulled_seq INTEGER NOT NULL DEFAULT 0,
+    first_seen INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    expired INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS stale (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    bucket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    entry TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at INTEGER NOT NULL
 );
 ";
 
@@ -177,6 +205,7 @@ impl Kv {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&conn)?;
         conn.execute_batch(SCHEMA)?;
         Ok(conn)
     }
@@ -186,15 +215,8 @@ impl Kv {
         let conn = Self::connect(dir)?;
         let mut clock = Clock::new(node);
         // Never issue a stamp below one already stored.
-        let max: Option<String> = conn
-            .query_row(
-                "SELECT entry FROM entries ORDER BY seq DESC LIMIT 1",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(json) = max {
-            clock.observe(parse(&json)?.stamp, now_ms());
+        for stamp in latest_stamps(&conn)? {
+            clock.observe(stamp, now_ms());
         }
         Ok(Self {
             conn: Mutex::new(conn),
@@ -321,7 +343,7 @@ impl Kv {
                 }
             };
             seq += 1;
-            put_entry(&tx, bucket, &key, &entry, seq)?;
+            put_entry(&tx, bucket, &key, &entry, seq, 0)?;
             out.push(result);
             changed.push((bucket.to_string(), key));
         }
@@ -369,55 +391,16 @@ impl Kv {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Entries changed since `peer` last acknowledged: one delta per key.
-    pub fn pending(&self, peer: &str, limit: usize) -> Result<(Vec<Delta>, u64), KvError> {
-        let conn = self.conn();
-        let acked: u64 = conn
-            .query_row(
-                "SELECT acked_seq FROM peers WHERE peer = ?1",
-                params![peer],
-                |r| r.get(0),
-            )
-            .optional()?
-            .unwrap_or(0);
-        let mut stmt = conn.prepare(
-            "SELECT bucket, key, entry, seq FROM entries WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![acked, limit as i64], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, u64>(3)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        let mut upto = acked;
-        for row in rows {
-            let (bucket, key, json, seq) = row?;
-            out.push(Delta {
-                bucket,
-                key,
-                entry: parse(&json)?,
-            });
-            upto = upto.max(seq);
-        }
-        Ok((out, upto))
-    }
-
-    /// Records that `peer` has everything up to `seq`.
-    pub fn ack(&self, peer: &str, seq: u64) -> Result<(), KvError> {
-        self.conn().execute(
-            "INSERT INTO peers (peer, acked_seq) VALUES (?1, ?2)
-             ON CONFLICT(peer) DO UPDATE SET acked_seq = MAX(acked_seq, excluded.acked_seq)",
-            params![peer, seq],
-        )?;
-        Ok(())
-    }
-
     /// Merges deltas from another replica (any order, any number of times).
     /// Returns the keys whose state changed.
     pub fn apply(&self, deltas: &[Delta]) -> Result<Vec<(String, String)>, KvError> {
+        self.apply_from(0, deltas)
+    }
+
+    /// Merges deltas received from replica `src`: a row whose merged state is
+    /// exactly `src`'s delta is marked as coming from it, so that it is not
+    /// sent back to it.
+    pub fn apply_from(&self, src: u64, deltas: &[Delta]) -> Result<Vec<(String, String)>, KvError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut seq = next_seq(&tx)?;
@@ -440,7 +423,8 @@ impl Kv {
                     }
                 };
                 seq += 1;
-                put_entry(&tx, &d.bucket, &d.key, &merged, seq)?;
+                let from = if merged == d.entry { src } else { 0 };
+                put_entry(&tx, &d.bucket, &d.key, &merged, seq, from)?;
                 changed.push((d.bucket.clone(), d.key.clone()));
             }
         }
@@ -455,8 +439,12 @@ impl Kv {
     /// two replicas hold what a transport lost.
     pub fn digest(&self, bucket: &str) -> Result<[String; RANGES], KvError> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT key, entry FROM entries WHERE bucket = ?1 ORDER BY key")?;
+        // Deleted registers are left out: a replica that has collected a
+        // tombstone and one that still holds it read the same, and must not
+        // differ. (A tombstone one side lacks still travels in repair, because
+        // the other side's value makes the ranges differ.)
+        let mut stmt = conn
+            .prepare("SELECT key, entry FROM entries WHERE bucket = ?1 AND tomb = 0 ORDER BY key")?;
         let rows = stmt.query_map(params![bucket], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
         })?;
@@ -562,14 +550,78 @@ fn put_entry(
     key: &str,
     e: &Entry,
     seq: u64,
+    src: u64,
 ) -> Result<(), KvError> {
     let json = serde_json::to_string(e).map_err(|e| KvError::Corrupt(e.to_string()))?;
     conn.execute(
-        "INSERT INTO entries (bucket, key, entry, seq) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT(bucket, key) DO UPDATE SET entry = excluded.entry, seq = excluded.seq",
-        params![bucket, key, json, seq],
+        "INSERT INTO entries (bucket, key, entry, seq, src, wall, tomb) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT(bucket, key) DO UPDATE SET entry = excluded.entry, seq = excluded.seq,
+             src = excluded.src, wall = excluded.wall, tomb = excluded.tomb",
+        params![
+            bucket,
+            key,
+            json,
+            seq,
+            src as i64,
+            e.stamp.wall_ms as i64,
+            is_tombstone(e)
+        ],
     )?;
     Ok(())
+}
+
+/// A deleted register: what tombstone collection may remove. (A deleted
+/// counter keeps its per-node sums: later increments continue from them.)
+fn is_tombstone(e: &Entry) -> bool {
+    e.kind == Kind::Register && e.value.is_none()
+}
+
+/// Brings a database from before replication bookkeeping up to date:
+/// entries gain `src`, `wall` and `tomb`; the old per-URL cursors go (peers
+/// are resent what they may lack, which merging makes harmless).
+fn migrate(conn: &Connection) -> Result<(), KvError> {
+    let has_entries: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'entries'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_entries == 0 || conn.prepare("SELECT src FROM entries LIMIT 0").is_ok() {
+        return Ok(());
+    }
+    let tx = conn.unchecked_transaction()?;
+    tx.execute_batch(
+        "ALTER TABLE entries ADD COLUMN src INTEGER NOT NULL DEFAULT 0;
+         ALTER TABLE entries ADD COLUMN wall INTEGER NOT NULL DEFAULT 0;
+         ALTER TABLE entries ADD COLUMN tomb INTEGER NOT NULL DEFAULT 0;
+         DROP TABLE IF EXISTS peers;",
+    )?;
+    let rows: Vec<(String, String, String)> = {
+        let mut stmt = tx.prepare("SELECT bucket, key, entry FROM entries")?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?
+    };
+    for (bucket, key, json) in rows {
+        let e = parse(&json)?;
+        tx.execute(
+            "UPDATE entries SET wall = ?1, tomb = ?2 WHERE bucket = ?3 AND key = ?4",
+            params![e.stamp.wall_ms as i64, is_tombstone(&e), bucket, key],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// The stamps of the entries with the latest wall time (the clock starts
+/// above them).
+fn latest_stamps(conn: &Connection) -> Result<Vec<Stamp>, KvError> {
+    let mut stmt =
+        conn.prepare("SELECT entry FROM entries WHERE wall = (SELECT MAX(wall) FROM entries)")?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(parse(&row?)?.stamp);
+    }
+    Ok(out)
 }
 
 fn next_seq(conn: &Connection) -> Result<u64, KvError> {

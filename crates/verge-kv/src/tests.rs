@@ -49,15 +49,15 @@ fn two_replicas_exchange_deltas_and_survive_reopen() {
     a.set("b", "x", b"from a").unwrap();
     a.increment("b", "n", 2).unwrap();
     b.increment("b", "n", 3).unwrap();
-    let (deltas, upto) = a.pending("b-node", 100).unwrap();
+    let (deltas, upto) = a.pending(2, 100).unwrap();
     assert_eq!(deltas.len(), 2);
     b.apply(&deltas).unwrap();
-    a.ack("b-node", upto).unwrap();
+    a.ack(2, upto).unwrap();
     assert!(
-        a.pending("b-node", 100).unwrap().0.is_empty(),
+        a.pending(2, 100).unwrap().0.is_empty(),
         "acknowledged deltas are not sent again"
     );
-    let (deltas, _) = b.pending("a-node", 100).unwrap();
+    let (deltas, _) = b.pending(1, 100).unwrap();
     a.apply(&deltas).unwrap();
     a.apply(&deltas).unwrap(); // duplicates are harmless
     assert_eq!(a.get("b", "n").unwrap(), Some(Value::Count(5)));
@@ -67,7 +67,7 @@ fn two_replicas_exchange_deltas_and_survive_reopen() {
     for i in 0..100 {
         a.set("b", "hot", format!("{i}").as_bytes()).unwrap();
     }
-    let (deltas, _) = a.pending("c-node", 1000).unwrap();
+    let (deltas, _) = a.pending(3, 1000).unwrap();
     assert_eq!(deltas.iter().filter(|d| d.key == "hot").count(), 1);
     let path = da.path().to_path_buf();
     drop(a);
@@ -146,8 +146,7 @@ proptest! {
                 }
                 Step::Deliver(from, to, loss, reverse) => {
                     if from == to { continue; }
-                    let peer = format!("n{to}");
-                    let (deltas, _) = kv(*from).pending(&peer, 10_000).unwrap();
+                    let (deltas, _) = kv(*from).pending(*to as u64 + 1, 10_000).unwrap();
                     let mut sent: Vec<Delta> = deltas
                         .iter()
                         .enumerate()
@@ -195,5 +194,327 @@ proptest! {
                 prop_assert_eq!(kv(i).entry("b", key).unwrap().unwrap().count(), *sum);
             }
         }
+    }
+}
+
+mod sync_protocol {
+    use std::cell::Cell;
+
+    use super::*;
+    use crate::sync::*;
+
+    /// The in-process transport with faults: per call, two bits of `plan`
+    /// say what happens: 1 = the request is lost, 2 = the reply is lost (the
+    /// peer applied it); deltas travel reversed and duplicated if asked.
+    struct Flaky<'a> {
+        inner: Local<'a>,
+        plan: Cell<u64>,
+        mangle: bool,
+    }
+
+    impl Flaky<'_> {
+        fn fault(&self) -> u64 {
+            let p = self.plan.get();
+            self.plan.set(p >> 2);
+            p & 3
+        }
+        fn mangle(&self, mut d: Vec<Delta>) -> Vec<Delta> {
+            if self.mangle {
+                d.reverse();
+                let dup: Vec<Delta> = d.iter().step_by(2).cloned().collect();
+                d.extend(dup);
+            }
+            d
+        }
+        fn call<T>(&self, f: impl FnOnce() -> Result<T, SyncError>) -> Result<T, SyncError> {
+            match self.fault() {
+                1 => Err(SyncError::Link("request lost".into())),
+                2 => {
+                    let _ = f()?;
+                    Err(SyncError::Link("reply lost".into()))
+                }
+                _ => f(),
+            }
+        }
+    }
+
+    impl Transport for Flaky<'_> {
+        fn hello(&self, req: &Hello) -> Result<HelloReply, SyncError> {
+            self.call(|| self.inner.hello(req))
+        }
+        fn push(&self, req: &Push) -> Result<PushReply, SyncError> {
+            let req = Push {
+                from: req.from,
+                deltas: self.mangle(req.deltas.clone()),
+            };
+            self.call(|| self.inner.push(&req))
+        }
+        fn pull(&self, req: &Pull) -> Result<Pulled, SyncError> {
+            self.call(|| self.inner.pull(req)).map(|p| Pulled {
+                deltas: self.mangle(p.deltas),
+                upto: p.upto,
+            })
+        }
+        fn buckets(&self) -> Result<Vec<String>, SyncError> {
+            self.call(|| self.inner.buckets())
+        }
+        fn digest(&self, bucket: &str) -> Result<Vec<String>, SyncError> {
+            self.call(|| self.inner.digest(bucket))
+        }
+        fn ranges(&self, req: &RangeRequest) -> Result<Vec<Delta>, SyncError> {
+            self.call(|| self.inner.ranges(req))
+        }
+        fn snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotPage, SyncError> {
+            self.call(|| self.inner.snapshot(req))
+        }
+    }
+
+    const FOREVER: u64 = 1 << 50;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Set(usize, usize, u8),
+        Delete(usize, usize),
+        Incr(usize, usize, i8),
+        /// Edge `e` syncs with the core through a faulty link.
+        Sync(usize, u64, bool, bool),
+        Collect(usize),
+    }
+
+    fn step(replicas: usize) -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0..replicas, 0..4usize, any::<u8>()).prop_map(|(r, k, v)| Step::Set(r, k, v)),
+            (0..replicas, 0..4usize).prop_map(|(r, k)| Step::Delete(r, k)),
+            (0..replicas, 0..4usize, -5i8..6).prop_map(|(r, k, d)| Step::Incr(r, k, d)),
+            (1..replicas, any::<u64>(), any::<bool>(), any::<bool>())
+                .prop_map(|(e, f, m, r)| Step::Sync(e, f, m, r)),
+            (0..replicas).prop_map(Step::Collect),
+        ]
+    }
+
+    fn case() -> impl Strategy<Value = (usize, Vec<Step>)> {
+        (3usize..=5).prop_flat_map(|n| (Just(n), proptest::collection::vec(step(n), 1..50)))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+        /// A core (replica 0) and 2 to 4 edges that sync with it through
+        /// links that lose requests and replies, reorder and duplicate, while
+        /// every replica writes and collects tombstones whenever it likes.
+        /// In the end: identical state, registers hold the write with the
+        /// greatest (clock, node), deleted keys never come back, counters
+        /// hold exact sums, and every tombstone has been collected.
+        #[test]
+        fn the_protocol_converges_and_collects_tombstones((n, steps) in case()) {
+            let replicas: Vec<(tempfile::TempDir, Kv)> = (0..n).map(|i| replica(i as u64 + 1)).collect();
+            let kv = |i: usize| &replicas[i].1;
+            let mut syncers: Vec<Syncer> = (0..n).map(|i| Syncer::new(format!("core-from-{i}"))).collect();
+            let core = Local(kv(0));
+            for e in 1..n {
+                syncers[e].round(kv(e), &core, false).unwrap();
+            }
+            let mut writes: Writes = HashMap::new();
+            let mut sums: HashMap<String, i64> = HashMap::new();
+            for s in &steps {
+                match s {
+                    Step::Set(r, k, v) => {
+                        let key = format!("r{k}");
+                        kv(*r).set("b", &key, &[*v]).unwrap();
+                        let stamp = kv(*r).entry("b", &key).unwrap().unwrap().stamp;
+                        writes.entry(key).or_default().push((stamp, Some(vec![*v])));
+                    }
+                    Step::Delete(r, k) => {
+                        let key = format!("r{k}");
+                        kv(*r).delete("b", &key).unwrap();
+                        let stamp = kv(*r).entry("b", &key).unwrap().unwrap().stamp;
+                        writes.entry(key).or_default().push((stamp, None));
+                    }
+                    Step::Incr(r, k, d) => {
+                        let key = format!("c{k}");
+                        kv(*r).increment("b", &key, i64::from(*d)).unwrap();
+                        *sums.entry(key).or_default() += i64::from(*d);
+                    }
+                    Step::Sync(e, faults, mangle, repair) => {
+                        let link = Flaky { inner: Local(kv(0)), plan: Cell::new(*faults), mangle: *mangle };
+                        if let Ok(round) = syncers[*e].round(kv(*e), &link, *repair) {
+                            prop_assert!(round.rebootstrapped.is_none());
+                        }
+                    }
+                    Step::Collect(r) => {
+                        let report = kv(*r).collect(FOREVER).unwrap();
+                        prop_assert!(report.expired.is_empty());
+                    }
+                }
+            }
+            for _ in 0..3 {
+                for e in 1..n {
+                    let round = syncers[e].round(kv(e), &core, true).unwrap();
+                    prop_assert!(round.rebootstrapped.is_none());
+                }
+                for i in 0..n {
+                    kv(i).collect(FOREVER).unwrap();
+                }
+            }
+            let d0 = kv(0).digest("b").unwrap();
+            for i in 1..n {
+                prop_assert_eq!(&kv(i).digest("b").unwrap(), &d0, "replica {} differs", i);
+            }
+            for (key, ws) in &writes {
+                let (_, expected) = ws.iter().max_by_key(|(s, _)| *s).unwrap();
+                for i in 0..n {
+                    let got = kv(i).get("b", key).unwrap();
+                    prop_assert_eq!(got, expected.clone().map(Value::Bytes), "register {} on replica {}", key, i);
+                }
+            }
+            for (key, sum) in &sums {
+                for i in 0..n {
+                    prop_assert_eq!(kv(i).entry("b", key).unwrap().unwrap().count(), *sum, "counter {} on replica {}", key, i);
+                }
+            }
+            for i in 0..n {
+                prop_assert_eq!(kv(i).stats().unwrap().tombstones, 0, "tombstones left on replica {}", i);
+            }
+        }
+    }
+
+    #[test]
+    fn a_tombstone_waits_for_every_known_replica() {
+        let (_dc, core) = replica(1);
+        let (_da, a) = replica(2);
+        let (_db, b) = replica(3);
+        let (mut sa, mut sb) = (Syncer::new("core"), Syncer::new("core"));
+        core.set("b", "k", b"v").unwrap();
+        sa.round(&a, &Local(&core), false).unwrap();
+        sb.round(&b, &Local(&core), false).unwrap();
+        a.delete("b", "k").unwrap();
+        sa.round(&a, &Local(&core), false).unwrap(); // the core gets the delete
+        assert_eq!(a.collect(FOREVER).unwrap().collected, 1, "the core acknowledged it");
+        assert_eq!(core.collect(FOREVER).unwrap().collected, 0, "b has not seen it");
+        sa.round(&a, &Local(&core), false).unwrap();
+        assert_eq!(core.collect(FOREVER).unwrap().collected, 0, "a has it, b still not");
+        // b still holds the old value and pushes it: the core's tombstone wins.
+        b.set("b", "other", b"x").unwrap();
+        sb.round(&b, &Local(&core), false).unwrap();
+        assert_eq!(b.get("b", "k").unwrap(), None);
+        sb.round(&b, &Local(&core), true).unwrap(); // this pull acknowledges it
+        assert_eq!(core.collect(FOREVER).unwrap().collected, 1);
+        assert_eq!(b.collect(FOREVER).unwrap().collected, 1);
+        // Repair does not bring it back anywhere.
+        sa.round(&a, &Local(&core), true).unwrap();
+        sb.round(&b, &Local(&core), true).unwrap();
+        for r in [&core, &a, &b] {
+            assert_eq!(r.get("b", "k").unwrap(), None);
+            assert_eq!(r.stats().unwrap().tombstones, 0);
+        }
+        assert_eq!(core.stats().unwrap().collected_total, 1);
+        assert!(core.horizon().unwrap() > 0);
+    }
+
+    #[test]
+    fn a_replica_silent_beyond_the_grace_bound_rebootstraps_and_its_writes_are_stale() {
+        let (_dc, core) = replica(1);
+        let (_de, edge) = replica(2);
+        let mut s = Syncer::new("core");
+        core.set("b", "k", b"v").unwrap();
+        core.increment("b", "n", 5).unwrap();
+        s.round(&edge, &Local(&core), false).unwrap();
+        assert_eq!(edge.get("b", "k").unwrap(), Some(Value::Bytes(b"v".to_vec())));
+        // The edge is cut off: the core deletes k; the edge writes.
+        core.delete("b", "k").unwrap();
+        edge.set("b", "offline", b"w").unwrap();
+        edge.increment("b", "n", 2).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        // Grace of 10 ms: the edge is expired and the tombstone collected.
+        let report = core.collect(10).unwrap();
+        assert_eq!(report.expired, vec![2]);
+        assert_eq!(report.collected, 1);
+        // The link returns: the edge is told to re-bootstrap.
+        let round = s.round(&edge, &Local(&core), false).unwrap();
+        let rb = round.rebootstrapped.expect("re-bootstrapped");
+        assert_eq!(rb.old_node, 2);
+        assert_ne!(rb.new_node, 2);
+        assert_eq!(rb.stale, 2, "two unsent writes set aside");
+        assert_eq!(edge.node(), rb.new_node);
+        let stale = edge.stale(10).unwrap();
+        assert_eq!(stale.len(), 2);
+        assert!(stale.iter().any(|w| w.key == "offline"));
+        assert!(stale[0].reason.contains("grace"), "{}", stale[0].reason);
+        assert_eq!(edge.stats().unwrap().stale_total, 2);
+        // The edge now holds the core's state: the deleted key stays deleted,
+        // the stale writes were not applied.
+        assert_eq!(edge.get("b", "k").unwrap(), None);
+        assert_eq!(edge.get("b", "offline").unwrap(), None);
+        assert_eq!(edge.get("b", "n").unwrap(), Some(Value::Count(5)));
+        // And it syncs normally under its new id.
+        edge.increment("b", "n", 1).unwrap();
+        let round = s.round(&edge, &Local(&core), true).unwrap();
+        assert!(round.rebootstrapped.is_none());
+        assert_eq!(core.get("b", "n").unwrap(), Some(Value::Count(6)));
+        assert_eq!(core.get("b", "offline").unwrap(), None);
+        assert_eq!(edge.digest("b").unwrap(), core.digest("b").unwrap());
+    }
+
+    #[test]
+    fn a_new_replica_with_writes_older_than_collected_tombstones_rebootstraps() {
+        let (_dn, newcomer) = replica(3);
+        newcomer.set("b", "k", b"old").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let (_dc, core) = replica(1);
+        core.set("b", "k", b"v").unwrap();
+        core.delete("b", "k").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(core.collect(10).unwrap().collected, 1, "no replica known: by age");
+        let mut s = Syncer::new("core");
+        let round = s.round(&newcomer, &Local(&core), false).unwrap();
+        let rb = round.rebootstrapped.expect("told to re-bootstrap");
+        assert_eq!(rb.stale, 1);
+        assert_eq!(newcomer.get("b", "k").unwrap(), None, "the deleted key did not come back");
+        assert_eq!(core.get("b", "k").unwrap(), None);
+        // A newcomer whose writes are newer than the horizon just joins.
+        let (_dl, late) = replica(4);
+        late.set("b", "k", b"new").unwrap();
+        let mut s = Syncer::new("core");
+        let round = s.round(&late, &Local(&core), false).unwrap();
+        assert!(round.rebootstrapped.is_none());
+        assert_eq!(core.get("b", "k").unwrap(), Some(Value::Bytes(b"new".to_vec())));
+    }
+
+    #[test]
+    fn rows_from_a_peer_are_not_echoed_back() {
+        let (_dc, core) = replica(1);
+        let (_de, edge) = replica(2);
+        let mut s = Syncer::new("core");
+        for i in 0..50 {
+            core.set("b", &format!("k{i}"), b"v").unwrap();
+        }
+        let r = s.round(&edge, &Local(&core), false).unwrap();
+        assert_eq!((r.pulled, r.pushed), (50, 0));
+        edge.set("b", "mine", b"x").unwrap();
+        let r = s.round(&edge, &Local(&core), false).unwrap();
+        assert_eq!((r.pulled, r.pushed), (0, 1));
+        let r = s.round(&edge, &Local(&core), false).unwrap();
+        assert_eq!((r.pulled, r.pushed), (0, 0));
+    }
+
+    #[test]
+    fn clock_skew_is_counted_and_shown() {
+        let (_da, a) = replica(1);
+        let far = Stamp {
+            wall_ms: now_ms() + 3_600_000,
+            counter: 0,
+            node: 9,
+        };
+        a.apply(&[Delta {
+            bucket: "b".into(),
+            key: "k".into(),
+            entry: Entry::register(Some(b"future".to_vec()), far),
+        }])
+        .unwrap();
+        let st = a.stats().unwrap();
+        assert_eq!(st.skewed, 1);
+        a.set("b", "x", b"now").unwrap();
+        let x = a.entry("b", "x").unwrap().unwrap().stamp;
+        assert!(x.wall_ms <= now_ms() + st.max_skew_ms, "the clock stayed within the bound");
     }
 }
