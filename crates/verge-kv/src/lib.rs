@@ -133,6 +133,7 @@ CREATE TABLE IF NOT EXISTS entries (
     PRIMARY KEY (bucket, key)
 );
 CREATE INDEX IF NOT EXISTS entries_seq ON entries (seq);
+CREATE INDEX IF NOT EXISTS entries_tombstones ON entries (seq) WHERE tomb = 1;
 CREATE TABLE IF NOT EXISTS meta (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -443,8 +444,9 @@ impl Kv {
         // tombstone and one that still holds it read the same, and must not
         // differ. (A tombstone one side lacks still travels in repair, because
         // the other side's value makes the ranges differ.)
-        let mut stmt = conn
-            .prepare("SELECT key, entry FROM entries WHERE bucket = ?1 AND tomb = 0 ORDER BY key")?;
+        let mut stmt = conn.prepare(
+            "SELECT key, entry FROM entries WHERE bucket = ?1 AND tomb = 0 ORDER BY key",
+        )?;
         let rows = stmt.query_map(params![bucket], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
         })?;
@@ -504,6 +506,11 @@ impl Kv {
             j.len().saturating_sub(value)
         }))
     }
+}
+
+/// What an entry reads as (None: deleted).
+pub fn read_entry(e: &Entry) -> Option<Value> {
+    read(e)
 }
 
 fn read(e: &Entry) -> Option<Value> {

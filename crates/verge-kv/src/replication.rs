@@ -140,7 +140,9 @@ impl Kv {
         let conn = self.conn();
         Ok(conn
             .query_row(
-                &format!("SELECT {REPLICA_COLUMNS} WHERE name = ?1 ORDER BY last_seen DESC LIMIT 1"),
+                &format!(
+                    "SELECT {REPLICA_COLUMNS} WHERE name = ?1 ORDER BY last_seen DESC LIMIT 1"
+                ),
                 params![name],
                 replica_row,
             )
@@ -294,11 +296,10 @@ impl Kv {
                 params![*node as i64],
             )?;
         }
-        let active: i64 = tx.query_row(
-            "SELECT COUNT(*) FROM replicas WHERE expired = 0",
-            [],
-            |r| r.get(0),
-        )?;
+        let active: i64 =
+            tx.query_row("SELECT COUNT(*) FROM replicas WHERE expired = 0", [], |r| {
+                r.get(0)
+            })?;
         // Collectable: every active replica has the row (it acknowledged it,
         // or the row's state came from it).
         let filter = if active > 0 {

@@ -257,12 +257,7 @@ impl Syncer {
     }
 
     /// One round: hello, pull, push, and digest repair if `repair`.
-    pub fn round(
-        &mut self,
-        kv: &Kv,
-        t: &dyn Transport,
-        repair: bool,
-    ) -> Result<Round, SyncError> {
+    pub fn round(&mut self, kv: &Kv, t: &dyn Transport, repair: bool) -> Result<Round, SyncError> {
         let known = match self.peer {
             Some(p) => Some(p),
             None => kv.replica_named(&self.name)?.map(|r| r.node),
@@ -278,7 +273,8 @@ impl Syncer {
             ..Round::default()
         };
         if let Admission::Rebootstrap { reason } = hello.admission {
-            round.rebootstrapped = Some(self.rebootstrap(kv, t, peer, &format!("the peer said {reason}"))?);
+            round.rebootstrapped =
+                Some(self.rebootstrap(kv, t, peer, &format!("the peer said {reason}"))?);
             return Ok(round);
         }
         if kv.replica(peer)?.is_some_and(|r| r.expired) {
@@ -384,12 +380,6 @@ impl Syncer {
                 break;
             }
         }
-        Ok(kv.rebootstrap(
-            peer,
-            Some(&self.name),
-            &all,
-            first_seq.unwrap_or(0),
-            reason,
-        )?)
+        Ok(kv.rebootstrap(peer, Some(&self.name), &all, first_seq.unwrap_or(0), reason)?)
     }
 }

@@ -311,8 +311,8 @@ mod sync_protocol {
             let kv = |i: usize| &replicas[i].1;
             let mut syncers: Vec<Syncer> = (0..n).map(|i| Syncer::new(format!("core-from-{i}"))).collect();
             let core = Local(kv(0));
-            for e in 1..n {
-                syncers[e].round(kv(e), &core, false).unwrap();
+            for (e, syncer) in syncers.iter_mut().enumerate().skip(1) {
+                syncer.round(kv(e), &core, false).unwrap();
             }
             let mut writes: Writes = HashMap::new();
             let mut sums: HashMap<String, i64> = HashMap::new();
@@ -348,8 +348,8 @@ mod sync_protocol {
                 }
             }
             for _ in 0..3 {
-                for e in 1..n {
-                    let round = syncers[e].round(kv(e), &core, true).unwrap();
+                for (e, syncer) in syncers.iter_mut().enumerate().skip(1) {
+                    let round = syncer.round(kv(e), &core, true).unwrap();
                     prop_assert!(round.rebootstrapped.is_none());
                 }
                 for i in 0..n {
@@ -389,10 +389,22 @@ mod sync_protocol {
         sb.round(&b, &Local(&core), false).unwrap();
         a.delete("b", "k").unwrap();
         sa.round(&a, &Local(&core), false).unwrap(); // the core gets the delete
-        assert_eq!(a.collect(FOREVER).unwrap().collected, 1, "the core acknowledged it");
-        assert_eq!(core.collect(FOREVER).unwrap().collected, 0, "b has not seen it");
+        assert_eq!(
+            a.collect(FOREVER).unwrap().collected,
+            1,
+            "the core acknowledged it"
+        );
+        assert_eq!(
+            core.collect(FOREVER).unwrap().collected,
+            0,
+            "b has not seen it"
+        );
         sa.round(&a, &Local(&core), false).unwrap();
-        assert_eq!(core.collect(FOREVER).unwrap().collected, 0, "a has it, b still not");
+        assert_eq!(
+            core.collect(FOREVER).unwrap().collected,
+            0,
+            "a has it, b still not"
+        );
         // b still holds the old value and pushes it: the core's tombstone wins.
         b.set("b", "other", b"x").unwrap();
         sb.round(&b, &Local(&core), false).unwrap();
@@ -419,7 +431,10 @@ mod sync_protocol {
         core.set("b", "k", b"v").unwrap();
         core.increment("b", "n", 5).unwrap();
         s.round(&edge, &Local(&core), false).unwrap();
-        assert_eq!(edge.get("b", "k").unwrap(), Some(Value::Bytes(b"v".to_vec())));
+        assert_eq!(
+            edge.get("b", "k").unwrap(),
+            Some(Value::Bytes(b"v".to_vec()))
+        );
         // The edge is cut off: the core deletes k; the edge writes.
         core.delete("b", "k").unwrap();
         edge.set("b", "offline", b"w").unwrap();
@@ -464,12 +479,20 @@ mod sync_protocol {
         core.set("b", "k", b"v").unwrap();
         core.delete("b", "k").unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
-        assert_eq!(core.collect(10).unwrap().collected, 1, "no replica known: by age");
+        assert_eq!(
+            core.collect(10).unwrap().collected,
+            1,
+            "no replica known: by age"
+        );
         let mut s = Syncer::new("core");
         let round = s.round(&newcomer, &Local(&core), false).unwrap();
         let rb = round.rebootstrapped.expect("told to re-bootstrap");
         assert_eq!(rb.stale, 1);
-        assert_eq!(newcomer.get("b", "k").unwrap(), None, "the deleted key did not come back");
+        assert_eq!(
+            newcomer.get("b", "k").unwrap(),
+            None,
+            "the deleted key did not come back"
+        );
         assert_eq!(core.get("b", "k").unwrap(), None);
         // A newcomer whose writes are newer than the horizon just joins.
         let (_dl, late) = replica(4);
@@ -477,7 +500,10 @@ mod sync_protocol {
         let mut s = Syncer::new("core");
         let round = s.round(&late, &Local(&core), false).unwrap();
         assert!(round.rebootstrapped.is_none());
-        assert_eq!(core.get("b", "k").unwrap(), Some(Value::Bytes(b"new".to_vec())));
+        assert_eq!(
+            core.get("b", "k").unwrap(),
+            Some(Value::Bytes(b"new".to_vec()))
+        );
     }
 
     #[test]
@@ -515,6 +541,9 @@ mod sync_protocol {
         assert_eq!(st.skewed, 1);
         a.set("b", "x", b"now").unwrap();
         let x = a.entry("b", "x").unwrap().unwrap().stamp;
-        assert!(x.wall_ms <= now_ms() + st.max_skew_ms, "the clock stayed within the bound");
+        assert!(
+            x.wall_ms <= now_ms() + st.max_skew_ms,
+            "the clock stayed within the bound"
+        );
     }
 }

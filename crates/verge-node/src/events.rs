@@ -41,6 +41,7 @@ pub(crate) mod types {
     pub const NODE_STOPPING: &str = "dev.verge.node.stopping";
     pub const SCHEDULE_FIRED: &str = "dev.verge.schedule.fired";
     pub const KV_CHANGED: &str = "dev.verge.kv.changed";
+    pub const KV_REBOOTSTRAPPED: &str = "dev.verge.kv.rebootstrapped";
 }
 
 fn random_id() -> String {

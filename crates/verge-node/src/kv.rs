@@ -1,6 +1,7 @@
 //! The key-value API (`/v1/kv/...`), the replication endpoints peers call
-//! (`/v1/replication/...`), and the replicator that pushes this node's
-//! deltas to its peers and repairs differences by digest.
+//! (`/v1/replication/...`: the server side of verge-kv's sync protocol),
+//! the HTTP transport and the loop that syncs with each `--peer`, and
+//! tombstone collection.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,9 +10,14 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use http::StatusCode;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as Json_, json};
-use verge_kv::{Delta, Kv, KvError, RANGES, Value, validate_bucket};
+use verge_kv::sync::{
+    Hello, HelloReply, Pull, Pulled, Push, PushReply, RangeRequest, SnapshotPage, SnapshotRequest,
+    SyncError, Syncer, Transport,
+};
+use verge_kv::{Delta, Kv, KvError, Value, validate_bucket};
 
 use crate::api::{blocking, query_pairs};
 use crate::error::ApiError;
@@ -169,20 +175,49 @@ pub(crate) async fn incr(
     Ok(Json(json!({ "count": n })))
 }
 
-/// Body of `POST /v1/replication/deltas`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct DeltaBatch {
-    pub from: u64,
-    pub deltas: Vec<Delta>,
+fn sync_err(e: KvError) -> ApiError {
+    match e {
+        KvError::NotAdmitted { .. } => ApiError::Conflict(e.to_string()),
+        other => kv_err(other),
+    }
 }
 
-pub(crate) async fn receive_deltas(
+async fn serve<T: Send + 'static>(
+    state: &Arc<AppState>,
+    f: impl FnOnce(&Kv) -> Result<T, KvError> + Send + 'static,
+) -> Result<Json<T>, ApiError> {
+    let s = state.clone();
+    Ok(Json(blocking(move || f(&s.kv).map_err(sync_err)).await?))
+}
+
+pub(crate) async fn hello(
     State(state): State<Arc<AppState>>,
-    Json(batch): Json<DeltaBatch>,
-) -> Result<Json<Json_>, ApiError> {
-    let n = batch.deltas.len();
-    let changed = kv_blocking(&state, move |kv| kv.apply(&batch.deltas)).await?;
-    Ok(Json(json!({ "received": n, "changed": changed.len() })))
+    Json(req): Json<Hello>,
+) -> Result<Json<HelloReply>, ApiError> {
+    serve(&state, move |kv| kv.serve_hello(&req)).await
+}
+
+pub(crate) async fn push(
+    State(state): State<Arc<AppState>>,
+    Json(req): Json<Push>,
+) -> Result<Json<PushReply>, ApiError> {
+    serve(&state, move |kv| kv.serve_push(&req)).await
+}
+
+pub(crate) async fn pull(
+    State(state): State<Arc<AppState>>,
+    Json(req): Json<Pull>,
+) -> Result<Json<Pulled>, ApiError> {
+    serve(&state, move |kv| kv.serve_pull(&req)).await
+}
+
+pub(crate) async fn replica_buckets(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<Vec<String>>, ApiError> {
+    serve(&state, |kv| {
+        Ok(kv.buckets()?.into_iter().map(|(b, _)| b).collect())
+    })
+    .await
 }
 
 pub(crate) async fn digest(
@@ -194,38 +229,170 @@ pub(crate) async fn digest(
     Ok(Json(json!({ "ranges": d })))
 }
 
-/// Body of `POST /v1/replication/ranges`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RangeRequest {
-    pub bucket: String,
-    pub ranges: Vec<usize>,
-}
-
 pub(crate) async fn ranges(
     State(state): State<Arc<AppState>>,
     Json(req): Json<RangeRequest>,
 ) -> Result<Json<Vec<Delta>>, ApiError> {
     validate_bucket(&req.bucket).map_err(kv_err)?;
-    Ok(Json(
-        kv_blocking(&state, move |kv| {
-            kv.entries_in_ranges(&req.bucket, &req.ranges)
-        })
-        .await?,
-    ))
+    serve(&state, move |kv| {
+        kv.entries_in_ranges(&req.bucket, &req.ranges)
+    })
+    .await
 }
 
-/// A peer this node replicates to.
+pub(crate) async fn snapshot(
+    State(state): State<Arc<AppState>>,
+    Json(req): Json<SnapshotRequest>,
+) -> Result<Json<SnapshotPage>, ApiError> {
+    serve(&state, move |kv| kv.serve_snapshot(&req)).await
+}
+
+pub(crate) async fn status(State(state): State<Arc<AppState>>) -> Result<Json<Json_>, ApiError> {
+    let stats = kv_blocking(&state, |kv| kv.stats()).await?;
+    let mut v = serde_json::to_value(&stats).map_err(|e| ApiError::Internal(e.to_string()))?;
+    v["node"] = json!(format!("{:016x}", stats.node));
+    v["grace_ms"] = json!(state.kv_grace.as_millis() as u64);
+    v["peers"] = json!(state.peer_urls);
+    if let Some(list) = v["replicas"].as_array_mut() {
+        for r in list {
+            if let Some(n) = r["node"].as_u64() {
+                r["node"] = json!(format!("{n:016x}"));
+            }
+        }
+    }
+    Ok(Json(v))
+}
+
+pub(crate) async fn stale(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Json_>, ApiError> {
+    let mut limit = 100usize;
+    for (k, v) in query_pairs(query.as_deref()) {
+        match k.as_str() {
+            "limit" => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=10_000).contains(n))
+                    .ok_or_else(|| ApiError::BadRequest(format!("limit {v:?} must be 1..10000")))?
+            }
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown query parameter {other:?}; accepted: limit"
+                )));
+            }
+        }
+    }
+    let list = kv_blocking(&state, move |kv| kv.stale(limit)).await?;
+    let rows: Vec<Json_> = list
+        .into_iter()
+        .map(|w| {
+            let value = match verge_kv::read_entry(&w.entry) {
+                Some(Value::Bytes(b)) => json!({ "value": String::from_utf8_lossy(&b) }),
+                Some(Value::Count(n)) => json!({ "count": n }),
+                None => json!({ "deleted": true }),
+            };
+            json!({
+                "id": w.id,
+                "bucket": w.bucket,
+                "key": w.key,
+                "write": value,
+                "stamp_ms": w.entry.stamp.wall_ms,
+                "reason": w.reason,
+                "at": verge_spec::rfc3339_ms(w.at_ms as i64),
+            })
+        })
+        .collect();
+    Ok(Json(json!(rows)))
+}
+
+/// A peer this node replicates with.
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub url: String,
     pub token: String,
 }
 
-/// Pushes pending deltas to `peer` every 200 ms, and compares digests
-/// every 2 s to repair what was lost (pulling and pushing differing ranges).
+/// The HTTP transport: the sync protocol's calls as `/v1/replication/...`
+/// requests to the peer, made from a blocking thread.
+struct Http {
+    client: reqwest::Client,
+    base: String,
+    token: String,
+    rt: tokio::runtime::Handle,
+}
+
+impl Http {
+    fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Req>,
+    ) -> Result<Resp, SyncError> {
+        self.rt.block_on(async {
+            let mut req = self
+                .client
+                .request(method, format!("{}{path}", self.base))
+                .bearer_auth(&self.token);
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| SyncError::Link(e.to_string()))?;
+            let status = resp.status();
+            if status == StatusCode::CONFLICT {
+                let text = resp.text().await.unwrap_or_default();
+                return Err(SyncError::Refused(text));
+            }
+            if !status.is_success() {
+                let text = resp.text().await.unwrap_or_default();
+                return Err(SyncError::Link(format!("{path}: {status}: {text}")));
+            }
+            resp.json()
+                .await
+                .map_err(|e| SyncError::Link(format!("{path}: unreadable reply: {e}")))
+        })
+    }
+}
+
+impl Transport for Http {
+    fn hello(&self, req: &Hello) -> Result<HelloReply, SyncError> {
+        self.call(reqwest::Method::POST, "/v1/replication/hello", Some(req))
+    }
+    fn push(&self, req: &Push) -> Result<PushReply, SyncError> {
+        self.call(reqwest::Method::POST, "/v1/replication/push", Some(req))
+    }
+    fn pull(&self, req: &Pull) -> Result<Pulled, SyncError> {
+        self.call(reqwest::Method::POST, "/v1/replication/pull", Some(req))
+    }
+    fn buckets(&self) -> Result<Vec<String>, SyncError> {
+        self.call::<(), _>(reqwest::Method::GET, "/v1/replication/buckets", None)
+    }
+    fn digest(&self, bucket: &str) -> Result<Vec<String>, SyncError> {
+        let v: Json_ = self.call::<(), _>(
+            reqwest::Method::GET,
+            &format!("/v1/replication/digest/{bucket}"),
+            None,
+        )?;
+        serde_json::from_value(v["ranges"].clone())
+            .map_err(|e| SyncError::Link(format!("digest: {e}")))
+    }
+    fn ranges(&self, req: &RangeRequest) -> Result<Vec<Delta>, SyncError> {
+        self.call(reqwest::Method::POST, "/v1/replication/ranges", Some(req))
+    }
+    fn snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotPage, SyncError> {
+        self.call(reqwest::Method::POST, "/v1/replication/snapshot", Some(req))
+    }
+}
+
+/// Syncs with `peer` every 200 ms (hello, pull, push), with digest repair
+/// every 2 s. A failed round leaves writes local; the next one retries.
 pub(crate) async fn replicate(state: Arc<AppState>, peer: Peer) {
     let client = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(30))
         .build()
     {
         Ok(c) => c,
@@ -235,13 +402,61 @@ pub(crate) async fn replicate(state: Arc<AppState>, peer: Peer) {
         }
     };
     let base = peer.url.trim_end_matches('/').to_string();
+    let transport = Arc::new(Http {
+        client,
+        base: base.clone(),
+        token: peer.token.clone(),
+        rt: tokio::runtime::Handle::current(),
+    });
+    let syncer = Arc::new(std::sync::Mutex::new(Syncer::new(base.clone())));
     let mut tick = 0u64;
     let mut down = false;
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         tick += 1;
-        let ok = push(&state, &client, &base, &peer).await
-            && (!tick.is_multiple_of(10) || repair(&state, &client, &base, &peer).await);
+        let repair = tick.is_multiple_of(10);
+        let (s, t, sy) = (state.clone(), transport.clone(), syncer.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            let mut syncer = sy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            syncer.round(&s.kv, &*t, repair)
+        })
+        .await;
+        let ok = match result {
+            Ok(Ok(round)) => {
+                if round.repaired > 0 {
+                    tracing::info!(peer = %base, ranges = round.repaired, "repaired key ranges by digest");
+                }
+                if let Some(rb) = round.rebootstrapped {
+                    tracing::warn!(
+                        peer = %base, stale = rb.stale, entries = rb.entries,
+                        old_node = %format!("{:016x}", rb.old_node), new_node = %format!("{:016x}", rb.new_node),
+                        "key-value replica re-bootstrapped from the peer's snapshot; unsent writes set aside as stale (verge kv stale)"
+                    );
+                    state.emit(
+                        crate::events::types::KV_REBOOTSTRAPPED,
+                        &state.node_name,
+                        json!({
+                            "peer": base,
+                            "stale": rb.stale,
+                            "entries": rb.entries,
+                            "old_replica": format!("{:016x}", rb.old_node),
+                            "new_replica": format!("{:016x}", rb.new_node),
+                        }),
+                    );
+                }
+                true
+            }
+            Ok(Err(e)) => {
+                if !down {
+                    tracing::debug!(peer = %base, error = %e, "replication round failed");
+                }
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "replication round panicked");
+                false
+            }
+        };
         if ok == down {
             down = !ok;
             if down {
@@ -253,108 +468,24 @@ pub(crate) async fn replicate(state: Arc<AppState>, peer: Peer) {
     }
 }
 
-async fn push(state: &Arc<AppState>, client: &reqwest::Client, base: &str, peer: &Peer) -> bool {
+/// Collects tombstones and expires silent replicas, every quarter of the
+/// grace bound (between 100 ms and 2 s).
+pub(crate) async fn collect(state: Arc<AppState>) {
+    let grace = state.kv_grace;
+    let every = (grace / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
     loop {
-        let key = base.to_string();
-        let Ok((deltas, upto)) = kv_blocking(state, move |kv| kv.pending(&key, 2000)).await else {
-            return false;
-        };
-        if deltas.is_empty() {
-            return true;
-        }
-        let n = deltas.len();
-        let body = DeltaBatch {
-            from: state.kv.node(),
-            deltas,
-        };
-        let sent = client
-            .post(format!("{base}/v1/replication/deltas"))
-            .bearer_auth(&peer.token)
-            .json(&body)
-            .send()
-            .await;
-        match sent {
-            Ok(r) if r.status().is_success() => {
-                let key = base.to_string();
-                if kv_blocking(state, move |kv| kv.ack(&key, upto))
-                    .await
-                    .is_err()
-                {
-                    return false;
+        tokio::time::sleep(every).await;
+        let ms = grace.as_millis() as u64;
+        match kv_blocking(&state, move |kv| kv.collect(ms)).await {
+            Ok(r) => {
+                if r.collected > 0 {
+                    tracing::debug!(collected = r.collected, "tombstones collected");
                 }
-                if n < 2000 {
-                    return true;
+                for node in r.expired {
+                    tracing::warn!(replica = %format!("{node:016x}"), "key-value replica silent beyond the grace bound: expired; it re-bootstraps when it returns");
                 }
             }
-            _ => return false,
+            Err(e) => tracing::warn!(error = %e, "tombstone collection failed"),
         }
     }
-}
-
-async fn repair(state: &Arc<AppState>, client: &reqwest::Client, base: &str, peer: &Peer) -> bool {
-    let Ok(ours) = kv_blocking(state, |kv| kv.buckets()).await else {
-        return false;
-    };
-    for (bucket, _) in ours {
-        let b = bucket.clone();
-        let Ok(local) = kv_blocking(state, move |kv| kv.digest(&b)).await else {
-            return false;
-        };
-        let remote: Json_ = match client
-            .get(format!("{base}/v1/replication/digest/{bucket}"))
-            .bearer_auth(&peer.token)
-            .send()
-            .await
-        {
-            Ok(r) if r.status().is_success() => match r.json().await {
-                Ok(v) => v,
-                Err(_) => return false,
-            },
-            _ => return false,
-        };
-        let differing: Vec<usize> = (0..RANGES)
-            .filter(|i| remote["ranges"][*i].as_str() != Some(local[*i].as_str()))
-            .collect();
-        if differing.is_empty() {
-            continue;
-        }
-        // Pull theirs, push ours: both sides end with the join.
-        let theirs: Vec<Delta> = match client
-            .post(format!("{base}/v1/replication/ranges"))
-            .bearer_auth(&peer.token)
-            .json(&RangeRequest {
-                bucket: bucket.clone(),
-                ranges: differing.clone(),
-            })
-            .send()
-            .await
-        {
-            Ok(r) if r.status().is_success() => r.json().await.unwrap_or_default(),
-            _ => return false,
-        };
-        let b = bucket.clone();
-        let d = differing.clone();
-        let Ok(mine) = kv_blocking(state, move |kv| {
-            kv.apply(&theirs)?;
-            kv.entries_in_ranges(&b, &d)
-        })
-        .await
-        else {
-            return false;
-        };
-        let pushed = client
-            .post(format!("{base}/v1/replication/deltas"))
-            .bearer_auth(&peer.token)
-            .json(&DeltaBatch {
-                from: state.kv.node(),
-                deltas: mine,
-            })
-            .send()
-            .await;
-        if !pushed.is_ok_and(|r| r.status().is_success()) {
-            return false;
-        }
-        tracing::info!(peer = %base, %bucket, ranges = differing.len(), "repaired key ranges by digest");
-    }
-    true
 }

@@ -72,8 +72,11 @@ pub struct NodeConfig {
     pub retry_base: Duration,
     /// Functions an event chain may go through before its events are dead-lettered.
     pub hop_limit: u32,
-    /// Nodes this node replicates its key-value store to.
+    /// Nodes this node replicates its key-value store with.
     pub peers: Vec<Peer>,
+    /// How long a key-value tombstone waits for a silent replica before it
+    /// is collected anyway (the replica is expired and re-bootstraps).
+    pub kv_grace: Duration,
 }
 
 impl NodeConfig {
@@ -99,6 +102,7 @@ impl NodeConfig {
             retry_base: Duration::from_secs(1),
             hop_limit: 16,
             peers: Vec::new(),
+            kv_grace: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -254,6 +258,8 @@ impl Node {
                 log_limit: config.log_limit,
                 keep_versions: config.keep_versions.max(1),
                 node_name: config.node_name.clone(),
+                kv_grace: config.kv_grace,
+                peer_urls: config.peers.iter().map(|p| p.url.clone()).collect(),
                 body_limits: state::BodyLimits {
                     request: config.max_request_body,
                     response: config.max_response_body,
@@ -343,6 +349,7 @@ impl Node {
             .map(|p| tokio::spawn(kv::replicate(self.state.clone(), p.clone())))
             .collect();
         let scheduler = tokio::spawn(events::scheduler(self.state.clone()));
+        let collector = tokio::spawn(kv::collect(self.state.clone()));
         let kv_events = tokio::spawn(events::kv_changed(
             self.state.clone(),
             self.kv_changes.clone(),
@@ -364,6 +371,7 @@ impl Node {
         scheduler.abort();
         dispatcher.abort();
         kv_events.abort();
+        collector.abort();
         for r in replicators {
             r.abort();
         }

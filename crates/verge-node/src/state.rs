@@ -143,6 +143,8 @@ pub(crate) struct Settings {
     pub log_limit: usize,
     pub keep_versions: usize,
     pub node_name: String,
+    pub kv_grace: std::time::Duration,
+    pub peer_urls: Vec<String>,
 }
 
 /// Everything a handler needs.
@@ -170,6 +172,10 @@ pub struct AppState {
     pub(crate) job_slots: Arc<Semaphore>,
     /// This node's name (the source of its events).
     pub(crate) node_name: String,
+    /// Tombstone grace bound of the key-value store.
+    pub(crate) kv_grace: std::time::Duration,
+    /// The peers this node syncs with (their URLs).
+    pub(crate) peer_urls: Vec<String>,
     functions: RwLock<HashMap<String, FunctionEntry>>,
     routes: RwLock<Arc<Vec<Route>>>,
 }
@@ -203,6 +209,8 @@ impl AppState {
             wake,
             job_slots: Arc::new(Semaphore::new(crate::events::JOB_WORKERS)),
             node_name: settings.node_name,
+            kv_grace: settings.kv_grace,
+            peer_urls: settings.peer_urls,
             functions: RwLock::default(),
             routes: RwLock::default(),
         }

@@ -36,7 +36,7 @@ pub enum SpecError {
     #[error("invalid size {0:?}: write for example 64MiB, 512KiB or 1048576")]
     Size(String),
     /// A duration such as `30s` that does not parse.
-    #[error("invalid duration {0:?}: write for example 30s, 500ms or 2m")]
+    #[error("invalid duration {0:?}: write for example 30s, 500ms, 2m, 12h or 7d")]
     Duration(String),
     /// An environment entry that is not `KEY=VALUE`.
     #[error("invalid env entry {0:?}: write it as KEY=VALUE, with a non-empty KEY")]
@@ -176,6 +176,8 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, SpecError> {
         "ms" => std::time::Duration::from_millis(n),
         "" | "s" => std::time::Duration::from_secs(n),
         "m" => std::time::Duration::from_secs(n.checked_mul(60).ok_or_else(err)?),
+        "h" => std::time::Duration::from_secs(n.checked_mul(3600).ok_or_else(err)?),
+        "d" => std::time::Duration::from_secs(n.checked_mul(86_400).ok_or_else(err)?),
         _ => return Err(err()),
     })
 }
@@ -583,7 +585,9 @@ mod tests {
         assert!(parse_size("1PB").is_err());
         assert_eq!(parse_duration("500ms").unwrap().as_millis(), 500);
         assert_eq!(parse_duration("2m").unwrap().as_secs(), 120);
-        assert!(parse_duration("2h").is_err());
+        assert_eq!(parse_duration("2h").unwrap().as_secs(), 7200);
+        assert_eq!(parse_duration("7d").unwrap().as_secs(), 7 * 86_400);
+        assert!(parse_duration("2w").is_err());
     }
 
     #[test]

@@ -35,6 +35,27 @@ pub enum KvAction {
         #[arg(long, default_value = "")]
         prefix: String,
     },
+    /// This replica: node id, tombstones, collection, stale writes, clock skew, peers
+    Status,
+    /// Writes a re-bootstrap set aside instead of applying (newest first)
+    Stale {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+fn ago(ms: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let s = now.saturating_sub(ms) / 1000;
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m ago", s / 60),
+        3600..=86_399 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86_400),
+    }
 }
 
 fn path(bucket: &str, key: &str) -> String {
@@ -131,6 +152,115 @@ pub async fn kv(client: &Client, json: bool, action: KvAction) -> Result<()> {
             }
             for k in v["keys"].as_array().into_iter().flatten() {
                 println!("{}", k.as_str().unwrap_or(""));
+            }
+            Ok(())
+        }
+        KvAction::Status => {
+            let v: Value = client.get("/v1/replication/status").await?;
+            if json {
+                return print_json(&v);
+            }
+            let n = |k: &str| v[k].as_u64().unwrap_or(0);
+            println!("replica     {}", v["node"].as_str().unwrap_or("?"));
+            println!(
+                "entries     {} ({} tombstones)",
+                n("entries"),
+                n("tombstones")
+            );
+            println!(
+                "collected   {} tombstones (grace {} s)",
+                n("collected_total"),
+                n("grace_ms") / 1000
+            );
+            println!(
+                "stale       {} writes set aside by re-bootstraps",
+                n("stale_total")
+            );
+            println!(
+                "clock skew  {} remote stamps beyond {} ms ahead since start",
+                n("skewed"),
+                n("max_skew_ms")
+            );
+            for p in v["peers"].as_array().into_iter().flatten() {
+                println!("peer        {}", p.as_str().unwrap_or(""));
+            }
+            let rows: Vec<Vec<String>> = v["replicas"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    vec![
+                        r["node"].as_str().unwrap_or("").to_string(),
+                        r["name"].as_str().unwrap_or("-").to_string(),
+                        r["acked_seq"].to_string(),
+                        r["pulled_seq"].to_string(),
+                        ago(r["last_seen_ms"].as_u64().unwrap_or(0)),
+                        if r["expired"].as_bool().unwrap_or(false) {
+                            "expired".into()
+                        } else {
+                            "active".into()
+                        },
+                    ]
+                })
+                .collect();
+            if !rows.is_empty() {
+                println!();
+                print!(
+                    "{}",
+                    table::render(
+                        &[
+                            "REPLICA",
+                            "REACHED AS",
+                            "ACKED",
+                            "PULLED",
+                            "LAST SEEN",
+                            "STATE"
+                        ],
+                        &rows
+                    )
+                );
+            }
+            Ok(())
+        }
+        KvAction::Stale { limit } => {
+            let v: Value = client
+                .get(&format!("/v1/replication/stale?limit={limit}"))
+                .await?;
+            if json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|w| {
+                    let write = &w["write"];
+                    let shown = if let Some(s) = write["value"].as_str() {
+                        format!("set {s:?}")
+                    } else if let Some(c) = write["count"].as_i64() {
+                        format!("count {c}")
+                    } else {
+                        "delete".into()
+                    };
+                    vec![
+                        w["at"].as_str().unwrap_or("").to_string(),
+                        format!(
+                            "{}/{}",
+                            w["bucket"].as_str().unwrap_or(""),
+                            w["key"].as_str().unwrap_or("")
+                        ),
+                        shown,
+                        w["reason"].as_str().unwrap_or("").to_string(),
+                    ]
+                })
+                .collect();
+            if rows.is_empty() {
+                println!("no stale writes");
+            } else {
+                print!(
+                    "{}",
+                    table::render(&["SET ASIDE", "KEY", "WRITE", "REASON"], &rows)
+                );
             }
             Ok(())
         }

@@ -110,6 +110,10 @@ enum Command {
         /// The token the peers accept (their admin token)
         #[arg(long, env = "VERGE_PEER_TOKEN", hide_env_values = true)]
         peer_token: Option<String>,
+        /// How long a key-value delete waits for a silent replica: after it, the
+        /// tombstone is collected and the replica must re-bootstrap (e.g. 7d, 12h, 90s)
+        #[arg(long, default_value = "7d")]
+        kv_grace: String,
     },
     /// Deploy a component as a new version of a function and make it live
     Deploy {
@@ -374,6 +378,7 @@ async fn run(cli: Cli) -> Result<()> {
         retry_base,
         peers,
         peer_token,
+        kv_grace,
     } = &cli.command
     {
         if !peers.is_empty() && peer_token.is_none() {
@@ -408,7 +413,7 @@ async fn run(cli: Cli) -> Result<()> {
                 node_name.clone(),
                 parse_duration(retry_base).context("--retry-base")?,
             ),
-            peers,
+            (peers, parse_duration(kv_grace).context("--kv-grace")?),
         )
         .await;
     }
@@ -679,7 +684,7 @@ async fn up(
     (max_request_body, max_response_body, log_limit): (usize, usize, usize),
     (keep_versions, code): (usize, &str),
     (node_name, retry_base): (Option<String>, Duration),
-    peers: Vec<verge_node::Peer>,
+    (peers, kv_grace): (Vec<verge_node::Peer>, Duration),
 ) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -706,6 +711,7 @@ async fn up(
     }
     config.retry_base = retry_base;
     config.peers = peers;
+    config.kv_grace = kv_grace;
     config.tiering = match code {
         "optimized" => Tiering::Off,
         "baseline" => Tiering::BaselineOnly,

@@ -70,6 +70,78 @@ fn two_nodes_converge_after_a_cut_link_heals() {
     // Kinds are fixed: a counter is not a value.
     let err = core.cli_err(&["kv", "set", "shop", "hits", "x"]);
     assert!(err.contains("fixed by its first write"), "{err}");
+    // Both replicas have the delete: its tombstone is collected on both.
+    for node in [&edge, &core] {
+        eventually("the tombstone is collected", || {
+            let st = status(node);
+            (st["tombstones"] == 0 && st["collected_total"].as_u64() >= Some(1)).then_some(())
+        });
+    }
+    let st = status(&core);
+    assert_eq!(st["replicas"].as_array().map(Vec::len), Some(1), "{st}");
+    assert_eq!(st["replicas"][0]["expired"], false);
+    assert_eq!(
+        get(&edge, "shop", "greeting"),
+        None,
+        "the deleted key stays deleted"
+    );
+    assert_eq!(get(&core, "shop", "greeting"), None);
+}
+
+fn status(node: &TestNode) -> serde_json::Value {
+    serde_json::from_str(&node.cli_ok(&["--json", "kv", "status"])).unwrap()
+}
+
+#[test]
+fn an_edge_cut_off_beyond_the_grace_bound_rebootstraps_and_reports_its_stale_writes() {
+    let core = TestNode::start_with(&["--kv-grace", "2s"]);
+    let proxy = Proxy::start(addr_of(&core));
+    let edge = TestNode::start_with(&["--peer", &proxy.url(), "--peer-token", &core.token()]);
+    core.cli_ok(&["kv", "set", "shop", "doomed", "v"]);
+    core.cli_ok(&["kv", "incr", "shop", "hits", "5"]);
+    eventually("the edge has the core's writes", || {
+        (get(&edge, "shop", "doomed").as_deref() == Some("v")).then_some(())
+    });
+    let before = status(&edge)["node"].as_str().unwrap().to_string();
+
+    proxy.cut();
+    core.cli_ok(&["kv", "del", "shop", "doomed"]);
+    edge.cli_ok(&["kv", "set", "shop", "offline", "written while cut"]);
+    edge.cli_ok(&["kv", "incr", "shop", "hits", "2"]);
+    eventually(
+        "the core expires the silent edge and collects the tombstone",
+        || {
+            let st = status(&core);
+            (st["replicas"][0]["expired"] == true && st["tombstones"] == 0).then_some(())
+        },
+    );
+    assert_eq!(
+        get(&edge, "shop", "offline").as_deref(),
+        Some("written while cut")
+    );
+
+    proxy.heal();
+    eventually("the edge re-bootstraps from the core", || {
+        let st = status(&edge);
+        (st["stale_total"] == 2 && st["node"].as_str() != Some(before.as_str())).then_some(())
+    });
+    // The edge now holds the core's state: the deleted key did not come
+    // back, and its writes from beyond the grace bound were not applied.
+    assert_eq!(get(&edge, "shop", "doomed"), None);
+    assert_eq!(get(&core, "shop", "doomed"), None);
+    assert_eq!(get(&edge, "shop", "offline"), None);
+    assert_eq!(get(&edge, "shop", "hits").as_deref(), Some("5"));
+    let stale = edge.cli_ok(&["kv", "stale"]);
+    assert!(stale.contains("shop/offline"), "{stale}");
+    assert!(stale.contains("written while cut"), "{stale}");
+    assert!(stale.contains("grace"), "{stale}");
+    assert!(edge.log().contains("re-bootstrapped"), "{}", edge.log());
+    // It replicates normally again, under its new replica id.
+    edge.cli_ok(&["kv", "incr", "shop", "hits", "1"]);
+    eventually("the core gets the edge's new write", || {
+        (get(&core, "shop", "hits").as_deref() == Some("6")).then_some(())
+    });
+    assert_eq!(get(&core, "shop", "offline"), None);
 }
 
 #[test]
