@@ -28,6 +28,8 @@ one() { # one LABEL URL [wrk args]: 1 connection, 5 s
   local out; out=$(wrk -t1 -c1 -d5s --latency "$@" "$url")
   echo "guest $label (HTTP round trip, 1 connection): p50 $(awk '$1=="50%" {print $2}' <<<"$out"), p99 $(awk '$1=="99%" {print $2}' <<<"$out") ($(awk '/Requests\/sec/ {print $2}' <<<"$out") req/s)"
 }
+echo "guest-side, timed inside the guest around each wasi:keyvalue call (2000 each):"
+curl -fs http://127.0.0.1:18097/bench/2000 | sed 's/^/  /'
 one increment http://127.0.0.1:18097/count/home
 one get http://127.0.0.1:18097/docs/d1
 one set http://127.0.0.1:18097/docs/d2 -s "$work/put.lua"

@@ -234,6 +234,7 @@ fn new_store(
         kv: crate::keyvalue::KvCtx {
             kv: host.kv.clone(),
             allowed: function.kv_buckets.clone(),
+            tenant: function.kv_tenant.clone(),
         },
         limits: GuestLimits {
             limit: function.memory_limit.unwrap_or(cfg.memory_limit),

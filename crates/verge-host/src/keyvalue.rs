@@ -55,6 +55,8 @@ pub struct Bucket {
 pub(crate) struct KvCtx {
     pub kv: Option<Arc<verge_kv::Kv>>,
     pub allowed: Arc<Vec<String>>,
+    /// The tenant the buckets belong to.
+    pub tenant: Arc<str>,
 }
 
 pub(crate) struct KvView<'a> {
@@ -94,7 +96,9 @@ impl keyvalue::store::Host for KvView<'_> {
         if !self.ctx.allowed.contains(&identifier) {
             return Err(Error::AccessDenied);
         }
-        Ok(self.table.push(Bucket { name: identifier })?)
+        Ok(self.table.push(Bucket {
+            name: verge_kv::qualify(&self.ctx.tenant, &identifier),
+        })?)
     }
 
     fn convert_error(&mut self, err: Error) -> Result<keyvalue::store::Error> {

@@ -292,6 +292,8 @@ pub struct Function {
     pub log_limit: Option<usize>,
     /// Key-value buckets it may open.
     pub kv_buckets: Arc<Vec<String>>,
+    /// The tenant those buckets belong to.
+    pub kv_tenant: Arc<str>,
 }
 
 impl Function {
@@ -311,12 +313,14 @@ impl Function {
             memory_limit: None,
             log_limit: None,
             kv_buckets: Arc::new(Vec::new()),
+            kv_tenant: Arc::from(verge_kv::DEFAULT_TENANT),
         }
     }
 
-    /// Grants key-value buckets.
-    pub fn with_buckets(mut self, buckets: Vec<String>) -> Self {
+    /// Grants key-value buckets of a tenant.
+    pub fn with_buckets(mut self, buckets: Vec<String>, tenant: &str) -> Self {
         self.kv_buckets = Arc::new(buckets);
+        self.kv_tenant = Arc::from(tenant);
         self
     }
 

@@ -72,6 +72,41 @@ pub fn validate_bucket(name: &str) -> Result<(), KvError> {
     }
 }
 
+/// The default tenant: its buckets are stored under their plain names.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// The name a tenant's bucket is stored (and replicated) under: the plain
+/// name for the default tenant, `tenant:bucket` for the others.
+pub fn qualify(tenant: &str, bucket: &str) -> String {
+    if tenant == DEFAULT_TENANT {
+        bucket.to_string()
+    } else {
+        format!("{tenant}:{bucket}")
+    }
+}
+
+/// Splits a stored bucket name into (tenant, bucket).
+pub fn split(stored: &str) -> (&str, &str) {
+    match stored.split_once(':') {
+        Some((t, b)) => (t, b),
+        None => (DEFAULT_TENANT, stored),
+    }
+}
+
+/// Checks a stored bucket name (`bucket` or `tenant:bucket`).
+pub fn validate_stored(name: &str) -> Result<(), KvError> {
+    let (tenant, bucket) = split(name);
+    let tenant_ok = !tenant.is_empty()
+        && tenant.len() <= 63
+        && tenant
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !tenant_ok {
+        return Err(KvError::BucketName(name.to_string()));
+    }
+    validate_bucket(bucket).map_err(|_| KvError::BucketName(name.to_string()))
+}
+
 /// What a key reads as.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "value")]
@@ -299,7 +334,7 @@ impl Kv {
     /// Applies operations in one transaction (all or none); returns, per
     /// operation, a counter's new value.
     pub fn batch(&self, bucket: &str, ops: Vec<Op>) -> Result<Vec<Option<i64>>, KvError> {
-        validate_bucket(bucket)?;
+        validate_stored(bucket)?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut seq = next_seq(&tx)?;
@@ -410,7 +445,7 @@ impl Kv {
             let mut clock = self.clock.lock().unwrap_or_else(PoisonError::into_inner);
             let now = now_ms();
             for d in deltas {
-                validate_bucket(&d.bucket)?;
+                validate_stored(&d.bucket)?;
                 clock.observe(d.entry.stamp, now);
                 let merged = match entry_of(&tx, &d.bucket, &d.key)? {
                     None => d.entry.clone(),

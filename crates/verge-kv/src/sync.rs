@@ -20,7 +20,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Delta, Kv, KvError, RANGES, Rebootstrapped, validate_bucket};
+use crate::{Delta, Kv, KvError, RANGES, Rebootstrapped, validate_stored};
 
 /// First message of a round.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,7 +222,7 @@ impl Kv {
     /// Serves [`SnapshotRequest`] (to anyone the transport let through).
     pub fn serve_snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotPage, KvError> {
         if let Some((b, _)) = &req.after {
-            validate_bucket(b)?;
+            validate_stored(b)?;
         }
         let after = req.after.as_ref().map(|(b, k)| (b.as_str(), k.as_str()));
         let (deltas, seq) = self.snapshot_page(after, req.limit.clamp(1, 10 * BATCH))?;

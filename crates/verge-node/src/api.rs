@@ -72,6 +72,9 @@ api_routes! {
     GET "/v1/schedules" => crate::events::list_schedules,
     POST "/v1/schedules" => crate::events::add_schedule,
     DELETE "/v1/schedules/{id}" => crate::events::delete_schedule,
+    GET "/v1/tokens" => crate::auth::list_tokens,
+    POST "/v1/tokens" => crate::auth::create_token,
+    DELETE "/v1/tokens/{name}" => crate::auth::delete_token,
     GET "/v1/kv" => crate::kv::buckets,
     GET "/v1/kv/{bucket}" => crate::kv::keys,
     GET "/v1/kv/{bucket}/{key}" => crate::kv::get,
@@ -316,6 +319,8 @@ pub(crate) struct DeployOptions {
     pub limits: Limits,
     /// Key-value buckets the version may open.
     pub buckets: Vec<String>,
+    /// The tenant whose buckets those are.
+    pub tenant: String,
     /// Point `live` at the new version (the first version always is).
     pub promote: bool,
     /// Name of the token that deploys.
@@ -329,6 +334,7 @@ impl Default for DeployOptions {
             routes: Vec::new(),
             limits: Limits::default(),
             buckets: Vec::new(),
+            tenant: verge_spec::DEFAULT_TENANT.to_string(),
             promote: true,
             deployed_by: "admin".into(),
         }
@@ -350,6 +356,10 @@ impl DeployOptions {
                 "max_request_body" => opts.limits.request_body = Some(parse_size(&v)?),
                 "max_response_body" => opts.limits.response_body = Some(parse_size(&v)?),
                 "log_limit" => opts.limits.log_bytes = Some(parse_size(&v)?),
+                "tenant" => {
+                    verge_spec::validate_tenant(&v)?;
+                    opts.tenant = v.into_owned();
+                }
                 "kv_bucket" => {
                     verge_kv::validate_bucket(&v)
                         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -376,7 +386,7 @@ impl DeployOptions {
                 }
                 other => {
                     return Err(ApiError::BadRequest(format!(
-                        "unknown query parameter {other:?}; accepted: route, host, env, timeout, memory, concurrency, max_request_body, max_response_body, log_limit, promote, kv_bucket"
+                        "unknown query parameter {other:?}; accepted: route, host, env, timeout, memory, concurrency, max_request_body, max_response_body, log_limit, promote, kv_bucket, tenant"
                     )));
                 }
             }
@@ -430,7 +440,7 @@ async fn create_version(
     let mut opts = DeployOptions::from_query(query.as_deref())?;
     let (parts, body) = request.into_parts();
     if let Some(caller) = parts.extensions.get::<crate::auth::Caller>() {
-        opts.deployed_by = caller.0.clone();
+        opts.deployed_by = caller.name.clone();
     }
     let bytes = read_body(body, state.max_upload, &parts.headers).await?;
     let resp = deploy(&state, &name, bytes, opts).await?;
@@ -478,7 +488,7 @@ pub(crate) async fn deploy(
 
     let _guard = state.deploy_lock.lock().await;
     let s = state.clone();
-    let (fname, env, routes, limits, by, promote, buckets) = (
+    let (fname, env, routes, limits, by, promote, buckets, tenant) = (
         name.to_string(),
         opts.env.clone(),
         opts.routes.clone(),
@@ -486,6 +496,7 @@ pub(crate) async fn deploy(
         opts.deployed_by.clone(),
         opts.promote,
         opts.buckets.clone(),
+        opts.tenant.clone(),
     );
     let body = bytes.clone();
     let created = blocking(move || {
@@ -498,6 +509,7 @@ pub(crate) async fn deploy(
             env: &env,
             limits,
             buckets: &buckets,
+            tenant: &tenant,
             routes: &routes,
             deployed_by: &by,
             promote,
@@ -509,6 +521,7 @@ pub(crate) async fn deploy(
             env,
             limits,
             buckets,
+            tenant,
         };
         let function = function_of(&stored, Arc::new(loaded));
         s.put_version(stored, Some(function));

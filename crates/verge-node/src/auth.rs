@@ -23,7 +23,7 @@ pub(crate) fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-fn new_token() -> String {
+pub(crate) fn new_token() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     format!("verge_{}", hex::encode(bytes))
@@ -67,9 +67,36 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The name of the token a control API call was made with.
+/// The token a control API call was made with.
 #[derive(Debug, Clone)]
-pub(crate) struct Caller(pub String);
+pub(crate) struct Caller {
+    pub name: String,
+    /// The tenant a tenant token acts for; `None`: an admin token.
+    pub tenant: Option<String>,
+}
+
+impl Caller {
+    /// The tenant a key-value call acts in: a tenant token's own; an admin
+    /// token's choice (`tenant=`), by default the default tenant.
+    pub(crate) fn kv_tenant(&self, asked: Option<&str>) -> Result<String, ApiError> {
+        match (&self.tenant, asked) {
+            (Some(own), Some(a)) if a != own => Err(ApiError::Forbidden(format!(
+                "this token acts for tenant {own:?}; it cannot reach tenant {a:?}'s buckets"
+            ))),
+            (Some(own), _) => Ok(own.clone()),
+            (None, Some(a)) => {
+                verge_spec::validate_tenant(a)?;
+                Ok(a.to_string())
+            }
+            (None, None) => Ok(verge_spec::DEFAULT_TENANT.to_string()),
+        }
+    }
+}
+
+/// What a tenant token may call: the key-value API of its tenant.
+fn tenant_may_call(path: &str) -> bool {
+    path == "/v1/kv" || path.starts_with("/v1/kv/")
+}
 
 /// Middleware: lets `/v1/health` through, demands a valid bearer token elsewhere.
 pub(crate) async fn require_token(
@@ -89,14 +116,109 @@ pub(crate) async fn require_token(
     let caller = presented.and_then(|h| {
         state
             .token_hashes
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
-            .find(|(_, known)| constant_time_eq(known.as_bytes(), h.as_bytes()))
-            .map(|(name, _)| name.clone())
+            .find(|t| constant_time_eq(t.hash.as_bytes(), h.as_bytes()))
+            .map(|t| Caller {
+                name: t.name.clone(),
+                tenant: t.tenant.clone(),
+            })
     });
-    if let Some(name) = caller {
-        request.extensions_mut().insert(Caller(name));
-        next.run(request).await
-    } else {
-        ApiError::Unauthorized.into_response()
+    let Some(caller) = caller else {
+        return ApiError::Unauthorized.into_response();
+    };
+    if let Some(t) = &caller.tenant
+        && !tenant_may_call(request.uri().path())
+    {
+        return ApiError::Forbidden(format!(
+            "this token acts for tenant {t:?} and may use the key-value API (/v1/kv) only; use an admin token"
+        ))
+        .into_response();
     }
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
+/// Body of `POST /v1/tokens`.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct NewToken {
+    name: String,
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+fn refresh_tokens(state: &AppState) -> Result<(), ApiError> {
+    let fresh = state.store.token_hashes()?;
+    *state
+        .token_hashes
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+    Ok(())
+}
+
+pub(crate) async fn list_tokens(
+    axum::extract::State(state): State<Arc<AppState>>,
+) -> Result<axum::Json<Vec<verge_spec::TokenInfo>>, ApiError> {
+    Ok(axum::Json(state.store.tokens()?))
+}
+
+pub(crate) async fn create_token(
+    State(state): State<Arc<AppState>>,
+    axum::Json(req): axum::Json<NewToken>,
+) -> Result<(http::StatusCode, axum::Json<serde_json::Value>), ApiError> {
+    let ok = !req.name.is_empty()
+        && req.name.len() <= 63
+        && req
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !ok {
+        return Err(ApiError::BadRequest(format!(
+            "invalid token name {:?}: use 1 to 63 characters from a-z, 0-9 and '-'",
+            req.name
+        )));
+    }
+    if let Some(t) = &req.tenant {
+        verge_spec::validate_tenant(t)?;
+    }
+    let token = new_token();
+    if !state
+        .store
+        .create_token(&req.name, &hash_token(&token), req.tenant.as_deref())?
+    {
+        return Err(ApiError::Conflict(format!(
+            "a token named {:?} exists; pick another name, or remove it first with `verge token rm {}`",
+            req.name, req.name
+        )));
+    }
+    refresh_tokens(&state)?;
+    Ok((
+        http::StatusCode::CREATED,
+        axum::Json(serde_json::json!({
+            "name": req.name,
+            "tenant": req.tenant,
+            "token": token,
+        })),
+    ))
+}
+
+pub(crate) async fn delete_token(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<http::StatusCode, ApiError> {
+    let tokens = state.store.tokens()?;
+    let Some(t) = tokens.iter().find(|t| t.name == name) else {
+        return Err(ApiError::NotFound(format!(
+            "no token named {name:?}; list them with `verge token ls`"
+        )));
+    };
+    if t.tenant.is_none() && tokens.iter().filter(|t| t.tenant.is_none()).count() == 1 {
+        return Err(ApiError::Conflict(format!(
+            "{name:?} is the last admin token; create another admin token first"
+        )));
+    }
+    state.store.delete_token(&name)?;
+    refresh_tokens(&state)?;
+    Ok(http::StatusCode::NO_CONTENT)
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use http::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -20,6 +20,7 @@ use verge_kv::sync::{
 use verge_kv::{Delta, Kv, KvError, Value, validate_bucket};
 
 use crate::api::{blocking, query_pairs};
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -62,23 +63,86 @@ async fn kv_blocking<T: Send + 'static>(
     blocking(move || f(&s.kv).map_err(kv_err)).await
 }
 
-pub(crate) async fn buckets(State(state): State<Arc<AppState>>) -> Result<Json<Json_>, ApiError> {
+/// Splits a query into the tenant asked for and the other parameters.
+fn tenant_and_rest(
+    caller: &Caller,
+    query: Option<&str>,
+) -> Result<(String, Vec<(String, String)>), ApiError> {
+    let mut asked = None;
+    let mut rest = Vec::new();
+    for (k, v) in query_pairs(query) {
+        if k == "tenant" {
+            asked = Some(v);
+        } else {
+            rest.push((k, v));
+        }
+    }
+    Ok((caller.kv_tenant(asked.as_deref())?, rest))
+}
+
+fn no_params(rest: &[(String, String)], accepted: &str) -> Result<(), ApiError> {
+    match rest.first() {
+        Some((k, _)) => Err(ApiError::BadRequest(format!(
+            "unknown query parameter {k:?}; accepted: {accepted}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// A bucket of the caller's tenant, as stored.
+fn scoped(
+    caller: &Caller,
+    query: Option<&str>,
+    bucket: &str,
+) -> Result<(String, Vec<(String, String)>), ApiError> {
+    validate_bucket(bucket).map_err(kv_err)?;
+    let (tenant, rest) = tenant_and_rest(caller, query)?;
+    Ok((verge_kv::qualify(&tenant, bucket), rest))
+}
+
+pub(crate) async fn buckets(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Json_>, ApiError> {
+    let (asked, rest) = {
+        let pairs = query_pairs(query.as_deref());
+        let asked = pairs
+            .iter()
+            .find(|(k, _)| k == "tenant")
+            .map(|(_, v)| v.clone());
+        let rest: Vec<(String, String)> =
+            pairs.into_iter().filter(|(k, _)| k != "tenant").collect();
+        (asked, rest)
+    };
+    no_params(&rest, "tenant")?;
+    // An admin token without `tenant=` sees every tenant's buckets.
+    let only = match (&caller.tenant, &asked) {
+        (None, None) => None,
+        _ => Some(caller.kv_tenant(asked.as_deref())?),
+    };
     let list = kv_blocking(&state, |kv| kv.buckets()).await?;
     Ok(Json(json!(
         list.into_iter()
-            .map(|(bucket, entries)| json!({ "bucket": bucket, "entries": entries }))
+            .filter_map(|(stored, entries)| {
+                let (tenant, bucket) = verge_kv::split(&stored);
+                only.as_deref()
+                    .is_none_or(|t| t == tenant)
+                    .then(|| json!({ "bucket": bucket, "tenant": tenant, "entries": entries }))
+            })
             .collect::<Vec<_>>()
     )))
 }
 
 pub(crate) async fn keys(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(bucket): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Json_>, ApiError> {
-    validate_bucket(&bucket).map_err(kv_err)?;
+    let (stored, rest) = scoped(&caller, query.as_deref(), &bucket)?;
     let (mut prefix, mut after, mut limit) = (String::new(), None, 1000usize);
-    for (k, v) in query_pairs(query.as_deref()) {
+    for (k, v) in rest {
         match k.as_str() {
             "prefix" => prefix = v,
             "after" => after = Some(v),
@@ -91,13 +155,13 @@ pub(crate) async fn keys(
             }
             other => {
                 return Err(ApiError::BadRequest(format!(
-                    "unknown query parameter {other:?}; accepted: prefix, after, limit"
+                    "unknown query parameter {other:?}; accepted: prefix, after, limit, tenant"
                 )));
             }
         }
     }
     let keys = kv_blocking(&state, move |kv| {
-        kv.keys(&bucket, &prefix, after.as_deref(), limit)
+        kv.keys(&stored, &prefix, after.as_deref(), limit)
     })
     .await?;
     Ok(Json(json!({ "keys": keys })))
@@ -105,11 +169,14 @@ pub(crate) async fn keys(
 
 pub(crate) async fn get(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path((bucket, key)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<KeyValue>, ApiError> {
-    validate_bucket(&bucket).map_err(kv_err)?;
-    let (b, k) = (bucket.clone(), key.clone());
-    let v = kv_blocking(&state, move |kv| kv.get(&b, &k)).await?;
+    let (stored, rest) = scoped(&caller, query.as_deref(), &bucket)?;
+    no_params(&rest, "tenant")?;
+    let k = key.clone();
+    let v = kv_blocking(&state, move |kv| kv.get(&stored, &k)).await?;
     match v {
         None => Err(ApiError::NotFound(format!(
             "no key {key:?} in bucket {bucket:?}; list keys with `verge kv ls {bucket}`"
@@ -133,31 +200,41 @@ pub(crate) async fn get(
 
 pub(crate) async fn put(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path((bucket, key)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
     check_key(&key)?;
-    kv_blocking(&state, move |kv| kv.set(&bucket, &key, &body)).await?;
+    let (stored, rest) = scoped(&caller, query.as_deref(), &bucket)?;
+    no_params(&rest, "tenant")?;
+    kv_blocking(&state, move |kv| kv.set(&stored, &key, &body)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 pub(crate) async fn delete(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path((bucket, key)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
 ) -> Result<StatusCode, ApiError> {
     check_key(&key)?;
-    kv_blocking(&state, move |kv| kv.delete(&bucket, &key)).await?;
+    let (stored, rest) = scoped(&caller, query.as_deref(), &bucket)?;
+    no_params(&rest, "tenant")?;
+    kv_blocking(&state, move |kv| kv.delete(&stored, &key)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 pub(crate) async fn incr(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path((bucket, key)): Path<(String, String)>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Json_>, ApiError> {
     check_key(&key)?;
+    let (stored, rest) = scoped(&caller, query.as_deref(), &bucket)?;
     let mut by = 1i64;
-    for (k, v) in query_pairs(query.as_deref()) {
+    for (k, v) in rest {
         match k.as_str() {
             "by" => {
                 by = v
@@ -166,12 +243,12 @@ pub(crate) async fn incr(
             }
             other => {
                 return Err(ApiError::BadRequest(format!(
-                    "unknown query parameter {other:?}; accepted: by"
+                    "unknown query parameter {other:?}; accepted: by, tenant"
                 )));
             }
         }
     }
-    let n = kv_blocking(&state, move |kv| kv.increment(&bucket, &key, by)).await?;
+    let n = kv_blocking(&state, move |kv| kv.increment(&stored, &key, by)).await?;
     Ok(Json(json!({ "count": n })))
 }
 
@@ -224,7 +301,7 @@ pub(crate) async fn digest(
     State(state): State<Arc<AppState>>,
     Path(bucket): Path<String>,
 ) -> Result<Json<Json_>, ApiError> {
-    validate_bucket(&bucket).map_err(kv_err)?;
+    verge_kv::validate_stored(&bucket).map_err(kv_err)?;
     let d = kv_blocking(&state, move |kv| kv.digest(&bucket)).await?;
     Ok(Json(json!({ "ranges": d })))
 }
@@ -233,7 +310,7 @@ pub(crate) async fn ranges(
     State(state): State<Arc<AppState>>,
     Json(req): Json<RangeRequest>,
 ) -> Result<Json<Vec<Delta>>, ApiError> {
-    validate_bucket(&req.bucket).map_err(kv_err)?;
+    verge_kv::validate_stored(&req.bucket).map_err(kv_err)?;
     serve(&state, move |kv| {
         kv.entries_in_ranges(&req.bucket, &req.ranges)
     })

@@ -135,7 +135,7 @@ pub(crate) struct BodyLimits {
 pub(crate) struct Settings {
     pub data_dir: PathBuf,
     pub max_upload: usize,
-    pub token_hashes: Vec<(String, String)>,
+    pub token_hashes: Vec<verge_store::TokenHash>,
     pub ceilings: Ceilings,
     pub prices: Prices,
     pub admission: Admission,
@@ -154,7 +154,7 @@ pub struct AppState {
     pub(crate) ledger: Arc<Ledger>,
     pub(crate) data_dir: PathBuf,
     pub(crate) max_upload: usize,
-    pub(crate) token_hashes: Vec<(String, String)>,
+    pub(crate) token_hashes: RwLock<Vec<verge_store::TokenHash>>,
     pub(crate) deploy_lock: tokio::sync::Mutex<()>,
     pub(crate) ceilings: Ceilings,
     pub(crate) prices: Prices,
@@ -196,7 +196,7 @@ impl AppState {
             ledger,
             data_dir: settings.data_dir,
             max_upload: settings.max_upload,
-            token_hashes: settings.token_hashes,
+            token_hashes: RwLock::new(settings.token_hashes),
             deploy_lock: tokio::sync::Mutex::new(()),
             ceilings: settings.ceilings,
             prices: settings.prices,
@@ -523,7 +523,7 @@ pub(crate) fn function_of(v: &StoredVersion, component: Arc<LoadedComponent>) ->
             v.limits.memory_bytes.map(|m| m as usize),
             v.limits.log_bytes.map(|m| m as usize),
         )
-        .with_buckets(v.buckets.clone())
+        .with_buckets(v.buckets.clone(), &v.tenant)
 }
 
 /// The version an alias sends a request to: the canary's with its weight in

@@ -35,6 +35,9 @@ pub enum SpecError {
     /// A size such as `64MiB` that does not parse.
     #[error("invalid size {0:?}: write for example 64MiB, 512KiB or 1048576")]
     Size(String),
+    /// A tenant name outside `[a-z0-9-]{1,63}`.
+    #[error("invalid tenant name {0:?}: use 1 to 63 characters from a-z, 0-9 and '-'")]
+    Tenant(String),
     /// A duration such as `30s` that does not parse.
     #[error("invalid duration {0:?}: write for example 30s, 500ms, 2m, 12h or 7d")]
     Duration(String),
@@ -197,6 +200,38 @@ pub struct Route {
     pub alias: String,
 }
 
+/// The tenant of functions deployed and buckets used without one.
+pub const DEFAULT_TENANT: &str = "default";
+
+fn default_tenant() -> String {
+    DEFAULT_TENANT.to_string()
+}
+
+/// Checks a tenant name: 1 to 63 characters from a-z, 0-9 and '-'.
+pub fn validate_tenant(name: &str) -> Result<(), SpecError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::Tenant(name.to_string()))
+    }
+}
+
+/// A control API token as listed (never the token or its hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub name: String,
+    /// The tenant it acts for; absent: an admin token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Creation time, RFC 3339 UTC.
+    pub created_at: String,
+}
+
 fn live() -> String {
     LIVE_ALIAS.to_string()
 }
@@ -332,6 +367,9 @@ pub struct VersionInfo {
     /// Key-value buckets the version may open.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kv_buckets: Vec<String>,
+    /// The tenant whose buckets those are.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
     /// Creation time, RFC 3339 UTC.
     pub created_at: String,
     /// Name of the token that deployed it.

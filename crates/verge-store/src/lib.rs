@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 use verge_spec::{
-    Alias, AliasTarget, FunctionDetail, FunctionSummary, LIVE_ALIAS, Route, UsageRecord,
+    Alias, AliasTarget, FunctionDetail, FunctionSummary, LIVE_ALIAS, Route, TokenInfo, UsageRecord,
     UsageReport, UsageRow, VersionInfo, rfc3339,
 };
 
@@ -68,6 +68,15 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
+/// A token as the node checks it.
+#[derive(Debug, Clone)]
+pub struct TokenHash {
+    pub name: String,
+    pub hash: String,
+    /// The tenant it acts for; `None`: an admin token.
+    pub tenant: Option<String>,
+}
+
 /// A stored version as the node loads it.
 #[derive(Debug, Clone)]
 pub struct StoredVersion {
@@ -78,6 +87,8 @@ pub struct StoredVersion {
     pub limits: Limits,
     /// Key-value buckets the version may open.
     pub buckets: Vec<String>,
+    /// The tenant whose buckets those are.
+    pub tenant: String,
 }
 
 /// What a deploy asks the store to record.
@@ -90,6 +101,8 @@ pub struct NewVersion<'a> {
     pub limits: Limits,
     /// Key-value buckets the version may open.
     pub buckets: &'a [String],
+    /// The tenant whose buckets those are.
+    pub tenant: &'a str,
     /// Routes to bind to the function's `live` alias.
     pub routes: &'a [(Option<String>, String)],
     /// Name of the token that deploys it.
@@ -181,7 +194,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
     hash TEXT NOT NULL,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    tenant TEXT
 );
 CREATE TABLE IF NOT EXISTS functions (
     name TEXT PRIMARY KEY,
@@ -204,6 +218,7 @@ CREATE TABLE IF NOT EXISTS versions (
     deployed_by TEXT NOT NULL DEFAULT 'admin',
     config_key TEXT NOT NULL DEFAULT '',
     buckets TEXT NOT NULL DEFAULT '[]',
+    tenant TEXT NOT NULL DEFAULT 'default',
     PRIMARY KEY (function, number)
 );
 CREATE TABLE IF NOT EXISTS routes (
@@ -290,6 +305,19 @@ impl Store {
                 "ALTER TABLE versions ADD COLUMN buckets TEXT NOT NULL DEFAULT '[]'",
             )?;
         }
+        for (table, column, def) in [
+            ("versions", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
+            ("tokens", "tenant", "TEXT"),
+        ] {
+            let has: i64 = conn.query_row(
+                &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
+                params![column],
+                |r| r.get(0),
+            )?;
+            if has == 0 {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))?;
+            }
+        }
         conn.execute_batch(INDEXES)?;
         conn.execute_batch(ledger::SCHEMA)?;
         Ok(Self {
@@ -322,12 +350,55 @@ impl Store {
         Ok(())
     }
 
-    /// All stored tokens: (name, hash).
-    pub fn token_hashes(&self) -> Result<Vec<(String, String)>, StoreError> {
+    /// All stored tokens' hashes.
+    pub fn token_hashes(&self) -> Result<Vec<TokenHash>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT name, hash FROM tokens")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let mut stmt = conn.prepare("SELECT name, hash, tenant FROM tokens")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(TokenHash {
+                name: r.get(0)?,
+                hash: r.get(1)?,
+                tenant: r.get(2)?,
+            })
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Stores a new token of a tenant (`None`: an admin token); false when
+    /// the name is taken.
+    pub fn create_token(
+        &self,
+        name: &str,
+        hash: &str,
+        tenant: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "INSERT OR IGNORE INTO tokens (name, hash, created_at, tenant) VALUES (?1, ?2, ?3, ?4)",
+            params![name, hash, now(), tenant],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// The tokens (never their hashes).
+    pub fn tokens(&self) -> Result<Vec<TokenInfo>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT name, tenant, created_at FROM tokens ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(TokenInfo {
+                name: r.get(0)?,
+                tenant: r.get(1)?,
+                created_at: rfc3339(r.get(2)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Deletes a token; false when there was none of that name.
+    pub fn delete_token(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM tokens WHERE name = ?1", params![name])?
+            == 1)
     }
 
     fn artifact_path(&self, sha256: &str) -> Result<PathBuf, StoreError> {
@@ -408,14 +479,15 @@ impl Store {
             serde_json::to_string(&buckets).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let config_key = sha256_hex(
             format!(
-                "{}|{env_json}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{buckets_json}",
+                "{}|{env_json}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{buckets_json}|{}",
                 new.sha256,
                 l.timeout_ms,
                 l.memory_bytes,
                 l.concurrency,
                 l.request_body,
                 l.response_body,
-                l.log_bytes
+                l.log_bytes,
+                new.tenant
             )
             .as_bytes(),
         );
@@ -447,8 +519,8 @@ impl Store {
                 )?;
                 tx.execute(
                     &format!(
-                        "INSERT INTO versions (function, number, sha256, size, env, created_at, deployed_by, config_key, {LIMIT_COLUMNS}, buckets)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+                        "INSERT INTO versions (function, number, sha256, size, env, created_at, deployed_by, config_key, {LIMIT_COLUMNS}, buckets, tenant)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
                     ),
                     params![
                         function,
@@ -465,7 +537,8 @@ impl Store {
                         l.request_body,
                         l.response_body,
                         l.log_bytes,
-                        buckets_json
+                        buckets_json,
+                        new.tenant
                     ],
                 )?;
                 next
@@ -767,7 +840,7 @@ impl Store {
     ) -> Result<Vec<(StoredVersion, u64, i64, String)>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
-            "SELECT function, number, sha256, env, size, created_at, deployed_by, {LIMIT_COLUMNS}, buckets
+            "SELECT function, number, sha256, env, size, created_at, deployed_by, {LIMIT_COLUMNS}, buckets, tenant
              FROM versions WHERE (?1 IS NULL OR function = ?1) AND (?2 IS NULL OR number = ?2)
              ORDER BY function, number DESC"
         ))?;
@@ -782,11 +855,12 @@ impl Store {
                 r.get::<_, String>(6)?,
                 Limits::from_row(r, 7)?,
                 r.get::<_, String>(13)?,
+                r.get::<_, String>(14)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (function, version, sha256, env, size, created, by, limits, buckets) = row?;
+            let (function, version, sha256, env, size, created, by, limits, buckets, tenant) = row?;
             out.push((
                 StoredVersion {
                     function,
@@ -796,6 +870,7 @@ impl Store {
                     limits,
                     buckets: serde_json::from_str(&buckets)
                         .map_err(|e| StoreError::Corrupt(format!("version buckets: {e}")))?,
+                    tenant,
                 },
                 size,
                 created,
@@ -848,6 +923,7 @@ impl Store {
                 log_bytes: v.limits.log_bytes,
                 env: v.env.into_iter().collect(),
                 kv_buckets: v.buckets,
+                tenant: v.tenant,
                 created_at: rfc3339(created),
                 deployed_by: by,
                 aliases: aliases
@@ -1352,6 +1428,7 @@ mod tests {
             env,
             limits: Limits::default(),
             buckets: &[],
+            tenant: "default",
             routes,
             deployed_by: "admin",
             promote: true,
@@ -1641,9 +1718,12 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.get_function("f").unwrap().live_version, 1);
         assert!(!store.insert_token_hash("admin", "h2").unwrap());
-        assert_eq!(
-            store.token_hashes().unwrap(),
-            vec![("admin".to_string(), "h".to_string())]
-        );
+        let tokens: Vec<(String, String, Option<String>)> = store
+            .token_hashes()
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.name, t.hash, t.tenant))
+            .collect();
+        assert_eq!(tokens, vec![("admin".to_string(), "h".to_string(), None)]);
     }
 }

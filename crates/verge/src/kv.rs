@@ -58,15 +58,97 @@ fn ago(ms: u64) -> String {
     }
 }
 
+#[derive(Subcommand)]
+pub enum TokenAction {
+    /// Create a token: an admin token, or with --tenant one that may use only
+    /// that tenant's key-value buckets. The token is shown once.
+    Create {
+        name: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// List tokens (names and tenants; never the tokens)
+    Ls,
+    /// Remove a token
+    Rm { name: String },
+}
+
+pub async fn token(client: &Client, json: bool, action: TokenAction) -> Result<()> {
+    match action {
+        TokenAction::Create { name, tenant } => {
+            let v: Value = client
+                .json(
+                    client
+                        .request(Method::POST, "/v1/tokens")
+                        .json(&serde_json::json!({ "name": name, "tenant": tenant })),
+                )
+                .await?;
+            if json {
+                return print_json(&v);
+            }
+            match tenant {
+                Some(t) => println!("token {name} for tenant {t} (key-value API only):"),
+                None => println!("admin token {name}:"),
+            }
+            println!("{}", v["token"].as_str().unwrap_or(""));
+            println!("it is shown once; give it to its user as VERGE_TOKEN");
+            Ok(())
+        }
+        TokenAction::Ls => {
+            let v: Value = client.get("/v1/tokens").await?;
+            if json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| {
+                    vec![
+                        t["name"].as_str().unwrap_or("").to_string(),
+                        t["tenant"].as_str().unwrap_or("(admin)").to_string(),
+                        t["created_at"].as_str().unwrap_or("").to_string(),
+                    ]
+                })
+                .collect();
+            print!("{}", table::render(&["NAME", "TENANT", "CREATED"], &rows));
+            Ok(())
+        }
+        TokenAction::Rm { name } => {
+            client
+                .send(client.request(Method::DELETE, &format!("/v1/tokens/{name}")))
+                .await?;
+            if json {
+                return print_json(&serde_json::json!({ "removed": name }));
+            }
+            println!("removed token {name}");
+            Ok(())
+        }
+    }
+}
+
 fn path(bucket: &str, key: &str) -> String {
     let enc: String = form_urlencoded::byte_serialize(key.as_bytes()).collect();
     format!("/v1/kv/{bucket}/{}", enc.replace('+', "%20"))
 }
 
-pub async fn kv(client: &Client, json: bool, action: KvAction) -> Result<()> {
+/// Adds `tenant=` to a path's query when one was given.
+fn scoped(path: String, tenant: Option<&str>) -> String {
+    match tenant {
+        None => path,
+        Some(t) => {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let enc: String = form_urlencoded::byte_serialize(t.as_bytes()).collect();
+            format!("{path}{sep}tenant={enc}")
+        }
+    }
+}
+
+pub async fn kv(client: &Client, json: bool, tenant: Option<&str>, action: KvAction) -> Result<()> {
+    let path = |bucket: &str, key: &str| scoped(path(bucket, key), tenant);
     match action {
         KvAction::Buckets => {
-            let v: Value = client.get("/v1/kv").await?;
+            let v: Value = client.get(&scoped("/v1/kv".into(), tenant)).await?;
             if json {
                 return print_json(&v);
             }
@@ -77,13 +159,14 @@ pub async fn kv(client: &Client, json: bool, action: KvAction) -> Result<()> {
                         .map(|b| {
                             vec![
                                 b["bucket"].as_str().unwrap_or("").to_string(),
+                                b["tenant"].as_str().unwrap_or("").to_string(),
                                 b["entries"].to_string(),
                             ]
                         })
                         .collect()
                 })
                 .unwrap_or_default();
-            print!("{}", table::render(&["BUCKET", "ENTRIES"], &rows));
+            print!("{}", table::render(&["BUCKET", "TENANT", "ENTRIES"], &rows));
             Ok(())
         }
         KvAction::Get { bucket, key } => {
@@ -126,10 +209,13 @@ pub async fn kv(client: &Client, json: bool, action: KvAction) -> Result<()> {
             let v: Value = client
                 .json(client.request(
                     Method::POST,
-                    &format!(
-                        "{}/incr{}",
-                        path(&bucket, &key),
-                        query_string(&format!("by={by}"))
+                    &scoped(
+                        format!(
+                            "{}/incr{}",
+                            self::path(&bucket, &key),
+                            query_string(&format!("by={by}"))
+                        ),
+                        tenant,
                     ),
                 ))
                 .await?;
@@ -146,7 +232,9 @@ pub async fn kv(client: &Client, json: bool, action: KvAction) -> Result<()> {
             let q: String = form_urlencoded::Serializer::new(String::new())
                 .append_pair("prefix", &prefix)
                 .finish();
-            let v: Value = client.get(&format!("/v1/kv/{bucket}?{q}")).await?;
+            let v: Value = client
+                .get(&scoped(format!("/v1/kv/{bucket}?{q}"), tenant))
+                .await?;
             if json {
                 return print_json(&v);
             }

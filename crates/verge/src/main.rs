@@ -155,6 +155,9 @@ enum Command {
         /// A key-value bucket the version may open with wasi:keyvalue (repeatable)
         #[arg(long = "kv-bucket", value_name = "BUCKET")]
         kv_buckets: Vec<String>,
+        /// The tenant whose buckets --kv-bucket names [default: default]
+        #[arg(long)]
+        tenant: Option<String>,
     },
     /// List a function's versions, the aliases on each, and their code
     Versions { name: String },
@@ -292,8 +295,16 @@ enum Command {
     },
     /// The replicated key-value store: buckets, get, set, del, incr, ls
     Kv {
+        /// The tenant whose buckets to use (admin tokens; a tenant token always uses its own)
+        #[arg(long, global = true)]
+        tenant: Option<String>,
         #[command(subcommand)]
         action: kv::KvAction,
+    },
+    /// Control API tokens: create (admin, or for one tenant's key-value buckets), ls, rm
+    Token {
+        #[command(subcommand)]
+        action: kv::TokenAction,
     },
     /// List routes, or add and remove them
     Routes {
@@ -435,6 +446,7 @@ async fn run(cli: Cli) -> Result<()> {
             log_limit,
             no_promote,
             kv_buckets,
+            tenant,
         } => {
             let concurrency = concurrency.map(|c| c.to_string());
             let mut extra = Vec::new();
@@ -468,6 +480,9 @@ async fn run(cli: Cli) -> Result<()> {
             }
             for b in &kv_buckets {
                 extra.push(("kv_bucket", b.as_str()));
+            }
+            if let Some(t) = &tenant {
+                extra.push(("tenant", t.as_str()));
             }
             deploy(&client, json, &file, &name, &route, host, &env, &extra).await
         }
@@ -626,7 +641,8 @@ async fn run(cli: Cli) -> Result<()> {
             invoke(&client, json, &endpoint, pairs, data, run_async).await
         }
         Command::Trigger { action } => events::trigger(&client, json, action).await,
-        Command::Kv { action } => kv::kv(&client, json, action).await,
+        Command::Kv { tenant, action } => kv::kv(&client, json, tenant.as_deref(), action).await,
+        Command::Token { action } => kv::token(&client, json, action).await,
         Command::Dlq { action } => events::dlq(&client, json, action).await,
         Command::Schedule { action } => events::schedule(&client, json, action).await,
         Command::Async {

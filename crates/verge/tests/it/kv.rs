@@ -333,3 +333,121 @@ fn a_python_guest_counts_page_views() {
     let r = http.get(format!("{}/get/about", node.url)).send().unwrap();
     assert_eq!(r.text().unwrap(), "3\n");
 }
+
+#[test]
+fn buckets_belong_to_tenants() {
+    let node = TestNode::start();
+    let f = crate::kit::fixture("rust-kv");
+    let f = f.to_str().unwrap();
+    // The same component and bucket name in two tenants, on two hosts.
+    for (name, host, tenant) in [
+        ("pages-acme", "acme.test", Some("acme")),
+        ("pages", "main.test", None),
+    ] {
+        let mut args = vec![
+            "deploy",
+            f,
+            "--name",
+            name,
+            "--route",
+            "/count",
+            "--host",
+            host,
+            "--kv-bucket",
+            "views",
+        ];
+        if let Some(t) = tenant {
+            args.extend(["--tenant", t]);
+        }
+        node.cli_ok(&args);
+    }
+    let http = node.http();
+    let count = |host: &str| {
+        let r = http
+            .get(format!("{}/count/home", node.url))
+            .header("host", host)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().unwrap()
+    };
+    assert_eq!(count("acme.test"), "views 1\n");
+    assert_eq!(count("acme.test"), "views 2\n");
+    assert_eq!(
+        count("main.test"),
+        "views 1\n",
+        "another tenant's bucket of the same name"
+    );
+    // The admin reaches any tenant's buckets; the default tenant without --tenant.
+    assert_eq!(get(&node, "views", "home").as_deref(), Some("1"));
+    assert_eq!(
+        node.cli_ok(&["kv", "--tenant", "acme", "get", "views", "home"])
+            .trim(),
+        "2"
+    );
+    let listed = node.cli_ok(&["kv", "buckets"]);
+    assert!(
+        listed.contains("acme") && listed.contains("default"),
+        "{listed}"
+    );
+
+    // A tenant token: its own tenant's buckets, through the key-value API only.
+    let created: serde_json::Value = serde_json::from_str(
+        &node.cli_ok(&["--json", "token", "create", "acme-app", "--tenant", "acme"]),
+    )
+    .unwrap();
+    let token = created["token"].as_str().unwrap().to_string();
+    let as_acme = |args: &[&str]| {
+        std::process::Command::new(crate::kit::VERGE)
+            .args(args)
+            .env("VERGE_SERVER", &node.url)
+            .env("VERGE_TOKEN", &token)
+            .env_remove("VERGE_DATA_DIR")
+            .output()
+            .unwrap()
+    };
+    let out = as_acme(&["kv", "get", "views", "home"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2");
+    let out = as_acme(&["kv", "incr", "views", "home", "5"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "7");
+    assert_eq!(
+        count("acme.test"),
+        "views 8\n",
+        "the guest sees the API's write"
+    );
+    let listed = String::from_utf8_lossy(&as_acme(&["kv", "buckets"]).stdout).into_owned();
+    assert!(
+        listed.contains("acme") && !listed.contains("default"),
+        "{listed}"
+    );
+    let out = as_acme(&["kv", "--tenant", "default", "get", "views", "home"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tenant \"acme\"") && err.contains("403"),
+        "{err}"
+    );
+    let out = as_acme(&["ls"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("key-value API (/v1/kv) only"), "{err}");
+
+    // Tokens are listed without secrets, and removed.
+    let tokens = node.cli_ok(&["token", "ls"]);
+    assert!(
+        tokens.contains("acme-app") && tokens.contains("(admin)"),
+        "{tokens}"
+    );
+    assert!(!tokens.contains(&token));
+    let err = node.cli_err(&["token", "rm", "admin"]);
+    assert!(err.contains("last admin token"), "{err}");
+    node.cli_ok(&["token", "rm", "acme-app"]);
+    let out = as_acme(&["kv", "get", "views", "home"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refused the token"));
+}

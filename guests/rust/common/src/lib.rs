@@ -1,13 +1,19 @@
 //! Helpers shared by the Rust guest fixtures: read a request body, send a response.
 
-use wasip2::http::types::{Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam};
+use wasip2::http::types::{
+    Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam,
+};
 
 /// Reads the whole request body.
 pub fn read_body(request: &IncomingRequest) -> Vec<u8> {
     let mut out = Vec::new();
-    let Ok(body) = request.consume() else { return out };
+    let Ok(body) = request.consume() else {
+        return out;
+    };
     {
-        let Ok(stream) = body.stream() else { return out };
+        let Ok(stream) = body.stream() else {
+            return out;
+        };
         loop {
             match stream.blocking_read(64 * 1024) {
                 Ok(chunk) => out.extend_from_slice(&chunk),
@@ -37,5 +43,8 @@ pub fn respond(out: ResponseOutparam, status: u16, headers: &[(String, Vec<u8>)]
 
 /// A `text/plain` header list.
 pub fn text() -> Vec<(String, Vec<u8>)> {
-    vec![("content-type".to_string(), b"text/plain; charset=utf-8".to_vec())]
+    vec![(
+        "content-type".to_string(),
+        b"text/plain; charset=utf-8".to_vec(),
+    )]
 }

@@ -24,8 +24,14 @@ fn method_name(m: &Method) -> String {
 impl Guest for Echo {
     fn handle(request: IncomingRequest, out: ResponseOutparam) {
         let mut headers = vec![
-            ("content-type".to_string(), b"application/octet-stream".to_vec()),
-            ("x-echo-method".to_string(), method_name(&request.method()).into_bytes()),
+            (
+                "content-type".to_string(),
+                b"application/octet-stream".to_vec(),
+            ),
+            (
+                "x-echo-method".to_string(),
+                method_name(&request.method()).into_bytes(),
+            ),
             (
                 "x-echo-path".to_string(),
                 request.path_with_query().unwrap_or_default().into_bytes(),

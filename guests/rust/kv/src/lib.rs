@@ -5,6 +5,8 @@
 //! - `PUT /docs/<id>` (body): stores the document; `GET /docs/<id>` reads it;
 //!   `DELETE /docs/<id>` deletes it; `GET /docs` lists the ids
 //! - `GET /open/<bucket>`: opens any bucket (to test the grants)
+//! - `GET /bench/<n>`: times `n` each of set, get and increment from inside
+//!   the guest (wasi:clocks), answers p50/p99 per operation in microseconds
 
 use wasip2::exports::http::incoming_handler::Guest;
 use wasip2::http::types::{IncomingRequest, Method, ResponseOutparam};
@@ -66,6 +68,39 @@ fn handle(method: &Method, path: &str, body: Vec<u8>) -> Result<(u16, Vec<u8>), 
             }
             Ok((200, format!("{}\n", ids.join("\n")).into_bytes()))
         }
+        (Method::Get, ["bench", n]) => {
+            let n: usize = n
+                .parse()
+                .map_err(|_| (400, format!("{n:?} is not a count")))?;
+            let docs = store::open("docs").map_err(|e| (500, err(e)))?;
+            let views = store::open("views").map_err(|e| (500, err(e)))?;
+            let mut out = String::new();
+            for op in ["set", "get", "increment"] {
+                let mut us = Vec::with_capacity(n);
+                for i in 0..n {
+                    let key = format!("bench-{}", i % 100);
+                    let t = std::time::Instant::now();
+                    match op {
+                        "set" => docs.set(&key, b"{\"v\":1}").map_err(|e| (500, err(e)))?,
+                        "get" => drop(docs.get(&key).map_err(|e| (500, err(e)))?),
+                        _ => drop(atomics::increment(&views, &key, 1).map_err(|e| (500, err(e)))?),
+                    }
+                    us.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+                us.sort_by(f64::total_cmp);
+                let at = |q: f64| {
+                    us.get(((us.len() as f64 * q) as usize).min(us.len().saturating_sub(1)))
+                        .copied()
+                        .unwrap_or(0.0)
+                };
+                out.push_str(&format!(
+                    "{op} p50 {:.1} us p99 {:.1} us\n",
+                    at(0.5),
+                    at(0.99)
+                ));
+            }
+            Ok((200, out.into_bytes()))
+        }
         (Method::Get, ["open", bucket]) => match store::open(bucket) {
             Ok(_) => Ok((200, b"opened\n".to_vec())),
             Err(e) => Err((403, err(e))),
@@ -81,9 +116,12 @@ impl Guest for Kv {
         let body = common::read_body(&request);
         match handle(&method, &path, body) {
             Ok((status, body)) => common::respond(out, status, &common::text(), &body),
-            Err((status, message)) => {
-                common::respond(out, status, &common::text(), format!("{message}\n").as_bytes())
-            }
+            Err((status, message)) => common::respond(
+                out,
+                status,
+                &common::text(),
+                format!("{message}\n").as_bytes(),
+            ),
         }
     }
 }

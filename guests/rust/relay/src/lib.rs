@@ -50,13 +50,19 @@ fn emit(url: &str, id: &str, ty: &str, next: Option<&str>, body: &[u8]) -> Resul
     let headers = Fields::from_list(&list).map_err(|e| format!("{e:?}"))?;
     let request = OutgoingRequest::new(headers);
     request.set_method(&Method::Post).map_err(|_| "method")?;
-    request.set_scheme(Some(&Scheme::Http)).map_err(|_| "scheme")?;
-    request.set_authority(Some(&authority)).map_err(|_| "authority")?;
+    request
+        .set_scheme(Some(&Scheme::Http))
+        .map_err(|_| "scheme")?;
+    request
+        .set_authority(Some(&authority))
+        .map_err(|_| "authority")?;
     request.set_path_with_query(Some("/")).map_err(|_| "path")?;
     let outgoing = request.body().map_err(|_| "body")?;
     {
         let stream = outgoing.write().map_err(|_| "stream")?;
-        stream.blocking_write_and_flush(body).map_err(|e| format!("{e:?}"))?;
+        stream
+            .blocking_write_and_flush(body)
+            .map_err(|e| format!("{e:?}"))?;
     }
     OutgoingBody::finish(outgoing, None).map_err(|e| format!("{e:?}"))?;
     let future = outgoing_handler::handle(request, None).map_err(|e| format!("{e:?}"))?;
@@ -79,7 +85,11 @@ impl Guest for Relay {
             wasip2::clocks::monotonic_clock::subscribe_duration(ms * 1_000_000).block();
         }
         let body = common::read_body(&request);
-        let data = if body.is_empty() { b"{}".to_vec() } else { body };
+        let data = if body.is_empty() {
+            b"{}".to_vec()
+        } else {
+            body
+        };
         let mut message = format!("relayed {id}\n");
         if let (Some(next), Some(url)) = (env("EMIT_TYPE"), env("VERGE_EVENTS_URL")) {
             let then = env("EMIT_NEXT");
@@ -87,7 +97,12 @@ impl Guest for Relay {
                 Ok(status) => message.push_str(&format!("emitted {next}: {status}\n")),
                 Err(e) => {
                     eprintln!("emit failed: {e}");
-                    common::respond(out, 500, &common::text(), format!("emit failed: {e}\n").as_bytes());
+                    common::respond(
+                        out,
+                        500,
+                        &common::text(),
+                        format!("emit failed: {e}\n").as_bytes(),
+                    );
                     return;
                 }
             }

@@ -32,7 +32,9 @@ impl Guest for Sandbox {
         // The last path segment picks the probe, wherever the function is routed.
         let path = format!("/{}", full.rsplit('/').next().unwrap_or_default());
         let body = if path.starts_with("/env") {
-            std::env::vars().map(|(k, v)| format!("{k}={v}\n")).collect::<String>()
+            std::env::vars()
+                .map(|(k, v)| format!("{k}={v}\n"))
+                .collect::<String>()
         } else if path.starts_with("/fs") {
             let dir = match std::fs::read_dir("/") {
                 Ok(_) => "read_dir(/) allowed".to_string(),
