@@ -16,7 +16,7 @@ pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; stop_node; rm -rf "$work"' EXIT
 
 start_node "$work/g" 18097
-$VERGE --data-dir "$work/g" deploy target/guests/rust-kv.wasm --name kv --route /count --route /docs \
+$VERGE --data-dir "$work/g" deploy target/guests/rust-kv.wasm --name kv --route /count --route /docs --route /bench \
   --kv-bucket views --kv-bucket docs >/dev/null
 cat >"$work/put.lua" <<'LUA'
 wrk.method = "PUT"
