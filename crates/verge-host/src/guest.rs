@@ -437,10 +437,14 @@ where
         }
         (result, memory_hit)
     };
-    let task = if cfg.metering {
-        tokio::spawn(Metered::new(work, meter.clone()))
-    } else {
-        tokio::spawn(work)
+    let task = match (cfg.metering, host.slow_lane()) {
+        (true, Some(lane)) => tokio::spawn(crate::lanes::Demoting::new(
+            Metered::new(work, meter.clone()),
+            lane,
+        )),
+        (true, None) => tokio::spawn(Metered::new(work, meter.clone())),
+        (false, Some(lane)) => tokio::spawn(crate::lanes::Demoting::new(work, lane)),
+        (false, None) => tokio::spawn(work),
     };
 
     match tokio::time::timeout_at(deadline.into(), rx).await {

@@ -15,6 +15,7 @@
 mod capture;
 mod guest;
 mod keyvalue;
+mod lanes;
 mod meter;
 
 use std::collections::hash_map::DefaultHasher;
@@ -66,6 +67,10 @@ pub struct HostConfig {
     pub metering: bool,
     /// When to compile with the baseline compiler first.
     pub tiering: Tiering,
+    /// CPU time after which an invocation moves to the slow lane, a runtime
+    /// of lower-priority threads, so that it cannot starve short requests
+    /// (`None`: never).
+    pub demote_after: Option<Duration>,
 }
 
 /// Which compiler makes a component's machine code.
@@ -121,6 +126,7 @@ impl HostConfig {
             timeout: Duration::from_secs(30),
             metering: true,
             tiering: Tiering::default(),
+            demote_after: Some(Duration::from_millis(20)),
         }
     }
 }
@@ -359,6 +365,8 @@ pub struct HostStats {
     pub baseline: u64,
     /// Baseline components whose optimized code replaced it.
     pub optimized: u64,
+    /// Invocations moved to the slow lane.
+    pub demoted: u64,
 }
 
 /// One compiler's engine and the linker built for it.
@@ -405,6 +413,9 @@ pub struct Host {
     usage_sink: Option<UsageSink>,
     event_sink: Option<EventSink>,
     kv: Option<Arc<verge_kv::Kv>>,
+    /// Where invocations past `demote_after` of CPU time continue.
+    slow_lane: Option<lanes::SlowLane>,
+    demoted: Arc<AtomicU64>,
 }
 
 /// Interval of the epoch ticker: the granularity of timeouts and of yields of
@@ -449,6 +460,12 @@ impl Host {
                 }
             })
             .map_err(|e| HostError::Engine(format!("could not start the epoch thread: {e}")))?;
+        let slow_lane = match config.demote_after {
+            Some(_) => Some(lanes::SlowLane::new().map_err(|e| {
+                HostError::Engine(format!("could not start the slow lane's threads: {e}"))
+            })?),
+            None => None,
+        };
 
         Ok(Self {
             optimizing,
@@ -461,6 +478,17 @@ impl Host {
             usage_sink: None,
             event_sink: None,
             kv: None,
+            slow_lane,
+            demoted: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// The slow lane and the CPU budget before an invocation moves there.
+    pub(crate) fn slow_lane(&self) -> Option<lanes::Lane> {
+        Some(lanes::Lane {
+            handle: self.slow_lane.as_ref()?.handle()?,
+            budget: self.config.demote_after?,
+            demoted: self.demoted.clone(),
         })
     }
 
@@ -494,6 +522,7 @@ impl Host {
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             baseline: self.baseline_loads.load(Ordering::Relaxed),
             optimized: self.optimized.load(Ordering::Relaxed),
+            demoted: self.demoted.load(Ordering::Relaxed),
         }
     }
 

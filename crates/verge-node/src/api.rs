@@ -111,6 +111,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
         jobs: state.bus.depth().unwrap_or(0),
         queued: state.admission.queued() as u64,
         running: state.admission.running() as u64,
+        demoted: stats.demoted,
     })
 }
 

@@ -77,6 +77,9 @@ pub struct NodeConfig {
     /// How long a key-value tombstone waits for a silent replica before it
     /// is collected anyway (the replica is expired and re-bootstraps).
     pub kv_grace: Duration,
+    /// CPU time after which an invocation continues on lower-priority
+    /// threads (`None`: never).
+    pub demote_after: Option<Duration>,
 }
 
 impl NodeConfig {
@@ -103,6 +106,7 @@ impl NodeConfig {
             hop_limit: 16,
             peers: Vec::new(),
             kv_grace: Duration::from_secs(7 * 24 * 3600),
+            demote_after: Some(Duration::from_millis(20)),
         }
     }
 }
@@ -171,6 +175,7 @@ impl Node {
             timeout: config.timeout,
             metering: config.metering,
             tiering: config.tiering,
+            demote_after: config.demote_after,
         })?;
         let kv =
             Arc::new(verge_kv::Kv::open_replica(&data_dir).map_err(|e| {

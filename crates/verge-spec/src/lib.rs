@@ -473,6 +473,10 @@ pub struct Health {
     /// Invocations running right now.
     #[serde(default)]
     pub running: u64,
+    /// Invocations moved to the slow lane (lower-priority threads) after
+    /// their CPU budget, since the node started.
+    #[serde(default)]
+    pub demoted: u64,
 }
 
 /// An error body (RFC 9457 problem details).

@@ -110,6 +110,10 @@ enum Command {
         /// The token the peers accept (their admin token)
         #[arg(long, env = "VERGE_PEER_TOKEN", hide_env_values = true)]
         peer_token: Option<String>,
+        /// CPU time after which an invocation continues on lower-priority threads,
+        /// so that long-running guests cannot starve short requests ("off": never)
+        #[arg(long, default_value = "20ms")]
+        demote_after: String,
         /// How long a key-value delete waits for a silent replica: after it, the
         /// tombstone is collected and the replica must re-bootstrap (e.g. 7d, 12h, 90s)
         #[arg(long, default_value = "7d")]
@@ -390,6 +394,7 @@ async fn run(cli: Cli) -> Result<()> {
         peers,
         peer_token,
         kv_grace,
+        demote_after,
     } = &cli.command
     {
         if !peers.is_empty() && peer_token.is_none() {
@@ -419,7 +424,14 @@ async fn run(cli: Cli) -> Result<()> {
             parse_duration(max_wait).context("--max-wait")?,
             !*no_metering,
             bodies,
-            (*keep_versions, code),
+            (
+                *keep_versions,
+                code,
+                match demote_after.as_str() {
+                    "off" => None,
+                    d => Some(parse_duration(d).context("--demote-after (or off)")?),
+                },
+            ),
             (
                 node_name.clone(),
                 parse_duration(retry_base).context("--retry-base")?,
@@ -698,7 +710,7 @@ async fn up(
     max_wait: Duration,
     metering: bool,
     (max_request_body, max_response_body, log_limit): (usize, usize, usize),
-    (keep_versions, code): (usize, &str),
+    (keep_versions, code, demote_after): (usize, &str, Option<Duration>),
     (node_name, retry_base): (Option<String>, Duration),
     (peers, kv_grace): (Vec<verge_node::Peer>, Duration),
 ) -> Result<()> {
@@ -728,6 +740,7 @@ async fn up(
     config.retry_base = retry_base;
     config.peers = peers;
     config.kv_grace = kv_grace;
+    config.demote_after = demote_after;
     config.tiering = match code {
         "optimized" => Tiering::Off,
         "baseline" => Tiering::BaselineOnly,

@@ -38,6 +38,17 @@ fn loops_time_out_and_neighbours_keep_answering() {
         assert!(p["detail"].as_str().unwrap().contains("time limit"), "{p}");
         assert_eq!(p["invocation_id"], id.as_str());
     }
+    // The spinners went on in the slow lane (lower-priority threads) once
+    // they had used their CPU budget, and were still stopped at the limit;
+    // the neighbour's short requests never left the fast one.
+    let health: serde_json::Value = node
+        .http()
+        .get(format!("{}/v1/health", node.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(health["demoted"], 2, "{health}");
 
     // Unbounded recursion traps; the process survives.
     let r = node
