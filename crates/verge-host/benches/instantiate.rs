@@ -21,7 +21,13 @@ fn us(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1e6)
 }
 
+#[allow(unsafe_code)]
 fn main() -> anyhow::Result<()> {
+    // As `verge up` does: wasmtime builds an error on every store drop
+    // (fiber disposal), and with RUST_BACKTRACE=1 in the environment each
+    // would capture a backtrace, which is not what the node pays.
+    // SAFETY: no other thread exists yet.
+    unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     let dir = std::env::var_os("VERGE_GUESTS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/guests"));
