@@ -271,6 +271,21 @@ mod sync_protocol {
 
     const FOREVER: u64 = 1 << 50;
 
+    /// Polls `check` until it gives a value (10 s at most).
+    fn until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(v) = check() {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting: {what}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
     #[derive(Debug, Clone)]
     enum Step {
         Set(usize, usize, u8),
@@ -439,11 +454,16 @@ mod sync_protocol {
         core.delete("b", "k").unwrap();
         edge.set("b", "offline", b"w").unwrap();
         edge.increment("b", "n", 2).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(30));
-        // Grace of 10 ms: the edge is expired and the tombstone collected.
-        let report = core.collect(10).unwrap();
-        assert_eq!(report.expired, vec![2]);
-        assert_eq!(report.collected, 1);
+        // Grace of 10 ms: once it has passed, the edge is expired and the
+        // tombstone collected.
+        let (mut expired, mut collected) = (Vec::new(), 0);
+        until("the edge expired and the tombstone collected", || {
+            let r = core.collect(10).unwrap();
+            expired.extend(r.expired);
+            collected += r.collected;
+            (collected == 1 && !expired.is_empty()).then_some(())
+        });
+        assert_eq!(expired, vec![2]);
         // The link returns: the edge is told to re-bootstrap.
         let round = s.round(&edge, &Local(&core), false).unwrap();
         let rb = round.rebootstrapped.expect("re-bootstrapped");
@@ -474,16 +494,13 @@ mod sync_protocol {
     fn a_new_replica_with_writes_older_than_collected_tombstones_rebootstraps() {
         let (_dn, newcomer) = replica(3);
         newcomer.set("b", "k", b"old").unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(5));
         let (_dc, core) = replica(1);
         core.set("b", "k", b"v").unwrap();
         core.delete("b", "k").unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        assert_eq!(
-            core.collect(10).unwrap().collected,
-            1,
-            "no replica known: by age"
-        );
+        // No replica known: collected once older than the grace bound.
+        until("the tombstone is collected by age", || {
+            (core.collect(10).unwrap().collected == 1).then_some(())
+        });
         let mut s = Syncer::new("core");
         let round = s.round(&newcomer, &Local(&core), false).unwrap();
         let rb = round.rebootstrapped.expect("told to re-bootstrap");
