@@ -196,7 +196,7 @@ fn find_alias(aliases: Vec<Alias>, alias: &str) -> Result<Alias, ApiError> {
 async fn put_alias(
     State(state): State<Arc<AppState>>,
     Path((name, alias)): Path<(String, String)>,
-    Json(target): Json<AliasTarget>,
+    crate::error::JsonBody(target): crate::error::JsonBody<AliasTarget>,
 ) -> Result<Json<Alias>, ApiError> {
     validate_function_name(&name)?;
     validate_alias_name(&alias)?;
@@ -926,7 +926,7 @@ async fn list_routes(State(state): State<Arc<AppState>>) -> Result<Json<Vec<Rout
 
 async fn put_route(
     State(state): State<Arc<AppState>>,
-    Json(req): Json<RouteRequest>,
+    crate::error::JsonBody(req): crate::error::JsonBody<RouteRequest>,
 ) -> Result<Json<Route>, ApiError> {
     validate_function_name(&req.function)?;
     let path = normalize_route_path(&req.path)?;

@@ -165,7 +165,7 @@ pub(crate) async fn list_tokens(
 
 pub(crate) async fn create_token(
     State(state): State<Arc<AppState>>,
-    axum::Json(req): axum::Json<NewToken>,
+    crate::error::JsonBody(req): crate::error::JsonBody<NewToken>,
 ) -> Result<(http::StatusCode, axum::Json<serde_json::Value>), ApiError> {
     let ok = !req.name.is_empty()
         && req.name.len() <= 63

@@ -148,3 +148,25 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+/// A JSON request body. A malformed one is a 400 problem body that says
+/// what was wrong (axum's own rejection is plain text).
+pub(crate) struct JsonBody<T>(pub T);
+
+impl<S, T> axum::extract::FromRequest<S> for JsonBody<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Self(v)),
+            Err(e) => Err(ApiError::BadRequest(format!(
+                "{}; send a JSON body with content-type application/json, shaped as GET /v1/openapi.json describes",
+                e.body_text()
+            ))),
+        }
+    }
+}

@@ -157,7 +157,7 @@ pub struct TriggerRequest {
 
 pub(crate) async fn add_trigger(
     State(state): State<Arc<AppState>>,
-    Json(req): Json<TriggerRequest>,
+    crate::error::JsonBody(req): crate::error::JsonBody<TriggerRequest>,
 ) -> Result<(StatusCode, Json<Trigger>), ApiError> {
     validate_function_name(&req.function)?;
     let alias = req.alias.unwrap_or_else(|| LIVE_ALIAS.to_string());
@@ -381,7 +381,7 @@ pub(crate) async fn get_async_config(
 pub(crate) async fn put_async_config(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
-    Json(req): Json<AsyncConfigRequest>,
+    crate::error::JsonBody(req): crate::error::JsonBody<AsyncConfigRequest>,
 ) -> Result<Json<AsyncConfig>, ApiError> {
     validate_function_name(&name)?;
     if !state.has_function(&name) {
@@ -451,7 +451,7 @@ pub struct ScheduleRequest {
 
 pub(crate) async fn add_schedule(
     State(state): State<Arc<AppState>>,
-    Json(req): Json<ScheduleRequest>,
+    crate::error::JsonBody(req): crate::error::JsonBody<ScheduleRequest>,
 ) -> Result<(StatusCode, Json<Schedule>), ApiError> {
     validate_function_name(&req.function)?;
     let alias = req.alias.unwrap_or_else(|| LIVE_ALIAS.to_string());

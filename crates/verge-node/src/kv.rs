@@ -269,21 +269,21 @@ async fn serve<T: Send + 'static>(
 
 pub(crate) async fn hello(
     State(state): State<Arc<AppState>>,
-    Json(req): Json<Hello>,
+    crate::error::JsonBody(req): crate::error::JsonBody<Hello>,
 ) -> Result<Json<HelloReply>, ApiError> {
     serve(&state, move |kv| kv.serve_hello(&req)).await
 }
 
 pub(crate) async fn push(
     State(state): State<Arc<AppState>>,
-    Json(req): Json<Push>,
+    crate::error::JsonBody(req): crate::error::JsonBody<Push>,
 ) -> Result<Json<PushReply>, ApiError> {
     serve(&state, move |kv| kv.serve_push(&req)).await
 }
 
 pub(crate) async fn pull(
     State(state): State<Arc<AppState>>,
-    Json(req): Json<Pull>,
+    crate::error::JsonBody(req): crate::error::JsonBody<Pull>,
 ) -> Result<Json<Pulled>, ApiError> {
     serve(&state, move |kv| kv.serve_pull(&req)).await
 }
@@ -308,7 +308,7 @@ pub(crate) async fn digest(
 
 pub(crate) async fn ranges(
     State(state): State<Arc<AppState>>,
-    Json(req): Json<RangeRequest>,
+    crate::error::JsonBody(req): crate::error::JsonBody<RangeRequest>,
 ) -> Result<Json<Vec<Delta>>, ApiError> {
     verge_kv::validate_stored(&req.bucket).map_err(kv_err)?;
     serve(&state, move |kv| {
@@ -319,7 +319,7 @@ pub(crate) async fn ranges(
 
 pub(crate) async fn snapshot(
     State(state): State<Arc<AppState>>,
-    Json(req): Json<SnapshotRequest>,
+    crate::error::JsonBody(req): crate::error::JsonBody<SnapshotRequest>,
 ) -> Result<Json<SnapshotPage>, ApiError> {
     serve(&state, move |kv| kv.serve_snapshot(&req)).await
 }

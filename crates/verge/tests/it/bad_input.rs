@@ -141,3 +141,35 @@ fn bad_uploads_are_refused_with_what_to_do() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+#[test]
+fn malformed_json_bodies_get_problem_bodies() {
+    let node = TestNode::start();
+    let http = node.http();
+    for (method, path, body) in [
+        (reqwest::Method::PUT, "/v1/routes", "{bad"),
+        (reqwest::Method::POST, "/v1/tokens", r#"{"name": 5}"#),
+        (reqwest::Method::POST, "/v1/triggers", "[]"),
+        (reqwest::Method::POST, "/v1/replication/pull", "{}"),
+    ] {
+        let r = http
+            .request(method.clone(), format!("{}{path}", node.url))
+            .bearer_auth(node.token())
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 400, "{method} {path}");
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/problem+json",
+            "{method} {path}"
+        );
+        let p: serde_json::Value = r.json().unwrap();
+        let detail = p["detail"].as_str().unwrap();
+        assert!(detail.contains("openapi.json"), "{method} {path}: {detail}");
+    }
+    // The node keeps serving.
+    let h = http.get(format!("{}/v1/health", node.url)).send().unwrap();
+    assert_eq!(h.status(), 200);
+}
