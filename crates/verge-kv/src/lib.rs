@@ -49,7 +49,19 @@ pub enum KvError {
         "replica {node:016x} is not admitted: {reason}; it must say hello first (and re-bootstrap if told to)"
     )]
     NotAdmitted { node: u64, reason: String },
+    #[error(
+        "the value for key {key:?} is {size} bytes, over the {} MiB limit of a key-value entry; keep large objects elsewhere and store a reference",
+        MAX_VALUE >> 20
+    )]
+    ValueTooLarge { key: String, size: usize },
 }
+
+/// The largest value a key may hold.
+pub const MAX_VALUE: usize = 8 << 20;
+
+/// Value bytes after which a batch of deltas is cut (a batch always carries
+/// at least one delta).
+pub const BATCH_BYTES: usize = 4 << 20;
 
 fn kind_name(k: Kind) -> &'static str {
     match k {
@@ -345,6 +357,12 @@ impl Kv {
             let node = stamp.node;
             let (key, entry, result) = match op {
                 Op::Set(key, value) => {
+                    if value.len() > MAX_VALUE {
+                        return Err(KvError::ValueTooLarge {
+                            key,
+                            size: value.len(),
+                        });
+                    }
                     let entry = match entry_of(&tx, bucket, &key)? {
                         None => Entry::register(Some(value), stamp),
                         Some(mut e) => {

@@ -186,12 +186,19 @@ impl Kv {
         })?;
         let mut out = Vec::new();
         let mut upto = since;
+        let mut bytes = 0;
         for row in rows {
             let (bucket, key, json, seq, src) = row?;
-            upto = upto.max(seq);
             if src == peer && peer != 0 {
+                upto = upto.max(seq);
                 continue;
             }
+            // Cut by size too: the rest goes in the next batch.
+            if !out.is_empty() && bytes + json.len() > crate::BATCH_BYTES {
+                break;
+            }
+            bytes += json.len();
+            upto = upto.max(seq);
             out.push(Delta {
                 bucket,
                 key,
@@ -351,8 +358,13 @@ impl Kv {
             ))
         })?;
         let mut out = Vec::new();
+        let mut bytes = 0;
         for row in rows {
             let (bucket, key, json) = row?;
+            if !out.is_empty() && bytes + json.len() > crate::BATCH_BYTES {
+                break;
+            }
+            bytes += json.len();
             out.push(Delta {
                 bucket,
                 key,

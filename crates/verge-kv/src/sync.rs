@@ -230,6 +230,27 @@ impl Kv {
     }
 }
 
+/// Splits deltas into messages of at most [`BATCH`] deltas and about
+/// [`crate::BATCH_BYTES`] of values (at least one delta each).
+fn batches(deltas: Vec<Delta>) -> Vec<Vec<Delta>> {
+    let mut out: Vec<Vec<Delta>> = Vec::new();
+    let mut bytes = 0;
+    for d in deltas {
+        let size = d.entry.value.as_ref().map_or(0, Vec::len) + d.key.len() + 64;
+        match out.last_mut() {
+            Some(last) if last.len() < BATCH && bytes + size <= crate::BATCH_BYTES => {
+                bytes += size;
+                last.push(d);
+            }
+            _ => {
+                bytes = size;
+                out.push(vec![d]);
+            }
+        }
+    }
+    out
+}
+
 /// What one round did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Round {
@@ -294,7 +315,7 @@ impl Syncer {
             kv.apply_from(peer, &p.deltas)?;
             kv.set_pulled(peer, p.upto)?;
             round.pulled += n;
-            if n < BATCH || p.upto <= since {
+            if p.upto <= since {
                 break;
             }
         }
@@ -342,10 +363,10 @@ impl Syncer {
             })?;
             kv.apply_from(peer, &theirs)?;
             let mine = kv.entries_in_ranges(&bucket, &differing)?;
-            for chunk in mine.chunks(BATCH) {
+            for chunk in batches(mine) {
                 t.push(&Push {
                     from: kv.node(),
-                    deltas: chunk.to_vec(),
+                    deltas: chunk,
                 })?;
             }
             repaired += differing.len();
@@ -376,7 +397,8 @@ impl Syncer {
                 .last()
                 .map(|d| (d.bucket.clone(), d.key.clone()));
             all.extend(page.deltas);
-            if n < 10 * BATCH {
+            // Pages are cut by count and by size: only an empty one ends.
+            if n == 0 {
                 break;
             }
         }

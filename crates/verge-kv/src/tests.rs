@@ -541,6 +541,32 @@ mod sync_protocol {
     }
 
     #[test]
+    fn large_values_travel_in_batches_cut_by_size() {
+        let (_dc, core) = replica(1);
+        let (_de, edge) = replica(2);
+        let mut s = Syncer::new("core");
+        s.round(&edge, &Local(&core), false).unwrap();
+        let big = vec![7u8; 1 << 20];
+        for i in 0..12 {
+            edge.set("b", &format!("k{i}"), &big).unwrap();
+        }
+        core.set("b", "c", &big).unwrap();
+        let (first, _) = edge.pending(1, BATCH).unwrap();
+        assert!(first.len() < 12, "a batch is cut by size: {}", first.len());
+        let r = s.round(&edge, &Local(&core), false).unwrap();
+        assert_eq!((r.pulled, r.pushed), (1, 12));
+        assert_eq!(
+            core.get("b", "k11").unwrap(),
+            Some(Value::Bytes(big.clone()))
+        );
+        // A value over the limit is refused, naming it.
+        let err = edge
+            .set("b", "huge", &vec![0u8; MAX_VALUE + 1])
+            .unwrap_err();
+        assert!(err.to_string().contains("MiB limit"), "{err}");
+    }
+
+    #[test]
     fn clock_skew_is_counted_and_shown() {
         let (_da, a) = replica(1);
         let far = Stamp {

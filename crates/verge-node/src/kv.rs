@@ -42,6 +42,7 @@ fn kv_err(e: KvError) -> ApiError {
     match e {
         KvError::WrongKind { .. } => ApiError::Conflict(e.to_string()),
         KvError::BucketName(_) => ApiError::BadRequest(e.to_string()),
+        KvError::ValueTooLarge { .. } => ApiError::TooLarge(e.to_string()),
         other => ApiError::Internal(other.to_string()),
     }
 }

@@ -399,6 +399,10 @@ fn router(state: Arc<AppState>) -> Router {
     let api = api::router()
         .route("/v1", any(api::unknown_endpoint))
         .route("/v1/{*rest}", any(api::unknown_endpoint))
+        // Bodies read whole by the API's extractors: key-value values (up to
+        // 8 MiB) and replication batches (a value's JSON is ~3.5x its
+        // bytes). Uploads and invocations stream with their own limits.
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,

@@ -173,3 +173,27 @@ fn malformed_json_bodies_get_problem_bodies() {
     let h = http.get(format!("{}/v1/health", node.url)).send().unwrap();
     assert_eq!(h.status(), 200);
 }
+
+#[test]
+fn key_value_values_up_to_the_limit_are_taken_and_larger_ones_refused() {
+    let node = TestNode::start();
+    let http = node.http();
+    let put = |size: usize| {
+        http.put(format!("{}/v1/kv/blobs/b{size}", node.url))
+            .bearer_auth(node.token())
+            .body(vec![b'x'; size])
+            .send()
+            .unwrap()
+    };
+    assert_eq!(put(3 << 20).status(), 204, "3 MiB fits");
+    let r = put((8 << 20) + 1);
+    assert_eq!(r.status(), 413);
+    let p: serde_json::Value = r.json().unwrap();
+    assert!(p["detail"].as_str().unwrap().contains("8 MiB limit"), "{p}");
+    let r = http
+        .get(format!("{}/v1/kv/blobs/b{}", node.url, 3 << 20))
+        .bearer_auth(node.token())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
