@@ -167,13 +167,7 @@ pub(crate) async fn create_token(
     State(state): State<Arc<AppState>>,
     crate::error::JsonBody(req): crate::error::JsonBody<NewToken>,
 ) -> Result<(http::StatusCode, axum::Json<serde_json::Value>), ApiError> {
-    let ok = !req.name.is_empty()
-        && req.name.len() <= 63
-        && req
-            .name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if !ok {
+    if !verge_spec::is_plain_name(&req.name) {
         return Err(ApiError::BadRequest(format!(
             "invalid token name {:?}: use 1 to 63 characters from a-z, 0-9 and '-'",
             req.name

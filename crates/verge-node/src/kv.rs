@@ -81,6 +81,14 @@ fn tenant_and_rest(
     Ok((caller.kv_tenant(asked.as_deref())?, rest))
 }
 
+/// A `limit=` query parameter: 1 to 10,000.
+fn parse_limit(v: &str) -> Result<usize, ApiError> {
+    v.parse()
+        .ok()
+        .filter(|n| (1..=10_000).contains(n))
+        .ok_or_else(|| ApiError::BadRequest(format!("limit {v:?} must be 1..10000")))
+}
+
 fn no_params(rest: &[(String, String)], accepted: &str) -> Result<(), ApiError> {
     match rest.first() {
         Some((k, _)) => Err(ApiError::BadRequest(format!(
@@ -147,13 +155,7 @@ pub(crate) async fn keys(
         match k.as_str() {
             "prefix" => prefix = v,
             "after" => after = Some(v),
-            "limit" => {
-                limit = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=10_000).contains(n))
-                    .ok_or_else(|| ApiError::BadRequest(format!("limit {v:?} must be 1..10000")))?
-            }
+            "limit" => limit = parse_limit(&v)?,
             other => {
                 return Err(ApiError::BadRequest(format!(
                     "unknown query parameter {other:?}; accepted: prefix, after, limit, tenant"
@@ -348,13 +350,7 @@ pub(crate) async fn stale(
     let mut limit = 100usize;
     for (k, v) in query_pairs(query.as_deref()) {
         match k.as_str() {
-            "limit" => {
-                limit = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=10_000).contains(n))
-                    .ok_or_else(|| ApiError::BadRequest(format!("limit {v:?} must be 1..10000")))?
-            }
+            "limit" => limit = parse_limit(&v)?,
             other => {
                 return Err(ApiError::BadRequest(format!(
                     "unknown query parameter {other:?}; accepted: limit"

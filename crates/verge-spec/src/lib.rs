@@ -74,14 +74,18 @@ pub fn validate_alias_name(name: &str) -> Result<(), SpecError> {
     }
 }
 
-/// Checks a function name against `[a-z0-9-]{1,63}`.
-pub fn validate_function_name(name: &str) -> Result<(), SpecError> {
-    let ok = !name.is_empty()
+/// Is `name` in `[a-z0-9-]{1,63}`: the rule of function, tenant and token names.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= MAX_FUNCTION_NAME
         && name
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Checks a function name against `[a-z0-9-]{1,63}`.
+pub fn validate_function_name(name: &str) -> Result<(), SpecError> {
+    if is_plain_name(name) {
         Ok(())
     } else {
         Err(SpecError::FunctionName(name.to_string()))
@@ -209,12 +213,7 @@ fn default_tenant() -> String {
 
 /// Checks a tenant name: 1 to 63 characters from a-z, 0-9 and '-'.
 pub fn validate_tenant(name: &str) -> Result<(), SpecError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
+    if is_plain_name(name) {
         Ok(())
     } else {
         Err(SpecError::Tenant(name.to_string()))
