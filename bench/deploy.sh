@@ -8,7 +8,9 @@
 # compiles; the time runs from before the API call until the route answers
 # 200 with the new version (its verge-version header). Before each deploy the
 # script waits until the node has no background optimization running, so every
-# deploy meets an idle node. Needs wrk (apt-get install -y wrk) and the
+# deploy meets an idle node. The node's first deploy of a language is also
+# printed on its own: shared libraries (CPython's modules) compile there once
+# and every later Python deploy links them. Needs wrk (apt-get install -y wrk) and the
 # fixtures (cargo xtask guests).
 source "$(dirname "$0")/lib.sh"
 n=${1:-20}
@@ -60,7 +62,7 @@ for lang in $langs; do
     awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f\n", (b - a) / 1e6 }' >>"$work/$lang.ms"
     tier=$(grep -o '"tier":"[a-z]*"' <<<"$resp" | cut -d'"' -f4)
   done
-  echo "deploy to first 200, $lang hello ($tier code first): $(stats <"$work/$lang.ms")"
+  echo "deploy to first 200, $lang hello ($tier code first): $(stats <"$work/$lang.ms"); the node's first: $(head -1 "$work/$lang.ms") ms"
 done
 stop_node
 

@@ -17,20 +17,24 @@ mod guest;
 mod keyvalue;
 mod lanes;
 mod meter;
+mod shared;
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use wasmtime::component::{Component, Linker, types::ComponentItem};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Strategy};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, Module, PoolingAllocationConfig, Strategy,
+};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 pub use capture::Capture;
@@ -367,6 +371,10 @@ pub struct HostStats {
     pub optimized: u64,
     /// Invocations moved to the slow lane.
     pub demoted: u64,
+    /// Shared libraries compiled (see [`shared`]).
+    pub libraries_compiled: u64,
+    /// Shared libraries a compile found already compiled (in memory or cached).
+    pub libraries_reused: u64,
 }
 
 /// One compiler's engine and the linker built for it.
@@ -376,6 +384,8 @@ struct Compiler {
     /// Part of cache file names: compiled code only loads into an equal engine.
     key: String,
     tier: Tier,
+    /// Shared libraries compiled (or loaded) by this engine, by sha256.
+    libraries: Mutex<HashMap<String, Module>>,
 }
 
 impl Compiler {
@@ -396,6 +406,7 @@ impl Compiler {
             linker,
             key,
             tier,
+            libraries: Mutex::new(HashMap::new()),
         })
     }
 }
@@ -416,6 +427,8 @@ pub struct Host {
     /// Where invocations past `demote_after` of CPU time continue.
     slow_lane: Option<lanes::SlowLane>,
     demoted: Arc<AtomicU64>,
+    libraries_compiled: AtomicU64,
+    libraries_reused: AtomicU64,
 }
 
 /// Interval of the epoch ticker: the granularity of timeouts and of yields of
@@ -480,6 +493,8 @@ impl Host {
             kv: None,
             slow_lane,
             demoted: Arc::new(AtomicU64::new(0)),
+            libraries_compiled: AtomicU64::new(0),
+            libraries_reused: AtomicU64::new(0),
         })
     }
 
@@ -523,6 +538,8 @@ impl Host {
             baseline: self.baseline_loads.load(Ordering::Relaxed),
             optimized: self.optimized.load(Ordering::Relaxed),
             demoted: self.demoted.load(Ordering::Relaxed),
+            libraries_compiled: self.libraries_compiled.load(Ordering::Relaxed),
+            libraries_reused: self.libraries_reused.load(Ordering::Relaxed),
         }
     }
 
@@ -566,6 +583,55 @@ impl Host {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "could not remove cached code")
+                }
+            }
+        }
+        let _ = fs::remove_file(self.libraries_path(sha256));
+        removed + self.sweep_libraries()
+    }
+
+    /// Where the list of shared libraries a component links is kept (one
+    /// sha256 per line), for [`Host::sweep_libraries`].
+    fn libraries_path(&self, sha256: &str) -> PathBuf {
+        self.config.cache_dir.join(format!("{sha256}.libraries"))
+    }
+
+    fn library_path(&self, compiler: &Compiler, sha256: &str) -> PathBuf {
+        self.config
+            .cache_dir
+            .join(format!("lib-{sha256}-{}.cwasm", compiler.key))
+    }
+
+    /// Removes the cached code of shared libraries that no component's list
+    /// names any more; returns the files removed.
+    fn sweep_libraries(&self) -> usize {
+        let Ok(dir) = fs::read_dir(&self.config.cache_dir) else {
+            return 0;
+        };
+        let mut used = HashSet::new();
+        let mut files = Vec::new();
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".libraries") {
+                if let Ok(text) = fs::read_to_string(entry.path()) {
+                    used.extend(text.lines().map(str::to_string));
+                }
+            } else if let Some(rest) = name.strip_prefix("lib-")
+                && let Some((sha, _)) = rest.split_once('-')
+            {
+                files.push((sha.to_string(), entry.path()));
+            }
+        }
+        let mut removed = 0;
+        for (sha, path) in files {
+            if !used.contains(&sha) && fs::remove_file(&path).is_ok() {
+                removed += 1;
+                for compiler in std::iter::once(&self.optimizing).chain(self.baseline.as_ref()) {
+                    compiler
+                        .libraries
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&sha);
                 }
             }
         }
@@ -670,8 +736,19 @@ impl Host {
         let Some(component) = self.deserialize(compiler, &path) else {
             return Ok(None);
         };
-        self.check_world(compiler, &component)?;
-        let pre = self.prepare(compiler, &component)?;
+        // Code of a split component links its shared libraries: all of them
+        // must be at hand, or it compiles again from the bytes.
+        let mut libraries = Vec::new();
+        for (name, item) in component.component_type().imports(&compiler.engine) {
+            if let (ComponentItem::Module(_), Some(lib)) = (item.ty, shared::library_of(name)) {
+                match self.cached_library(compiler, lib) {
+                    Some(module) => libraries.push((name.to_string(), module)),
+                    None => return Ok(None),
+                }
+            }
+        }
+        self.check_world(compiler, &component, &libraries)?;
+        let pre = self.prepare(compiler, &component, &libraries)?;
         self.cache_hits.fetch_add(1, Ordering::Relaxed);
         Ok(Some(Code {
             pre,
@@ -687,10 +764,33 @@ impl Host {
         sha256: &str,
         bytes: &[u8],
     ) -> Result<Code, DeployError> {
+        // Baseline code links shared libraries (compiled once for every
+        // component that carries them): a deploy compiles only what is its
+        // own. Optimized code is compiled whole: resolving a library's
+        // imports by name costs every instantiation (about 0.6 ms for the
+        // Python runtime's 1,100 imports), which optimized code should not pay.
+        if compiler.tier == Tier::Baseline
+            && let Some(split) = shared::split(bytes)
+        {
+            match self.compile_split(compiler, sha256, &split) {
+                Ok(code) => return Ok(code),
+                // The world is checked the same way either way.
+                Err(
+                    e @ (DeployError::MissingExport { .. } | DeployError::UnsupportedImport(_)),
+                ) => {
+                    return Err(e);
+                }
+                // Anything else: the component as uploaded, whose error (if
+                // any) names the user's component rather than the rewrite.
+                Err(e) => {
+                    tracing::debug!(error = %e, "compiling the component whole");
+                }
+            }
+        }
         let component = Component::new(&compiler.engine, bytes)
             .map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
-        self.check_world(compiler, &component)?;
-        let pre = self.prepare(compiler, &component)?;
+        self.check_world(compiler, &component, &[])?;
+        let pre = self.prepare(compiler, &component, &[])?;
         // Only cache code that passed every check.
         let path = self.cache_path(compiler, sha256);
         if let Err(e) = self.write_cache(&component, &path) {
@@ -702,6 +802,107 @@ impl Host {
             engine: compiler.engine.clone(),
             tier: compiler.tier,
         })
+    }
+
+    /// Compiles a component whose shared libraries became imports: each
+    /// library comes from memory, the cache, or is compiled and cached once
+    /// for every component that links it.
+    fn compile_split(
+        &self,
+        compiler: &Compiler,
+        sha256: &str,
+        split: &shared::Split,
+    ) -> Result<Code, DeployError> {
+        let mut libraries = Vec::new();
+        for lib in &split.libraries {
+            let module = match self.cached_library(compiler, &lib.sha256) {
+                Some(m) => {
+                    self.libraries_reused.fetch_add(1, Ordering::Relaxed);
+                    m
+                }
+                None => {
+                    let m = self.compile_library(compiler, lib)?;
+                    self.libraries_compiled.fetch_add(1, Ordering::Relaxed);
+                    m
+                }
+            };
+            libraries.push((lib.import_name(), module));
+        }
+        let component = Component::new(&compiler.engine, &split.component)
+            .map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
+        self.check_world(compiler, &component, &libraries)?;
+        let pre = self.prepare(compiler, &component, &libraries)?;
+        // The list first: a sweep must never find the code without it.
+        let list: String = split
+            .libraries
+            .iter()
+            .map(|l| format!("{}\n", l.sha256))
+            .collect();
+        let path = self.cache_path(compiler, sha256);
+        if let Err(e) = write_atomic(&self.libraries_path(sha256), list.as_bytes())
+            .and_then(|()| self.write_cache(&component, &path))
+        {
+            tracing::warn!(path = %path.display(), error = %e, "could not write compiled code to the cache; the next start will compile again");
+        }
+        self.compiled.fetch_add(1, Ordering::Relaxed);
+        Ok(Code {
+            pre,
+            engine: compiler.engine.clone(),
+            tier: compiler.tier,
+        })
+    }
+
+    /// A shared library's code from memory or from the on-disk cache.
+    fn cached_library(&self, compiler: &Compiler, sha256: &str) -> Option<Module> {
+        let mut libraries = compiler
+            .libraries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(m) = libraries.get(sha256) {
+            return Some(m.clone());
+        }
+        let path = self.library_path(compiler, sha256);
+        if !path.is_file() {
+            return None;
+        }
+        // SAFETY: as in `deserialize`: written by `compile_library` of this
+        // host through a temporary file and an atomic rename, into the
+        // node's private cache directory, named after the engine.
+        #[allow(unsafe_code)]
+        match unsafe { Module::deserialize_file(&compiler.engine, &path) } {
+            Ok(m) => {
+                libraries.insert(sha256.to_string(), m.clone());
+                Some(m)
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "cached library unusable; compiling again");
+                let _ = fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    fn compile_library(
+        &self,
+        compiler: &Compiler,
+        lib: &shared::Library,
+    ) -> Result<Module, DeployError> {
+        let module = Module::new(&compiler.engine, &lib.bytes)
+            .map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
+        let path = self.library_path(compiler, &lib.sha256);
+        let written = module
+            .serialize()
+            .map_err(std::io::Error::other)
+            .and_then(|code| write_atomic(&path, &code));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "could not cache a shared library's code");
+        }
+        compiler
+            .libraries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(lib.sha256.clone(), module.clone());
+        Ok(module)
     }
 
     fn deserialize(&self, compiler: &Compiler, path: &Path) -> Option<Component> {
@@ -726,19 +927,19 @@ impl Host {
 
     fn write_cache(&self, component: &Component, path: &Path) -> std::io::Result<()> {
         let code = component.serialize().map_err(std::io::Error::other)?;
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&code)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)
+        write_atomic(path, &code)
     }
 
     /// Checks the component's world: the proxy export, and only imports Verge provides.
-    fn check_world(&self, compiler: &Compiler, component: &Component) -> Result<(), DeployError> {
+    fn check_world(
+        &self,
+        compiler: &Compiler,
+        component: &Component,
+        libraries: &[(String, Module)],
+    ) -> Result<(), DeployError> {
         let ty = component.component_type();
         for (name, _) in ty.imports(&compiler.engine) {
-            if !is_provided_import(name) {
+            if !is_provided_import(name) && !libraries.iter().any(|(n, _)| n == name) {
                 return Err(DeployError::UnsupportedImport(name.to_string()));
             }
         }
@@ -765,11 +966,18 @@ impl Host {
         &self,
         compiler: &Compiler,
         component: &Component,
+        libraries: &[(String, Module)],
     ) -> Result<ProxyPre<GuestState>, DeployError> {
-        let pre = compiler
-            .linker
-            .instantiate_pre(component)
-            .map_err(|e| DeployError::Link(format!("{e:#}")))?;
+        let link = |e: wasmtime::Error| DeployError::Link(format!("{e:#}"));
+        let pre = if libraries.is_empty() {
+            compiler.linker.instantiate_pre(component).map_err(link)?
+        } else {
+            let mut linker = compiler.linker.clone();
+            for (name, module) in libraries {
+                linker.root().module(name, module).map_err(link)?;
+            }
+            linker.instantiate_pre(component).map_err(link)?
+        };
         ProxyPre::new(pre).map_err(|e| DeployError::Link(format!("{e:#}")))
     }
 
@@ -812,6 +1020,16 @@ fn is_provided_import(name: &str) -> bool {
         "wasi:http/",
     ];
     PACKAGES.iter().any(|p| name.starts_with(p)) && name.contains("@0.2.")
+}
+
+/// Writes a file whole or not at all: a temporary file, synced, renamed.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, path)
 }
 
 fn engine_config(config: &HostConfig, tier: Tier) -> Config {

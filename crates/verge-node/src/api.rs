@@ -112,6 +112,8 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
         queued: state.admission.queued() as u64,
         running: state.admission.running() as u64,
         demoted: stats.demoted,
+        libraries_compiled: stats.libraries_compiled,
+        libraries_reused: stats.libraries_reused,
     })
 }
 

@@ -476,6 +476,13 @@ pub struct Health {
     /// their CPU budget, since the node started.
     #[serde(default)]
     pub demoted: u64,
+    /// Shared libraries (runtime modules several components carry, such as
+    /// CPython's) compiled by this process since it started.
+    #[serde(default)]
+    pub libraries_compiled: u64,
+    /// Compiles that found a shared library already compiled.
+    #[serde(default)]
+    pub libraries_reused: u64,
 }
 
 /// An error body (RFC 9457 problem details).

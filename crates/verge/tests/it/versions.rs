@@ -424,3 +424,58 @@ fn a_large_component_serves_on_baseline_code_then_optimized() {
     let health: serde_json::Value = node.api_get("/v1/health").json().unwrap();
     assert_eq!(health["compiled"], 0, "{health}");
 }
+
+fn library_files(node: &TestNode) -> usize {
+    std::fs::read_dir(node.data_dir.join("cache"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("lib-")
+        })
+        .count()
+}
+
+#[test]
+fn python_functions_share_the_runtime_libraries() {
+    // Baseline code only: no background compiles in the way.
+    let node = TestNode::start_with(&["--code", "baseline"]);
+    node.deploy("python-hello", "py1", "/py1");
+    let health: serde_json::Value = node.api_get("/v1/health").json().unwrap();
+    let compiled = health["libraries_compiled"].as_u64().unwrap();
+    assert!(compiled >= 1, "CPython's modules are libraries: {health}");
+    assert_eq!(health["libraries_reused"], 0, "{health}");
+    assert_eq!(library_files(&node), compiled as usize);
+    // Another Python function carries the same runtime: nothing to compile again.
+    node.deploy("python-echo", "py2", "/py2");
+    let health: serde_json::Value = node.api_get("/v1/health").json().unwrap();
+    assert_eq!(health["libraries_compiled"], compiled, "{health}");
+    assert_eq!(health["libraries_reused"], compiled, "{health}");
+    let (status, hello) = body_of(&node, "/py1", &[]);
+    assert_eq!(status, 200);
+    assert!(hello.contains("Python"), "{hello}");
+    let echo = node
+        .http()
+        .post(format!("{}/py2/x", node.url))
+        .body("shared")
+        .send()
+        .unwrap();
+    assert_eq!(echo.status(), 200);
+    assert!(echo.text().unwrap().contains("shared"));
+
+    // After a restart both load from the cache, libraries included.
+    let node = node.kill9_and_restart();
+    assert_eq!(body_of(&node, "/py1", &[]), (200, hello));
+    let health: serde_json::Value = node.api_get("/v1/health").json().unwrap();
+    assert_eq!(health["compiled"], 0, "{health}");
+    assert_eq!(health["libraries_compiled"], 0, "{health}");
+
+    // The libraries stay while one function uses them, and go with the last.
+    node.cli_ok(&["rm", "py1"]);
+    assert_eq!(library_files(&node), compiled as usize);
+    assert_eq!(body_of(&node, "/py2/", &[]).0, 200);
+    node.cli_ok(&["rm", "py2"]);
+    assert_eq!(library_files(&node), 0);
+}
