@@ -14,6 +14,7 @@
 
 mod capture;
 mod guest;
+mod incremental;
 mod keyvalue;
 mod lanes;
 mod meter;
@@ -375,6 +376,8 @@ pub struct HostStats {
     pub libraries_compiled: u64,
     /// Shared libraries a compile found already compiled (in memory or cached).
     pub libraries_reused: u64,
+    /// Functions optimized code took from Cranelift's incremental cache.
+    pub functions_reused: u64,
 }
 
 /// One compiler's engine and the linker built for it.
@@ -429,6 +432,8 @@ pub struct Host {
     demoted: Arc<AtomicU64>,
     libraries_compiled: AtomicU64,
     libraries_reused: AtomicU64,
+    /// Cranelift's incremental cache (compiled functions by IR hash).
+    functions: Option<Arc<incremental::FunctionCache>>,
 }
 
 /// Interval of the epoch ticker: the granularity of timeouts and of yields of
@@ -442,7 +447,15 @@ impl Host {
             path: config.cache_dir.clone(),
             source,
         })?;
-        let optimizing = Compiler::new(&engine_config(&config, Tier::Optimized), Tier::Optimized)?;
+        let functions =
+            incremental::FunctionCache::open(&config.cache_dir.join("functions.db")).map(Arc::new);
+        let mut optimizing_config = engine_config(&config, Tier::Optimized);
+        if let Some(f) = &functions {
+            optimizing_config
+                .enable_incremental_compilation(f.clone())
+                .map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        }
+        let optimizing = Compiler::new(&optimizing_config, Tier::Optimized)?;
         let baseline = match config.tiering {
             Tiering::Off => None,
             _ => Some(Compiler::new(
@@ -495,6 +508,7 @@ impl Host {
             demoted: Arc::new(AtomicU64::new(0)),
             libraries_compiled: AtomicU64::new(0),
             libraries_reused: AtomicU64::new(0),
+            functions,
         })
     }
 
@@ -540,6 +554,7 @@ impl Host {
             demoted: self.demoted.load(Ordering::Relaxed),
             libraries_compiled: self.libraries_compiled.load(Ordering::Relaxed),
             libraries_reused: self.libraries_reused.load(Ordering::Relaxed),
+            functions_reused: self.functions.as_ref().map_or(0, |f| f.hits()),
         }
     }
 
@@ -789,6 +804,11 @@ impl Host {
         }
         let component = Component::new(&compiler.engine, bytes)
             .map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
+        if compiler.tier == Tier::Optimized
+            && let Some(functions) = &self.functions
+        {
+            functions.prune();
+        }
         self.check_world(compiler, &component, &[])?;
         let pre = self.prepare(compiler, &component, &[])?;
         // Only cache code that passed every check.
@@ -1082,6 +1102,28 @@ mod tests {
         assert!(!is_provided_import("wasi:keyvalue/store@0.2.0"));
         assert!(!is_provided_import("wasi:http/types@0.3.0"));
         assert!(!is_provided_import("acme:thing/x@1.0.0"));
+    }
+
+    #[test]
+    fn optimized_code_reuses_functions_compiled_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host::new(HostConfig::new(dir.path())).unwrap();
+        let functions = host.functions.clone().expect("the function cache opens");
+        let a = wat::parse_str(
+            r#"(component (core module
+                 (func (export "f") (param i32) (result i32)
+                   local.get 0 i32.const 7 i32.mul i32.const 3 i32.add)))"#,
+        )
+        .unwrap();
+        // Other bytes (a custom section), the same function.
+        let mut b = a.clone();
+        b.extend_from_slice(&[0, 4, 3, b'v', b'a', b'r']);
+        // Neither is a wasi:http component, but both are compiled first.
+        let err = host.load(&"a".repeat(64), || Ok(a.clone())).err();
+        assert!(matches!(err, Some(DeployError::MissingExport { .. })));
+        let before = functions.hits();
+        let _ = host.load(&"b".repeat(64), || Ok(b.clone()));
+        assert!(functions.hits() > before, "no function came from the cache");
     }
 
     #[test]

@@ -114,6 +114,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
         demoted: stats.demoted,
         libraries_compiled: stats.libraries_compiled,
         libraries_reused: stats.libraries_reused,
+        functions_reused: stats.functions_reused,
     })
 }
 

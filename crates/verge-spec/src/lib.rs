@@ -483,6 +483,10 @@ pub struct Health {
     /// Compiles that found a shared library already compiled.
     #[serde(default)]
     pub libraries_reused: u64,
+    /// Functions that optimized code took from the compiled-function cache
+    /// instead of compiling them.
+    #[serde(default)]
+    pub functions_reused: u64,
 }
 
 /// An error body (RFC 9457 problem details).
