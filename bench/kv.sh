@@ -5,9 +5,9 @@
 # to converge once the core is reachable, replication deltas/s and metadata
 # bytes per key.
 #
-#   bench/kv.sh ["1000 10000 100000"]
+#   bench/kv.sh ["1000 10000 100000"]     ("" measures the latencies only)
 source "$(dirname "$0")/lib.sh"
-sizes=${1:-1000 10000 100000}
+sizes=${1-1000 10000 100000}
 [ -f target/guests/rust-kv.wasm ] || cargo xtask guests rust
 cargo build --release -q -p verge
 work=$(mktemp -d)
@@ -33,6 +33,12 @@ curl -fs http://127.0.0.1:18097/bench/2000 | sed 's/^/  /'
 one increment http://127.0.0.1:18097/count/home
 one get http://127.0.0.1:18097/docs/d1
 one set http://127.0.0.1:18097/docs/d2 -s "$work/put.lua"
+# Reads while writes run: 4 connections PUT for 8 s, a get loop measured inside.
+wrk -t1 -c4 -d8s -s "$work/put.lua" http://127.0.0.1:18097/docs/d3 >/dev/null &
+writer=$!
+sleep 1
+one "get while 4 connections write" http://127.0.0.1:18097/docs/d1
+wait "$writer"
 stop_node
 
 for n in $sizes; do

@@ -217,6 +217,9 @@ pub type Observer = Box<dyn Fn(&[(String, String)]) + Send + Sync>;
 /// The replica (see the crate docs).
 pub struct Kv {
     conn: Mutex<Connection>,
+    /// A second connection for plain reads (get, keys, buckets): with WAL
+    /// they see every committed write and never wait behind a write's fsync.
+    reader: Mutex<Connection>,
     clock: Mutex<Clock>,
     observer: std::sync::OnceLock<Observer>,
 }
@@ -266,8 +269,12 @@ impl Kv {
         for stamp in latest_stamps(&conn)? {
             clock.observe(stamp, now_ms());
         }
+        let reader = Connection::open(dir.join("kv.db"))?;
+        reader.busy_timeout(std::time::Duration::from_secs(5))?;
+        reader.pragma_update(None, "query_only", "ON")?;
         Ok(Self {
             conn: Mutex::new(conn),
+            reader: Mutex::new(reader),
             clock: Mutex::new(clock),
             observer: std::sync::OnceLock::new(),
         })
@@ -275,6 +282,10 @@ impl Kv {
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn tick(&self) -> Stamp {
@@ -315,13 +326,13 @@ impl Kv {
 
     /// The replicated state of a key, tombstones included.
     pub fn entry(&self, bucket: &str, key: &str) -> Result<Option<Entry>, KvError> {
-        let conn = self.conn();
+        let conn = self.reader();
         entry_of(&conn, bucket, key)
     }
 
     /// Reads a key.
     pub fn get(&self, bucket: &str, key: &str) -> Result<Option<Value>, KvError> {
-        let conn = self.conn();
+        let conn = self.reader();
         Ok(entry_of(&conn, bucket, key)?.and_then(|e| read(&e)))
     }
 
@@ -416,7 +427,7 @@ impl Kv {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, KvError> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare(
             "SELECT key, entry FROM entries WHERE bucket = ?1 AND key > ?2 AND substr(key, 1, length(?3)) = ?3 ORDER BY key",
         )?;
@@ -438,7 +449,7 @@ impl Kv {
 
     /// Buckets with at least one entry (tombstones included).
     pub fn buckets(&self) -> Result<Vec<(String, u64)>, KvError> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt =
             conn.prepare("SELECT bucket, COUNT(*) FROM entries GROUP BY bucket ORDER BY bucket")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;

@@ -43,6 +43,31 @@ fn reads_your_writes_and_kinds_are_fixed() {
 }
 
 #[test]
+fn reads_do_not_wait_for_a_writer() {
+    let (_dir, kv) = replica(1);
+    kv.set("b", "k", b"v").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        // A write in progress holds the writer connection (as during an
+        // fsync); held inside the scope so that a failure releases it.
+        let writing = kv.conn();
+        s.spawn(|| {
+            let got = kv
+                .get("b", "k")
+                .map(|v| v.map(|v| matches!(v, Value::Bytes(b) if b == b"v")));
+            let keys = kv.keys("b", "", None, 10);
+            tx.send((got, keys)).unwrap();
+        });
+        let (got, keys) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a read waited for the writer");
+        assert_eq!(got.unwrap(), Some(true));
+        assert_eq!(keys.unwrap(), vec!["k".to_string()]);
+        drop(writing);
+    });
+}
+
+#[test]
 fn two_replicas_exchange_deltas_and_survive_reopen() {
     let (da, a) = replica(1);
     let (_db, b) = replica(2);
