@@ -149,15 +149,26 @@ impl Kv {
             .optional()?)
     }
 
-    /// Records that `node` was heard from now (creating its row).
+    /// Records that `node` was heard from now (creating its row). With a
+    /// `name` (the peer's address), another replica reached there before is
+    /// expired: the peer was replaced (a new kv.db), and the old replica
+    /// must not hold back tombstone collection until the grace bound; should
+    /// it call again, it re-bootstraps like any expired replica.
     pub fn register_replica(&self, node: u64, name: Option<&str>) -> Result<(), KvError> {
         let now = now_ms() as i64;
-        self.conn().execute(
+        let conn = self.conn();
+        conn.execute(
             "INSERT INTO replicas (node, name, first_seen, last_seen) VALUES (?1, ?2, ?3, ?3)
              ON CONFLICT(node) DO UPDATE SET last_seen = excluded.last_seen,
                  name = COALESCE(excluded.name, replicas.name)",
             params![node as i64, name, now],
         )?;
+        if let Some(name) = name {
+            conn.execute(
+                "UPDATE replicas SET expired = 1 WHERE name = ?1 AND node != ?2 AND expired = 0",
+                params![name, node as i64],
+            )?;
+        }
         Ok(())
     }
 

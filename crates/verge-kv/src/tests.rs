@@ -464,6 +464,33 @@ mod sync_protocol {
     }
 
     #[test]
+    fn a_replaced_peer_does_not_hold_back_collection() {
+        let (_d1, old_core) = replica(1);
+        let (_de, edge) = replica(2);
+        let mut s = Syncer::new("core");
+        edge.set("b", "k", b"v").unwrap();
+        s.round(&edge, &Local(&old_core), false).unwrap();
+        // The core is replaced: a new kv.db, so a new id, at the same address.
+        let (_d3, new_core) = replica(3);
+        edge.delete("b", "k").unwrap();
+        s.round(&edge, &Local(&new_core), false).unwrap();
+        assert!(
+            edge.replica(1).unwrap().unwrap().expired,
+            "the replica that answered there before is gone"
+        );
+        assert!(!edge.replica(3).unwrap().unwrap().expired);
+        assert_eq!(
+            edge.collect(FOREVER).unwrap().collected,
+            1,
+            "only the new core had to acknowledge the tombstone"
+        );
+        // Should the old one call again, it is told to re-bootstrap.
+        let mut back = Syncer::new("edge");
+        let r = back.round(&old_core, &Local(&edge), false).unwrap();
+        assert!(r.rebootstrapped.is_some());
+    }
+
+    #[test]
     fn a_replica_silent_beyond_the_grace_bound_rebootstraps_and_its_writes_are_stale() {
         let (_dc, core) = replica(1);
         let (_de, edge) = replica(2);
