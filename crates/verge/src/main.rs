@@ -407,38 +407,37 @@ async fn run(cli: Cli) -> Result<()> {
                 token: peer_token.clone().unwrap_or_default(),
             })
             .collect();
-        let bodies = (
-            parse_size(max_request_body).context("--max-request-body")? as usize,
-            parse_size(max_response_body).context("--max-response-body")? as usize,
-            parse_size(log_limit).context("--log-limit")? as usize,
-        );
-        return up(
-            &data_dir,
-            *listen,
-            *example,
-            parse_size(max_upload).context("--max-upload")? as usize,
-            parse_duration(timeout).context("--timeout")?,
-            parse_size(memory).context("--memory")? as usize,
-            *max_instances,
-            *queue_depth,
-            parse_duration(max_wait).context("--max-wait")?,
-            !*no_metering,
-            bodies,
-            (
-                *keep_versions,
-                code,
-                match demote_after.as_str() {
-                    "off" => None,
-                    d => Some(parse_duration(d).context("--demote-after (or off)")?),
-                },
-            ),
-            (
-                node_name.clone(),
-                parse_duration(retry_base).context("--retry-base")?,
-            ),
-            (peers, parse_duration(kv_grace).context("--kv-grace")?),
-        )
-        .await;
+        let mut config = verge_node::NodeConfig::new(&data_dir);
+        config.listen = *listen;
+        config.max_upload = parse_size(max_upload).context("--max-upload")? as usize;
+        config.timeout = parse_duration(timeout).context("--timeout")?;
+        config.memory_limit = parse_size(memory).context("--memory")? as usize;
+        config.max_instances = *max_instances;
+        config.queue_depth = *queue_depth;
+        config.max_wait = parse_duration(max_wait).context("--max-wait")?;
+        config.metering = !*no_metering;
+        config.max_request_body =
+            parse_size(max_request_body).context("--max-request-body")? as usize;
+        config.max_response_body =
+            parse_size(max_response_body).context("--max-response-body")? as usize;
+        config.log_limit = parse_size(log_limit).context("--log-limit")? as usize;
+        config.keep_versions = *keep_versions;
+        if let Some(n) = node_name {
+            config.node_name = n.clone();
+        }
+        config.retry_base = parse_duration(retry_base).context("--retry-base")?;
+        config.peers = peers;
+        config.kv_grace = parse_duration(kv_grace).context("--kv-grace")?;
+        config.demote_after = match demote_after.as_str() {
+            "off" => None,
+            d => Some(parse_duration(d).context("--demote-after (or off)")?),
+        };
+        config.tiering = match code.as_str() {
+            "optimized" => Tiering::Off,
+            "baseline" => Tiering::BaselineOnly,
+            _ => Tiering::default(),
+        };
+        return up(config, *example).await;
     }
     let client = Client::discover(cli.server.clone(), cli.token.clone(), &data_dir)?;
     let json = cli.json;
@@ -697,23 +696,8 @@ fn routes_label(routes: &[Route]) -> String {
         .join(", ")
 }
 
-#[allow(clippy::too_many_arguments)] // one per `verge up` flag
-async fn up(
-    data_dir: &std::path::Path,
-    listen: SocketAddr,
-    example: bool,
-    max_upload: usize,
-    timeout: Duration,
-    memory: usize,
-    max_instances: u32,
-    queue_depth: usize,
-    max_wait: Duration,
-    metering: bool,
-    (max_request_body, max_response_body, log_limit): (usize, usize, usize),
-    (keep_versions, code, demote_after): (usize, &str, Option<Duration>),
-    (node_name, retry_base): (Option<String>, Duration),
-    (peers, kv_grace): (Vec<verge_node::Peer>, Duration),
-) -> Result<()> {
+/// `verge up`: starts a node with the settings from the command line.
+async fn up(config: verge_node::NodeConfig, example: bool) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VERGE_LOG")
@@ -721,31 +705,7 @@ async fn up(
         )
         .with_writer(std::io::stderr)
         .init();
-    let mut config = verge_node::NodeConfig::new(data_dir);
-    config.listen = listen;
-    config.max_upload = max_upload;
-    config.timeout = timeout;
-    config.memory_limit = memory;
-    config.max_instances = max_instances;
-    config.queue_depth = queue_depth;
-    config.max_wait = max_wait;
-    config.metering = metering;
-    config.max_request_body = max_request_body;
-    config.max_response_body = max_response_body;
-    config.log_limit = log_limit;
-    config.keep_versions = keep_versions;
-    if let Some(n) = node_name {
-        config.node_name = n;
-    }
-    config.retry_base = retry_base;
-    config.peers = peers;
-    config.kv_grace = kv_grace;
-    config.demote_after = demote_after;
-    config.tiering = match code {
-        "optimized" => Tiering::Off,
-        "baseline" => Tiering::BaselineOnly,
-        _ => Tiering::default(),
-    };
+    let data_dir = config.data_dir.clone();
     let node = verge_node::Node::start(config).await.with_context(|| {
         format!(
             "while starting the node with data directory {}",
