@@ -39,7 +39,13 @@ fn main() -> anyhow::Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| tmp.path().to_path_buf());
     let only = std::env::var("VERGE_BENCH_ONLY").ok();
-    let host = Host::new(HostConfig::new(&cache))?;
+    let mut config = HostConfig::new(&cache);
+    // VERGE_BENCH_PLAIN=1: no metering and no slow lane (what they cost).
+    if std::env::var_os("VERGE_BENCH_PLAIN").is_some() {
+        config.metering = false;
+        config.demote_after = None;
+    }
+    let host = Host::new(config)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
