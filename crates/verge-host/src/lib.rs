@@ -1044,7 +1044,11 @@ fn is_provided_import(name: &str) -> bool {
 
 /// Writes a file whole or not at all: a temporary file, synced, renamed.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Unique per write: two deploys may write the same file at once (the
+    // same bytes, or two components carrying the same library).
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
     let mut f = fs::File::create(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
