@@ -434,6 +434,8 @@ pub struct Host {
     libraries_reused: AtomicU64,
     /// Cranelift's incremental cache (compiled functions by IR hash).
     functions: Option<Arc<incremental::FunctionCache>>,
+    /// Held while a deploy gets its shared libraries, and by a sweep.
+    library_lock: Mutex<()>,
 }
 
 /// Interval of the epoch ticker: the granularity of timeouts and of yields of
@@ -509,6 +511,7 @@ impl Host {
             libraries_compiled: AtomicU64::new(0),
             libraries_reused: AtomicU64::new(0),
             functions,
+            library_lock: Mutex::new(()),
         })
     }
 
@@ -620,6 +623,12 @@ impl Host {
     /// Removes the cached code of shared libraries that no component's list
     /// names any more; returns the files removed.
     fn sweep_libraries(&self) -> usize {
+        // A deploy getting its libraries holds the lock for seconds; this
+        // runs on the caller's thread, so it leaves the sweep to the next
+        // removal rather than wait.
+        let Ok(_libraries) = self.library_lock.try_lock() else {
+            return 0;
+        };
         let Ok(dir) = fs::read_dir(&self.config.cache_dir) else {
             return 0;
         };
@@ -833,35 +842,54 @@ impl Host {
         sha256: &str,
         split: &shared::Split,
     ) -> Result<Code, DeployError> {
-        let mut libraries = Vec::new();
-        for lib in &split.libraries {
-            let module = match self.cached_library(compiler, &lib.sha256) {
-                Some(m) => {
-                    self.libraries_reused.fetch_add(1, Ordering::Relaxed);
-                    m
+        let list_path = self.libraries_path(sha256);
+        let result = (|| {
+            let mut libraries = Vec::new();
+            {
+                // One deploy at a time gets its libraries, and never during
+                // a sweep: a library is compiled once however many deploys
+                // need it, and the list naming it is on disk before any
+                // sweep could look for it.
+                let _libraries = self
+                    .library_lock
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let list: String = split
+                    .libraries
+                    .iter()
+                    .map(|l| format!("{}\n", l.sha256))
+                    .collect();
+                write_atomic(&list_path, list.as_bytes()).map_err(DeployError::Read)?;
+                for lib in &split.libraries {
+                    let module = match self.cached_library(compiler, &lib.sha256) {
+                        Some(m) => {
+                            self.libraries_reused.fetch_add(1, Ordering::Relaxed);
+                            m
+                        }
+                        None => {
+                            let m = self.compile_library(compiler, lib)?;
+                            self.libraries_compiled.fetch_add(1, Ordering::Relaxed);
+                            m
+                        }
+                    };
+                    libraries.push((lib.import_name(), module));
                 }
-                None => {
-                    let m = self.compile_library(compiler, lib)?;
-                    self.libraries_compiled.fetch_add(1, Ordering::Relaxed);
-                    m
-                }
-            };
-            libraries.push((lib.import_name(), module));
-        }
-        let component = Component::new(&compiler.engine, &split.component)
-            .map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
-        self.check_world(compiler, &component, &libraries)?;
-        let pre = self.prepare(compiler, &component, &libraries)?;
-        // The list first: a sweep must never find the code without it.
-        let list: String = split
-            .libraries
-            .iter()
-            .map(|l| format!("{}\n", l.sha256))
-            .collect();
+            }
+            let component = Component::new(&compiler.engine, &split.component)
+                .map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
+            self.check_world(compiler, &component, &libraries)?;
+            let pre = self.prepare(compiler, &component, &libraries)?;
+            Ok((component, pre))
+        })();
+        let (component, pre) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = fs::remove_file(&list_path);
+                return Err(e);
+            }
+        };
         let path = self.cache_path(compiler, sha256);
-        if let Err(e) = write_atomic(&self.libraries_path(sha256), list.as_bytes())
-            .and_then(|()| self.write_cache(&component, &path))
-        {
+        if let Err(e) = self.write_cache(&component, &path) {
             tracing::warn!(path = %path.display(), error = %e, "could not write compiled code to the cache; the next start will compile again");
         }
         self.compiled.fetch_add(1, Ordering::Relaxed);
