@@ -820,17 +820,27 @@ impl Host {
         }
         self.check_world(compiler, &component, &[])?;
         let pre = self.prepare(compiler, &component, &[])?;
-        // Only cache code that passed every check.
+        Ok(self.compiled_code(compiler, sha256, &component, pre))
+    }
+
+    /// Caches code that passed every check and counts the compile.
+    fn compiled_code(
+        &self,
+        compiler: &Compiler,
+        sha256: &str,
+        component: &Component,
+        pre: ProxyPre<GuestState>,
+    ) -> Code {
         let path = self.cache_path(compiler, sha256);
-        if let Err(e) = self.write_cache(&component, &path) {
+        if let Err(e) = self.write_cache(component, &path) {
             tracing::warn!(path = %path.display(), error = %e, "could not write compiled code to the cache; the next start will compile again");
         }
         self.compiled.fetch_add(1, Ordering::Relaxed);
-        Ok(Code {
+        Code {
             pre,
             engine: compiler.engine.clone(),
             tier: compiler.tier,
-        })
+        }
     }
 
     /// Compiles a component whose shared libraries became imports: each
@@ -888,16 +898,7 @@ impl Host {
                 return Err(e);
             }
         };
-        let path = self.cache_path(compiler, sha256);
-        if let Err(e) = self.write_cache(&component, &path) {
-            tracing::warn!(path = %path.display(), error = %e, "could not write compiled code to the cache; the next start will compile again");
-        }
-        self.compiled.fetch_add(1, Ordering::Relaxed);
-        Ok(Code {
-            pre,
-            engine: compiler.engine.clone(),
-            tier: compiler.tier,
-        })
+        Ok(self.compiled_code(compiler, sha256, &component, pre))
     }
 
     /// A shared library's code from memory or from the on-disk cache.

@@ -425,17 +425,9 @@ fn a_large_component_serves_on_baseline_code_then_optimized() {
     assert_eq!(health["compiled"], 0, "{health}");
 }
 
+/// Cached code of shared libraries (`lib-<sha256>-<engine>.cwasm`).
 fn library_files(node: &TestNode) -> usize {
-    std::fs::read_dir(node.data_dir.join("cache"))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with("lib-")
-        })
-        .count()
+    cached_files(node, "lib-")
 }
 
 #[test]
