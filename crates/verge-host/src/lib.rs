@@ -807,7 +807,7 @@ impl Host {
                 // Anything else: the component as uploaded, whose error (if
                 // any) names the user's component rather than the rewrite.
                 Err(e) => {
-                    tracing::debug!(error = %e, "compiling the component whole");
+                    tracing::info!(error = %e, "the component's shared libraries could not be split off; compiling it whole");
                 }
             }
         }
