@@ -13,12 +13,18 @@ use std::sync::{Mutex, PoisonError};
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// Bytes of compiled functions kept; the oldest go first beyond it.
-const MAX_BYTES: i64 = 512 << 20;
+const MAX_BYTES: u64 = 512 << 20;
 
 #[derive(Debug)]
 pub(crate) struct FunctionCache {
     conn: Mutex<Connection>,
     hits: AtomicU64,
+    /// Bytes of values stored (an upper bound: a replaced key counts
+    /// twice until the next prune recounts), so that a deploy does not scan
+    /// the table to learn it is under the bound.
+    bytes: AtomicU64,
+    /// The bound ([`MAX_BYTES`]; tests set less).
+    max_bytes: u64,
 }
 
 impl FunctionCache {
@@ -50,11 +56,13 @@ impl FunctionCache {
                  value BLOB NOT NULL
              );",
         )?;
-        // Reading a row proves the file is a database, not just a name.
-        conn.query_row("SELECT count(*) FROM functions", [], |r| r.get::<_, i64>(0))?;
+        // Reading the table proves the file is a database, not just a name.
+        let bytes = stored_bytes(&conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
             hits: AtomicU64::new(0),
+            bytes: AtomicU64::new(bytes),
+            max_bytes: MAX_BYTES,
         })
     }
 
@@ -65,28 +73,39 @@ impl FunctionCache {
 
     /// Drops the oldest entries while the cache holds more than its bound.
     pub(crate) fn prune(&self) {
+        if self.bytes.load(Ordering::Relaxed) <= self.max_bytes {
+            return;
+        }
         let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
         let result = (|| -> rusqlite::Result<()> {
-            let total: i64 = conn.query_row(
-                "SELECT coalesce(sum(length(value)), 0) FROM functions",
-                [],
-                |r| r.get(0),
-            )?;
-            if total > MAX_BYTES {
-                // Rows are appended in insertion order: drop a quarter's worth.
-                let n: i64 = conn.query_row("SELECT count(*) FROM functions", [], |r| r.get(0))?;
-                conn.execute(
-                    "DELETE FROM functions WHERE rowid IN
-                       (SELECT rowid FROM functions ORDER BY rowid LIMIT ?1)",
-                    params![n / 4 + 1],
-                )?;
+            let exact = stored_bytes(&conn)?;
+            self.bytes.store(exact, Ordering::Relaxed);
+            if exact <= self.max_bytes {
+                return Ok(());
             }
+            // Rows are appended in insertion order: drop a quarter's worth.
+            let n: i64 = conn.query_row("SELECT count(*) FROM functions", [], |r| r.get(0))?;
+            conn.execute(
+                "DELETE FROM functions WHERE rowid IN
+                   (SELECT rowid FROM functions ORDER BY rowid LIMIT ?1)",
+                params![n / 4 + 1],
+            )?;
+            self.bytes.store(stored_bytes(&conn)?, Ordering::Relaxed);
             Ok(())
         })();
         if let Err(e) = result {
             tracing::warn!(error = %e, "could not prune the function cache");
         }
     }
+}
+
+fn stored_bytes(conn: &Connection) -> rusqlite::Result<u64> {
+    let n: i64 = conn.query_row(
+        "SELECT coalesce(sum(length(value)), 0) FROM functions",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(n.max(0) as u64)
 }
 
 impl wasmtime::CacheStore for FunctionCache {
@@ -107,12 +126,18 @@ impl wasmtime::CacheStore for FunctionCache {
     }
 
     fn insert(&self, key: &[u8], value: Vec<u8>) -> bool {
+        let len = value.len() as u64;
         let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        conn.execute(
-            "INSERT OR REPLACE INTO functions (key, value) VALUES (?1, ?2)",
-            params![key, value],
-        )
-        .is_ok()
+        let ok = conn
+            .execute(
+                "INSERT OR REPLACE INTO functions (key, value) VALUES (?1, ?2)",
+                params![key, value],
+            )
+            .is_ok();
+        if ok {
+            self.bytes.fetch_add(len, Ordering::Relaxed);
+        }
+        ok
     }
 }
 
@@ -136,5 +161,25 @@ mod tests {
         let cache = FunctionCache::open(&path).unwrap();
         assert!(cache.get(b"k").is_none());
         assert!(cache.insert(b"k", b"w".to_vec()));
+    }
+
+    #[test]
+    fn prune_keeps_the_cache_under_its_bound_and_drops_the_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cache = FunctionCache::open(&dir.path().join("functions.db")).unwrap();
+        cache.max_bytes = 1000;
+        for i in 0..8u8 {
+            assert!(cache.insert(&[i], vec![i; 100]));
+        }
+        cache.prune();
+        assert!(cache.get(&[0]).is_some(), "800 bytes are within the bound");
+        for i in 8..16u8 {
+            assert!(cache.insert(&[i], vec![i; 100]));
+        }
+        cache.prune();
+        assert!(cache.get(&[0]).is_none(), "the oldest went");
+        assert!(cache.get(&[15]).is_some(), "the newest stayed");
+        let conn = cache.conn.lock().unwrap();
+        assert!(stored_bytes(&conn).unwrap() < 1600);
     }
 }
