@@ -1159,6 +1159,60 @@ mod tests {
         assert!(functions.hits() > before, "no function came from the cache");
     }
 
+    /// A component with a main module owning the memory and a library
+    /// (memory imported, more than 64 KiB of code); `broken` makes the
+    /// library's code invalid.
+    fn with_library(broken: bool) -> Vec<u8> {
+        let body = "i32.const 1 drop ".repeat(25_000);
+        let bad = if broken { "i32.add" } else { "" };
+        wat::parse_str(format!(
+            r#"(component
+              (core module $main (memory (export "memory") 1))
+              (core module $lib
+                (import "env" "memory" (memory 1))
+                (func (export "f") {bad} {body}))
+              (core instance $m (instantiate $main))
+              (core instance $l (instantiate $lib (with "env" (instance $m)))))"#
+        ))
+        .unwrap()
+    }
+
+    fn cache_files(dir: &Path, suffix: &str) -> usize {
+        fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                let n = e.as_ref().unwrap().file_name();
+                n.to_string_lossy().ends_with(suffix)
+            })
+            .count()
+    }
+
+    #[test]
+    fn a_failed_split_deploy_leaves_no_library_list_and_names_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = HostConfig::new(dir.path());
+        config.tiering = Tiering::BaselineOnly;
+        let host = Host::new(config).unwrap();
+        // Split, compiled, then refused for its world: the library stays
+        // compiled, no component lists it.
+        let ok = with_library(false);
+        let err = host.load(&"c".repeat(64), || Ok(ok.clone())).err();
+        assert!(
+            matches!(err, Some(DeployError::MissingExport { .. })),
+            "{err:?}"
+        );
+        assert_eq!(host.stats().libraries_compiled, 1);
+        assert_eq!(cache_files(dir.path(), ".libraries"), 0);
+        // Invalid code in the library: the error is the component's own.
+        let bad = with_library(true);
+        match host.load(&"d".repeat(64), || Ok(bad.clone())) {
+            Err(DeployError::Invalid(msg)) => assert!(msg.contains("type mismatch"), "{msg}"),
+            other => panic!("expected an invalid component, got {:?}", other.err()),
+        }
+        assert_eq!(cache_files(dir.path(), ".libraries"), 0);
+        assert_eq!(host.stats().libraries_compiled, 1);
+    }
+
     #[test]
     fn check_bytes_names_the_problem() {
         assert!(matches!(Host::check_bytes(b""), Err(DeployError::Empty)));
