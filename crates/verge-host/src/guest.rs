@@ -273,13 +273,11 @@ pub(crate) async fn instantiate_only(host: &Host, function: &Function) -> Result
         deadline,
         0,
     );
-    code.pre
-        .instantiate_async(&mut store)
-        .await
-        .map(drop)
-        .map_err(|e| {
-            RunError::Instantiate(e).into_invoke_error(host.config().timeout, String::new())
-        })
+    let result = code.pre.instantiate_async(&mut store).await.map(drop);
+    drop(store);
+    result.map_err(|e| {
+        RunError::Instantiate(e).into_invoke_error(host.config().timeout, String::new())
+    })
 }
 
 pub(crate) async fn invoke<B>(
@@ -438,9 +436,10 @@ where
         (result, memory_hit)
     };
     let task = match (cfg.metering, host.slow_lane()) {
-        (true, Some(lane)) => tokio::spawn(crate::lanes::Demoting::new(
+        (true, Some(lane)) => tokio::spawn(crate::lanes::Demoting::metered(
             Metered::new(work, meter.clone()),
             lane,
+            meter.clone(),
         )),
         (true, None) => tokio::spawn(Metered::new(work, meter.clone())),
         (false, Some(lane)) => tokio::spawn(crate::lanes::Demoting::new(work, lane)),

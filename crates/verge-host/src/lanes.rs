@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
 
-use crate::meter::thread_cpu_ns;
+use crate::meter::{Meter, thread_cpu_ns};
 
 /// The slow lane's runtime.
 pub(crate) struct SlowLane {
@@ -73,12 +73,32 @@ enum Place<F: Future> {
     Gone,
 }
 
+/// Where a [`Demoting`] reads the CPU time its future used.
+enum Clock {
+    /// The thread CPU clock, read around every poll.
+    Own,
+    /// The meter of the future it wraps, which reads that clock already:
+    /// one pair of clock reads per poll instead of two (each is a system
+    /// call, about a microsecond).
+    Meter(Arc<Meter>),
+}
+
+impl Clock {
+    fn now(&self) -> u64 {
+        match self {
+            Clock::Own => thread_cpu_ns(),
+            Clock::Meter(m) => m.cpu_ns(),
+        }
+    }
+}
+
 /// Runs `F` where it is polled until it has used its lane's budget of CPU
 /// time, then on the slow lane.
 pub(crate) struct Demoting<F: Future> {
     lane: Place<F>,
     used_ns: u64,
     slow: Lane,
+    clock: Clock,
 }
 
 impl<F: Future> Demoting<F> {
@@ -87,7 +107,16 @@ impl<F: Future> Demoting<F> {
             lane: Place::Fast(Box::pin(inner)),
             used_ns: 0,
             slow,
+            clock: Clock::Own,
         }
+    }
+
+    /// As [`Demoting::new`] for a future that charges every poll to `meter`
+    /// (a `Metered`): its charges are the CPU time used.
+    pub(crate) fn metered(inner: F, slow: Lane, meter: Arc<Meter>) -> Self {
+        let mut d = Self::new(inner, slow);
+        d.clock = Clock::Meter(meter);
+        d
     }
 }
 
@@ -103,9 +132,9 @@ where
         loop {
             match &mut this.lane {
                 Place::Fast(f) => {
-                    let start = thread_cpu_ns();
+                    let start = this.clock.now();
                     let result = f.as_mut().poll(cx);
-                    this.used_ns += thread_cpu_ns().saturating_sub(start);
+                    this.used_ns += this.clock.now().saturating_sub(start);
                     if result.is_ready() || this.used_ns <= this.slow.budget.as_nanos() as u64 {
                         return result;
                     }
@@ -184,5 +213,23 @@ mod tests {
         assert_eq!(slow.demoted.load(Ordering::Relaxed), 1);
         assert!(!seen[0].contains("slow-lane"), "{seen:?}");
         assert!(seen.last().unwrap().contains("slow-lane"), "{seen:?}");
+
+        // A metered future: the lane reads the meter's charges (also once
+        // the future runs on the slow lane, where the meter keeps charging).
+        let meter = crate::meter::tests::meter(None);
+        let metered = |polls| crate::meter::Metered::new(work(polls), meter.clone());
+        let seen = rt.block_on(Demoting::metered(metered(2), slow.clone(), meter.clone()));
+        assert!(seen.iter().all(|n| !n.contains("slow-lane")), "{seen:?}");
+        assert_eq!(slow.demoted.load(Ordering::Relaxed), 1);
+        let before = meter.cpu_ns();
+        let seen = rt.block_on(Demoting::metered(metered(20), slow.clone(), meter.clone()));
+        assert_eq!(slow.demoted.load(Ordering::Relaxed), 2);
+        assert!(seen.last().unwrap().contains("slow-lane"), "{seen:?}");
+        // 20 polls of 3 ms busy each, all charged wherever they ran.
+        assert!(
+            meter.cpu_ns() - before >= 50_000_000,
+            "{}",
+            meter.cpu_ns() - before
+        );
     }
 }

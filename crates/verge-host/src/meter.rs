@@ -34,6 +34,11 @@ impl Meter {
         })
     }
 
+    /// CPU time charged so far, in nanoseconds.
+    pub(crate) fn cpu_ns(&self) -> u64 {
+        self.cpu_ns.load(Ordering::Relaxed)
+    }
+
     /// Updates the record (outcome, status, wall time, peak memory).
     pub(crate) fn update(&self, f: impl FnOnce(&mut UsageRecord)) {
         f(&mut self.record.lock().unwrap_or_else(PoisonError::into_inner));
@@ -91,7 +96,7 @@ impl<F: Future> Future for Metered<F> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -104,13 +109,10 @@ mod tests {
         assert!(thread_cpu_ns() > a, "{x}");
     }
 
-    #[test]
-    fn emits_once_when_the_last_holder_drops() {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let s = seen.clone();
-        let sink: UsageSink = Arc::new(move |r| s.lock().unwrap().push(r));
-        let meter = Meter::new(
-            Some(sink),
+    /// A meter with an empty record (tests).
+    pub(crate) fn meter(sink: Option<UsageSink>) -> Arc<Meter> {
+        Meter::new(
+            sink,
             UsageRecord {
                 invocation_id: "i".into(),
                 function: "f".into(),
@@ -129,7 +131,15 @@ mod tests {
                 stderr: None,
                 hops: 0,
             },
-        );
+        )
+    }
+
+    #[test]
+    fn emits_once_when_the_last_holder_drops() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let sink: UsageSink = Arc::new(move |r| s.lock().unwrap().push(r));
+        let meter = meter(Some(sink));
         let other = meter.clone();
         meter.response_bytes.fetch_add(5, Ordering::Relaxed);
         meter.update(|r| r.outcome = "ok".into());
