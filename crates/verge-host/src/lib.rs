@@ -1228,4 +1228,20 @@ mod tests {
         let comp = wat::parse_str("(component)").unwrap();
         assert!(Host::check_bytes(&comp).is_ok());
     }
+
+    /// wasmtime is built without GC: a guest using `externref` is refused at
+    /// deploy as the guest's problem, with wasmtime's reason.
+    #[test]
+    fn a_guest_needing_a_feature_left_out_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host::new(HostConfig::new(dir.path())).unwrap();
+        let comp =
+            wat::parse_str("(component (core module (func (export \"f\") (param externref))))")
+                .unwrap();
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&comp));
+        let err = host.load(&sha, || Ok(comp.clone())).err().expect("refused");
+        assert!(err.is_user_error(), "{err}");
+        let text = format!("{err}");
+        assert!(text.contains("gc types are disallowed"), "{text}");
+    }
 }
