@@ -3,6 +3,12 @@
 //!
 //! Run: `cargo xtask guests && cargo bench -p verge-host --bench instantiate`
 //! (fixtures are read from target/guests, or $VERGE_GUESTS_DIR).
+//!
+//! A second table measures the floor under Verge's figures: the same
+//! component, on the same wasmtime configuration, served by wasmtime and
+//! wasmtime-wasi-http alone (wired as their documentation shows, no Verge
+//! code on the path), and instantiated in a bare `Store<()>` with every import
+//! a trap (no WASI context at all). `VERGE_BENCH_FLOOR=0` skips it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -45,7 +51,7 @@ fn main() -> anyhow::Result<()> {
         config.metering = false;
         config.demote_after = None;
     }
-    let host = Host::new(config)?;
+    let host = Host::new(config.clone())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -74,17 +80,7 @@ fn main() -> anyhow::Result<()> {
             );
             continue;
         };
-        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-        let compiled = host.load(&sha, || Ok(bytes.clone()))?;
-        let compile = compiled.load_time;
-        // Measure the code a node serves once settled: large components
-        // start on baseline code, optimized code replaces it.
-        if host.wants_optimizing(&compiled) {
-            host.optimize(&compiled, || Ok(bytes.clone()))?;
-        }
-        let cached = host.load(&sha, || Ok(bytes.clone()))?;
-        let from_cache = cached.load_time;
-        let function = Function::new(Arc::new(cached), name, 1, Vec::new());
+        let (function, compile, from_cache) = load(&host, name, &bytes)?;
 
         let mut inst = Vec::with_capacity(iterations);
         let mut full = Vec::with_capacity(iterations);
@@ -93,14 +89,7 @@ fn main() -> anyhow::Result<()> {
                 let t = Instant::now();
                 host.instantiate_only(&function).await?;
                 let a = t.elapsed();
-                let req = http::Request::builder()
-                    .uri("http://localhost/")
-                    .body(Empty::<bytes::Bytes>::new())?;
-                let t = Instant::now();
-                let resp = host.invoke(&function, "bench", req).await?;
-                let body = resp.into_body().collect().await?.to_bytes();
-                let b = t.elapsed();
-                anyhow::ensure!(body.starts_with(b"Hello"), "unexpected body {body:?}");
+                let b = verge_request(&host, &function).await?;
                 if i >= 100 {
                     inst.push(a);
                     full.push(b);
@@ -119,5 +108,226 @@ fn main() -> anyhow::Result<()> {
             us(percentile(&mut full, 0.99)),
         );
     }
+    if std::env::var("VERGE_BENCH_FLOOR").as_deref() != Ok("0") {
+        floor::table(&dir, only.as_deref(), &config, &host, &rt)?;
+    }
     Ok(())
+}
+
+/// Loads `bytes` as a node does, and returns the function with the time its
+/// first load (compile) and a load from the cache took. Measures the code a
+/// node serves once settled: large components start on baseline code,
+/// optimized code replaces it.
+fn load(host: &Host, name: &str, bytes: &[u8]) -> anyhow::Result<(Function, Duration, Duration)> {
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes));
+    let compiled = host.load(&sha, || Ok(bytes.to_vec()))?;
+    let compile = compiled.load_time;
+    if host.wants_optimizing(&compiled) {
+        host.optimize(&compiled, || Ok(bytes.to_vec()))?;
+    }
+    let cached = host.load(&sha, || Ok(bytes.to_vec()))?;
+    let from_cache = cached.load_time;
+    Ok((
+        Function::new(Arc::new(cached), name, 1, Vec::new()),
+        compile,
+        from_cache,
+    ))
+}
+
+/// One GET through Verge's host, from the call to the last byte of the body.
+async fn verge_request(host: &Host, function: &Function) -> anyhow::Result<Duration> {
+    let req = http::Request::builder()
+        .uri("http://localhost/")
+        .body(Empty::<bytes::Bytes>::new())?;
+    let t = Instant::now();
+    let resp = host.invoke(function, "bench", req).await?;
+    let body = resp.into_body().collect().await?.to_bytes();
+    let b = t.elapsed();
+    anyhow::ensure!(body.starts_with(b"Hello"), "unexpected body {body:?}");
+    Ok(b)
+}
+
+/// wasmtime and wasmtime-wasi-http without Verge.
+mod floor {
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use http_body_util::{BodyExt, Empty};
+    use wasmtime::component::{Component, InstancePre, Linker, ResourceTable};
+    use wasmtime::{Engine, Store};
+    use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+    use wasmtime_wasi_http::p2::bindings::ProxyPre;
+    use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+    use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+    use super::{percentile, us};
+
+    /// The smallest store data wasmtime-wasi-http serves with.
+    struct Plain {
+        wasi: WasiCtx,
+        http: WasiHttpCtx,
+        table: ResourceTable,
+    }
+
+    impl WasiView for Plain {
+        fn ctx(&mut self) -> WasiCtxView<'_> {
+            WasiCtxView {
+                ctx: &mut self.wasi,
+                table: &mut self.table,
+            }
+        }
+    }
+
+    impl WasiHttpView for Plain {
+        fn http(&mut self) -> WasiHttpCtxView<'_> {
+            WasiHttpCtxView {
+                ctx: &mut self.http,
+                table: &mut self.table,
+                hooks: Default::default(),
+            }
+        }
+    }
+
+    fn plain() -> Plain {
+        Plain {
+            wasi: WasiCtx::builder().build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+        }
+    }
+
+    pub fn table(
+        dir: &Path,
+        only: Option<&str>,
+        config: &verge_host::HostConfig,
+        host: &verge_host::Host,
+        rt: &tokio::runtime::Runtime,
+    ) -> anyhow::Result<()> {
+        let engine = Engine::new(&verge_host::wasmtime_config(
+            config,
+            verge_host::Tier::Optimized,
+        ))?;
+        println!();
+        println!(
+            "| guest | wasmtime alone: instantiate+drop, imports trap, p50 | p99 | wasmtime + wasmtime-wasi-http: instantiate+handle p50 | p99 | Verge, same loop: instantiate+handle p50 | p99 |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        if only.is_none() {
+            // The least a component can be: one core module, one page of
+            // memory, no imports, no table, nothing to initialize.
+            let empty = wat::parse_str(
+                r#"(component
+                    (core module $m (memory (export "memory") 1) (func (export "f")))
+                    (core instance (instantiate $m)))"#,
+            )?;
+            let empty = Component::new(&engine, empty)?;
+            let pre = Linker::<()>::new(&engine).instantiate_pre(&empty)?;
+            let mut inst: Vec<Duration> = Vec::with_capacity(5000);
+            rt.block_on(async {
+                for i in 0..5100 {
+                    let t = Instant::now();
+                    let mut store = Store::new(&engine, ());
+                    store.set_epoch_deadline(u64::MAX);
+                    pre.instantiate_async(&mut store).await?;
+                    drop(store);
+                    if i >= 100 {
+                        inst.push(t.elapsed());
+                    }
+                }
+                Ok::<_, anyhow::Error>(())
+            })?;
+            println!(
+                "| empty component | {} µs | {} µs | - | - | - | - |",
+                us(percentile(&mut inst, 0.5)),
+                us(percentile(&mut inst, 0.99)),
+            );
+        }
+        for (name, iterations) in [
+            ("rust-hello", 5000),
+            ("c-hello", 5000),
+            ("python-hello", 1000),
+        ] {
+            if only.is_some_and(|o| o != name) {
+                continue;
+            }
+            let iterations = std::env::var("VERGE_BENCH_ITERATIONS")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(iterations);
+            let Ok(bytes) = std::fs::read(dir.join(format!("{name}.wasm"))) else {
+                continue;
+            };
+            let component = Component::new(&engine, &bytes)?;
+            let mut bare = Linker::<()>::new(&engine);
+            bare.define_unknown_imports_as_traps(&component)?;
+            let bare: InstancePre<()> = bare.instantiate_pre(&component)?;
+            let mut linker = Linker::<Plain>::new(&engine);
+            wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+            wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+            let proxy = ProxyPre::new(linker.instantiate_pre(&component)?)?;
+            let function = super::load(host, name, &bytes)?.0;
+
+            let mut inst: Vec<Duration> = Vec::with_capacity(iterations);
+            let mut full: Vec<Duration> = Vec::with_capacity(iterations);
+            let mut verge: Vec<Duration> = Vec::with_capacity(iterations);
+            rt.block_on(async {
+                for i in 0..iterations + 100 {
+                    let t = Instant::now();
+                    let mut store = Store::new(&engine, ());
+                    store.set_epoch_deadline(u64::MAX);
+                    bare.instantiate_async(&mut store).await?;
+                    drop(store);
+                    let a = t.elapsed();
+
+                    let req =
+                        http::Request::builder()
+                            .uri("http://localhost/")
+                            .body(Empty::<bytes::Bytes>::new().map_err(
+                                |never| -> wasmtime_wasi_http::Error { match never {} },
+                            ))?;
+                    let t = Instant::now();
+                    let mut store = Store::new(&engine, plain());
+                    store.set_epoch_deadline(u64::MAX);
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let req = store
+                        .data_mut()
+                        .http()
+                        .new_incoming_request(Scheme::Http, req)?;
+                    let out = store.data_mut().http().new_response_outparam(tx)?;
+                    let task = tokio::spawn({
+                        let proxy = proxy.clone();
+                        async move {
+                            let p = proxy.instantiate_async(&mut store).await?;
+                            p.wasi_http_incoming_handler()
+                                .call_handle(&mut store, req, out)
+                                .await
+                        }
+                    });
+                    let resp = rx.await??;
+                    let body = resp.into_body().collect().await?.to_bytes();
+                    task.await??;
+                    let b = t.elapsed();
+                    anyhow::ensure!(body.starts_with(b"Hello"), "unexpected body {body:?}");
+
+                    let c = super::verge_request(host, &function).await?;
+                    if i >= 100 {
+                        inst.push(a);
+                        full.push(b);
+                        verge.push(c);
+                    }
+                }
+                Ok::<_, anyhow::Error>(())
+            })?;
+            println!(
+                "| {name} | {} µs | {} µs | {} µs | {} µs | {} µs | {} µs |",
+                us(percentile(&mut inst, 0.5)),
+                us(percentile(&mut inst, 0.99)),
+                us(percentile(&mut full, 0.5)),
+                us(percentile(&mut full, 0.99)),
+                us(percentile(&mut verge, 0.5)),
+                us(percentile(&mut verge, 0.99)),
+            );
+        }
+        Ok(())
+    }
 }

@@ -1085,6 +1085,14 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     fs::rename(&tmp, path)
 }
 
+/// The wasmtime configuration a host with `config` compiles `tier` code with.
+/// For benchmarks that measure wasmtime alone beside Verge (the floor under
+/// Verge's per-request cost); the node does not use it.
+#[doc(hidden)]
+pub fn wasmtime_config(config: &HostConfig, tier: Tier) -> Config {
+    engine_config(config, tier)
+}
+
 fn engine_config(config: &HostConfig, tier: Tier) -> Config {
     let mut c = Config::new();
     c.wasm_component_model(true);
