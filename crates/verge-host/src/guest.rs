@@ -1,7 +1,9 @@
 //! One invocation: the per-request store state, the capabilities a guest
 //! gets (and those it is refused), and the request/response plumbing.
 
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -375,30 +377,17 @@ where
         (req, out)
     };
 
-    let log_output = {
-        let (stdout, stderr) = (stdout.clone(), stderr.clone());
-        let (name, version, id) = (
-            function.name.clone(),
-            function.version,
-            invocation_id.to_string(),
-        );
-        move |outcome: &str| {
-            let (out, err) = (stdout.text(), stderr.text());
-            if outcome != "ok" {
-                tracing::warn!(function = %name, version, invocation = %id, %outcome, stdout = ?out, stderr = ?err, "guest failed");
-            } else if !out.is_empty() || !err.is_empty() {
-                tracing::info!(function = %name, version, invocation = %id, stdout = ?out, stderr = ?err, "guest output");
-            }
-        }
-    };
-
     // One task per invocation: it runs the guest to the end (the response body
     // may still stream after the response head is sent), meters it, and
     // reports its output.
     let pre = code.pre.clone();
-    let log = log_output.clone();
     let task_meter = meter.clone();
     let (task_stdout, task_stderr) = (stdout.clone(), stderr.clone());
+    let (name, version, id) = (
+        function.name.clone(),
+        function.version,
+        invocation_id.to_string(),
+    );
     let work = async move {
         let run = async {
             let proxy = pre
@@ -411,13 +400,23 @@ where
                 .await
                 .map_err(RunError::Trap)
         };
-        let result = match tokio::time::timeout_at(deadline.into(), run).await {
-            Ok(r) => r,
-            Err(_) => Err(RunError::Trap(Trap::Interrupt.into())),
+        let result = match until(deadline, run).await {
+            Some(r) => r,
+            None => Err(RunError::Trap(Trap::Interrupt.into())),
         };
         let limits = &store.data().limits;
         let memory_hit = limits.hit;
         let (out, err) = (task_stdout.text(), task_stderr.text());
+        match &result {
+            Err(e) => {
+                let outcome = e.summary();
+                tracing::warn!(function = %name, version, invocation = %id, %outcome, stdout = ?out, stderr = ?err, "guest failed");
+            }
+            Ok(()) if !out.is_empty() || !err.is_empty() => {
+                tracing::info!(function = %name, version, invocation = %id, stdout = ?out, stderr = ?err, "guest output");
+            }
+            Ok(()) => {}
+        }
         task_meter.update(|r| {
             r.stdout = (!out.is_empty()).then_some(out);
             r.stderr = (!err.is_empty()).then_some(err);
@@ -429,10 +428,6 @@ where
                 r.outcome = "no_response".into();
             }
         });
-        match &result {
-            Ok(()) => log("ok"),
-            Err(e) => log(&e.summary()),
-        }
         (result, memory_hit)
     };
     let task = match (cfg.metering, host.slow_lane()) {
@@ -446,8 +441,10 @@ where
         (false, None) => tokio::spawn(work),
     };
 
-    match tokio::time::timeout_at(deadline.into(), rx).await {
-        Ok(Ok(Ok(response))) => {
+    // No timer here: the task ends by the deadline (see `until`), and with it
+    // the store that holds the response's sender.
+    match rx.await {
+        Ok(Ok(response)) => {
             meter.update(|r| {
                 r.status = response.status().as_u16();
                 r.outcome = "ok".into();
@@ -466,12 +463,13 @@ where
                 .boxed_unsync()
             }))
         }
-        Ok(Ok(Err(code))) => {
+        Ok(Err(code)) => {
             meter.update(|r| r.outcome = "error_response".into());
             Err(InvokeError::Guest(code.to_string()))
         }
-        Ok(Err(_)) => {
-            // The guest finished (or died) without setting a response.
+        Err(_) => {
+            // The guest finished, died or ran out of time without setting a
+            // response.
             let result = task.await;
             let err = stderr.text();
             match result {
@@ -486,19 +484,29 @@ where
                 ))),
             }
         }
-        Err(_) => {
-            task.abort();
-            let (out, err) = (stdout.text(), stderr.text());
-            meter.update(|r| {
-                r.outcome = "timeout".into();
-                r.wall_us = started.elapsed().as_micros() as u64;
-                r.stdout = (!out.is_empty()).then_some(out);
-                r.stderr = (!err.is_empty()).then_some(err);
-            });
-            log_output("timeout");
-            Err(InvokeError::Timeout(timeout))
-        }
     }
+}
+
+/// `inner`'s output, or `None` if it is still waiting at `deadline`.
+///
+/// The timer is armed only once `inner` has had to wait: a guest that runs
+/// to its end in one go (most requests) never registers one, and a guest
+/// that keeps running is stopped at the deadline by the store's epoch
+/// callback, not by a timer. A tokio timer per request cost about 3 µs of a
+/// ~45 µs request here (registering it, and waking the I/O driver when it was
+/// the earliest); `docs/BENCHMARKS.md` has the measurement.
+async fn until<F: Future>(deadline: Instant, inner: F) -> Option<F::Output> {
+    let mut inner = std::pin::pin!(inner);
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = inner.as_mut().poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        let timer =
+            timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await
 }
 
 enum RunError {
@@ -532,6 +540,9 @@ impl RunError {
     fn summary(&self) -> String {
         match self {
             RunError::Instantiate(e) => format!("instantiation failed: {}", trap_message(e)),
+            RunError::Trap(e) if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) => {
+                "timeout".to_string()
+            }
             RunError::Trap(e) => format!("trapped: {}", trap_message(e)),
         }
     }
@@ -573,4 +584,28 @@ fn trap_message(e: &wasmtime::Error) -> String {
         }
     }
     msg.lines().next().unwrap_or_default().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn until_polls_first_and_stops_a_waiting_future_at_the_deadline() {
+        let past = Instant::now()
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or_else(Instant::now);
+        // Ready at once: its output, even past the deadline (no timer needed).
+        assert_eq!(until(past, async { 7 }).await, Some(7));
+        // Still waiting at the deadline: stopped.
+        let soon = Instant::now() + Duration::from_millis(20);
+        assert_eq!(until(soon, std::future::pending::<u8>()).await, None);
+        // Ready after waiting, before the deadline: its output.
+        let later = Instant::now() + Duration::from_secs(600);
+        let waits = async {
+            tokio::task::yield_now().await;
+            3
+        };
+        assert_eq!(until(later, waits).await, Some(3));
+    }
 }

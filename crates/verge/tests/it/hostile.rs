@@ -70,6 +70,22 @@ fn loops_time_out_and_neighbours_keep_answering() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 200);
+    // A guest waiting (on a clock here, as on I/O) uses no CPU, so no epoch
+    // check stops it: the deadline's timer does, and the next request works.
+    let r = node
+        .http()
+        .get(format!("{}/h/wait?ms=600000", node.url))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let p: serde_json::Value = r.json().unwrap();
+    assert!(p["detail"].as_str().unwrap().contains("time limit"), "{p}");
+    let r = node
+        .http()
+        .get(format!("{}/h/wait?ms=50", node.url))
+        .send()
+        .unwrap();
+    assert_eq!(r.text().unwrap(), "waited 50 ms\n");
     // A trap, and then business as usual.
     let r = node
         .http()

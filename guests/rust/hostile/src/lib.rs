@@ -1,7 +1,9 @@
 //! Hostile guest: misbehaves on request, by the last path segment.
 //! `/burn?ms=N` burns CPU for N ms of wall time, `/alloc?mib=N` allocates and
 //! touches N MiB, `/loop` spins forever without yielding, `/recurse` recurses
-//! forever, `/print?mib=N` prints N MiB to stdout, `/trap` traps.
+//! forever, `/print?mib=N` prints N MiB to stdout, `/trap` traps,
+//! `/wait?ms=N` blocks on a clock for N ms without using the CPU (a guest
+//! waiting on I/O).
 //! Anything else answers "ok" (the well-behaved neighbour case).
 
 use std::hint::black_box;
@@ -59,6 +61,11 @@ impl Guest for Hostile {
                 }
             }
             "recurse" => format!("{}\n", recurse(0)),
+            "wait" => {
+                let ms = param(query, "ms");
+                monotonic_clock::subscribe_duration(ms * 1_000_000).block();
+                format!("waited {ms} ms\n")
+            }
             "print" => {
                 let mib = param(query, "mib") as usize;
                 let line = "y".repeat(1023) + "\n";
