@@ -100,7 +100,10 @@ pub struct Entry {
     /// The stamp of the key's first write: when two replicas first wrote
     /// different kinds, the earlier kind wins.
     pub created: Stamp,
-    /// Register: the latest write (None: deleted) and its stamp.
+    /// Register: the latest write (None: deleted) and its stamp. In JSON (the
+    /// stored form and the replication protocol) a base64 string; an array
+    /// of numbers, the form before, is still read.
+    #[serde(default, with = "value_json")]
     pub value: Option<Vec<u8>>,
     pub stamp: Stamp,
     /// Counter: per node, the sum of its increments and of its decrements.
@@ -109,6 +112,61 @@ pub struct Entry {
     /// Counter: what a delete observed (subtracted from the sums).
     pub inc_reset: BTreeMap<u64, u64>,
     pub dec_reset: BTreeMap<u64, u64>,
+}
+
+/// A register's value in JSON: `null`, or its bytes in standard base64. A
+/// value used to be written as an array of numbers (about 3.6 bytes of JSON
+/// per byte, parsed number by number on every read); entries stored or sent
+/// that way still read, and are rewritten in the new form when next written.
+mod value_json {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::de::{self, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(bytes) => s.serialize_str(&STANDARD.encode(bytes)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        d.deserialize_any(ValueVisitor)
+    }
+
+    struct ValueVisitor;
+
+    impl<'de> Visitor<'de> for ValueVisitor {
+        type Value = Option<Vec<u8>>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("null, a base64 string or an array of bytes")
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            STANDARD
+                .decode(v)
+                .map(Some)
+                .map_err(|e| E::custom(format!("value is not base64: {e}")))
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+            while let Some(b) = seq.next_element::<u8>()? {
+                bytes.push(b);
+            }
+            Ok(Some(bytes))
+        }
+    }
 }
 
 fn max_merge(a: &mut BTreeMap<u64, u64>, b: &BTreeMap<u64, u64>) {
@@ -227,6 +285,30 @@ impl Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_are_base64_in_json_and_the_old_arrays_still_read() {
+        let e = Entry::register(Some(vec![0, 1, 2, 250, 255]), st(5, 1));
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(json.contains(r#""value":"AAEC+v8=""#), "{json}");
+        assert_eq!(serde_json::from_str::<Entry>(&json).unwrap(), e);
+        // As an older node stored and sent it.
+        let old = json.replace(r#""AAEC+v8=""#, "[0,1,2,250,255]");
+        assert_eq!(serde_json::from_str::<Entry>(&old).unwrap(), e);
+        // Tombstones: null, both ways.
+        let t = Entry::register(None, st(6, 1));
+        let json = serde_json::to_string(&t).unwrap();
+        assert!(json.contains(r#""value":null"#), "{json}");
+        assert_eq!(serde_json::from_str::<Entry>(&json).unwrap(), t);
+        // A megabyte of binary value costs 4/3 of it, not 3.6 times.
+        let big = Entry::register(Some((0..1 << 20).map(|i| i as u8).collect()), st(7, 1));
+        let n = serde_json::to_string(&big).unwrap().len();
+        assert!(n < (1 << 20) * 4 / 3 + 1024, "{n} bytes of JSON");
+        // What is neither is refused with the reason.
+        let bad = json.replace("null", r#""not base64!""#);
+        let err = serde_json::from_str::<Entry>(&bad).unwrap_err().to_string();
+        assert!(err.contains("not base64"), "{err}");
+    }
 
     fn st(wall: u64, node: u64) -> Stamp {
         Stamp {
