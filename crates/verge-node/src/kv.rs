@@ -31,7 +31,8 @@ pub struct KeyValue {
     pub key: String,
     /// `bytes` or `count`.
     pub kind: String,
-    /// The value as text (bytes that are not UTF-8 are replaced).
+    /// The value as text (bytes that are not UTF-8 are replaced: ask with
+    /// `Accept: application/octet-stream` for the exact bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -170,35 +171,67 @@ pub(crate) async fn keys(
     Ok(Json(json!({ "keys": keys })))
 }
 
+/// Whether the caller asked for the value's bytes rather than JSON.
+fn wants_raw(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().starts_with("application/octet-stream"))
+}
+
+/// Reads a key: JSON by default (the value as text), or with
+/// `Accept: application/octet-stream` the exact bytes (a counter's value as
+/// decimal text).
 pub(crate) async fn get(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
     Path((bucket, key)): Path<(String, String)>,
     RawQuery(query): RawQuery,
-) -> Result<Json<KeyValue>, ApiError> {
+    headers: http::HeaderMap,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
     let (stored, rest) = scoped(&caller, query.as_deref(), &bucket)?;
     no_params(&rest, "tenant")?;
     let k = key.clone();
     let v = kv_blocking(&state, move |kv| kv.get(&stored, &k)).await?;
-    match v {
-        None => Err(ApiError::NotFound(format!(
+    let Some(v) = v else {
+        return Err(ApiError::NotFound(format!(
             "no key {key:?} in bucket {bucket:?}; list keys with `verge kv ls {bucket}`"
-        ))),
-        Some(Value::Bytes(b)) => Ok(Json(KeyValue {
+        )));
+    };
+    if wants_raw(&headers) {
+        let (kind, bytes) = match v {
+            Value::Bytes(b) => ("bytes", b),
+            Value::Count(n) => ("count", n.to_string().into_bytes()),
+        };
+        return Ok((
+            [
+                (http::header::CONTENT_TYPE, "application/octet-stream"),
+                (http::header::HeaderName::from_static("verge-kv-kind"), kind),
+            ],
+            bytes,
+        )
+            .into_response());
+    }
+    let body = match v {
+        Value::Bytes(b) => KeyValue {
             bucket,
             key,
             kind: "bytes".into(),
             value: Some(String::from_utf8_lossy(&b).into_owned()),
             count: None,
-        })),
-        Some(Value::Count(n)) => Ok(Json(KeyValue {
+        },
+        Value::Count(n) => KeyValue {
             bucket,
             key,
             kind: "count".into(),
             value: None,
             count: Some(n),
-        })),
-    }
+        },
+    };
+    Ok(Json(body).into_response())
 }
 
 pub(crate) async fn put(

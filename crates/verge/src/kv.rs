@@ -13,7 +13,14 @@ pub enum KvAction {
     /// Buckets on this node and their entry counts (tombstones included)
     Buckets,
     /// Read a key
-    Get { bucket: String, key: String },
+    Get {
+        bucket: String,
+        key: String,
+        /// Write the value's exact bytes to stdout (no newline), also when
+        /// they are not UTF-8 text
+        #[arg(long)]
+        raw: bool,
+    },
     /// Write a value
     Set {
         bucket: String,
@@ -169,7 +176,22 @@ pub async fn kv(client: &Client, json: bool, tenant: Option<&str>, action: KvAct
             print!("{}", table::render(&["BUCKET", "TENANT", "ENTRIES"], &rows));
             Ok(())
         }
-        KvAction::Get { bucket, key } => {
+        KvAction::Get { bucket, key, raw } => {
+            if raw {
+                let r = client
+                    .send(
+                        client
+                            .request(Method::GET, &path(&bucket, &key))
+                            .header(reqwest::header::ACCEPT, "application/octet-stream"),
+                    )
+                    .await?;
+                let bytes = r.bytes().await?;
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                out.write_all(&bytes)?;
+                out.flush()?;
+                return Ok(());
+            }
             let v: Value = client.get(&path(&bucket, &key)).await?;
             if json {
                 return print_json(&v);

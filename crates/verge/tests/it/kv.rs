@@ -451,3 +451,41 @@ fn buckets_belong_to_tenants() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("refused the token"));
 }
+
+#[test]
+fn binary_values_read_back_exactly_with_accept_octet_stream() {
+    let node = TestNode::start();
+    let bytes: Vec<u8> = vec![0, 159, 146, 150, 255, b'\n', 7];
+    let url = format!("{}/v1/kv/blobs/b1", node.url);
+    let r = node
+        .http()
+        .put(&url)
+        .bearer_auth(node.token())
+        .body(bytes.clone())
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    // JSON shows text: what is not UTF-8 is replaced...
+    let v: serde_json::Value = node.api_get("/v1/kv/blobs/b1").json().unwrap();
+    assert_eq!(v["kind"], "bytes");
+    assert_ne!(v["value"].as_str().unwrap().as_bytes(), &bytes[..]);
+    // ...the raw form is the exact bytes, through the API and the CLI.
+    let r = node
+        .http()
+        .get(&url)
+        .bearer_auth(node.token())
+        .header("accept", "application/octet-stream")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/octet-stream");
+    assert_eq!(r.headers()["verge-kv-kind"], "bytes");
+    assert_eq!(r.bytes().unwrap().as_ref(), &bytes[..]);
+    let out = node.cli(&["kv", "get", "blobs", "b1", "--raw"]);
+    assert!(out.status.success());
+    assert_eq!(out.stdout, bytes);
+    // A counter reads as its decimal text.
+    node.cli_ok(&["kv", "incr", "blobs", "n", "-3"]);
+    let out = node.cli(&["kv", "get", "blobs", "n", "--raw"]);
+    assert_eq!(out.stdout, b"-3");
+}
