@@ -75,6 +75,82 @@ pub(crate) fn publish(bus: &dyn Bus, wake: &tokio::sync::Notify, events: Vec<Clo
     }
 }
 
+/// Platform events stored off the request path: the usage sink queues an
+/// invocation's failure here, and [`outbox`] commits what waits in one bus
+/// transaction. Publishing in the sink made every failing request's task
+/// wait for a commit (a SQLite transaction with `synchronous=FULL`) on a
+/// runtime thread, so that a storm of failures slowed every neighbour.
+#[derive(Default)]
+pub(crate) struct Outbox {
+    pending: std::sync::Mutex<Vec<CloudEvent>>,
+    ready: tokio::sync::Notify,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+/// Events an [`Outbox`] holds before it drops new ones (and says so) rather
+/// than grow without bound when the bus cannot keep up.
+pub(crate) const OUTBOX_MAX: usize = 10_000;
+
+impl Outbox {
+    /// Queues an event; never blocks on the disk.
+    pub(crate) fn push(&self, event: CloudEvent) {
+        let mut pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pending.len() >= OUTBOX_MAX {
+            drop(pending);
+            let n = self
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n.is_power_of_two() {
+                tracing::error!(dropped = n + 1, "platform event queue full; events dropped");
+            }
+            return;
+        }
+        pending.push(event);
+        drop(pending);
+        self.ready.notify_one();
+    }
+
+    fn take(&self) -> Vec<CloudEvent> {
+        std::mem::take(
+            &mut *self
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Publishes what is queued now (at shutdown).
+    pub(crate) fn flush(&self, bus: &dyn Bus, wake: &tokio::sync::Notify) {
+        let batch = self.take();
+        if !batch.is_empty() {
+            publish(bus, wake, batch);
+        }
+    }
+}
+
+/// Publishes what the outbox holds, everything waiting in one transaction.
+pub(crate) async fn outbox(state: Arc<AppState>, outbox: Arc<Outbox>) {
+    loop {
+        outbox.ready.notified().await;
+        let batch = outbox.take();
+        if batch.is_empty() {
+            continue;
+        }
+        let s = state.clone();
+        if let Err(e) = blocking(move || {
+            publish(&*s.bus, &s.wake, batch);
+            Ok(())
+        })
+        .await
+        {
+            tracing::warn!(error = %e, "could not publish platform events");
+        }
+    }
+}
+
 impl AppState {
     /// Emits a platform event.
     pub(crate) fn emit(&self, ty: &str, subject: &str, data: Value) {

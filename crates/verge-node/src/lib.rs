@@ -153,6 +153,8 @@ pub struct Node {
     peers: Vec<Peer>,
     /// Keys changed since the last `kv.changed` events went out.
     kv_changes: Arc<std::sync::Mutex<std::collections::BTreeSet<(String, String)>>>,
+    /// Invocation failures waiting to be published.
+    outbox: Arc<events::Outbox>,
 }
 
 impl Node {
@@ -204,7 +206,8 @@ impl Node {
         let bus: Arc<dyn verge_bus::Bus> = Arc::new(bus);
         let wake = Arc::new(tokio::sync::Notify::new());
         let sink = ledger.clone();
-        let (b, w, node) = (bus.clone(), wake.clone(), config.node_name.clone());
+        let outbox = Arc::new(events::Outbox::default());
+        let (failures, node) = (outbox.clone(), config.node_name.clone());
         host.set_usage_sink(Arc::new(move |mut record| {
             if record.status == 0 {
                 record.status = error::outcome_status(&record.outcome);
@@ -228,7 +231,7 @@ impl Node {
                     }),
                 );
                 e.set_hops(record.hops + 1);
-                events::publish(&*b, &w, vec![e]);
+                failures.push(e);
             }
             sink.record(record);
         }));
@@ -294,6 +297,7 @@ impl Node {
             report,
             peers: config.peers.clone(),
             kv_changes,
+            outbox,
         })
     }
 
@@ -359,6 +363,7 @@ impl Node {
             self.state.clone(),
             self.kv_changes.clone(),
         ));
+        let failures = tokio::spawn(events::outbox(self.state.clone(), self.outbox.clone()));
         self.state.emit(
             events::types::NODE_STARTED,
             &self.state.node_name,
@@ -385,6 +390,8 @@ impl Node {
         scheduler.abort();
         dispatcher.abort();
         kv_events.abort();
+        failures.abort();
+        self.outbox.flush(&*self.state.bus, &self.state.wake);
         collector.abort();
         for r in replicators {
             r.abort();
