@@ -2,10 +2,12 @@
 # shellcheck shell=bash
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-VERGE=target/release/verge
+# VERGE=path runs another build of verge (comparing two revisions); by
+# default the scripts build and run this checkout's.
+VERGE=${VERGE:-target/release/verge}
 build() {
   [ -f target/guests/c-hello.wasm ] && [ -f target/guests/rust-hostile.wasm ] || cargo xtask guests rust c
-  cargo build --release -q -p verge
+  [ "$VERGE" != target/release/verge ] || cargo build --release -q -p verge
 }
 # start DATA_DIR PORT [ARGS...]: starts a node, sets NODE_PID
 start_node() {
