@@ -23,6 +23,14 @@ fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples[i]
 }
 
+/// `VERGE_BENCH_ITERATIONS`, or `default` measured requests.
+fn iterations_or(default: usize) -> usize {
+    std::env::var("VERGE_BENCH_ITERATIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
+
 fn us(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1e6)
 }
@@ -68,10 +76,7 @@ fn main() -> anyhow::Result<()> {
         if only.as_deref().is_some_and(|o| o != name) {
             continue;
         }
-        let iterations = std::env::var("VERGE_BENCH_ITERATIONS")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(iterations);
+        let iterations = iterations_or(iterations);
         let path = dir.join(format!("{name}.wasm"));
         let Ok(bytes) = std::fs::read(&path) else {
             eprintln!(
@@ -160,7 +165,7 @@ mod floor {
     use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
     use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-    use super::{percentile, us};
+    use super::{iterations_or, percentile, us};
 
     /// The smallest store data wasmtime-wasi-http serves with.
     struct Plain {
@@ -250,10 +255,7 @@ mod floor {
             if only.is_some_and(|o| o != name) {
                 continue;
             }
-            let iterations = std::env::var("VERGE_BENCH_ITERATIONS")
-                .ok()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(iterations);
+            let iterations = iterations_or(iterations);
             let Ok(bytes) = std::fs::read(dir.join(format!("{name}.wasm"))) else {
                 continue;
             };
