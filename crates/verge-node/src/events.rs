@@ -103,7 +103,7 @@ impl Outbox {
             let n = self
                 .dropped
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if n.is_power_of_two() {
+            if (n + 1).is_power_of_two() {
                 tracing::error!(dropped = n + 1, "platform event queue full; events dropped");
             }
             return;

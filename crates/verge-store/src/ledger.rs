@@ -98,7 +98,7 @@ impl Ledger {
         if pending.len() >= QUEUE_MAX {
             drop(pending);
             let n = self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-            if n.is_power_of_two() {
+            if (n + 1).is_power_of_two() {
                 tracing::error!(dropped = n + 1, "usage ledger queue full; records dropped");
             }
             return;
