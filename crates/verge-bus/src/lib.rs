@@ -6,8 +6,12 @@
 //!
 //! The bus knows no wasm and serves no HTTP: the node claims due jobs, runs
 //! them, and reports each outcome back ([`Bus::complete`], [`Bus::fail`]).
-//! A job claimed by a node that dies is claimed again after its lease
-//! expires ([`Bus::recover`] at start), so delivery is at least once.
+//! A claimed job is leased ([`SqliteBus::lease`], 15 minutes by default,
+//! far above any invocation's time limit): [`Bus::claim`] takes it again
+//! once the lease has expired without a `complete` or `fail`, and at start
+//! [`Bus::recover`] queues at once what the node's previous run left
+//! running (the database is the node's own, so those jobs were its). A job
+//! may therefore run more than once: delivery is at least once.
 //!
 //! Its database is its own file (`bus.db`, WAL, synchronous FULL): an
 //! acknowledged publish is on disk before the call returns.
@@ -124,12 +128,14 @@ pub enum Payload {
     Invoke {
         path: String,
         headers: Vec<(String, String)>,
-        #[serde(with = "bytes_b64")]
+        /// The body, hex-encoded on the wire and in the database.
+        #[serde(with = "bytes_hex")]
         body: Vec<u8>,
     },
 }
 
-mod bytes_b64 {
+/// Bytes as a hex string (what stored jobs have always held).
+mod bytes_hex {
     use serde::{Deserialize, Deserializer, Serializer};
     pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&hex::encode(v))
@@ -475,7 +481,7 @@ impl Bus for SqliteBus {
         source: Option<&str>,
         subject_prefix: Option<&str>,
     ) -> Result<Trigger, BusError> {
-        if ty.is_empty() || ty[..ty.len() - 1].contains('*') {
+        if ty.is_empty() || ty.strip_suffix('*').unwrap_or(ty).contains('*') {
             return Err(BusError::Invalid(format!(
                 "event type {ty:?}: give a type such as com.acme.order.created, or a prefix ending in * (dev.verge.function.*)"
             )));
@@ -629,7 +635,7 @@ impl Bus for SqliteBus {
         let now = now_ms();
         let jobs: Vec<Job> = {
             let mut stmt = tx.prepare(&format!(
-                "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'queued' AND next_ms <= ?1 ORDER BY next_ms LIMIT ?2"
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE (state = 'queued' AND next_ms <= ?1) OR (state = 'running' AND lease_ms <= ?1) ORDER BY next_ms LIMIT ?2"
             ))?;
             let rows = stmt.query_map(params![now, limit as i64], job_from_row)?;
             let mut out = Vec::new();
@@ -658,7 +664,7 @@ impl Bus for SqliteBus {
 
     fn next_due_ms(&self) -> Result<Option<i64>, BusError> {
         Ok(self.conn().query_row(
-            "SELECT MIN(next_ms) FROM jobs WHERE state = 'queued'",
+            "SELECT MIN(due) FROM (SELECT MIN(next_ms) AS due FROM jobs WHERE state = 'queued' UNION ALL SELECT MIN(lease_ms) FROM jobs WHERE state = 'running')",
             [],
             |r| r.get(0),
         )?)
@@ -983,6 +989,72 @@ mod tests {
         e.source = "/other".into();
         assert!(!t.matches(&e));
         assert!(!t.matches(&event("2", "com.other")));
+    }
+
+    #[test]
+    fn an_expired_lease_is_claimed_again_and_a_live_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bus = SqliteBus::open(dir.path()).unwrap();
+        bus.add_trigger("f", "live", "com.acme.x", None, None)
+            .unwrap();
+        bus.publish(&[event("e1", "com.acme.x")]).unwrap();
+        let first = bus.claim(10).unwrap();
+        assert_eq!(first.len(), 1);
+        assert!(bus.claim(10).unwrap().is_empty(), "the lease holds");
+        // A lease that has run out (its holder died or hung): claimed again.
+        bus.lease = Duration::ZERO;
+        bus.publish(&[event("e2", "com.acme.x")]).unwrap();
+        let second = bus.claim(10).unwrap();
+        assert_eq!(second.len(), 1, "e2 is claimed, e1's lease still holds");
+        assert_ne!(second[0].id, first[0].id);
+        std::thread::sleep(Duration::from_millis(2));
+        let again = bus.claim(10).unwrap();
+        let ids: Vec<_> = again.iter().map(|j| j.id.as_str()).collect();
+        assert!(ids.contains(&second[0].id.as_str()), "{ids:?}");
+        let retaken = again.iter().find(|j| j.id == second[0].id).unwrap();
+        assert_eq!(retaken.attempts, 2, "a retaken job counts its attempt");
+        assert!(bus.next_due_ms().unwrap().is_some());
+    }
+
+    #[test]
+    fn a_trigger_type_ending_in_a_multibyte_character_is_checked_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = SqliteBus::open(dir.path()).unwrap();
+        bus.add_trigger("f", "live", "com.acme.caf\u{e9}", None, None)
+            .unwrap();
+        bus.add_trigger("f", "live", "com.\u{e9}*", None, None)
+            .unwrap();
+        assert!(
+            bus.add_trigger("f", "live", "com.*.\u{e9}", None, None)
+                .is_err()
+        );
+        assert!(bus.add_trigger("f", "live", "\u{e9}", None, None).is_ok());
+    }
+
+    #[test]
+    fn a_hop_count_that_does_not_parse_is_dead_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = SqliteBus::open(dir.path()).unwrap();
+        bus.add_trigger("f", "live", "com.acme.x", None, None)
+            .unwrap();
+        for bad in [
+            serde_json::json!("x"),
+            serde_json::json!("-1"),
+            serde_json::json!("4294967296"),
+            serde_json::json!(4294967297u64),
+            serde_json::json!(-3),
+            serde_json::json!(1.5),
+        ] {
+            let mut e = event("e", "com.acme.x");
+            e.extensions
+                .insert(verge_spec::HOPS_EXTENSION.to_string(), bad.clone());
+            let p = bus.publish(&[e]).unwrap();
+            assert!(p.queued.is_empty(), "{bad} was delivered");
+            assert_eq!(p.dead.len(), 1, "{bad}");
+        }
+        let mut ok = event("e", "com.acme.x");
+        ok.set_hops(3);
+        assert_eq!(bus.publish(&[ok]).unwrap().queued.len(), 1);
     }
 
     #[test]

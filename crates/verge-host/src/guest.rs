@@ -171,7 +171,7 @@ impl WasiHttpHooks for Outbound {
                 };
                 for e in &mut events {
                     e.source = format!("/verge/functions/{function}");
-                    e.set_hops(hops + 1);
+                    e.set_hops(verge_spec::next_hop(hops));
                     if e.time.is_none() {
                         e.time = Some(verge_spec::rfc3339_ms(verge_spec_now_ms()));
                     }
@@ -237,6 +237,8 @@ fn new_store(
             kv: host.kv.clone(),
             allowed: function.kv_buckets.clone(),
             tenant: function.kv_tenant.clone(),
+            default_bucket: function.kv_default(),
+            hops,
         },
         limits: GuestLimits {
             limit: function.memory_limit.unwrap_or(cfg.memory_limit),
@@ -303,12 +305,14 @@ where
     // The code in force when the request starts serves all of it, even if
     // optimized code replaces it meanwhile.
     let code = function.component.code();
-    let hops = request
-        .headers()
-        .get("ce-vergehops")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u32>().ok())
-        .unwrap_or(0);
+    // A count that does not parse is past any limit, never 0.
+    let hops = match request.headers().get("ce-vergehops") {
+        None => 0,
+        Some(v) => v
+            .to_str()
+            .map(verge_spec::parse_hops)
+            .unwrap_or(verge_spec::HOPS_INVALID),
+    };
     let mut store = new_store(
         host,
         &code.engine,
@@ -344,7 +348,13 @@ where
             cold: !function.component.used.swap(true, Ordering::Relaxed),
             stdout: None,
             stderr: None,
+            error: None,
             hops,
+            job: request
+                .headers()
+                .get(verge_spec::JOB_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
         },
     );
 
@@ -407,13 +417,16 @@ where
         let limits = &store.data().limits;
         let memory_hit = limits.hit;
         let (out, err) = (task_stdout.text(), task_stderr.text());
+        // The guest's output belongs to its invocation record (`verge logs`),
+        // not to the node's log: at debug level only, for whoever debugs the
+        // node (a guest that prints in a loop must not fill the node's log).
         match &result {
             Err(e) => {
                 let outcome = e.summary();
-                tracing::warn!(function = %name, version, invocation = %id, %outcome, stdout = ?out, stderr = ?err, "guest failed");
+                tracing::debug!(function = %name, version, invocation = %id, %outcome, stdout = ?out, stderr = ?err, "guest failed");
             }
             Ok(()) if !out.is_empty() || !err.is_empty() => {
-                tracing::info!(function = %name, version, invocation = %id, stdout = ?out, stderr = ?err, "guest output");
+                tracing::debug!(function = %name, version, invocation = %id, stdout = ?out, stderr = ?err, "guest output");
             }
             Ok(()) => {}
         }
@@ -424,6 +437,7 @@ where
             r.peak_memory_bytes = limits.peak as u64;
             if let Err(e) = &result {
                 r.outcome = e.outcome(memory_hit).to_string();
+                r.error = Some(e.summary());
             } else if r.outcome.is_empty() {
                 r.outcome = "no_response".into();
             }
@@ -447,7 +461,11 @@ where
         Ok(Ok(response)) => {
             meter.update(|r| {
                 r.status = response.status().as_u16();
-                r.outcome = "ok".into();
+                // The guest may already have trapped after sending the head
+                // (its task ends before this runs): that outcome stands.
+                if r.outcome.is_empty() {
+                    r.outcome = "ok".into();
+                }
             });
             let body_meter = meter;
             Ok(response.map(move |b| {
@@ -464,8 +482,12 @@ where
             }))
         }
         Ok(Err(code)) => {
-            meter.update(|r| r.outcome = "error_response".into());
-            Err(InvokeError::Guest(code.to_string()))
+            let code = code.to_string();
+            meter.update(|r| {
+                r.outcome = "error_response".into();
+                r.error = Some(format!("the guest answered with error code {code}"));
+            });
+            Err(InvokeError::Guest(code))
         }
         Err(_) => {
             // The guest finished, died or ran out of time without setting a
@@ -528,6 +550,7 @@ impl RunError {
     fn outcome(&self, memory_hit: bool) -> &'static str {
         match self {
             _ if memory_hit => "memory_limit",
+            RunError::Instantiate(e) if is_capacity(e) => "capacity",
             RunError::Instantiate(_) => "instantiate",
             RunError::Trap(e) if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) => {
                 "timeout"
@@ -551,7 +574,9 @@ impl RunError {
         match self {
             RunError::Instantiate(e) => {
                 let msg = format!("{e:#}");
-                if msg.contains("maximum concurrent") || msg.contains("limit of") {
+                // The pooling allocator is out of slots (instances, memories,
+                // tables): the node is at capacity, not the guest at fault.
+                if is_capacity(&e) {
                     InvokeError::Capacity(msg)
                 } else {
                     InvokeError::Instantiate(msg)
@@ -571,19 +596,39 @@ impl RunError {
     }
 }
 
-/// The first line of a trap and its cause, without the wasm backtrace.
+/// Is this the pooling allocator out of slots (the node at capacity)?
+fn is_capacity(e: &wasmtime::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+            .is_some()
+    })
+}
+
+/// A trap and its causes in one line, without the wasm backtrace: a host
+/// call's error (such as wasmtime-wasi-http's "total size of fields exceeds
+/// limit") is kept, the "error while executing at wasm backtrace" context
+/// is not.
 fn trap_message(e: &wasmtime::Error) -> String {
-    let mut msg = match e.downcast_ref::<Trap>() {
-        Some(trap) => trap.to_string(),
-        None => e.to_string(),
-    };
-    if let Some(root) = e.chain().last() {
-        let root = root.to_string();
-        if !msg.contains(&root) {
-            msg = format!("{msg}: {root}");
-        }
+    let mut parts: Vec<String> = Vec::new();
+    if let Some(trap) = e.downcast_ref::<Trap>() {
+        parts.push(trap.to_string());
     }
-    msg.lines().next().unwrap_or_default().to_string()
+    for cause in e.chain() {
+        let line = cause.to_string();
+        let line = line.lines().next().unwrap_or_default().trim().to_string();
+        if line.is_empty()
+            || line.starts_with("error while executing at wasm backtrace")
+            || parts.iter().any(|p| p.contains(&line))
+        {
+            continue;
+        }
+        parts.push(line);
+    }
+    if parts.is_empty() {
+        "the guest trapped".to_string()
+    } else {
+        parts.join(": ")
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! `wasi:keyvalue@0.2.0-draft` (store, atomics, batch) for guests, on the
 //! node's replica of `verge-kv`. A guest may open only the buckets its
-//! version was granted (`verge deploy --kv-bucket NAME`).
+//! version was granted (`verge deploy --kv-bucket NAME`), and `""`: the
+//! function's own bucket, named after it (the bucket `wasmtime serve
+//! -Skeyvalue` offers, so that key-value components move between the hosts).
 
 use std::sync::Arc;
 
@@ -57,6 +59,11 @@ pub(crate) struct KvCtx {
     pub allowed: Arc<Vec<String>>,
     /// The tenant the buckets belong to.
     pub tenant: Arc<str>,
+    /// What `open("")` opens: the function's own bucket, always granted.
+    pub default_bucket: Arc<str>,
+    /// Hops of the event chain the invocation belongs to: the
+    /// `kv.changed` events of its writes carry one more.
+    pub hops: u32,
 }
 
 pub(crate) struct KvView<'a> {
@@ -79,6 +86,13 @@ impl<'a> KvView<'a> {
     fn bucket(&self, b: &Resource<Bucket>) -> Result<String, Error> {
         Ok(self.table.get(b)?.name.clone())
     }
+
+    /// Writes on behalf of the invocation: the events of the change are one
+    /// hop past it.
+    fn write(&self, bucket: &str, ops: Vec<verge_kv::Op>) -> Result<Vec<Option<i64>>, Error> {
+        let hops = verge_spec::next_hop(self.ctx.hops);
+        Ok(self.kv()?.batch_caused(bucket, ops, hops)?)
+    }
 }
 
 fn bytes_of(v: verge_kv::Value) -> Vec<u8> {
@@ -90,6 +104,13 @@ fn bytes_of(v: verge_kv::Value) -> Vec<u8> {
 
 impl keyvalue::store::Host for KvView<'_> {
     fn open(&mut self, identifier: String) -> Result<Resource<Bucket>, Error> {
+        if identifier.is_empty() {
+            // The one bucket `wasmtime serve -Skeyvalue` knows: components
+            // written for it find their data in the function's own bucket.
+            return Ok(self.table.push(Bucket {
+                name: verge_kv::qualify(&self.ctx.tenant, &self.ctx.default_bucket),
+            })?);
+        }
         if verge_kv::validate_bucket(&identifier).is_err() {
             return Err(Error::NoSuchStore);
         }
@@ -118,12 +139,13 @@ impl keyvalue::store::HostBucket for KvView<'_> {
 
     fn set(&mut self, bucket: Resource<Bucket>, key: String, value: Vec<u8>) -> Result<(), Error> {
         let b = self.bucket(&bucket)?;
-        Ok(self.kv()?.set(&b, &key, &value)?)
+        self.write(&b, vec![verge_kv::Op::Set(key, value)])
+            .map(drop)
     }
 
     fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> Result<(), Error> {
         let b = self.bucket(&bucket)?;
-        Ok(self.kv()?.delete(&b, &key)?)
+        self.write(&b, vec![verge_kv::Op::Delete(key)]).map(drop)
     }
 
     fn exists(&mut self, bucket: Resource<Bucket>, key: String) -> Result<bool, Error> {
@@ -165,7 +187,8 @@ impl keyvalue::atomics::Host for KvView<'_> {
     ) -> Result<u64, Error> {
         let b = self.bucket(&bucket)?;
         let delta = i64::try_from(delta).map_err(|_| Error::Other("delta too large".into()))?;
-        let n = self.kv()?.increment(&b, &key, delta)?;
+        let out = self.write(&b, vec![verge_kv::Op::Increment(key, delta)])?;
+        let n = out.first().copied().flatten().unwrap_or(0);
         Ok(u64::try_from(n).unwrap_or(0))
     }
 }
@@ -193,15 +216,13 @@ impl keyvalue::batch::Host for KvView<'_> {
             .into_iter()
             .map(|(k, v)| verge_kv::Op::Set(k, v))
             .collect();
-        self.kv()?.batch(&b, ops)?;
-        Ok(())
+        self.write(&b, ops).map(drop)
     }
 
     fn delete_many(&mut self, bucket: Resource<Bucket>, keys: Vec<String>) -> Result<(), Error> {
         let b = self.bucket(&bucket)?;
         let ops = keys.into_iter().map(verge_kv::Op::Delete).collect();
-        self.kv()?.batch(&b, ops)?;
-        Ok(())
+        self.write(&b, ops).map(drop)
     }
 }
 

@@ -168,9 +168,10 @@ pub enum DeployError {
     )]
     MissingExport { found: String },
     #[error(
-        "the component imports `{0}`, which Verge does not provide; Verge provides WASI 0.2 (cli, clocks, io, random, filesystem, sockets), wasi:http and wasi:keyvalue@0.2.0-draft"
+        "the component imports {}, which Verge does not provide; Verge provides WASI 0.2 (cli, clocks, io, random, filesystem, sockets), wasi:http and wasi:keyvalue@0.2.0-draft",
+        .0.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
     )]
-    UnsupportedImport(String),
+    UnsupportedImport(Vec<String>),
     #[error("the component cannot be linked against Verge's imports: {0}")]
     Link(String),
     #[error("invalid artifact id {0:?}")]
@@ -305,6 +306,9 @@ pub struct Function {
     pub kv_buckets: Arc<Vec<String>>,
     /// The tenant those buckets belong to.
     pub kv_tenant: Arc<str>,
+    /// The bucket a guest gets for the identifier `""` (what `wasmtime
+    /// serve -Skeyvalue` offers): the function's own, named after it.
+    kv_default: Arc<str>,
 }
 
 impl Function {
@@ -315,9 +319,11 @@ impl Function {
         version: u64,
         env: Vec<(String, String)>,
     ) -> Self {
+        let name = name.into();
         Self {
             component,
-            name: name.into(),
+            kv_default: Arc::from(name.as_str()),
+            name,
             version,
             env: Arc::new(env),
             timeout: None,
@@ -333,6 +339,11 @@ impl Function {
         self.kv_buckets = Arc::new(buckets);
         self.kv_tenant = Arc::from(tenant);
         self
+    }
+
+    /// The function's own key-value bucket (the guest's `open("")`).
+    pub(crate) fn kv_default(&self) -> Arc<str> {
+        self.kv_default.clone()
     }
 
     /// The loaded component it runs.
@@ -987,10 +998,16 @@ impl Host {
         libraries: &[(String, Module)],
     ) -> Result<(), DeployError> {
         let ty = component.component_type();
-        for (name, _) in ty.imports(&compiler.engine) {
-            if !is_provided_import(name) && !libraries.iter().any(|(n, _)| n == name) {
-                return Err(DeployError::UnsupportedImport(name.to_string()));
-            }
+        // Every import Verge lacks at once, not the first: the user fixes
+        // the build once.
+        let missing: Vec<String> = ty
+            .imports(&compiler.engine)
+            .map(|(name, _)| name)
+            .filter(|name| !is_provided_import(name) && !libraries.iter().any(|(n, _)| n == name))
+            .map(str::to_string)
+            .collect();
+        if !missing.is_empty() {
+            return Err(DeployError::UnsupportedImport(missing));
         }
         let exports: Vec<String> = ty
             .exports(&compiler.engine)
@@ -1143,6 +1160,28 @@ mod tests {
         assert!(!is_provided_import("wasi:keyvalue/store@0.2.0"));
         assert!(!is_provided_import("wasi:http/types@0.3.0"));
         assert!(!is_provided_import("acme:thing/x@1.0.0"));
+    }
+
+    #[test]
+    fn a_refused_deploy_names_every_missing_import_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host::new(HostConfig::new(dir.path())).unwrap();
+        let c = wat::parse_str(
+            r#"(component
+                 (import "acme:pay/charge@1.0.0" (instance))
+                 (import "wasi:http/types@0.2.3" (instance))
+                 (import "acme:mail/send@2.0.0" (instance)))"#,
+        )
+        .unwrap();
+        let err = host.load(&"c".repeat(64), || Ok(c.clone())).err().unwrap();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, DeployError::UnsupportedImport(ref v) if v.len() == 2),
+            "{msg}"
+        );
+        assert!(msg.contains("`acme:pay/charge@1.0.0`"), "{msg}");
+        assert!(msg.contains("`acme:mail/send@2.0.0`"), "{msg}");
+        assert!(!msg.contains("wasi:http/types"), "{msg}");
     }
 
     #[test]

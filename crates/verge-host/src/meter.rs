@@ -129,7 +129,9 @@ pub(crate) mod tests {
                 cold: false,
                 stdout: None,
                 stderr: None,
+                error: None,
                 hops: 0,
+                job: None,
             },
         )
     }

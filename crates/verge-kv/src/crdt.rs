@@ -5,6 +5,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// An increment that would take a counter out of the range of an i64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overflow;
+
 /// A hybrid logical clock reading with the node that took it: the order of
 /// writes (wall time in ms, then a counter, then the node id to break ties).
 #[derive(
@@ -213,15 +217,23 @@ impl Entry {
         }
     }
 
-    /// Adds `delta` to a counter as node `node`.
-    pub fn add(&mut self, node: u64, delta: i64, stamp: Stamp) {
+    /// Adds `delta` to a counter as node `node`; refused (nothing changes)
+    /// when the counter's value would leave the range of an i64, or this
+    /// node's share of it the range of a u64.
+    pub fn add(&mut self, node: u64, delta: i64, stamp: Stamp) -> Result<(), Overflow> {
+        let value = i128::from(self.count()) + i128::from(delta);
+        if i64::try_from(value).is_err() {
+            return Err(Overflow);
+        }
         let side = if delta >= 0 {
             &mut self.inc
         } else {
             &mut self.dec
         };
-        *side.entry(node).or_insert(0) += delta.unsigned_abs();
+        let slot = side.entry(node).or_insert(0);
+        *slot = slot.checked_add(delta.unsigned_abs()).ok_or(Overflow)?;
         self.stamp = self.stamp.max(stamp);
+        Ok(())
     }
 
     /// Deletes a counter: what this replica has seen is subtracted from now on.
@@ -231,14 +243,18 @@ impl Entry {
         self.stamp = self.stamp.max(stamp);
     }
 
-    /// The counter's value.
+    /// The counter's value. Every replica refuses an increment that would
+    /// leave the range of an i64; should concurrent increments on different
+    /// replicas still add up past it, the merged value saturates at the
+    /// bound (the same on every replica), never wraps.
     pub fn count(&self) -> i64 {
-        let sum = |m: &BTreeMap<u64, u64>, r: &BTreeMap<u64, u64>| -> i64 {
+        let sum = |m: &BTreeMap<u64, u64>, r: &BTreeMap<u64, u64>| -> i128 {
             m.iter()
-                .map(|(k, v)| v.saturating_sub(*r.get(k).unwrap_or(&0)) as i64)
+                .map(|(k, v)| i128::from(v.saturating_sub(*r.get(k).unwrap_or(&0))))
                 .sum()
         };
-        sum(&self.inc, &self.inc_reset) - sum(&self.dec, &self.dec_reset)
+        let value = sum(&self.inc, &self.inc_reset) - sum(&self.dec, &self.dec_reset);
+        i64::try_from(value).unwrap_or(if value < 0 { i64::MIN } else { i64::MAX })
     }
 
     /// Is there a value: a register's, or a counter's increments since its last delete?
@@ -335,9 +351,9 @@ mod tests {
     fn counters_count_every_increment() {
         let mut a = Entry::counter(st(1, 1));
         let mut b = Entry::counter(st(1, 2));
-        a.add(1, 5, st(2, 1));
-        b.add(2, 3, st(2, 2));
-        b.add(2, -1, st(3, 2));
+        a.add(1, 5, st(2, 1)).unwrap();
+        b.add(2, 3, st(2, 2)).unwrap();
+        b.add(2, -1, st(3, 2)).unwrap();
         a.join(&b);
         assert_eq!(a.count(), 7);
         a.join(&b);
@@ -345,6 +361,30 @@ mod tests {
         a.reset(st(4, 1));
         assert_eq!(a.count(), 0);
         assert!(!a.is_present());
+    }
+
+    #[test]
+    fn counters_refuse_to_leave_the_range_of_an_i64_and_merge_saturating() {
+        let mut a = Entry::counter(st(1, 1));
+        a.add(1, i64::MAX, st(2, 1)).unwrap();
+        assert_eq!(a.add(1, 1, st(3, 1)), Err(Overflow));
+        assert_eq!(a.count(), i64::MAX, "a refused increment changes nothing");
+        a.add(1, i64::MIN, st(3, 1)).unwrap();
+        assert_eq!(a.count(), -1);
+        assert_eq!(a.add(1, i64::MIN, st(4, 1)), Err(Overflow));
+        assert_eq!(a.count(), -1);
+        // Two replicas each within the bound, past it together: the merged
+        // value saturates the same way on both, it does not wrap.
+        let mut x = Entry::counter(st(1, 1));
+        let mut y = Entry::counter(st(1, 2));
+        x.add(1, i64::MAX, st(2, 1)).unwrap();
+        y.add(2, i64::MAX, st(2, 2)).unwrap();
+        let mut xy = x.clone();
+        xy.join(&y);
+        y.join(&x);
+        assert_eq!(xy.count(), i64::MAX);
+        assert_eq!(y.count(), i64::MAX);
+        assert_eq!(xy.add(1, 1, st(3, 1)), Err(Overflow));
     }
 
     #[test]

@@ -54,6 +54,16 @@ pub enum KvError {
         MAX_VALUE >> 20
     )]
     ValueTooLarge { key: String, size: usize },
+    #[error(
+        "incrementing counter {key:?} in bucket {bucket:?} by {delta} would take it past the bound of a 64-bit signed integer ({} to {}); nothing was changed",
+        i64::MIN,
+        i64::MAX
+    )]
+    CounterOverflow {
+        bucket: String,
+        key: String,
+        delta: i64,
+    },
 }
 
 /// The largest value a key may hold.
@@ -211,8 +221,10 @@ fn range_of(key: &str) -> usize {
     (Sha256::digest(key.as_bytes())[0] >> 4) as usize
 }
 
-/// Told, after each commit, which (bucket, key) pairs changed.
-pub type Observer = Box<dyn Fn(&[(String, String)]) + Send + Sync>;
+/// Told, after each commit, which (bucket, key) pairs changed, and the hop
+/// count the events about the change carry ([`Kv::batch_caused`]; 0 for a
+/// write of the API or of replication).
+pub type Observer = Box<dyn Fn(&[(String, String)], u32) + Send + Sync>;
 
 /// The replica (see the crate docs).
 pub struct Kv {
@@ -300,11 +312,11 @@ impl Kv {
         let _ = self.observer.set(observer);
     }
 
-    fn notify(&self, changed: &[(String, String)]) {
+    fn notify(&self, changed: &[(String, String)], hops: u32) {
         if let Some(o) = self.observer.get()
             && !changed.is_empty()
         {
-            o(changed);
+            o(changed, hops);
         }
     }
 
@@ -357,6 +369,18 @@ impl Kv {
     /// Applies operations in one transaction (all or none); returns, per
     /// operation, a counter's new value.
     pub fn batch(&self, bucket: &str, ops: Vec<Op>) -> Result<Vec<Option<i64>>, KvError> {
+        self.batch_caused(bucket, ops, 0)
+    }
+
+    /// [`Kv::batch`] on behalf of something in an event chain (a guest's
+    /// invocation): the observer is told `hops`, the count the events the
+    /// change causes are to carry.
+    pub fn batch_caused(
+        &self,
+        bucket: &str,
+        ops: Vec<Op>,
+        hops: u32,
+    ) -> Result<Vec<Option<i64>>, KvError> {
         validate_stored(bucket)?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -402,7 +426,13 @@ impl Kv {
                             e
                         }
                     };
-                    e.add(node, delta, stamp);
+                    e.add(node, delta, stamp).map_err(|crdt::Overflow| {
+                        KvError::CounterOverflow {
+                            bucket: bucket.to_string(),
+                            key: key.clone(),
+                            delta,
+                        }
+                    })?;
                     let v = e.count();
                     (key, e, Some(v))
                 }
@@ -415,7 +445,7 @@ impl Kv {
         set_seq(&tx, seq)?;
         tx.commit()?;
         drop(conn);
-        self.notify(&changed);
+        self.notify(&changed, hops);
         Ok(out)
     }
 
@@ -496,7 +526,7 @@ impl Kv {
         set_seq(&tx, seq)?;
         tx.commit()?;
         drop(conn);
-        self.notify(&changed);
+        self.notify(&changed, 0);
         Ok(changed)
     }
 

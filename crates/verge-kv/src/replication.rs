@@ -481,7 +481,7 @@ impl Kv {
             }
             *clock = fresh;
         }
-        self.notify(&changed);
+        self.notify(&changed, 0);
         Ok(Rebootstrapped {
             old_node,
             new_node,

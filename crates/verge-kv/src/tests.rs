@@ -69,6 +69,35 @@ fn reads_your_writes_and_kinds_are_fixed() {
 }
 
 #[test]
+fn an_increment_past_the_i64_bound_is_refused_on_every_replica_alike() {
+    let (_a, a) = replica(1);
+    let (_b, b) = replica(2);
+    for kv in [&a, &b] {
+        assert_eq!(kv.increment("b", "n", i64::MAX - 1).unwrap(), i64::MAX - 1);
+        assert_eq!(kv.increment("b", "n", 1).unwrap(), i64::MAX);
+        let err = kv.increment("b", "n", 1).unwrap_err();
+        assert!(
+            matches!(err, KvError::CounterOverflow { delta: 1, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("9223372036854775807"), "{err}");
+        assert_eq!(kv.get("b", "n").unwrap(), Some(Value::Count(i64::MAX)));
+        assert_eq!(kv.increment("b", "m", i64::MIN).unwrap(), i64::MIN);
+        assert!(matches!(
+            kv.increment("b", "m", -1),
+            Err(KvError::CounterOverflow { .. })
+        ));
+    }
+    // Both at the bound, merged: the same saturated value on both sides.
+    let deltas = a
+        .entries_in_ranges("b", &(0..RANGES).collect::<Vec<_>>())
+        .unwrap();
+    b.apply_from(a.node(), &deltas).unwrap();
+    assert_eq!(b.get("b", "n").unwrap(), Some(Value::Count(i64::MAX)));
+    assert_eq!(b.get("b", "m").unwrap(), Some(Value::Count(i64::MIN)));
+}
+
+#[test]
 fn reads_do_not_wait_for_a_writer() {
     let (_dir, kv) = replica(1);
     kv.set("b", "k", b"v").unwrap();

@@ -912,15 +912,16 @@ async fn invoke_with(
         .uri(format!("http://localhost{path}"))
         .header(header::HOST, "localhost");
     for (k, v) in &parts.headers {
-        // The caller's token is for Verge, never for the guest.
-        if k != header::AUTHORIZATION && k != header::HOST {
+        // The caller's token is for Verge, never for the guest; only the
+        // dispatcher marks job attempts.
+        if k != header::AUTHORIZATION && k != header::HOST && k != verge_spec::JOB_HEADER {
             builder = builder.header(k, v);
         }
     }
     let request = builder
         .body(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid invocation request: {e}")))?;
-    Ok(front::run(&state, &slot, &function, request).await)
+    Ok(front::run(&state, &slot, &function, request, false).await)
 }
 
 async fn list_routes(State(state): State<Arc<AppState>>) -> Result<Json<Vec<Route>>, ApiError> {

@@ -73,6 +73,8 @@ pub(crate) struct Caller {
     pub name: String,
     /// The tenant a tenant token acts for; `None`: an admin token.
     pub tenant: Option<String>,
+    /// A limited token's scope ([`verge_spec::SCOPE_REPLICATION`]).
+    pub scope: Option<String>,
 }
 
 impl Caller {
@@ -98,6 +100,21 @@ fn tenant_may_call(path: &str) -> bool {
     path == "/v1/kv" || path.starts_with("/v1/kv/")
 }
 
+/// What a replication token may call: the replication endpoints only.
+fn replication_may_call(path: &str) -> bool {
+    path.starts_with("/v1/replication/")
+}
+
+/// The token of an `Authorization` header: the scheme is matched without
+/// regard to case (RFC 9110 section 11.1), the token as given.
+pub(crate) fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
 /// Middleware: lets `/v1/health` through, demands a valid bearer token elsewhere.
 pub(crate) async fn require_token(
     State(state): State<Arc<AppState>>,
@@ -111,8 +128,8 @@ pub(crate) async fn require_token(
         .headers()
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| hash_token(t.trim()));
+        .and_then(bearer)
+        .map(hash_token);
     let caller = presented.and_then(|h| {
         state
             .token_hashes
@@ -123,11 +140,19 @@ pub(crate) async fn require_token(
             .map(|t| Caller {
                 name: t.name.clone(),
                 tenant: t.tenant.clone(),
+                scope: t.scope.clone(),
             })
     });
     let Some(caller) = caller else {
         return ApiError::Unauthorized.into_response();
     };
+    if caller.scope.is_some() && !replication_may_call(request.uri().path()) {
+        return ApiError::Forbidden(format!(
+            "token {:?} is a replication token and may call /v1/replication/... only; use an admin token",
+            caller.name
+        ))
+        .into_response();
+    }
     if let Some(t) = &caller.tenant
         && !tenant_may_call(request.uri().path())
     {
@@ -142,10 +167,14 @@ pub(crate) async fn require_token(
 
 /// Body of `POST /v1/tokens`.
 #[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct NewToken {
     name: String,
     #[serde(default)]
     tenant: Option<String>,
+    /// `replication`: a token for `/v1/replication/...` only.
+    #[serde(default)]
+    scope: Option<String>,
 }
 
 fn refresh_tokens(state: &AppState) -> Result<(), ApiError> {
@@ -176,11 +205,28 @@ pub(crate) async fn create_token(
     if let Some(t) = &req.tenant {
         verge_spec::validate_tenant(t)?;
     }
+    match req.scope.as_deref() {
+        None => {}
+        Some(verge_spec::SCOPE_REPLICATION) if req.tenant.is_some() => {
+            return Err(ApiError::BadRequest(
+                "a replication token replicates every tenant's buckets; create it without a tenant"
+                    .into(),
+            ));
+        }
+        Some(verge_spec::SCOPE_REPLICATION) => {}
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "unknown token scope {other:?}; the one scope is \"replication\" (or none, for a full token)"
+            )));
+        }
+    }
     let token = new_token();
-    if !state
-        .store
-        .create_token(&req.name, &hash_token(&token), req.tenant.as_deref())?
-    {
+    if !state.store.create_token(
+        &req.name,
+        &hash_token(&token),
+        req.tenant.as_deref(),
+        req.scope.as_deref(),
+    )? {
         return Err(ApiError::Conflict(format!(
             "a token named {:?} exists; pick another name, or remove it first with `verge token rm {}`",
             req.name, req.name
@@ -192,6 +238,7 @@ pub(crate) async fn create_token(
         axum::Json(serde_json::json!({
             "name": req.name,
             "tenant": req.tenant,
+            "scope": req.scope,
             "token": token,
         })),
     ))
@@ -207,7 +254,8 @@ pub(crate) async fn delete_token(
             "no token named {name:?}; list them with `verge token ls`"
         )));
     };
-    if t.tenant.is_none() && tokens.iter().filter(|t| t.tenant.is_none()).count() == 1 {
+    let full_admin = |t: &verge_spec::TokenInfo| t.tenant.is_none() && t.scope.is_none();
+    if full_admin(t) && tokens.iter().filter(|t| full_admin(t)).count() == 1 {
         return Err(ApiError::Conflict(format!(
             "{name:?} is the last admin token; create another admin token first"
         )));

@@ -31,8 +31,16 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Bus(#[from] verge_bus::BusError),
+    /// An invocation failed. `public`: the caller came through a user
+    /// route (the internet), and learns only the kind of failure and the
+    /// invocation id; the owner finds the rest in the invocation record.
     #[error("{error}")]
-    Invoke { error: InvokeError, id: String },
+    Invoke {
+        error: InvokeError,
+        id: String,
+        function: String,
+        public: bool,
+    },
     #[error("{detail}")]
     Overloaded { detail: String, id: String },
     #[error("{0}")]
@@ -74,7 +82,9 @@ impl ApiError {
             ApiError::Invoke { error, .. } => match error {
                 InvokeError::Capacity(_) => (StatusCode::SERVICE_UNAVAILABLE, "at capacity"),
                 InvokeError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "function timed out"),
-                InvokeError::Guest(_) => (StatusCode::BAD_GATEWAY, "function error"),
+                // A guest that answers with an error code gets 500, as on
+                // `wasmtime serve`.
+                InvokeError::Guest(_) => (StatusCode::INTERNAL_SERVER_ERROR, "function error"),
                 InvokeError::MemoryLimit { .. } => {
                     (StatusCode::INTERNAL_SERVER_ERROR, "memory limit")
                 }
@@ -92,7 +102,7 @@ pub(crate) fn outcome_status(outcome: &str) -> u16 {
     match outcome {
         "timeout" => StatusCode::GATEWAY_TIMEOUT,
         "capacity" => StatusCode::SERVICE_UNAVAILABLE,
-        "error_response" => StatusCode::BAD_GATEWAY,
+        "error_response" => StatusCode::INTERNAL_SERVER_ERROR,
         "request_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -102,11 +112,7 @@ pub(crate) fn outcome_status(outcome: &str) -> u16 {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, title) = self.status_title();
-        if status == StatusCode::UNAUTHORIZED {
-            // No detail: a caller without a token learns nothing.
-            return (status, [(header::WWW_AUTHENTICATE, "Bearer")]).into_response();
-        }
-        if status.is_server_error() {
+        if status.is_server_error() && !matches!(self, ApiError::Invoke { .. }) {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         }
         let invocation_id = match &self {
@@ -114,14 +120,32 @@ impl IntoResponse for ApiError {
             _ => None,
         };
         let detail = match &self {
-            ApiError::Invoke { error, id } => match error {
-                InvokeError::Trap { .. }
-                | InvokeError::NoResponse { .. }
-                | InvokeError::MemoryLimit { .. } => {
-                    format!("{error}; invocation {id}; its stderr is in the node's log")
+            // A caller without a token learns nothing but how to give one.
+            ApiError::Unauthorized => {
+                "send a valid token as Authorization: Bearer TOKEN".to_string()
+            }
+            ApiError::Invoke {
+                error,
+                id,
+                public: true,
+                ..
+            } => match error {
+                InvokeError::Capacity(_) => {
+                    format!("the function is at capacity; retry shortly (invocation {id})")
                 }
-                _ => format!("{error}; invocation {id}"),
+                InvokeError::Timeout(_) => {
+                    format!("the function ran past its time limit (invocation {id})")
+                }
+                _ => format!("the function failed (invocation {id})"),
             },
+            ApiError::Invoke {
+                error,
+                id,
+                function,
+                public: false,
+            } => format!(
+                "{error}; invocation {id}; see its record and output with `verge logs {function} --invocation {id}`"
+            ),
             other => other.to_string(),
         };
         let mut resp = (
@@ -144,6 +168,9 @@ impl IntoResponse for ApiError {
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
     }
@@ -170,3 +197,70 @@ where
         }
     }
 }
+
+/// Middleware of the control API: every error it answers is a problem body,
+/// also those that axum's extractors and layers make themselves (a body past
+/// the limit, a method the endpoint does not take, a path parameter that
+/// does not parse), which are plain text or empty.
+pub(crate) async fn problem_bodies(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if request
+        .headers()
+        .get_all(header::HOST)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return ApiError::BadRequest("the request has more than one Host header".into())
+            .into_response();
+    }
+    let response = next.run(request).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if is_problem {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let title = status.canonical_reason().unwrap_or("error").to_lowercase();
+    let detail = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => format!(
+            "the request body is larger than this endpoint accepts ({} MiB); send less at once",
+            API_BODY_LIMIT >> 20
+        ),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            "this endpoint does not take that method; GET /v1/openapi.json lists what each endpoint takes".to_string()
+        }
+        _ if !text.is_empty() => text,
+        _ => title.clone(),
+    };
+    let body = serde_json::to_vec(&Problem {
+        status: status.as_u16(),
+        title,
+        detail,
+        invocation_id: None,
+    })
+    .unwrap_or_default();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+/// Largest body the control API's extractors read whole (key-value values
+/// up to 8 MiB, replication batches); uploads and invocations stream with
+/// their own limits.
+pub(crate) const API_BODY_LIMIT: usize = 64 << 20;

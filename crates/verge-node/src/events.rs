@@ -160,6 +160,16 @@ impl AppState {
             vec![platform_event(&self.node_name, ty, subject, data)],
         );
     }
+
+    /// Emits a platform event on behalf of something at `hops` in an event
+    /// chain (an invocation, a job): the event carries one hop more, so a
+    /// function triggered by the events its own failures cause stops at
+    /// the hop limit.
+    pub(crate) fn emit_caused(&self, ty: &str, subject: &str, data: Value, hops: u32) {
+        let mut e = platform_event(&self.node_name, ty, subject, data);
+        e.set_hops(verge_spec::next_hop(hops));
+        publish(&*self.bus, &self.wake, vec![e]);
+    }
 }
 
 /// What `POST /v1/events` answers.
@@ -657,12 +667,15 @@ pub(crate) async fn scheduler(state: Arc<AppState>) {
     }
 }
 
+/// Keys changed since the last `kv.changed` events went out, each with the
+/// highest hop count its events are to carry (a guest's write: one past its
+/// invocation; the API's and replication's: 0), so that a function
+/// triggered by its own writes stops at the hop limit.
+pub(crate) type KvChanges = std::sync::Mutex<std::collections::BTreeMap<(String, String), u32>>;
+
 /// Emits one `dev.verge.kv.changed` event per key changed (by a guest, the
 /// API or replication), debounced: every 250 ms, each key at most once.
-pub(crate) async fn kv_changed(
-    state: Arc<AppState>,
-    changes: Arc<std::sync::Mutex<std::collections::BTreeSet<(String, String)>>>,
-) {
+pub(crate) async fn kv_changed(state: Arc<AppState>, changes: Arc<KvChanges>) {
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let keys = std::mem::take(
@@ -675,13 +688,17 @@ pub(crate) async fn kv_changed(
         }
         let events: Vec<CloudEvent> = keys
             .into_iter()
-            .map(|(bucket, key)| {
-                platform_event(
+            .map(|((bucket, key), hops)| {
+                let mut e = platform_event(
                     &state.node_name,
                     types::KV_CHANGED,
                     &format!("{bucket}/{key}"),
                     json!({ "bucket": bucket, "key": key }),
-                )
+                );
+                if hops > 0 {
+                    e.set_hops(hops);
+                }
+                e
             })
             .collect();
         let s = state.clone();
@@ -721,7 +738,7 @@ async fn run_job(state: &Arc<AppState>, job: Job) {
         }
     }
     if let Ok(v) = HeaderValue::try_from(job.id.as_str()) {
-        map.insert("verge-job-id", v);
+        map.insert(verge_spec::JOB_HEADER, v);
     }
     map.insert("verge-attempt", HeaderValue::from(job.attempts));
     let outcome: Result<(), String> = async {
@@ -736,7 +753,7 @@ async fn run_job(state: &Arc<AppState>, job: Job) {
             builder = builder.header(k, v);
         }
         let request = builder.body(Body::from(body)).map_err(|e| e.to_string())?;
-        let response = front::run(state, &slot, &function, request).await;
+        let response = front::run(state, &slot, &function, request, false).await;
         let status = response.status();
         let text = axum::body::to_bytes(response.into_body(), 4096)
             .await
@@ -769,10 +786,13 @@ async fn run_job(state: &Arc<AppState>, job: Job) {
         }
         Ok(Some(failed)) if failed.state == JobState::Dead => {
             tracing::warn!(job = %failed.id, function = %failed.function, attempts = failed.attempts, error = ?failed.last_error, "job dead-lettered");
-            state.emit(
+            // Retries of one job are one hop: the dead letter's event is
+            // one past the job, whatever the number of attempts.
+            state.emit_caused(
                 types::JOB_DEAD_LETTERED,
                 &failed.function,
                 json!({ "job": failed.id, "function": failed.function, "attempts": failed.attempts, "error": failed.last_error }),
+                job.hops,
             );
             if let Some(ty) = &config.on_failure {
                 emit_destination(state, ty, &job, failed.last_error.as_deref());
@@ -798,6 +818,6 @@ fn emit_destination(state: &AppState, ty: &str, job: &Job, error: Option<&str>) 
     .with_data(json!({ "job": job.id, "function": job.function, "attempts": job.attempts, "error": error }));
     e.subject = Some(job.id.clone());
     e.time = Some(verge_spec::rfc3339_ms(verge_bus::now_ms()));
-    e.set_hops(job.hops + 1);
+    e.set_hops(verge_spec::next_hop(job.hops));
     publish(&*state.bus, &state.wake, vec![e]);
 }

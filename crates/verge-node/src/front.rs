@@ -163,16 +163,36 @@ pub(crate) async fn resolve(
 /// Fallback handler: every request that is not for the control API.
 pub(crate) async fn serve_user_route(
     State(state): State<Arc<AppState>>,
-    request: Request,
+    mut request: Request,
 ) -> Response {
+    // Only the node's dispatcher marks job attempts.
+    request.headers_mut().remove(verge_spec::JOB_HEADER);
+    if request
+        .headers()
+        .get_all(header::HOST)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return ApiError::BadRequest("the request has more than one Host header".into())
+            .into_response();
+    }
     let host = request_host(&request);
-    let path = request.uri().path().to_string();
+    // Routes are stored in the canonical form; the guest sees the path as sent.
+    let path = match verge_spec::canonical_path(request.uri().path()) {
+        Ok(p) => p,
+        Err(problem) => {
+            return ApiError::BadRequest(format!(
+                "the request path is not accepted: {}",
+                problem.reason()
+            ))
+            .into_response();
+        }
+    };
+    // What the internet sees says nothing of the control plane: no
+    // commands, no function or alias names it was not given.
     let Some(route) = state.match_route(host.as_deref(), &path) else {
-        return ApiError::NotFound(format!(
-            "no route serves {}{path}; bind one with `verge deploy FILE --name NAME --route PATH` or `verge routes add`",
-            host.unwrap_or_default()
-        ))
-        .into_response();
+        return ApiError::NotFound("no function serves this path".into()).into_response();
     };
     let pinned = match request.headers().get(VERSION_HEADER) {
         None => None,
@@ -191,17 +211,28 @@ pub(crate) async fn serve_user_route(
         None => Selector::Alias(&route.alias),
     };
     match resolve(&state, &route.function, selector, request.headers()).await {
-        Ok((slot, function)) => run(&state, &slot, &function, request).await,
+        Ok((slot, function)) => run(&state, &slot, &function, request, true).await,
+        Err(ApiError::NotFound(why)) => {
+            tracing::debug!(%path, %why, "a route's function did not resolve");
+            ApiError::NotFound(match pinned {
+                Some(v) => format!("version {v} does not serve this path"),
+                None => "no function serves this path".into(),
+            })
+            .into_response()
+        }
         Err(e) => e.into_response(),
     }
 }
 
 /// Runs `function` on `request` and turns the outcome into a response.
+/// `public`: the request came through a user route, and an error tells the
+/// caller only its kind and the invocation id.
 pub(crate) async fn run(
     state: &AppState,
     slot: &VersionSlot,
     function: &Function,
     request: Request,
+    public: bool,
 ) -> Response {
     let id = new_invocation_id();
     let limits = slot.bodies;
@@ -218,11 +249,18 @@ pub(crate) async fn run(
             "request_too_large",
             Default::default(),
         );
-        let mut response = ApiError::TooLarge(format!(
-            "the request body is larger than the limit of {} bytes for this function (verge deploy --max-request-body, up to verge up --max-request-body); invocation {id}",
-            limits.request
-        ))
-        .into_response();
+        let detail = if public {
+            format!(
+                "the request body is larger than the limit of {} bytes (invocation {id})",
+                limits.request
+            )
+        } else {
+            format!(
+                "the request body is larger than the limit of {} bytes for this function (verge deploy --max-request-body, up to verge up --max-request-body); invocation {id}",
+                limits.request
+            )
+        };
+        let mut response = ApiError::TooLarge(detail).into_response();
         if let Ok(v) = HeaderValue::from_str(&id) {
             response.headers_mut().insert(INVOCATION_ID_HEADER, v);
         }
@@ -255,6 +293,8 @@ pub(crate) async fn run(
             .unwrap_or_else(|_| parts.uri.clone());
     }
     // A body without a Content-Length is cut at the limit: the guest's read fails.
+    // A body that stalls is cut after the body timeout.
+    let body = crate::server::Stalling::new(body, state.body_timeout);
     let request = Request::from_parts(parts, http_body_util::Limited::new(body, limits.request));
     match state.host.invoke(function, &id, request).await {
         Ok(response) => {
@@ -276,11 +316,18 @@ pub(crate) async fn run(
             response
         }
         Err(error) => {
-            // The guest's stdout/stderr are logged by the host under the same id.
+            // The cause is in the invocation record (`verge logs`); the
+            // node's own log only says that it happened.
             if let InvokeError::Trap { message, .. } = &error {
-                tracing::warn!(function = %function.name, version = function.version, invocation = %id, %message, "guest trapped");
+                tracing::debug!(function = %function.name, version = function.version, invocation = %id, %message, "guest trapped");
             }
-            ApiError::Invoke { error, id }.into_response()
+            ApiError::Invoke {
+                error,
+                id,
+                function: function.name.clone(),
+                public,
+            }
+            .into_response()
         }
     }
 }

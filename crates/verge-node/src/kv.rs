@@ -41,7 +41,9 @@ pub struct KeyValue {
 
 fn kv_err(e: KvError) -> ApiError {
     match e {
-        KvError::WrongKind { .. } => ApiError::Conflict(e.to_string()),
+        KvError::WrongKind { .. } | KvError::CounterOverflow { .. } => {
+            ApiError::Conflict(e.to_string())
+        }
         KvError::BucketName(_) => ApiError::BadRequest(e.to_string()),
         KvError::ValueTooLarge { .. } => ApiError::TooLarge(e.to_string()),
         other => ApiError::Internal(other.to_string()),

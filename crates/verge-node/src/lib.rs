@@ -8,6 +8,7 @@ mod error;
 mod events;
 mod front;
 mod kv;
+mod server;
 mod state;
 
 use std::net::SocketAddr;
@@ -26,6 +27,7 @@ pub use api::{API_ROUTES, OPENAPI};
 pub use auth::TOKEN_FILE;
 pub use error::ApiError;
 pub use kv::Peer;
+pub use server::ReadTimeouts;
 pub use state::Prices;
 pub use verge_host::Tiering;
 
@@ -80,6 +82,13 @@ pub struct NodeConfig {
     /// CPU time after which an invocation continues on lower-priority
     /// threads (`None`: never).
     pub demote_after: Option<Duration>,
+    /// How long clients may take to send a request's head, and how long a
+    /// request body may send nothing.
+    pub read_timeouts: ReadTimeouts,
+    /// Instances one function may hold at once unless its version sets
+    /// `--concurrency`: a fair share, so that a flood on one route leaves
+    /// the others answering (default: a quarter of `max_instances`).
+    pub function_concurrency: Option<u32>,
 }
 
 impl NodeConfig {
@@ -107,7 +116,17 @@ impl NodeConfig {
             peers: Vec::new(),
             kv_grace: Duration::from_secs(7 * 24 * 3600),
             demote_after: Some(Duration::from_millis(20)),
+            read_timeouts: ReadTimeouts::default(),
+            function_concurrency: None,
         }
+    }
+
+    /// The per-function default concurrency: as set, else a quarter of the
+    /// node's instances (at least 1).
+    pub fn function_share(&self) -> u32 {
+        self.function_concurrency
+            .unwrap_or(self.max_instances / 4)
+            .clamp(1, self.max_instances.max(1))
     }
 }
 
@@ -152,9 +171,10 @@ pub struct Node {
     report: StartReport,
     peers: Vec<Peer>,
     /// Keys changed since the last `kv.changed` events went out.
-    kv_changes: Arc<std::sync::Mutex<std::collections::BTreeSet<(String, String)>>>,
+    kv_changes: Arc<events::KvChanges>,
     /// Invocation failures waiting to be published.
     outbox: Arc<events::Outbox>,
+    read_timeouts: ReadTimeouts,
 }
 
 impl Node {
@@ -184,14 +204,16 @@ impl Node {
                 NodeError::Other(format!("could not open the key-value store: {e}"))
             })?);
         host.set_kv(kv.clone());
-        let kv_changes: Arc<std::sync::Mutex<std::collections::BTreeSet<(String, String)>>> =
-            Arc::default();
+        let kv_changes: Arc<events::KvChanges> = Arc::default();
         let pending = kv_changes.clone();
-        kv.set_observer(Box::new(move |keys| {
-            pending
+        kv.set_observer(Box::new(move |keys, hops| {
+            let mut pending = pending
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .extend(keys.iter().cloned());
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for key in keys {
+                let at = pending.entry(key.clone()).or_insert(0);
+                *at = (*at).max(hops);
+            }
         }));
         let mut bus = verge_bus::SqliteBus::open(&data_dir)?;
         bus.retry_base = config.retry_base;
@@ -213,6 +235,11 @@ impl Node {
                 record.status = error::outcome_status(&record.outcome);
             }
             let failed = match record.outcome.as_str() {
+                // An attempt of a job: its failure is reported once, by the
+                // job's dead letter (`job.deadlettered`, one hop past the
+                // job), however many attempts it takes; events per attempt
+                // would multiply a loop by the retries at every hop.
+                _ if record.job.is_some() => None,
                 "ok" | "capacity" | "request_too_large" => None,
                 "timeout" => Some(events::types::INVOCATION_TIMED_OUT),
                 _ => Some(events::types::INVOCATION_FAILED),
@@ -230,7 +257,7 @@ impl Node {
                         "status": record.status,
                     }),
                 );
-                e.set_hops(record.hops + 1);
+                e.set_hops(verge_spec::next_hop(record.hops));
                 failures.push(e);
             }
             sink.record(record);
@@ -276,7 +303,9 @@ impl Node {
                     config.max_instances,
                     config.queue_depth,
                     config.max_wait,
+                    config.function_share(),
                 ),
+                body_timeout: config.read_timeouts.body,
             },
         ));
 
@@ -298,6 +327,7 @@ impl Node {
             peers: config.peers.clone(),
             kv_changes,
             outbox,
+            read_timeouts: config.read_timeouts,
         })
     }
 
@@ -351,35 +381,13 @@ impl Node {
             tracing::warn!(path = %node_file.display(), error = %e, "could not write the node file; the CLI will need --server");
         }
         let app = router(self.state.clone());
-        let dispatcher = tokio::spawn(events::dispatcher(self.state.clone()));
-        let replicators: Vec<_> = self
-            .peers
-            .iter()
-            .map(|p| tokio::spawn(kv::replicate(self.state.clone(), p.clone())))
-            .collect();
-        let scheduler = tokio::spawn(events::scheduler(self.state.clone()));
-        let collector = tokio::spawn(kv::collect(self.state.clone()));
-        let kv_events = tokio::spawn(events::kv_changed(
-            self.state.clone(),
-            self.kv_changes.clone(),
-        ));
-        let failures = tokio::spawn(events::outbox(self.state.clone(), self.outbox.clone()));
+        let background = self.spawn_background();
         self.state.emit(
             events::types::NODE_STARTED,
             &self.state.node_name,
             serde_json::json!({ "node": self.state.node_name, "url": format!("http://{addr}") }),
         );
-        // TCP_NODELAY: a response goes out as a head and body frames; with
-        // Nagle's algorithm on, a small frame behind another waits for the
-        // client's delayed ACK (40 ms), which was the p99 of every benchmark.
-        use axum::serve::ListenerExt;
-        let listener = self.listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
-            }
-        });
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
+        let result = server::serve(self.listener, app, self.read_timeouts, shutdown)
             .await
             .map_err(|e| NodeError::Other(format!("server error: {e}")));
         self.state.emit(
@@ -387,18 +395,89 @@ impl Node {
             &self.state.node_name,
             serde_json::json!({ "node": self.state.node_name }),
         );
-        scheduler.abort();
-        dispatcher.abort();
-        kv_events.abort();
-        failures.abort();
-        self.outbox.flush(&*self.state.bus, &self.state.wake);
-        collector.abort();
-        for r in replicators {
-            r.abort();
-        }
+        background.stop(&self.state, &self.outbox);
         let _ = std::fs::remove_file(&node_file);
-        self.state.ledger.flush();
         result
+    }
+
+    /// The node's background work: the job dispatcher, the scheduler, the
+    /// key-value replicators and collector, the event outboxes.
+    fn spawn_background(&self) -> Background {
+        let s = &self.state;
+        let mut tasks = vec![
+            tokio::spawn(events::dispatcher(s.clone())),
+            tokio::spawn(events::scheduler(s.clone())),
+            tokio::spawn(kv::collect(s.clone())),
+            tokio::spawn(events::kv_changed(s.clone(), self.kv_changes.clone())),
+            tokio::spawn(events::outbox(s.clone(), self.outbox.clone())),
+        ];
+        tasks.extend(
+            self.peers
+                .iter()
+                .map(|p| tokio::spawn(kv::replicate(s.clone(), p.clone()))),
+        );
+        Background(tasks)
+    }
+
+    /// Runs the node without a socket: its HTTP application, to drive with
+    /// `tower::ServiceExt::oneshot`, and its background work, which runs
+    /// until the returned value is dropped. For tests and embedding.
+    pub fn in_process(self) -> InProcess {
+        let background = self.spawn_background();
+        InProcess {
+            router: router(self.state.clone()),
+            state: self.state,
+            outbox: self.outbox,
+            background: Some(background),
+        }
+    }
+}
+
+/// Background tasks of a node, aborted together.
+struct Background(Vec<tokio::task::JoinHandle<()>>);
+
+impl Background {
+    /// Stops the tasks, then writes what the outbox and the ledger hold.
+    fn stop(self, state: &AppState, outbox: &events::Outbox) {
+        for t in self.0 {
+            t.abort();
+        }
+        outbox.flush(&*state.bus, &state.wake);
+        state.ledger.flush();
+    }
+}
+
+/// A node serving without a socket ([`Node::in_process`]).
+pub struct InProcess {
+    router: Router,
+    state: Arc<AppState>,
+    outbox: Arc<events::Outbox>,
+    background: Option<Background>,
+}
+
+impl InProcess {
+    /// The node's HTTP application (control API and user routes).
+    pub fn router(&self) -> Router {
+        self.router.clone()
+    }
+
+    /// The node's data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.state.data_dir
+    }
+
+    /// Writes the usage records that wait in memory (invocation records
+    /// are otherwise committed at least every 100 ms).
+    pub fn flush_ledger(&self) {
+        self.state.ledger.flush();
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(b) = self.background.take() {
+            b.stop(&self.state, &self.outbox);
+        }
     }
 }
 
@@ -406,14 +485,12 @@ fn router(state: Arc<AppState>) -> Router {
     let api = api::router()
         .route("/v1", any(api::unknown_endpoint))
         .route("/v1/{*rest}", any(api::unknown_endpoint))
-        // Bodies read whole by the API's extractors: key-value values (up to
-        // 8 MiB) and replication batches (a value's JSON is ~3.5x its
-        // bytes). Uploads and invocations stream with their own limits.
-        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+        .layer(axum::extract::DefaultBodyLimit::max(error::API_BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
-        ));
+        ))
+        .layer(axum::middleware::from_fn(error::problem_bodies));
     api.fallback(front::serve_user_route).with_state(state)
 }
 

@@ -21,7 +21,9 @@ use crate::error::ApiError;
 pub(crate) struct VersionSlot {
     pub stored: StoredVersion,
     pub bodies: BodyLimits,
-    /// Invocations of this version that may run at once, if limited.
+    /// Invocations of this version that may run at once: its own
+    /// `--concurrency`, else its function's fair share of the node (shared
+    /// by all its versions).
     concurrency: Option<Arc<Semaphore>>,
     loaded: tokio::sync::OnceCell<Function>,
 }
@@ -88,17 +90,47 @@ pub(crate) struct Admission {
     queued: AtomicUsize,
     pub queue_depth: usize,
     pub max_wait: Duration,
+    /// Instances one function may hold unless its version sets its own
+    /// concurrency.
+    function_share: usize,
+    /// Each function's share, by name (shared by its versions).
+    shares: std::sync::Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
 impl Admission {
-    pub(crate) fn new(instances: u32, queue_depth: usize, max_wait: Duration) -> Self {
+    pub(crate) fn new(
+        instances: u32,
+        queue_depth: usize,
+        max_wait: Duration,
+        function_share: u32,
+    ) -> Self {
         Self {
             node: Arc::new(Semaphore::new(instances.max(1) as usize)),
             instances: instances.max(1) as usize,
             queued: AtomicUsize::new(0),
             queue_depth,
             max_wait,
+            function_share: function_share.max(1) as usize,
+            shares: Default::default(),
         }
+    }
+
+    /// The fair share of function `name`.
+    fn share_of(&self, name: &str) -> Arc<Semaphore> {
+        self.shares
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.function_share)))
+            .clone()
+    }
+
+    /// Forgets the share of a removed function.
+    pub(crate) fn forget(&self, name: &str) {
+        self.shares
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
     }
 
     /// Invocations holding a slot right now.
@@ -140,6 +172,7 @@ pub(crate) struct Settings {
     pub prices: Prices,
     pub admission: Admission,
     pub body_limits: BodyLimits,
+    pub body_timeout: Duration,
     pub log_limit: usize,
     pub keep_versions: usize,
     pub node_name: String,
@@ -160,6 +193,8 @@ pub struct AppState {
     pub(crate) prices: Prices,
     pub(crate) admission: Admission,
     pub(crate) body_limits: BodyLimits,
+    /// Longest a request body may send nothing before it is cut.
+    pub(crate) body_timeout: Duration,
     pub(crate) log_limit: usize,
     /// Versions kept per function (besides those aliases need).
     pub(crate) keep_versions: usize,
@@ -202,6 +237,7 @@ impl AppState {
             prices: settings.prices,
             admission: settings.admission,
             body_limits: settings.body_limits,
+            body_timeout: settings.body_timeout,
             log_limit: settings.log_limit,
             keep_versions: settings.keep_versions,
             bus,
@@ -335,9 +371,10 @@ impl AppState {
                     .response_body
                     .map_or(self.body_limits.response, |b| b as usize),
             },
-            concurrency: limits
-                .concurrency
-                .map(|n| Arc::new(Semaphore::new(n.max(1) as usize))),
+            concurrency: Some(match limits.concurrency {
+                Some(n) => Arc::new(Semaphore::new(n.max(1) as usize)),
+                None => self.admission.share_of(&stored.function),
+            }),
             loaded: tokio::sync::OnceCell::new_with(loaded),
             stored,
         })
@@ -422,6 +459,7 @@ impl AppState {
     }
 
     pub(crate) fn uninstall(&self, name: &str) {
+        self.admission.forget(name);
         self.functions
             .write()
             .unwrap_or_else(PoisonError::into_inner)

@@ -12,6 +12,26 @@ pub const PLATFORM_TYPE_PREFIX: &str = "dev.verge.";
 /// The extension that counts how many functions an event chain went through.
 pub const HOPS_EXTENSION: &str = "vergehops";
 
+/// The hop count given to a count that does not parse or is out of range:
+/// past any hop limit, so that whatever carries it is dead-lettered.
+pub const HOPS_INVALID: u32 = u32::MAX;
+
+/// Parses a hop count (`ce-vergehops`, the `vergehops` extension): decimal
+/// digits only, at most `u32::MAX`; anything else is [`HOPS_INVALID`].
+pub fn parse_hops(s: &str) -> u32 {
+    let s = s.trim();
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return HOPS_INVALID;
+    }
+    s.parse().unwrap_or(HOPS_INVALID)
+}
+
+/// The hop count of an event caused by something at `hops`: one more,
+/// saturating at [`HOPS_INVALID`] (never wrapping to 0).
+pub fn next_hop(hops: u32) -> u32 {
+    hops.saturating_add(1)
+}
+
 /// Content type of structured mode.
 pub const STRUCTURED: &str = "application/cloudevents+json";
 /// Content type of batch mode.
@@ -151,6 +171,14 @@ impl CloudEvent {
             return Err(invalid(
                 "data_base64",
                 "give either data or data_base64, not both",
+            ));
+        }
+        if let Some(Value::String(b64)) = map.get("data_base64")
+            && base64_decode(b64).is_none()
+        {
+            return Err(invalid(
+                "data_base64",
+                "is not valid base64: use the standard alphabet (A-Z a-z 0-9 + /) with = padding and no spaces",
             ));
         }
         for (name, value) in &map {
@@ -310,12 +338,18 @@ impl CloudEvent {
         (headers, body)
     }
 
-    /// The hop count of the chain this event belongs to (0 if unset).
+    /// The hop count of the chain this event belongs to (0 if unset). A
+    /// count that does not parse or is out of range is [`HOPS_INVALID`],
+    /// past any hop limit: it is never wrapped or read as 0.
     pub fn hops(&self) -> u32 {
         match self.extensions.get(HOPS_EXTENSION) {
-            Some(Value::Number(n)) => n.as_u64().unwrap_or(0) as u32,
-            Some(Value::String(s)) => s.parse().unwrap_or(0),
-            _ => 0,
+            None | Some(Value::Null) => 0,
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(HOPS_INVALID),
+            Some(Value::String(s)) => parse_hops(s),
+            Some(_) => HOPS_INVALID,
         }
     }
 
@@ -357,43 +391,16 @@ fn check_extension(name: &str, value: &Value) -> Result<(), EventError> {
     }
 }
 
-/// RFC 3339: `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`.
+/// RFC 3339: `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`, a real date and time
+/// (parsed by `jiff`: month 13 or February 30 are refused).
 fn check_time(t: &str) -> Result<(), EventError> {
     let b = t.as_bytes();
-    let digits =
-        |r: std::ops::Range<usize>| b.get(r).is_some_and(|s| s.iter().all(u8::is_ascii_digit));
-    let ok = b.len() >= 20
-        && digits(0..4)
-        && b[4] == b'-'
-        && digits(5..7)
-        && b[7] == b'-'
-        && digits(8..10)
-        && (b[10] == b'T' || b[10] == b't')
-        && digits(11..13)
+    let shaped = b.len() >= 20
+        && matches!(b[10], b'T' | b't')
         && b[13] == b':'
-        && digits(14..16)
         && b[16] == b':'
-        && digits(17..19)
-        && {
-            let mut i = 19;
-            if b.get(i) == Some(&b'.') {
-                i += 1;
-                while b.get(i).is_some_and(u8::is_ascii_digit) {
-                    i += 1;
-                }
-            }
-            match b.get(i) {
-                Some(b'Z' | b'z') => i + 1 == b.len(),
-                Some(b'+' | b'-') => {
-                    b.len() == i + 6
-                        && digits(i + 1..i + 3)
-                        && b[i + 3] == b':'
-                        && digits(i + 4..i + 6)
-                }
-                _ => false,
-            }
-        };
-    if ok {
+        && b[..4].iter().all(u8::is_ascii_digit);
+    if shaped && t.parse::<jiff::Timestamp>().is_ok() {
         Ok(())
     } else {
         Err(invalid(
@@ -403,82 +410,114 @@ fn check_time(t: &str) -> Result<(), EventError> {
     }
 }
 
-/// Binary-mode header values are percent-encoded outside printable ASCII.
+/// What binary-mode header values percent-encode: everything outside
+/// printable ASCII, and `%` and `"` (CloudEvents HTTP binding 3.1.3.2).
+const HEADER_ESCAPES: &percent_encoding::AsciiSet =
+    &percent_encoding::CONTROLS.add(b'%').add(b'"').add(0x7f);
+
 fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (0x20..0x7f).contains(&b) && b != b'%' && b != b'"' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, HEADER_ESCAPES).to_string()
 }
 
 fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let Ok(v) =
-                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
-        {
-            out.push(v);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
-
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 fn base64_encode(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let n = (u32::from(chunk[0]) << 16)
-            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*chunk.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
+/// Standard base64 with padding, strictly (RFC 4648 section 4).
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() / 4 * 3);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in s.bytes().filter(|c| !c.is_ascii_whitespace()) {
-        if c == b'=' {
-            break;
-        }
-        let v = B64.iter().position(|&x| x == c)? as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(s).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn times_are_real_dates_and_data_base64_must_decode() {
+        let base = |extra: serde_json::Value| {
+            let mut v = json!({"specversion":"1.0","id":"1","source":"/s","type":"t"});
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            CloudEvent::from_value(v)
+        };
+        for ok in [
+            "2026-11-26T12:00:00Z",
+            "2026-11-26t12:00:00.123456z",
+            "2026-02-28T23:59:59-05:30",
+        ] {
+            assert!(base(json!({ "time": ok })).is_ok(), "{ok}");
+        }
+        for bad in [
+            "2026-13-01T00:00:00Z",
+            "2026-02-30T00:00:00Z",
+            "2026-11-26T25:00:00Z",
+            "2026-11-26 12:00:00Z",
+            "2026-11-26T12:00:00",
+            "yesterday",
+        ] {
+            assert!(base(json!({ "time": bad })).is_err(), "{bad}");
+        }
+        assert!(base(json!({ "data_base64": "/wAQ" })).is_ok());
+        for bad in ["/wA", "*&^%", "/w AQ", "/wAQ===="] {
+            let err = base(json!({ "data_base64": bad })).unwrap_err();
+            assert!(err.to_string().contains("data_base64"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn hop_counts_that_do_not_parse_are_past_any_limit() {
+        assert_eq!(parse_hops("0"), 0);
+        assert_eq!(parse_hops(" 7 "), 7);
+        assert_eq!(parse_hops("4294967295"), u32::MAX);
+        for bad in [
+            "",
+            "-1",
+            "+1",
+            "1.0",
+            "4294967296",
+            "99999999999999999999",
+            "x",
+        ] {
+            assert_eq!(parse_hops(bad), HOPS_INVALID, "{bad:?}");
+        }
+        assert_eq!(
+            next_hop(HOPS_INVALID),
+            HOPS_INVALID,
+            "saturates, never wraps"
+        );
+        let mut e = CloudEvent::new("1", "/s", "t");
+        assert_eq!(e.hops(), 0);
+        e.extensions
+            .insert(HOPS_EXTENSION.into(), json!(5_000_000_000u64));
+        assert_eq!(e.hops(), HOPS_INVALID);
+        e.extensions.insert(HOPS_EXTENSION.into(), json!(12));
+        assert_eq!(e.hops(), 12);
+    }
+
+    #[test]
+    fn binary_header_values_round_trip_through_percent_encoding() {
+        for v in [
+            "plain",
+            "100%",
+            "say \"hi\"",
+            "caf\u{e9} \u{1f600}",
+            "tab\there",
+        ] {
+            let enc = percent_encode(v);
+            assert!(enc.bytes().all(|b| (0x20..0x7f).contains(&b)), "{enc}");
+            assert_eq!(percent_decode(&enc), v);
+        }
+    }
 
     #[test]
     fn structured_events_are_checked() {

@@ -92,8 +92,90 @@ pub fn validate_function_name(name: &str) -> Result<(), SpecError> {
     }
 }
 
-/// Checks a route's path prefix and returns it normalized (no trailing slash
-/// except for the root).
+/// Why a URL path has no canonical form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathProblem {
+    /// A control character (0x00-0x1F, 0x7F), written out or percent-encoded.
+    Control,
+    /// A `.` or `..` segment (also as `%2E`).
+    DotSegment,
+    /// A `%` not followed by two hexadecimal digits.
+    BadEscape,
+}
+
+impl PathProblem {
+    /// What was wrong, for a message.
+    pub fn reason(self) -> &'static str {
+        match self {
+            PathProblem::Control => "it contains a control character",
+            PathProblem::DotSegment => "it contains a '.' or '..' segment",
+            PathProblem::BadEscape => "it has a '%' that is not followed by two hex digits",
+        }
+    }
+}
+
+/// Characters a path keeps as they are (RFC 3986 `pchar` and `/`): the
+/// rest is percent-encoded in the canonical form.
+fn is_path_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/".contains(&b)
+}
+
+/// The one canonical form of a URL path, in which routes are stored and
+/// request paths are matched: percent-escapes of unreserved characters
+/// (`A-Z a-z 0-9 - . _ ~`) decoded, every other escape in upper case, and
+/// characters outside RFC 3986's path characters (spaces, quotes, non-ASCII)
+/// percent-encoded as UTF-8. Control characters, `.`/`..` segments and
+/// malformed escapes are refused. Borrowed when the path is canonical
+/// already (the common case for requests).
+pub fn canonical_path(path: &str) -> Result<std::borrow::Cow<'_, str>, PathProblem> {
+    let b = path.as_bytes();
+    let clean = b.iter().all(|&c| c != b'%' && is_path_char(c));
+    let out: std::borrow::Cow<'_, str> = if clean {
+        std::borrow::Cow::Borrowed(path)
+    } else {
+        let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        let mut out = String::with_capacity(path.len() + 8);
+        let mut i = 0;
+        while i < b.len() {
+            let c = b[i];
+            if c == b'%' {
+                let (Some(hi), Some(lo)) = (
+                    b.get(i + 1).copied().and_then(hex),
+                    b.get(i + 2).copied().and_then(hex),
+                ) else {
+                    return Err(PathProblem::BadEscape);
+                };
+                let v = hi << 4 | lo;
+                if v < 0x20 || v == 0x7f {
+                    return Err(PathProblem::Control);
+                }
+                if v.is_ascii_alphanumeric() || b"-._~".contains(&v) {
+                    out.push(v as char);
+                } else {
+                    out.push_str(&format!("%{v:02X}"));
+                }
+                i += 3;
+            } else if c < 0x20 || c == 0x7f {
+                return Err(PathProblem::Control);
+            } else if is_path_char(c) {
+                out.push(c as char);
+                i += 1;
+            } else {
+                out.push_str(&format!("%{c:02X}"));
+                i += 1;
+            }
+        }
+        std::borrow::Cow::Owned(out)
+    };
+    if out.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err(PathProblem::DotSegment);
+    }
+    Ok(out)
+}
+
+/// Checks a route's path prefix and returns it in its canonical form
+/// ([`canonical_path`]: the form request paths are matched in), without a
+/// trailing slash except for the root.
 pub fn normalize_route_path(path: &str) -> Result<String, SpecError> {
     let err = |reason| SpecError::RoutePath {
         path: path.to_string(),
@@ -107,6 +189,8 @@ pub fn normalize_route_path(path: &str) -> Result<String, SpecError> {
             "give a plain path prefix without query, fragment, spaces or empty segments",
         ));
     }
+    let canonical = canonical_path(path).map_err(|p| err(p.reason()))?;
+    let path = canonical.as_ref();
     let trimmed = if path.len() > 1 {
         path.trim_end_matches('/')
     } else {
@@ -229,7 +313,15 @@ pub struct TokenInfo {
     pub tenant: Option<String>,
     /// Creation time, RFC 3339 UTC.
     pub created_at: String,
+    /// What the token is limited to ([`SCOPE_REPLICATION`]); absent: all
+    /// its tenant allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
+
+/// The scope of a token that may call the replication endpoints
+/// (`/v1/replication/...`) and nothing else: what an edge holds.
+pub const SCOPE_REPLICATION: &str = "replication";
 
 fn live() -> String {
     LIVE_ALIAS.to_string()
@@ -531,11 +623,26 @@ pub struct UsageRecord {
     /// Captured stderr (bounded; marked when truncated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stderr: Option<String>,
+    /// Why the invocation failed, in one line (a trap and its cause, the
+    /// guest's error code): for the function's owner; the caller of a user
+    /// route sees only the invocation id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     /// Functions the event chain went through before this invocation (from
     /// the request's `ce-vergehops`); not kept in the ledger.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub hops: u32,
+    /// The job this invocation is an attempt of (the request's
+    /// `verge-job-id`): its failure is reported once, by the job's dead
+    /// letter, not per attempt; not kept in the ledger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
 }
+
+/// The request header that marks an invocation as an attempt of a job
+/// (set by the node's dispatcher; removed from requests that come from
+/// outside).
+pub const JOB_HEADER: &str = "verge-job-id";
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
@@ -575,30 +682,21 @@ pub const INVOCATION_ID_HEADER: &str = "verge-invocation-id";
 
 /// Formats unix milliseconds as an RFC 3339 UTC timestamp with milliseconds.
 pub fn rfc3339_ms(unix_ms: i64) -> String {
-    let s = rfc3339(unix_ms.div_euclid(1000));
-    format!("{}.{:03}Z", &s[..s.len() - 1], unix_ms.rem_euclid(1000))
+    match jiff::Timestamp::from_millisecond(unix_ms) {
+        Ok(t) => format!("{t:.3}"),
+        Err(_) => rfc3339(unix_ms.div_euclid(1000)),
+    }
 }
 
-/// Formats unix seconds as an RFC 3339 UTC timestamp.
+/// Formats unix seconds as an RFC 3339 UTC timestamp (clamped to the years
+/// -9999 to 9999 that RFC 3339 can write).
 pub fn rfc3339(unix_secs: i64) -> String {
-    let days = unix_secs.div_euclid(86_400);
-    let secs = unix_secs.rem_euclid(86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    let t = jiff::Timestamp::from_second(unix_secs).unwrap_or(if unix_secs < 0 {
+        jiff::Timestamp::MIN
+    } else {
+        jiff::Timestamp::MAX
+    });
+    format!("{t:.0}")
 }
 
 #[cfg(test)]
@@ -623,6 +721,32 @@ mod tests {
         assert!(normalize_route_path("/v1").is_err());
         assert!(normalize_route_path("/v1/functions").is_err());
         assert!(normalize_route_path("/v10").is_ok());
+        // One canonical encoding, as requests are matched.
+        assert_eq!(normalize_route_path("/%61b%7e").unwrap(), "/ab~");
+        assert_eq!(normalize_route_path("/caf\u{e9}").unwrap(), "/caf%C3%A9");
+        assert_eq!(normalize_route_path("/caf%c3%a9").unwrap(), "/caf%C3%A9");
+        assert_eq!(normalize_route_path("/a%2fb").unwrap(), "/a%2Fb");
+        assert!(normalize_route_path("/%76%31").is_err(), "/v1 in disguise");
+        for bad in [
+            "/a/../b",
+            "/a/..",
+            "/./a",
+            "/a/%2e%2E/b",
+            "/a\u{7}",
+            "/a%00",
+            "/a%0a",
+            "/a%zz",
+            "/a%4",
+        ] {
+            assert!(normalize_route_path(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(canonical_path("/plain/path").unwrap(), "/plain/path");
+        assert!(matches!(
+            canonical_path("/plain/path").unwrap(),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(canonical_path("/a%20b").unwrap(), "/a%20b");
+        assert_eq!(canonical_path("/a/..b").unwrap(), "/a/..b");
         assert!(path_matches("/a", "/a"));
         assert!(path_matches("/a", "/a/b"));
         assert!(!path_matches("/a", "/ab"));
@@ -680,5 +804,7 @@ mod tests {
     fn timestamps() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
+        assert_eq!(rfc3339_ms(1_795_000_000_007), "2026-11-18T11:06:40.007Z");
+        assert_eq!(rfc3339_ms(-1), "1969-12-31T23:59:59.999Z");
     }
 }

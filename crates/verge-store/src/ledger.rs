@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS invocations (
     outcome TEXT NOT NULL,
     cold INTEGER NOT NULL,
     stdout TEXT,
-    stderr TEXT
+    stderr TEXT,
+    error TEXT
 );
 CREATE INDEX IF NOT EXISTS invocations_by_time ON invocations (started_at_ms);
 CREATE INDEX IF NOT EXISTS invocations_by_function ON invocations (function, started_at_ms);
@@ -178,8 +179,8 @@ fn commit(conn: &mut Connection, batch: &[UsageRecord]) -> Result<(), rusqlite::
     {
         let mut stmt = tx.prepare_cached(
             "INSERT OR IGNORE INTO invocations (id, function, version, started_at_ms, wall_us, cpu_us,
-             peak_memory, memory_limit, request_bytes, response_bytes, status, outcome, cold, stdout, stderr)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+             peak_memory, memory_limit, request_bytes, response_bytes, status, outcome, cold, stdout, stderr, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         )?;
         for r in batch {
             stmt.execute(params![
@@ -197,7 +198,8 @@ fn commit(conn: &mut Connection, batch: &[UsageRecord]) -> Result<(), rusqlite::
                 r.outcome,
                 r.cold,
                 r.stdout,
-                r.stderr
+                r.stderr,
+                r.error
             ])?;
         }
     }

@@ -75,6 +75,9 @@ pub struct TokenHash {
     pub hash: String,
     /// The tenant it acts for; `None`: an admin token.
     pub tenant: Option<String>,
+    /// What it may call besides (`replication`: the replication endpoints
+    /// only); `None`: everything its tenant allows.
+    pub scope: Option<String>,
 }
 
 /// A stored version as the node loads it.
@@ -308,6 +311,7 @@ impl Store {
         for (table, column, def) in [
             ("versions", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
             ("tokens", "tenant", "TEXT"),
+            ("tokens", "scope", "TEXT"),
         ] {
             let has: i64 = conn.query_row(
                 &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
@@ -320,6 +324,15 @@ impl Store {
         }
         conn.execute_batch(INDEXES)?;
         conn.execute_batch(ledger::SCHEMA)?;
+        // Invocation records from before the error column.
+        let has_error: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('invocations') WHERE name = 'error'",
+            [],
+            |r| r.get(0),
+        )?;
+        if has_error == 0 {
+            conn.execute_batch("ALTER TABLE invocations ADD COLUMN error TEXT")?;
+        }
         Ok(Self {
             conn: Mutex::new(conn),
             artifacts,
@@ -353,28 +366,30 @@ impl Store {
     /// All stored tokens' hashes.
     pub fn token_hashes(&self) -> Result<Vec<TokenHash>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT name, hash, tenant FROM tokens")?;
+        let mut stmt = conn.prepare("SELECT name, hash, tenant, scope FROM tokens")?;
         let rows = stmt.query_map([], |r| {
             Ok(TokenHash {
                 name: r.get(0)?,
                 hash: r.get(1)?,
                 tenant: r.get(2)?,
+                scope: r.get(3)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Stores a new token of a tenant (`None`: an admin token); false when
-    /// the name is taken.
+    /// Stores a new token of a tenant (`None`: an admin token), limited to
+    /// `scope` if given; false when the name is taken.
     pub fn create_token(
         &self,
         name: &str,
         hash: &str,
         tenant: Option<&str>,
+        scope: Option<&str>,
     ) -> Result<bool, StoreError> {
         let n = self.conn().execute(
-            "INSERT OR IGNORE INTO tokens (name, hash, created_at, tenant) VALUES (?1, ?2, ?3, ?4)",
-            params![name, hash, now(), tenant],
+            "INSERT OR IGNORE INTO tokens (name, hash, created_at, tenant, scope) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![name, hash, now(), tenant, scope],
         )?;
         Ok(n == 1)
     }
@@ -382,12 +397,14 @@ impl Store {
     /// The tokens (never their hashes).
     pub fn tokens(&self) -> Result<Vec<TokenInfo>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT name, tenant, created_at FROM tokens ORDER BY name")?;
+        let mut stmt =
+            conn.prepare("SELECT name, tenant, created_at, scope FROM tokens ORDER BY name")?;
         let rows = stmt.query_map([], |r| {
             Ok(TokenInfo {
                 name: r.get(0)?,
                 tenant: r.get(1)?,
                 created_at: rfc3339(r.get(2)?),
+                scope: r.get(3)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -1229,7 +1246,7 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT id, function, version, started_at_ms, wall_us, cpu_us, peak_memory, memory_limit,
-                    request_bytes, response_bytes, status, outcome, cold
+                    request_bytes, response_bytes, status, outcome, cold, error
              FROM invocations
              WHERE (?1 IS NULL OR function = ?1) AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR id = ?3)
              ORDER BY started_at_ms DESC, id LIMIT ?4",
@@ -1251,7 +1268,9 @@ impl Store {
                 cold: r.get(12)?,
                 stdout: None,
                 stderr: None,
+                error: r.get(13)?,
                 hops: 0,
+                job: None,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -1270,10 +1289,10 @@ impl Store {
         let (after_ms, after_id) = after.unwrap_or((i64::MIN, ""));
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id, function, version, started_at_ms, status, outcome, stdout, stderr
+            "SELECT id, function, version, started_at_ms, status, outcome, stdout, stderr, error
              FROM invocations
              WHERE (?1 IS NULL OR function = ?1) AND (?2 IS NULL OR id = ?2)
-               AND (stdout IS NOT NULL OR stderr IS NOT NULL OR ?2 IS NOT NULL)
+               AND (stdout IS NOT NULL OR stderr IS NOT NULL OR error IS NOT NULL OR ?2 IS NOT NULL)
                AND (started_at_ms > ?3 OR (started_at_ms = ?3 AND id > ?4))
              ORDER BY started_at_ms DESC, id DESC LIMIT ?5",
         )?;
@@ -1296,7 +1315,9 @@ impl Store {
                     cold: false,
                     stdout: r.get(6)?,
                     stderr: r.get(7)?,
+                    error: r.get(8)?,
                     hops: 0,
+                    job: None,
                 })
             },
         )?;
@@ -1637,7 +1658,9 @@ mod tests {
             cold: false,
             stdout: None,
             stderr: None,
+            error: None,
             hops: 0,
+            job: None,
         }
     }
 

@@ -68,11 +68,15 @@ fn ago(ms: u64) -> String {
 #[derive(Subcommand)]
 pub enum TokenAction {
     /// Create a token: an admin token, or with --tenant one that may use only
-    /// that tenant's key-value buckets. The token is shown once.
+    /// that tenant's key-value buckets, or with --replication one that may
+    /// only replicate (what a peer or an edge holds). The token is shown once.
     Create {
         name: String,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "replication")]
         tenant: Option<String>,
+        /// Limit the token to the replication endpoints (/v1/replication/...)
+        #[arg(long)]
+        replication: bool,
     },
     /// List tokens (names and tenants; never the tokens)
     Ls,
@@ -82,20 +86,29 @@ pub enum TokenAction {
 
 pub async fn token(client: &Client, json: bool, action: TokenAction) -> Result<()> {
     match action {
-        TokenAction::Create { name, tenant } => {
-            let v: Value = client
-                .json(
-                    client
-                        .request(Method::POST, "/v1/tokens")
-                        .json(&serde_json::json!({ "name": name, "tenant": tenant })),
-                )
-                .await?;
+        TokenAction::Create {
+            name,
+            tenant,
+            replication,
+        } => {
+            let scope = replication.then_some(verge_spec::SCOPE_REPLICATION);
+            let v: Value =
+                client
+                    .json(client.request(Method::POST, "/v1/tokens").json(
+                        &serde_json::json!({ "name": name, "tenant": tenant, "scope": scope }),
+                    ))
+                    .await?;
             if json {
                 return print_json(&v);
             }
-            match tenant {
-                Some(t) => println!("token {name} for tenant {t} (key-value API only):"),
-                None => println!("admin token {name}:"),
+            match (tenant, replication) {
+                (Some(t), _) => println!("token {name} for tenant {t} (key-value API only):"),
+                (None, true) => {
+                    println!(
+                        "replication token {name} (/v1/replication/... only; for --peer-token):"
+                    )
+                }
+                (None, false) => println!("admin token {name}:"),
             }
             println!("{}", v["token"].as_str().unwrap_or(""));
             println!("it is shown once; give it to its user as VERGE_TOKEN");
@@ -114,11 +127,15 @@ pub async fn token(client: &Client, json: bool, action: TokenAction) -> Result<(
                     vec![
                         t["name"].as_str().unwrap_or("").to_string(),
                         t["tenant"].as_str().unwrap_or("(admin)").to_string(),
+                        t["scope"].as_str().unwrap_or("all").to_string(),
                         t["created_at"].as_str().unwrap_or("").to_string(),
                     ]
                 })
                 .collect();
-            print!("{}", table::render(&["NAME", "TENANT", "CREATED"], &rows));
+            print!(
+                "{}",
+                table::render(&["NAME", "TENANT", "SCOPE", "CREATED"], &rows)
+            );
             Ok(())
         }
         TokenAction::Rm { name } => {

@@ -118,6 +118,17 @@ enum Command {
         /// tombstone is collected and the replica must re-bootstrap (e.g. 7d, 12h, 90s)
         #[arg(long, default_value = "7d")]
         kv_grace: String,
+        /// Longest a client may take to send a request's head; then the connection is closed
+        #[arg(long, default_value = "10s")]
+        header_timeout: String,
+        /// Longest a request body may send nothing; then it is cut and its invocation ends
+        #[arg(long, default_value = "10s")]
+        body_timeout: String,
+        /// Instances one function may hold at once unless its version sets --concurrency
+        /// (a fair share, so that a flood on one route leaves the others answering)
+        /// [default: a quarter of --max-instances]
+        #[arg(long)]
+        function_concurrency: Option<u32>,
     },
     /// Deploy a component as a new version of a function and make it live
     Deploy {
@@ -353,6 +364,16 @@ fn main() -> std::process::ExitCode {
         };
     }
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Up { .. }) {
+        // A client command whose output pipe closes (`verge logs -f | head`)
+        // ends quietly, as Unix tools do, instead of panicking on the write.
+        // Not for `verge up`: a node must survive a client that goes away.
+        // SAFETY: before any thread exists; SIG_DFL is a valid disposition.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -395,6 +416,9 @@ async fn run(cli: Cli) -> Result<()> {
         peer_token,
         kv_grace,
         demote_after,
+        header_timeout,
+        body_timeout,
+        function_concurrency,
     } = &cli.command
     {
         if !peers.is_empty() && peer_token.is_none() {
@@ -428,6 +452,14 @@ async fn run(cli: Cli) -> Result<()> {
         config.retry_base = parse_duration(retry_base).context("--retry-base")?;
         config.peers = peers;
         config.kv_grace = parse_duration(kv_grace).context("--kv-grace")?;
+        config.read_timeouts = verge_node::ReadTimeouts {
+            header: parse_duration(header_timeout).context("--header-timeout")?,
+            body: parse_duration(body_timeout).context("--body-timeout")?,
+        };
+        if let Some(0) = function_concurrency {
+            bail!("--function-concurrency must be at least 1");
+        }
+        config.function_concurrency = *function_concurrency;
         config.demote_after = match demote_after.as_str() {
             "off" => None,
             d => Some(parse_duration(d).context("--demote-after (or off)")?),
@@ -1220,6 +1252,9 @@ async fn logs(
                 for line in err.lines() {
                     println!("stderr | {line}");
                 }
+            }
+            if let Some(error) = &r.error {
+                println!("error  | {error}");
             }
         }
         if let Some(last) = records.last() {

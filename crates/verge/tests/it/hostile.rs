@@ -111,7 +111,7 @@ fn loops_time_out_and_neighbours_keep_answering() {
         .send()
         .unwrap();
     assert_eq!(r.text().unwrap(), "printed 2 MiB\n");
-    node.wait_for_log("[output truncated]");
+    node.wait_for_output("hostile", "[output truncated]");
 }
 
 fn health(node: &TestNode, field: &str) -> u64 {

@@ -164,6 +164,22 @@ impl TestNode {
         })
     }
 
+    /// Waits until the captured output of `function`'s invocations (what
+    /// `verge logs` shows; guest output never goes to the node's log)
+    /// contains `needle`.
+    pub fn wait_for_output(&self, function: &str, needle: &str) -> String {
+        eventually(
+            &format!("{function}'s invocation output contains {needle:?}"),
+            || {
+                let text = self
+                    .api_get(&format!("/v1/logs?function={function}"))
+                    .text()
+                    .ok()?;
+                text.contains(needle).then_some(text)
+            },
+        )
+    }
+
     /// The CLI, pointed at this node through VERGE_SERVER / VERGE_TOKEN.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(VERGE)
