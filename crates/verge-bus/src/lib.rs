@@ -43,6 +43,13 @@ pub enum BusError {
     Invalid(String),
 }
 
+impl BusError {
+    /// Did this fail because the disk is full?
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, BusError::Db(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::DiskFull)
+    }
+}
+
 /// Milliseconds since the unix epoch.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -417,9 +424,12 @@ pub trait Bus: Send + Sync {
     /// Deletes dead letters (of one function, or all); returns how many.
     fn purge(&self, function: Option<&str>) -> Result<usize, BusError>;
 
-    /// Deletes succeeded jobs older than `age` (their record is kept that long
-    /// for `verge invocations --id`).
-    fn prune(&self, age: Duration) -> Result<usize, BusError>;
+    /// Deletes finished jobs (succeeded, and dead letters) whose last
+    /// change is older than `age`, then the oldest finished ones while the
+    /// bus's database holds more than `bytes` of live pages; in batches,
+    /// each its own short transaction. Queued and running jobs are never
+    /// deleted. Returns how many went.
+    fn prune(&self, age: Duration, bytes: u64) -> Result<usize, BusError>;
 
     /// Adds a schedule; its first firing is the next one after now.
     fn add_schedule(
@@ -784,11 +794,35 @@ impl Bus for SqliteBus {
         )?)
     }
 
-    fn prune(&self, age: Duration) -> Result<usize, BusError> {
-        Ok(self.conn().execute(
-            "DELETE FROM jobs WHERE state = 'succeeded' AND updated_ms < ?1",
-            params![now_ms() - age.as_millis() as i64],
-        )?)
+    fn prune(&self, age: Duration, bytes: u64) -> Result<usize, BusError> {
+        const BATCH: i64 = 1000;
+        let cutoff = now_ms().saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX));
+        let batch = |cutoff: Option<i64>| -> Result<usize, BusError> {
+            Ok(self.conn().execute(
+                "DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs
+                     WHERE state IN ('succeeded', 'dead') AND (?1 IS NULL OR updated_ms < ?1)
+                     ORDER BY updated_ms LIMIT ?2)",
+                params![cutoff, BATCH],
+            )?)
+        };
+        let mut deleted = 0;
+        loop {
+            let n = batch(Some(cutoff))?;
+            deleted += n;
+            if n < BATCH as usize {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        while bytes_in_use(&self.conn())? > bytes {
+            let n = batch(None)?;
+            deleted += n;
+            if n == 0 {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        Ok(deleted)
     }
 
     fn add_schedule(
@@ -963,6 +997,14 @@ fn config_of(conn: &Connection, function: &str) -> Result<AsyncConfig, BusError>
     }
 }
 
+/// Bytes of live pages of a database (page count minus free pages).
+fn bytes_in_use(conn: &Connection) -> Result<u64, rusqlite::Error> {
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    Ok(u64::try_from((pages - free).max(0) * size).unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1014,6 +1056,40 @@ mod tests {
         let retaken = again.iter().find(|j| j.id == second[0].id).unwrap();
         assert_eq!(retaken.attempts, 2, "a retaken job counts its attempt");
         assert!(bus.next_due_ms().unwrap().is_some());
+    }
+
+    #[test]
+    fn finished_jobs_and_dead_letters_go_by_age_and_size_queued_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = SqliteBus::open(dir.path()).unwrap();
+        bus.add_trigger("f", "live", "com.acme.x", None, None)
+            .unwrap();
+        bus.set_async_config(
+            "f",
+            &AsyncConfig {
+                max_retries: 0,
+                ..AsyncConfig::default()
+            },
+        )
+        .unwrap();
+        for i in 0..6 {
+            bus.publish(&[event(&format!("e{i}"), "com.acme.x")])
+                .unwrap();
+        }
+        let jobs = bus.claim(4).unwrap();
+        bus.complete(&jobs[0].id).unwrap();
+        bus.complete(&jobs[1].id).unwrap();
+        assert_eq!(bus.fail(&jobs[2].id, "boom").unwrap().state, JobState::Dead);
+        // Younger than the age: kept.
+        assert_eq!(bus.prune(Duration::from_secs(3600), u64::MAX).unwrap(), 0);
+        std::thread::sleep(Duration::from_millis(5));
+        // Older: the finished three go; the running and queued ones stay.
+        assert_eq!(bus.prune(Duration::ZERO, u64::MAX).unwrap(), 3);
+        assert!(bus.dead_letters(None, 10).unwrap().is_empty());
+        assert_eq!(bus.depth().unwrap(), 3);
+        // The size bound never takes an unfinished job.
+        assert_eq!(bus.prune(Duration::from_secs(3600), 0).unwrap(), 0);
+        assert_eq!(bus.depth().unwrap(), 3);
     }
 
     #[test]

@@ -350,11 +350,10 @@ where
             stderr: None,
             error: None,
             hops,
-            job: request
-                .headers()
-                .get(verge_spec::JOB_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
+            will_retry: request
+                .extensions()
+                .get::<verge_spec::RetriedOnFailure>()
+                .is_some(),
         },
     );
 
@@ -461,9 +460,10 @@ where
         Ok(Ok(response)) => {
             meter.update(|r| {
                 r.status = response.status().as_u16();
-                // The guest may already have trapped after sending the head
-                // (its task ends before this runs): that outcome stands.
-                if r.outcome.is_empty() {
+                // The guest's task may have ended before this runs: a trap
+                // after the head stands; "no response" does not (the head
+                // came).
+                if r.outcome.is_empty() || r.outcome == "no_response" {
                     r.outcome = "ok".into();
                 }
             });

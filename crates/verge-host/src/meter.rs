@@ -131,7 +131,7 @@ pub(crate) mod tests {
                 stderr: None,
                 error: None,
                 hops: 0,
-                job: None,
+                will_retry: false,
             },
         )
     }

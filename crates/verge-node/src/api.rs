@@ -912,9 +912,8 @@ async fn invoke_with(
         .uri(format!("http://localhost{path}"))
         .header(header::HOST, "localhost");
     for (k, v) in &parts.headers {
-        // The caller's token is for Verge, never for the guest; only the
-        // dispatcher marks job attempts.
-        if k != header::AUTHORIZATION && k != header::HOST && k != verge_spec::JOB_HEADER {
+        // The caller's token is for Verge, never for the guest.
+        if k != header::AUTHORIZATION && k != header::HOST {
             builder = builder.header(k, v);
         }
     }

@@ -45,10 +45,30 @@ pub enum ApiError {
     Overloaded { detail: String, id: String },
     #[error("{0}")]
     Internal(String),
+    /// A write failed because the disk is full (507).
+    #[error("{0}")]
+    DiskFull(String),
 }
 
+/// What to do when the disk is full.
+const DISK_FULL: &str = "the disk holding the node's data directory is full; free space (remove functions with `verge rm`, purge dead letters with `verge dlq purge`, lower `verge up --retain-size`) or give the node more disk, then retry";
+
 impl ApiError {
+    /// Did this fail because the disk is full?
+    fn is_disk_full(&self) -> bool {
+        match self {
+            ApiError::Store(e) => e.is_disk_full(),
+            ApiError::Bus(e) => e.is_disk_full(),
+            ApiError::Deploy(DeployError::Read(e)) => verge_store::is_io_full(e),
+            ApiError::DiskFull(_) => true,
+            _ => false,
+        }
+    }
+
     fn status_title(&self) -> (StatusCode, &'static str) {
+        if self.is_disk_full() {
+            return (StatusCode::INSUFFICIENT_STORAGE, "insufficient storage");
+        }
         match self {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
@@ -92,6 +112,7 @@ impl ApiError {
             },
             ApiError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "at capacity"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+            ApiError::DiskFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "insufficient storage"),
         }
     }
 }
@@ -146,6 +167,7 @@ impl IntoResponse for ApiError {
             } => format!(
                 "{error}; invocation {id}; see its record and output with `verge logs {function} --invocation {id}`"
             ),
+            other if other.is_disk_full() => format!("{other}; {DISK_FULL}"),
             other => other.to_string(),
         };
         let mut resp = (
@@ -203,9 +225,15 @@ where
 /// the limit, a method the endpoint does not take, a path parameter that
 /// does not parse), which are plain text or empty.
 pub(crate) async fn problem_bodies(
+    axum::extract::State(state): axum::extract::State<std::sync::Arc<crate::state::AppState>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    if request.method() == http::Method::DELETE {
+        // A delete is how space is freed: on a full disk it gets the room
+        // kept for it.
+        crate::reserve::make_room(&state.data_dir);
+    }
     if request
         .headers()
         .get_all(header::HOST)

@@ -738,7 +738,7 @@ async fn run_job(state: &Arc<AppState>, job: Job) {
         }
     }
     if let Ok(v) = HeaderValue::try_from(job.id.as_str()) {
-        map.insert(verge_spec::JOB_HEADER, v);
+        map.insert("verge-job-id", v);
     }
     map.insert("verge-attempt", HeaderValue::from(job.attempts));
     let outcome: Result<(), String> = async {
@@ -751,6 +751,9 @@ async fn run_job(state: &Arc<AppState>, job: Job) {
             .header(header::HOST, "localhost");
         for (k, v) in &map {
             builder = builder.header(k, v);
+        }
+        if job.attempts < job.max_attempts {
+            builder = builder.extension(verge_spec::RetriedOnFailure);
         }
         let request = builder.body(Body::from(body)).map_err(|e| e.to_string())?;
         let response = front::run(state, &slot, &function, request, false).await;

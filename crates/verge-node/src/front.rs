@@ -163,10 +163,8 @@ pub(crate) async fn resolve(
 /// Fallback handler: every request that is not for the control API.
 pub(crate) async fn serve_user_route(
     State(state): State<Arc<AppState>>,
-    mut request: Request,
+    request: Request,
 ) -> Response {
-    // Only the node's dispatcher marks job attempts.
-    request.headers_mut().remove(verge_spec::JOB_HEADER);
     if request
         .headers()
         .get_all(header::HOST)

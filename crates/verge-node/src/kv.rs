@@ -46,6 +46,7 @@ fn kv_err(e: KvError) -> ApiError {
         }
         KvError::BucketName(_) => ApiError::BadRequest(e.to_string()),
         KvError::ValueTooLarge { .. } => ApiError::TooLarge(e.to_string()),
+        KvError::Db(ref db) if verge_store::is_sqlite_full(db) => ApiError::DiskFull(e.to_string()),
         other => ApiError::Internal(other.to_string()),
     }
 }

@@ -8,6 +8,7 @@ mod error;
 mod events;
 mod front;
 mod kv;
+mod reserve;
 mod server;
 mod state;
 
@@ -30,6 +31,7 @@ pub use kv::Peer;
 pub use server::ReadTimeouts;
 pub use state::Prices;
 pub use verge_host::Tiering;
+pub use verge_store::Retention;
 
 use state::{AppState, Ceilings, Settings};
 
@@ -89,6 +91,12 @@ pub struct NodeConfig {
     /// `--concurrency`: a fair share, so that a flood on one route leaves
     /// the others answering (default: a quarter of `max_instances`).
     pub function_concurrency: Option<u32>,
+    /// How long invocation records, finished jobs and dead letters are
+    /// kept, by age and by size (the oldest go first; usage is rolled up
+    /// per minute before records go).
+    pub retain: Retention,
+    /// How often the retention pass runs.
+    pub prune_every: Duration,
 }
 
 impl NodeConfig {
@@ -118,6 +126,8 @@ impl NodeConfig {
             demote_after: Some(Duration::from_millis(20)),
             read_timeouts: ReadTimeouts::default(),
             function_concurrency: None,
+            retain: verge_store::Retention::default(),
+            prune_every: Duration::from_secs(60),
         }
     }
 
@@ -175,6 +185,8 @@ pub struct Node {
     /// Invocation failures waiting to be published.
     outbox: Arc<events::Outbox>,
     read_timeouts: ReadTimeouts,
+    retain: verge_store::Retention,
+    prune_every: Duration,
 }
 
 impl Node {
@@ -184,6 +196,7 @@ impl Node {
         let started = Instant::now();
         let data_dir = config.data_dir.clone();
         let store = Store::open(&data_dir)?;
+        reserve::ensure(&data_dir);
         let mut report = StartReport {
             token_created: auth::ensure_admin_token(&store, &data_dir)?,
             ..StartReport::default()
@@ -235,11 +248,12 @@ impl Node {
                 record.status = error::outcome_status(&record.outcome);
             }
             let failed = match record.outcome.as_str() {
-                // An attempt of a job: its failure is reported once, by the
-                // job's dead letter (`job.deadlettered`, one hop past the
-                // job), however many attempts it takes; events per attempt
-                // would multiply a loop by the retries at every hop.
-                _ if record.job.is_some() => None,
+                // An attempt of a job that will be retried: only the last
+                // attempt's failure is reported (with the job's dead letter),
+                // so a job emits one failure event however many attempts it
+                // takes; an event per attempt would multiply a loop by the
+                // retries at every hop.
+                _ if record.will_retry => None,
                 "ok" | "capacity" | "request_too_large" => None,
                 "timeout" => Some(events::types::INVOCATION_TIMED_OUT),
                 _ => Some(events::types::INVOCATION_FAILED),
@@ -328,6 +342,8 @@ impl Node {
             kv_changes,
             outbox,
             read_timeouts: config.read_timeouts,
+            retain: config.retain,
+            prune_every: config.prune_every,
         })
     }
 
@@ -410,6 +426,7 @@ impl Node {
             tokio::spawn(kv::collect(s.clone())),
             tokio::spawn(events::kv_changed(s.clone(), self.kv_changes.clone())),
             tokio::spawn(events::outbox(s.clone(), self.outbox.clone())),
+            tokio::spawn(retention(s.clone(), self.retain, self.prune_every)),
         ];
         tasks.extend(
             self.peers
@@ -490,8 +507,58 @@ fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             auth::require_token,
         ))
-        .layer(axum::middleware::from_fn(error::problem_bodies));
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            error::problem_bodies,
+        ));
     api.fallback(front::serve_user_route).with_state(state)
+}
+
+/// Keeps storage bounded: every `every`, deletes invocation records (rolled
+/// up first), finished jobs and dead letters past `policy`'s age or size,
+/// on a blocking thread in short batches (requests never wait for it).
+async fn retention(state: Arc<AppState>, policy: verge_store::Retention, every: Duration) {
+    let mut pruner = match verge_store::Pruner::open(&state.data_dir) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::error!(error = %e, "could not open the store for retention; records will not be pruned");
+            return;
+        }
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let (s, mut p) = (state.clone(), pruner.take());
+        let done = tokio::task::spawn_blocking(move || {
+            if let Some(p) = &mut p {
+                match p.prune(&policy, verge_bus::now_ms()) {
+                    Ok(r) if r.deleted > 0 => {
+                        tracing::info!(
+                            deleted = r.deleted,
+                            bytes_in_use = r.bytes_in_use,
+                            "invocation records pruned (usage rolled up)"
+                        )
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "could not prune invocation records"),
+                }
+            }
+            reserve::ensure(&s.data_dir);
+            match s.bus.prune(policy.age, policy.bytes) {
+                Ok(n) if n > 0 => tracing::info!(jobs = n, "finished jobs and dead letters pruned"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not prune finished jobs"),
+            }
+            p
+        })
+        .await;
+        match done {
+            Ok(p) => pruner = p,
+            Err(e) => {
+                tracing::error!(error = %e, "the retention pass failed; records will not be pruned");
+                return;
+            }
+        }
+    }
 }
 
 /// Registers every stored version and alias; each version is loaded (from

@@ -632,17 +632,17 @@ pub struct UsageRecord {
     /// the request's `ce-vergehops`); not kept in the ledger.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub hops: u32,
-    /// The job this invocation is an attempt of (the request's
-    /// `verge-job-id`): its failure is reported once, by the job's dead
-    /// letter, not per attempt; not kept in the ledger.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub job: Option<String>,
+    /// A failure of this invocation will be retried (an attempt of a job
+    /// that has attempts left): it is not reported as a failure event, so
+    /// that a job emits one however many attempts it takes. Not serialized.
+    #[serde(skip)]
+    pub will_retry: bool,
 }
 
-/// The request header that marks an invocation as an attempt of a job
-/// (set by the node's dispatcher; removed from requests that come from
-/// outside).
-pub const JOB_HEADER: &str = "verge-job-id";
+/// A request extension the node's dispatcher puts on a job's attempt when a
+/// failure would be retried (never set from outside: it is not a header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetriedOnFailure;
 
 fn is_zero(n: &u32) -> bool {
     *n == 0

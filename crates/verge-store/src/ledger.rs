@@ -45,6 +45,19 @@ CREATE TABLE IF NOT EXISTS invocations (
     error TEXT
 );
 CREATE INDEX IF NOT EXISTS invocations_by_time ON invocations (started_at_ms);
+CREATE TABLE IF NOT EXISTS usage_minutes (
+    started_at_ms INTEGER NOT NULL,
+    function TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    invocations INTEGER NOT NULL,
+    peak_wall REAL NOT NULL,
+    billed_1ms REAL NOT NULL,
+    billed_100ms REAL NOT NULL,
+    billed_1s REAL NOT NULL,
+    cpu_us INTEGER NOT NULL,
+    response_bytes INTEGER NOT NULL,
+    PRIMARY KEY (started_at_ms, function, version)
+);
 CREATE INDEX IF NOT EXISTS invocations_by_function ON invocations (function, started_at_ms);
 ";
 

@@ -21,7 +21,9 @@ use verge_spec::{
 };
 
 mod ledger;
+mod retention;
 pub use ledger::{BATCH_MAX, FLUSH_INTERVAL, Ledger};
+pub use retention::{Pruned, Pruner, Retention};
 
 /// A failure of the store.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +61,30 @@ pub enum StoreError {
     Locked(PathBuf),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+}
+
+impl StoreError {
+    /// Did this fail because the disk is full?
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Db(e) => is_sqlite_full(e),
+            StoreError::Io { source, .. } => is_io_full(source),
+            _ => false,
+        }
+    }
+}
+
+/// Is this SQLite's "database or disk is full"?
+pub fn is_sqlite_full(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
+}
+
+/// Is this the file system's "no space left on device" (or over quota)?
+pub fn is_io_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -435,11 +461,18 @@ impl Store {
         let tmp = self
             .artifacts
             .join(format!(".{sha}.{}.tmp", std::process::id()));
-        let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(bytes).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        drop(f);
-        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        let written = (|| {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            drop(f);
+            fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = written {
+            // Nothing half-written stays behind (a full disk, say).
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(&path)(e));
+        }
         fs::File::open(&self.artifacts)
             .and_then(|d| d.sync_all())
             .map_err(io_err(&self.artifacts))?;
@@ -1270,7 +1303,7 @@ impl Store {
                 stderr: None,
                 error: r.get(13)?,
                 hops: 0,
-                job: None,
+                will_retry: false,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -1317,7 +1350,7 @@ impl Store {
                     stderr: r.get(7)?,
                     error: r.get(8)?,
                     hops: 0,
-                    job: None,
+                    will_retry: false,
                 })
             },
         )?;
@@ -1329,14 +1362,27 @@ impl Store {
     /// Aggregated usage and its cost.
     pub fn usage(&self, q: &UsageQuery) -> Result<UsageReport, StoreError> {
         let g_us = q.granularity_ms.max(1).saturating_mul(1000) as i64;
+        // Raw records, and the per-minute rollups of records already pruned
+        // (`retention`): those keep billed durations at 1 ms, 100 ms and 1 s
+        // granularity, and a coarser query granularity uses the nearest of
+        // them at or below it.
         let sql = format!(
-            "SELECT {key} AS k, COUNT(*),
-                    SUM(peak_memory * wall_us),
-                    SUM(memory_limit * (((wall_us + ?3 - 1) / ?3) * ?3)),
-                    SUM(cpu_us), SUM(response_bytes)
-             FROM invocations
-             WHERE (?1 IS NULL OR started_at_ms >= ?1) AND (?2 IS NULL OR started_at_ms < ?2)
-             GROUP BY k ORDER BY k",
+            "SELECT k, SUM(n), SUM(peak), SUM(billed), SUM(cpu), SUM(bytes) FROM (
+                SELECT {key} AS k, COUNT(*) AS n,
+                       SUM(CAST(peak_memory AS REAL) * wall_us) AS peak,
+                       SUM(CAST(memory_limit AS REAL) * (((wall_us + ?3 - 1) / ?3) * ?3)) AS billed,
+                       SUM(cpu_us) AS cpu, SUM(response_bytes) AS bytes
+                FROM invocations
+                WHERE (?1 IS NULL OR started_at_ms >= ?1) AND (?2 IS NULL OR started_at_ms < ?2)
+                GROUP BY k
+                UNION ALL
+                SELECT {key} AS k, SUM(invocations), SUM(peak_wall),
+                       SUM(CASE WHEN ?3 >= 1000000 THEN billed_1s WHEN ?3 >= 100000 THEN billed_100ms ELSE billed_1ms END),
+                       SUM(cpu_us), SUM(response_bytes)
+                FROM usage_minutes
+                WHERE (?1 IS NULL OR started_at_ms >= ?1) AND (?2 IS NULL OR started_at_ms < ?2)
+                GROUP BY k
+             ) GROUP BY k ORDER BY k",
             key =
                 q.by.iter()
                     .map(|b| b.key_sql())
@@ -1435,6 +1481,7 @@ fn parse_env(json: &str) -> Result<Vec<(String, String)>, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn new_version<'a>(
         function: &'a str,
@@ -1660,7 +1707,7 @@ mod tests {
             stderr: None,
             error: None,
             hops: 0,
-            job: None,
+            will_retry: false,
         }
     }
 
@@ -1715,6 +1762,84 @@ mod tests {
         assert!(UsageBy::parse_list("function,version").is_none());
         assert!(UsageBy::parse_list("hour,minute").is_none());
         assert!(UsageBy::parse_list("planet").is_none());
+        drop(ledger);
+    }
+
+    #[test]
+    fn pruned_records_are_rolled_up_and_usage_still_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        for (i, wall) in [1_000, 150_000, 1_000_000, 2_500].iter().enumerate() {
+            let mut r = record(&format!("r{i}"), if i == 2 { "g" } else { "f" }, *wall);
+            r.stdout = Some("x".repeat(10_000));
+            ledger.record(r);
+        }
+        ledger.flush();
+        let q = |by: &str, g: u64| UsageQuery {
+            since_ms: None,
+            until_ms: None,
+            by: UsageBy::parse_list(by).unwrap(),
+            granularity_ms: g,
+            price_per_million_requests: 0.2,
+            price_per_gb_second: 0.0000166667,
+        };
+        let before: Vec<_> = [("function", 1), ("version,minute", 100), ("hour", 1000)]
+            .iter()
+            .map(|(by, g)| store.usage(&q(by, *g)).unwrap())
+            .collect();
+        let mut pruner = Pruner::open(dir.path()).unwrap();
+        // Younger than the age, under the size: nothing goes.
+        let kept = pruner
+            .prune(&Retention::default(), 1_795_000_000_000 + 1000)
+            .unwrap();
+        assert_eq!(kept.deleted, 0);
+        assert_eq!(store.invocations(None, None, None, 10).unwrap().len(), 4);
+        // Past the age: every record goes, its usage stays.
+        let policy = Retention {
+            age: Duration::from_secs(60),
+            bytes: 1 << 30,
+        };
+        let p = pruner
+            .prune(&policy, 1_795_000_000_000 + 3_600_000)
+            .unwrap();
+        assert_eq!(p.deleted, 4);
+        assert!(store.invocations(None, None, None, 10).unwrap().is_empty());
+        for ((by, g), was) in [("function", 1), ("version,minute", 100), ("hour", 1000)]
+            .iter()
+            .zip(&before)
+        {
+            let now = store.usage(&q(by, *g)).unwrap();
+            assert_eq!(now.rows.len(), was.rows.len(), "{by}");
+            for (a, b) in now.rows.iter().zip(&was.rows) {
+                assert_eq!(a.key, b.key);
+                assert_eq!(a.invocations, b.invocations);
+                assert!(
+                    (a.gb_seconds_configured - b.gb_seconds_configured).abs() < 1e-9,
+                    "{by} {g}: {a:?} {b:?}"
+                );
+                assert!((a.gb_seconds_peak - b.gb_seconds_peak).abs() < 1e-9);
+                assert!((a.cpu_seconds - b.cpu_seconds).abs() < 1e-9);
+                assert_eq!(a.bytes_out, b.bytes_out);
+            }
+        }
+        // New records beside rollups of the same minute: counted once each.
+        ledger.record(record("late", "f", 1_000));
+        ledger.flush();
+        let r = store.usage(&q("function", 1)).unwrap();
+        assert_eq!(r.total.invocations, 5);
+        // The size bound: the oldest go until the database fits.
+        let p = pruner
+            .prune(
+                &Retention {
+                    age: Duration::from_secs(3600 * 24 * 365),
+                    bytes: 0,
+                },
+                1_795_000_000_000,
+            )
+            .unwrap();
+        assert_eq!(p.deleted, 1);
+        assert_eq!(store.usage(&q("function", 1)).unwrap().total.invocations, 5);
         drop(ledger);
     }
 

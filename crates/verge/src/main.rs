@@ -129,6 +129,14 @@ enum Command {
         /// [default: a quarter of --max-instances]
         #[arg(long)]
         function_concurrency: Option<u32>,
+        /// How long invocation records (with their output), finished jobs and dead
+        /// letters are kept; usage is rolled up per minute before records go
+        #[arg(long, default_value = "7d")]
+        retain: String,
+        /// Most bytes the invocation records, and the finished jobs and dead letters,
+        /// may each take on disk; beyond, the oldest go first
+        #[arg(long, default_value = "1GiB")]
+        retain_size: String,
     },
     /// Deploy a component as a new version of a function and make it live
     Deploy {
@@ -419,6 +427,8 @@ async fn run(cli: Cli) -> Result<()> {
         header_timeout,
         body_timeout,
         function_concurrency,
+        retain,
+        retain_size,
     } = &cli.command
     {
         if !peers.is_empty() && peer_token.is_none() {
@@ -460,6 +470,7 @@ async fn run(cli: Cli) -> Result<()> {
             bail!("--function-concurrency must be at least 1");
         }
         config.function_concurrency = *function_concurrency;
+        config.retain = verge_store_retention(retain, retain_size)?;
         config.demote_after = match demote_after.as_str() {
             "off" => None,
             d => Some(parse_duration(d).context("--demote-after (or off)")?),
@@ -1270,4 +1281,12 @@ async fn logs(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// `--retain` and `--retain-size` as the node's retention policy.
+fn verge_store_retention(age: &str, size: &str) -> Result<verge_node::Retention> {
+    Ok(verge_node::Retention {
+        age: parse_duration(age).context("--retain")?,
+        bytes: parse_size(size).context("--retain-size")?,
+    })
 }

@@ -57,7 +57,14 @@ impl TestNode {
     }
 
     pub async fn with(configure: impl FnOnce(&mut NodeConfig)) -> TestNode {
-        let dir = tempfile::tempdir().unwrap();
+        Self::in_dir(tempfile::tempdir().unwrap(), configure).await
+    }
+
+    /// A node whose data directory is `dir` (removed with the node).
+    pub async fn in_dir(
+        dir: tempfile::TempDir,
+        configure: impl FnOnce(&mut NodeConfig),
+    ) -> TestNode {
         let mut config = NodeConfig::new(dir.path());
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.retry_base = Duration::from_millis(10);

@@ -87,15 +87,41 @@ async fn a_function_fed_by_its_own_failures_stops_at_the_hop_limit_and_retries_d
         .await;
     assert!(a.status.is_success(), "{}", a.text());
     trigger(&n, "boom", "dev.verge.invocation.failed").await;
-    trigger(&n, "boom", "dev.verge.job.deadlettered").await;
     assert_eq!(n.get("/boom").await.status, 500);
     let total = settled(&n, "boom").await;
-    // The request, then per hop one job of two attempts (one retry), each
-    // job dead-lettered once: invocation.failed (hop 1) -> job ->
-    // job.deadlettered (hop 2) -> job -> ... -> dead at hop LIMIT.
+    // The request (hop 0), then per hop one job of two attempts (one
+    // retry) whose last failure alone is reported: invocation.failed (hop
+    // 1) -> job -> invocation.failed (hop 2) -> ... -> dead at hop LIMIT.
+    // An event per attempt would double the jobs at every hop.
     let bound = 1 + 2 * (LIMIT as usize - 1);
     assert!(total >= 3, "the chain did not run: {total}");
     assert!(total <= bound, "{total} invocations, more than {bound}");
+    let dlq = n.api(Method::GET, "/v1/dlq", None).await.json();
+    assert!(dead_at_the_limit(&dlq), "{dlq}");
+}
+
+#[tokio::test]
+async fn a_function_fed_by_its_own_dead_letters_stops_at_the_hop_limit() {
+    let n = TestNode::with(|c| c.hop_limit = LIMIT).await;
+    n.deployed("boom", wat::trap(), "").await;
+    let a = n
+        .api(
+            Method::PUT,
+            "/v1/functions/boom/async",
+            Some(json!({ "max_retries": 0, "max_age_ms": 60000 })),
+        )
+        .await;
+    assert!(a.status.is_success(), "{}", a.text());
+    trigger(&n, "boom", "dev.verge.job.deadlettered").await;
+    let a = n
+        .api(Method::POST, "/v1/functions/boom/invoke?async=true", None)
+        .await;
+    assert_eq!(a.status, 202, "{}", a.text());
+    let total = settled(&n, "boom").await;
+    // The async job (hop 0), dead-lettered -> job.deadlettered (hop 1) ->
+    // job -> ... -> dead at hop LIMIT without a delivery.
+    assert!(total >= 2, "the chain did not run: {total}");
+    assert!(total <= LIMIT as usize, "{total} invocations");
     let dlq = n.api(Method::GET, "/v1/dlq", None).await.json();
     assert!(dead_at_the_limit(&dlq), "{dlq}");
 }

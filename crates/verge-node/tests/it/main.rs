@@ -10,4 +10,5 @@ mod harness;
 mod hops;
 mod hygiene;
 mod slow;
+mod storage;
 mod wat;

@@ -39,7 +39,14 @@ fn the_api_needs_a_token_and_says_nothing_without_one() {
         let req = http.request(method.parse().unwrap(), format!("{}{path}", node.url));
         let resp = req.send().unwrap();
         assert_eq!(resp.status(), 401, "{method} {path} without a token");
-        assert!(resp.text().unwrap().is_empty(), "401 carries no detail");
+        // A problem body like every API error (issue 14), that says nothing
+        // but how to authenticate.
+        let problem: serde_json::Value = resp.json().unwrap();
+        assert_eq!(problem["status"], 401, "{problem}");
+        assert_eq!(
+            problem["detail"], "send a valid token as Authorization: Bearer TOKEN",
+            "{method} {path}"
+        );
         let resp = http
             .request(method.parse().unwrap(), format!("{}{path}", node.url))
             .bearer_auth("verge_0000")

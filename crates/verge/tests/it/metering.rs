@@ -140,7 +140,9 @@ fn limits_per_version_give_the_right_status_and_record() {
 
     let (status, mem_id, body) = get_id(&node, "/small/alloc?mib=64");
     assert_eq!(status, 500);
-    assert!(body.contains("memory limit of 16 MiB"), "{body}");
+    // The caller of a public route learns the kind of failure; the limit
+    // is in the record, for the owner.
+    assert!(body.contains("memory limit"), "{body}");
     let (status, loop_id, body) = get_id(&node, "/small/loop");
     assert_eq!(status, 504);
     assert!(body.contains("time limit"), "{body}");
@@ -180,7 +182,9 @@ fn limits_per_version_give_the_right_status_and_record() {
     let node = node.kill9_and_restart();
     let (status, _, body) = get_id(&node, "/small/alloc?mib=64");
     assert_eq!(status, 500);
-    assert!(body.contains("memory limit of 16 MiB"), "{body}");
+    // The caller of a public route learns the kind of failure; the limit
+    // is in the record, for the owner.
+    assert!(body.contains("memory limit"), "{body}");
 }
 
 #[test]

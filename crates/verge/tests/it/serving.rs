@@ -1,6 +1,6 @@
 //! Functions from every toolchain are served, survive kill -9, and run sandboxed.
 
-use crate::kit::{TestNode, curl, fixture, noise};
+use crate::kit::{TestNode, curl, eventually, fixture, noise};
 
 const LANGUAGES: [(&str, &str); 4] = [
     ("rust", "Hello from Rust!"),
@@ -345,11 +345,17 @@ fn a_trapping_guest_gets_500_and_the_node_keeps_serving() {
             "{problem}"
         );
         // The owner finds the cause and the guest's stderr in the record.
-        let out = node.cli_ok(&["logs", "boom", "--invocation", &id]);
+        let out = eventually("the invocation's record", || {
+            let out = node.cli(&["logs", "boom", "--invocation", &id]);
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        });
         assert!(
             out.contains("about to fail on purpose"),
             "stderr in the record: {out}"
         );
+        assert!(out.contains("error  | "), "the cause in the record: {out}");
         let rec: serde_json::Value = node
             .api_get(&format!("/v1/invocations?id={id}"))
             .json()

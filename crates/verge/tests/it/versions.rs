@@ -61,7 +61,9 @@ fn pinned_versions_and_a_weighted_split() {
     assert_eq!(node.cli_ok(&["invoke", "w"]), RUST);
     let (status, body) = body_of(&node, "/w", &[("verge-version", "9")]);
     assert_eq!(status, 404);
-    assert!(body.contains("verge versions w"), "{body}");
+    // A public route names no control-plane command (issue 14).
+    assert!(body.contains("version 9"), "{body}");
+    assert!(!body.contains("verge versions"), "{body}");
     let (status, _) = body_of(&node, "/w", &[("verge-version", "two")]);
     assert_eq!(status, 400);
 
