@@ -70,7 +70,7 @@ fn refuse(
             function.name
         ),
         Refused::WaitedTooLong(wait) => format!(
-            "function {:?} stayed at its concurrency limit for {wait:?}; retry after the Retry-After delay",
+            "function {:?} found no free slot (its concurrency, the node's instances or the node's memory budget for guests) for {wait:?}; retry after the Retry-After delay",
             function.name
         ),
     };

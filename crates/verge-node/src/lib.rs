@@ -97,6 +97,10 @@ pub struct NodeConfig {
     pub retain: Retention,
     /// How often the retention pass runs.
     pub prune_every: Duration,
+    /// Memory the node's guest instances may hold at once, bytes: each
+    /// running invocation holds its version's memory limit of it; beyond,
+    /// requests queue, then get 503 (`None`: half the machine's memory).
+    pub memory_budget: Option<u64>,
 }
 
 impl NodeConfig {
@@ -128,7 +132,17 @@ impl NodeConfig {
             function_concurrency: None,
             retain: verge_store::Retention::default(),
             prune_every: Duration::from_secs(60),
+            memory_budget: None,
         }
+    }
+
+    /// The memory budget for guests: as set, else half the machine's
+    /// memory (4 GiB when it cannot be read), never below one instance's
+    /// limit.
+    pub fn guest_memory_budget(&self) -> u64 {
+        self.memory_budget
+            .unwrap_or_else(|| machine_memory().map_or(4 << 30, |m| m / 2))
+            .max(self.memory_limit as u64)
     }
 
     /// The per-function default concurrency: as set, else a quarter of the
@@ -318,6 +332,7 @@ impl Node {
                     config.queue_depth,
                     config.max_wait,
                     config.function_share(),
+                    config.guest_memory_budget(),
                 ),
                 body_timeout: config.read_timeouts.body,
             },
@@ -571,6 +586,14 @@ fn register_all(state: &AppState) -> Result<usize, NodeError> {
         state.set_alias(&function, &alias, target);
     }
     Ok(state.function_count())
+}
+
+/// The machine's physical memory, bytes (`MemTotal` of /proc/meminfo).
+fn machine_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 /// The machine's host name, else `node`.

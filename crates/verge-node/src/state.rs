@@ -95,6 +95,10 @@ pub(crate) struct Admission {
     function_share: usize,
     /// Each function's share, by name (shared by its versions).
     shares: std::sync::Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// The node's memory budget for guest instances, in MiB: each running
+    /// invocation holds its version's memory limit of it.
+    memory: Arc<Semaphore>,
+    memory_mib: u32,
 }
 
 impl Admission {
@@ -103,8 +107,12 @@ impl Admission {
         queue_depth: usize,
         max_wait: Duration,
         function_share: u32,
+        memory_budget: u64,
     ) -> Self {
+        let memory_mib = u32::try_from((memory_budget >> 20).max(1)).unwrap_or(u32::MAX);
         Self {
+            memory: Arc::new(Semaphore::new(memory_mib as usize)),
+            memory_mib,
             node: Arc::new(Semaphore::new(instances.max(1) as usize)),
             instances: instances.max(1) as usize,
             queued: AtomicUsize::new(0),
@@ -142,12 +150,20 @@ impl Admission {
     pub(crate) fn queued(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
     }
+
+    /// MiB of the memory budget an invocation with `limit` bytes of memory
+    /// holds (at least 1, at most the whole budget).
+    fn memory_share(&self, limit: usize) -> u32 {
+        let mib = u32::try_from(limit.div_ceil(1 << 20)).unwrap_or(u32::MAX);
+        mib.clamp(1, self.memory_mib)
+    }
 }
 
 /// Held while an invocation runs (until its response body is done).
 pub(crate) struct Permits {
     _function: Option<OwnedSemaphorePermit>,
     _node: OwnedSemaphorePermit,
+    _memory: OwnedSemaphorePermit,
 }
 
 /// Why a request was not admitted.
@@ -471,16 +487,28 @@ impl AppState {
     pub(crate) async fn admit(&self, version: &VersionSlot) -> Result<Permits, Refused> {
         let slot = version.concurrency.clone();
         let node = self.admission.node.clone();
+        let memory = self.admission.memory.clone();
+        let mib = self.admission.memory_share(
+            version
+                .stored
+                .limits
+                .memory_bytes
+                .map_or(self.ceilings.memory, |m| {
+                    usize::try_from(m).unwrap_or(usize::MAX)
+                }),
+        );
         let fast = match &slot {
             Some(s) => s.clone().try_acquire_owned().ok().map(Some),
             None => Some(None),
         };
         if let Some(function) = fast
             && let Ok(node_permit) = node.clone().try_acquire_owned()
+            && let Ok(memory_permit) = memory.clone().try_acquire_many_owned(mib)
         {
             return Ok(Permits {
                 _function: function,
                 _node: node_permit,
+                _memory: memory_permit,
             });
         }
         let a = &self.admission;
@@ -494,9 +522,11 @@ impl AppState {
                 None => None,
             };
             let node = node.acquire_owned().await.ok()?;
+            let memory = memory.acquire_many_owned(mib).await.ok()?;
             Some(Permits {
                 _function: function,
                 _node: node,
+                _memory: memory,
             })
         };
         let result = tokio::time::timeout(a.max_wait, wait).await;

@@ -137,6 +137,11 @@ enum Command {
         /// may each take on disk; beyond, the oldest go first
         #[arg(long, default_value = "1GiB")]
         retain_size: String,
+        /// Memory the guest instances may hold at once: each running invocation holds its
+        /// memory limit of it; beyond, requests queue, then get 503
+        /// [default: half the machine's memory]
+        #[arg(long)]
+        memory_budget: Option<String>,
     },
     /// Deploy a component as a new version of a function and make it live
     Deploy {
@@ -429,6 +434,7 @@ async fn run(cli: Cli) -> Result<()> {
         function_concurrency,
         retain,
         retain_size,
+        memory_budget,
     } = &cli.command
     {
         if !peers.is_empty() && peer_token.is_none() {
@@ -471,6 +477,10 @@ async fn run(cli: Cli) -> Result<()> {
         }
         config.function_concurrency = *function_concurrency;
         config.retain = verge_store_retention(retain, retain_size)?;
+        config.memory_budget = match memory_budget {
+            Some(b) => Some(parse_size(b).context("--memory-budget")?),
+            None => None,
+        };
         config.demote_after = match demote_after.as_str() {
             "off" => None,
             d => Some(parse_duration(d).context("--demote-after (or off)")?),

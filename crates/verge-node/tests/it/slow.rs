@@ -168,3 +168,52 @@ async fn a_client_that_trickles_its_headers_is_disconnected() {
     stop.send(()).ok();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn guests_beyond_the_memory_budget_wait_and_are_refused() {
+    // Room for two 16 MiB instances: a third waits for one to end.
+    let n = TestNode::with(|c| {
+        c.memory_limit = 16 << 20;
+        c.memory_budget = Some(32 << 20);
+        c.max_wait = Duration::from_millis(200);
+    })
+    .await;
+    n.deployed("spin", wat::spin(), "route=/spin&timeout=2s&memory=16MiB")
+        .await;
+    n.deployed("hello", wat::hello(), "route=/hello&memory=16MiB")
+        .await;
+    let spinners: Vec<_> = (0..4)
+        .map(|_| {
+            let router = n.node.router();
+            tokio::spawn(async move {
+                use tower::ServiceExt;
+                let r = router
+                    .oneshot(
+                        Request::get("/spin")
+                            .header("host", "localhost")
+                            .body(Body::empty())
+                            .unwrap(),
+                    )
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let body = http_body_util::BodyExt::collect(r.into_body())
+                    .await
+                    .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                    .unwrap_or_default();
+                (status, body)
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for s in spinners {
+        results.push(s.await.unwrap());
+    }
+    let ran = results.iter().filter(|(s, _)| *s == 504).count();
+    let refused: Vec<_> = results.iter().filter(|(s, _)| *s == 503).collect();
+    assert_eq!(ran, 2, "{results:?}");
+    assert_eq!(refused.len(), 2, "{results:?}");
+    assert!(refused[0].1.contains("memory budget"), "{}", refused[0].1);
+    // With the budget free again, a neighbour runs.
+    assert_eq!(n.get("/hello").await.status, 200);
+}
