@@ -51,6 +51,9 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant (`up`'s flags)
+// costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Start a node: the control API and user routes on one address
