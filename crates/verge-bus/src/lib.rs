@@ -54,7 +54,7 @@ impl BusError {
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
@@ -654,7 +654,7 @@ impl Bus for SqliteBus {
             }
             out
         };
-        let lease = now + self.lease.as_millis() as i64;
+        let lease = now.saturating_add(i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX));
         for job in &jobs {
             tx.execute(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_ms = ?2, updated_ms = ?3 WHERE id = ?1",
@@ -701,7 +701,9 @@ impl Bus for SqliteBus {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut job = job_of(&tx, id)?;
         let now = now_ms();
-        let next = now + backoff(self.retry_base, job.attempts).as_millis() as i64;
+        let next = now.saturating_add(
+            i64::try_from(backoff(self.retry_base, job.attempts).as_millis()).unwrap_or(i64::MAX),
+        );
         let (state, reason) = if job.attempts >= job.max_attempts {
             (
                 JobState::Dead,

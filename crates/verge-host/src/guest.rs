@@ -198,7 +198,7 @@ impl WasiHttpHooks for Outbound {
 fn verge_spec_now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
@@ -266,7 +266,10 @@ fn new_store(
 /// request pays before the guest runs (used by benchmarks).
 pub(crate) async fn instantiate_only(host: &Host, function: &Function) -> Result<(), InvokeError> {
     let capture = Capture::new(0);
-    let deadline = Instant::now() + function.timeout.unwrap_or(host.config().timeout);
+    let now = Instant::now();
+    let deadline = now
+        .checked_add(function.timeout.unwrap_or(host.config().timeout))
+        .unwrap_or(now + Duration::from_secs(86_400));
     let code = function.component.code();
     let mut store = new_store(
         host,
@@ -301,7 +304,11 @@ where
     let timeout = function.timeout.unwrap_or(cfg.timeout);
     let memory_limit = function.memory_limit.unwrap_or(cfg.memory_limit);
     let started = Instant::now();
-    let deadline = started + timeout;
+    // A limit too far to add to the clock is no limit a node can mean:
+    // a day, never a panic.
+    let deadline = started
+        .checked_add(timeout)
+        .unwrap_or(started + Duration::from_secs(86_400));
     // The code in force when the request starts serves all of it, even if
     // optimized code replaces it meanwhile.
     let code = function.component.code();
@@ -335,7 +342,7 @@ where
             version: function.version,
             started_at_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
+                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
                 .unwrap_or(0),
             wall_us: 0,
             cpu_us: 0,
@@ -432,7 +439,7 @@ where
         task_meter.update(|r| {
             r.stdout = (!out.is_empty()).then_some(out);
             r.stderr = (!err.is_empty()).then_some(err);
-            r.wall_us = started.elapsed().as_micros() as u64;
+            r.wall_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             r.peak_memory_bytes = limits.peak as u64;
             if let Err(e) = &result {
                 r.outcome = e.outcome(memory_hit).to_string();

@@ -135,7 +135,10 @@ where
                     let start = this.clock.now();
                     let result = f.as_mut().poll(cx);
                     this.used_ns += this.clock.now().saturating_sub(start);
-                    if result.is_ready() || this.used_ns <= this.slow.budget.as_nanos() as u64 {
+                    if result.is_ready()
+                        || this.used_ns
+                            <= u64::try_from(this.slow.budget.as_nanos()).unwrap_or(u64::MAX)
+                    {
                         return result;
                     }
                     let Place::Fast(f) = std::mem::replace(&mut this.lane, Place::Gone) else {

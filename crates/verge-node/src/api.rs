@@ -355,7 +355,10 @@ impl DeployOptions {
                 "env" => opts.env.push(parse_env(&v)?),
                 "route" => paths.push(normalize_route_path(&v)?),
                 "host" => host = Some(normalize_route_host(&v)?),
-                "timeout" => opts.limits.timeout_ms = Some(parse_duration(&v)?.as_millis() as u64),
+                "timeout" => {
+                    opts.limits.timeout_ms =
+                        Some(u64::try_from(parse_duration(&v)?.as_millis()).unwrap_or(u64::MAX))
+                }
                 "memory" => opts.limits.memory_bytes = Some(parse_size(&v)?),
                 "max_request_body" => opts.limits.request_body = Some(parse_size(&v)?),
                 "max_response_body" => opts.limits.response_body = Some(parse_size(&v)?),
@@ -615,7 +618,7 @@ impl Steps {
 fn check_limits(state: &AppState, limits: &Limits) -> Result<(), ApiError> {
     let c = state.ceilings;
     if let Some(ms) = limits.timeout_ms
-        && (ms == 0 || ms > c.timeout.as_millis() as u64)
+        && (ms == 0 || ms > u64::try_from(c.timeout.as_millis()).unwrap_or(u64::MAX))
     {
         return Err(ApiError::BadRequest(format!(
             "timeout {ms} ms is outside 1 ms..{} ms, this node's ceiling; raise it with `verge up --timeout`",
@@ -771,7 +774,7 @@ async fn usage(
 ) -> Result<Json<UsageReport>, ApiError> {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0);
     let mut q = UsageQuery {
         since_ms: None,
@@ -799,7 +802,7 @@ async fn usage(
                         "granularity must be at least 1ms".into(),
                     ));
                 }
-                q.granularity_ms = d.as_millis() as u64;
+                q.granularity_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
             }
             other => {
                 return Err(ApiError::BadRequest(format!(
@@ -976,6 +979,182 @@ async fn delete_route(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The properties the OpenAPI document gives schema `name`.
+    fn documented(doc: &serde_json::Value, name: &str) -> Vec<String> {
+        doc["components"]["schemas"][name]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("schema {name} missing from openapi.json"))
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Every field a serialized value has is documented in its schema (a
+    /// field added to a wire type fails here until openapi.json has it).
+    fn check(doc: &serde_json::Value, name: &str, value: impl serde::Serialize) {
+        let v = serde_json::to_value(value).expect("serializes");
+        let props = documented(doc, name);
+        for key in v.as_object().expect("an object").keys() {
+            assert!(
+                props.contains(key),
+                "{name}.{key} is serialized but not in openapi.json"
+            );
+        }
+    }
+
+    #[test]
+    fn openapi_schemas_document_every_serialized_field() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json parses");
+        let s = || "x".to_string();
+        let route = verge_spec::Route {
+            host: Some(s()),
+            path: "/x".into(),
+            function: s(),
+            alias: s(),
+        };
+        check(&doc, "Route", &route);
+        check(
+            &doc,
+            "VersionInfo",
+            verge_spec::VersionInfo {
+                version: 1,
+                sha256: s(),
+                size: 1,
+                timeout_ms: Some(1),
+                memory_bytes: Some(1),
+                concurrency: Some(1),
+                request_body: Some(1),
+                response_body: Some(1),
+                log_bytes: Some(1),
+                env: [(s(), s())].into(),
+                kv_buckets: vec![s()],
+                tenant: s(),
+                created_at: s(),
+                deployed_by: s(),
+                aliases: vec![s()],
+                code: Some(s()),
+            },
+        );
+        check(
+            &doc,
+            "UsageRecord",
+            UsageRecord {
+                invocation_id: s(),
+                function: s(),
+                stdout: Some(s()),
+                stderr: Some(s()),
+                error: Some(s()),
+                hops: 3,
+                will_retry: true,
+                ..UsageRecord::default()
+            },
+        );
+        check(
+            &doc,
+            "TokenInfo",
+            verge_spec::TokenInfo {
+                name: s(),
+                tenant: Some(s()),
+                created_at: s(),
+                scope: Some(s()),
+            },
+        );
+        let row = verge_spec::UsageRow {
+            key: s(),
+            invocations: 1,
+            gb_seconds_peak: 1.0,
+            gb_seconds_configured: 1.0,
+            cpu_seconds: 1.0,
+            bytes_out: 1,
+            cost: 1.0,
+        };
+        check(&doc, "UsageRow", &row);
+        check(
+            &doc,
+            "UsageReport",
+            verge_spec::UsageReport {
+                by: s(),
+                since_ms: Some(1),
+                until_ms: Some(1),
+                granularity_ms: 1,
+                price_per_million_requests: 1.0,
+                price_per_gb_second: 1.0,
+                rows: vec![row.clone()],
+                total: row,
+            },
+        );
+        check(
+            &doc,
+            "Problem",
+            verge_spec::Problem {
+                status: 400,
+                title: s(),
+                detail: s(),
+                invocation_id: Some(s()),
+            },
+        );
+        check(
+            &doc,
+            "Trigger",
+            verge_bus::Trigger {
+                id: s(),
+                function: s(),
+                alias: s(),
+                ty: s(),
+                source: Some(s()),
+                subject_prefix: Some(s()),
+                created_ms: 1,
+            },
+        );
+        check(
+            &doc,
+            "Schedule",
+            verge_bus::Schedule {
+                id: s(),
+                function: s(),
+                alias: s(),
+                cron: s(),
+                tz: s(),
+                missed: s(),
+                next_ms: 1,
+                last_ms: Some(1),
+            },
+        );
+        check(
+            &doc,
+            "AsyncConfig",
+            verge_bus::AsyncConfig {
+                on_success: Some(s()),
+                on_failure: Some(s()),
+                ..verge_bus::AsyncConfig::default()
+            },
+        );
+        check(
+            &doc,
+            "Job",
+            verge_bus::Job {
+                id: s(),
+                function: s(),
+                alias: s(),
+                version: Some(1),
+                payload: verge_bus::Payload::Invoke {
+                    path: s(),
+                    headers: vec![],
+                    body: vec![],
+                },
+                hops: 1,
+                attempts: 1,
+                max_attempts: 1,
+                state: verge_bus::JobState::Dead,
+                created_ms: 1,
+                expires_ms: 1,
+                next_ms: 1,
+                last_error: Some(s()),
+                trigger: Some(s()),
+            },
+        );
+    }
 
     /// Every route the router serves is described in the OpenAPI document.
     #[test]

@@ -513,7 +513,7 @@ fn parse_age(v: &str) -> Result<i64, ApiError> {
     } else if let Some(d) = v.strip_suffix('d') {
         d.parse::<i64>().map_err(|_| bad())? * 86_400_000
     } else {
-        parse_duration(v).map_err(|_| bad())?.as_millis() as i64
+        i64::try_from(parse_duration(v).map_err(|_| bad())?.as_millis()).unwrap_or(i64::MAX)
     };
     if ms <= 0 {
         return Err(bad());

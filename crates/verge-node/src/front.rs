@@ -23,7 +23,7 @@ use crate::state::{AppState, Refused, Selector, Unresolved, VersionSlot, sticky_
 pub(crate) fn new_invocation_id() -> String {
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0);
     let mut bytes = [0u8; 16];
     bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
@@ -93,9 +93,9 @@ fn record_rejection(
         version: function.version,
         started_at_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
             .unwrap_or(0),
-        wall_us: waited.as_micros() as u64,
+        wall_us: u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
         status: crate::error::outcome_status(outcome),
         outcome: outcome.to_string(),
         ..Default::default()

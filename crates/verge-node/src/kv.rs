@@ -367,7 +367,7 @@ pub(crate) async fn status(State(state): State<Arc<AppState>>) -> Result<Json<Js
     let stats = kv_blocking(&state, |kv| kv.stats()).await?;
     let mut v = serde_json::to_value(&stats).map_err(|e| ApiError::Internal(e.to_string()))?;
     v["node"] = json!(format!("{:016x}", stats.node));
-    v["grace_ms"] = json!(state.kv_grace.as_millis() as u64);
+    v["grace_ms"] = json!(u64::try_from(state.kv_grace.as_millis()).unwrap_or(u64::MAX));
     v["peers"] = json!(state.peer_urls);
     if let Some(list) = v["replicas"].as_array_mut() {
         for r in list {
@@ -585,7 +585,7 @@ pub(crate) async fn collect(state: Arc<AppState>) {
     let every = (grace / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         tokio::time::sleep(every).await;
-        let ms = grace.as_millis() as u64;
+        let ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
         match kv_blocking(&state, move |kv| kv.collect(ms)).await {
             Ok(r) => {
                 if r.collected > 0 {

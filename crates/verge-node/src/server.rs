@@ -137,9 +137,11 @@ where
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 if let Some(timer) = &mut this.timer {
-                    timer
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + this.limit);
+                    let now = tokio::time::Instant::now();
+                    timer.as_mut().reset(
+                        now.checked_add(this.limit)
+                            .unwrap_or(now + Duration::from_secs(86_400)),
+                    );
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }

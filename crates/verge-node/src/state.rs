@@ -348,7 +348,7 @@ impl AppState {
             });
             match result {
                 Ok(true) => {
-                    tracing::info!(function = %f.name, version = f.version, ms = started.elapsed().as_millis() as u64, "optimized code swapped in")
+                    tracing::info!(function = %f.name, version = f.version, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "optimized code swapped in")
                 }
                 Ok(false) => {}
                 Err(e) => {

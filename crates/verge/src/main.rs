@@ -453,7 +453,11 @@ async fn run(cli: Cli) -> Result<()> {
         let mut config = verge_node::NodeConfig::new(&data_dir);
         config.listen = *listen;
         config.max_upload = parse_size(max_upload).context("--max-upload")? as usize;
-        config.timeout = parse_duration(timeout).context("--timeout")?;
+        config.timeout = at_most(
+            parse_duration(timeout).context("--timeout")?,
+            Duration::from_secs(86_400),
+            "--timeout",
+        )?;
         config.memory_limit = parse_size(memory).context("--memory")? as usize;
         config.max_instances = *max_instances;
         config.queue_depth = *queue_depth;
@@ -471,9 +475,18 @@ async fn run(cli: Cli) -> Result<()> {
         config.retry_base = parse_duration(retry_base).context("--retry-base")?;
         config.peers = peers;
         config.kv_grace = parse_duration(kv_grace).context("--kv-grace")?;
+        let hour = Duration::from_secs(3600);
         config.read_timeouts = verge_node::ReadTimeouts {
-            header: parse_duration(header_timeout).context("--header-timeout")?,
-            body: parse_duration(body_timeout).context("--body-timeout")?,
+            header: at_most(
+                parse_duration(header_timeout).context("--header-timeout")?,
+                hour,
+                "--header-timeout",
+            )?,
+            body: at_most(
+                parse_duration(body_timeout).context("--body-timeout")?,
+                hour,
+                "--body-timeout",
+            )?,
         };
         if let Some(0) = function_concurrency {
             bail!("--function-concurrency must be at least 1");
@@ -1302,4 +1315,12 @@ fn verge_store_retention(age: &str, size: &str) -> Result<verge_node::Retention>
         age: parse_duration(age).context("--retain")?,
         bytes: parse_size(size).context("--retain-size")?,
     })
+}
+
+/// `d`, unless it is zero or longer than `max`: then an error naming `flag`.
+fn at_most(d: Duration, max: Duration, flag: &str) -> Result<Duration> {
+    if d.is_zero() || d > max {
+        bail!("{flag} must be more than 0 and at most {max:?}");
+    }
+    Ok(d)
 }
