@@ -13,7 +13,7 @@ use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
-use verge_spec::{CloudEvent, UsageRecord};
+use verge_spec::{CloudEvent, Outcome, UsageRecord};
 
 use crate::meter::{Meter, Metered};
 use crate::{BodyError, Capture, EventSink, Function, Host, InvokeError, ResponseBody};
@@ -351,7 +351,7 @@ where
             request_bytes: 0,
             response_bytes: 0,
             status: 0,
-            outcome: String::new(),
+            outcome: Outcome::NoResponse,
             cold: !function.component.used.swap(true, Ordering::Relaxed),
             stdout: None,
             stderr: None,
@@ -442,11 +442,11 @@ where
             r.wall_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             r.peak_memory_bytes = limits.peak as u64;
             if let Err(e) = &result {
-                r.outcome = e.outcome(memory_hit).to_string();
+                r.outcome = e.outcome(memory_hit);
                 r.error = Some(e.summary());
-            } else if r.outcome.is_empty() {
-                r.outcome = "no_response".into();
             }
+            // Otherwise the guest returned: `no_response` (the record's
+            // first state) stands unless its response head came.
         });
         (result, memory_hit)
     };
@@ -470,8 +470,8 @@ where
                 // The guest's task may have ended before this runs: a trap
                 // after the head stands; "no response" does not (the head
                 // came).
-                if r.outcome.is_empty() || r.outcome == "no_response" {
-                    r.outcome = "ok".into();
+                if r.outcome == Outcome::NoResponse {
+                    r.outcome = Outcome::Ok;
                 }
             });
             let body_meter = meter;
@@ -491,7 +491,7 @@ where
         Ok(Err(code)) => {
             let code = code.to_string();
             meter.update(|r| {
-                r.outcome = "error_response".into();
+                r.outcome = Outcome::ErrorResponse;
                 r.error = Some(format!("the guest answered with error code {code}"));
             });
             Err(InvokeError::Guest(code))
@@ -554,15 +554,15 @@ impl std::fmt::Display for RunError {
 
 impl RunError {
     /// The ledger's name for how the invocation ended.
-    fn outcome(&self, memory_hit: bool) -> &'static str {
+    fn outcome(&self, memory_hit: bool) -> Outcome {
         match self {
-            _ if memory_hit => "memory_limit",
-            RunError::Instantiate(e) if is_capacity(e) => "capacity",
-            RunError::Instantiate(_) => "instantiate",
+            _ if memory_hit => Outcome::MemoryLimit,
+            RunError::Instantiate(e) if is_capacity(e) => Outcome::Capacity,
+            RunError::Instantiate(_) => Outcome::Instantiate,
             RunError::Trap(e) if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) => {
-                "timeout"
+                Outcome::Timeout
             }
-            RunError::Trap(_) => "trap",
+            RunError::Trap(_) => Outcome::Trap,
         }
     }
 

@@ -98,6 +98,7 @@ impl<F: Future> Future for Metered<F> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use verge_spec::Outcome;
 
     #[test]
     fn thread_cpu_time_moves_with_work() {
@@ -125,7 +126,7 @@ pub(crate) mod tests {
                 request_bytes: 0,
                 response_bytes: 0,
                 status: 0,
-                outcome: String::new(),
+                outcome: Outcome::NoResponse,
                 cold: false,
                 stdout: None,
                 stderr: None,
@@ -144,13 +145,13 @@ pub(crate) mod tests {
         let meter = meter(Some(sink));
         let other = meter.clone();
         meter.response_bytes.fetch_add(5, Ordering::Relaxed);
-        meter.update(|r| r.outcome = "ok".into());
+        meter.update(|r| r.outcome = Outcome::Ok);
         drop(meter);
         assert!(seen.lock().unwrap().is_empty());
         drop(other);
         let got = seen.lock().unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].response_bytes, 5);
-        assert_eq!(got[0].outcome, "ok");
+        assert_eq!(got[0].outcome, Outcome::Ok);
     }
 }

@@ -117,19 +117,6 @@ impl ApiError {
     }
 }
 
-/// The status a caller got for an invocation that ended with `outcome` (as
-/// the host names it in usage records), when the guest sent no response.
-pub(crate) fn outcome_status(outcome: &str) -> u16 {
-    match outcome {
-        "timeout" => StatusCode::GATEWAY_TIMEOUT,
-        "capacity" => StatusCode::SERVICE_UNAVAILABLE,
-        "error_response" => StatusCode::INTERNAL_SERVER_ERROR,
-        "request_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-    .as_u16()
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, title) = self.status_title();

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, Uri, header};
 use rand::RngCore;
 use verge_host::{Function, InvokeError};
-use verge_spec::{AliasTarget, INVOCATION_ID_HEADER, VERSION_HEADER};
+use verge_spec::{AliasTarget, INVOCATION_ID_HEADER, Outcome, VERSION_HEADER};
 
 use crate::error::ApiError;
 use crate::state::{AppState, Refused, Selector, Unresolved, VersionSlot, sticky_hash};
@@ -74,7 +74,7 @@ fn refuse(
             function.name
         ),
     };
-    record_rejection(state, function, &id, "capacity", waited);
+    record_rejection(state, function, &id, Outcome::Capacity, waited);
     ApiError::Overloaded { detail, id }.into_response()
 }
 
@@ -84,7 +84,7 @@ fn record_rejection(
     state: &AppState,
     function: &Function,
     id: &str,
-    outcome: &str,
+    outcome: Outcome,
     waited: std::time::Duration,
 ) {
     state.ledger.record(verge_spec::UsageRecord {
@@ -96,8 +96,8 @@ fn record_rejection(
             .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
             .unwrap_or(0),
         wall_us: u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
-        status: crate::error::outcome_status(outcome),
-        outcome: outcome.to_string(),
+        status: outcome.status(),
+        outcome,
         ..Default::default()
     });
 }
@@ -244,7 +244,7 @@ pub(crate) async fn run(
             state,
             function,
             &id,
-            "request_too_large",
+            Outcome::RequestTooLarge,
             Default::default(),
         );
         let detail = if public {

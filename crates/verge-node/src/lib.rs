@@ -89,7 +89,8 @@ pub struct NodeConfig {
     pub read_timeouts: ReadTimeouts,
     /// Instances one function may hold at once unless its version sets
     /// `--concurrency`: a fair share, so that a flood on one route leaves
-    /// the others answering (default: a quarter of `max_instances`).
+    /// the others answering (default: a quarter of what the node can run
+    /// at once, see [`NodeConfig::function_share`]).
     pub function_concurrency: Option<u32>,
     /// How long invocation records, finished jobs and dead letters are
     /// kept, by age and by size (the oldest go first; usage is rolled up
@@ -145,11 +146,15 @@ impl NodeConfig {
             .max(self.memory_limit as u64)
     }
 
-    /// The per-function default concurrency: as set, else a quarter of the
-    /// node's instances (at least 1).
+    /// The per-function default concurrency: as set, else a quarter of what
+    /// the node can run at once: its instances, or as many instances of the
+    /// default memory limit as its memory budget holds, whichever is fewer
+    /// (at least 1).
     pub fn function_share(&self) -> u32 {
+        let by_memory = self.guest_memory_budget() / (self.memory_limit.max(1) as u64);
+        let capacity = u64::from(self.max_instances.max(1)).min(by_memory.max(1));
         self.function_concurrency
-            .unwrap_or(self.max_instances / 4)
+            .unwrap_or_else(|| u32::try_from(capacity / 4).unwrap_or(u32::MAX))
             .clamp(1, self.max_instances.max(1))
     }
 }
@@ -259,17 +264,17 @@ impl Node {
         let (failures, node) = (outbox.clone(), config.node_name.clone());
         host.set_usage_sink(Arc::new(move |mut record| {
             if record.status == 0 {
-                record.status = error::outcome_status(&record.outcome);
+                record.status = record.outcome.status();
             }
-            let failed = match record.outcome.as_str() {
+            let failed = match record.outcome {
                 // An attempt of a job that will be retried: only the last
                 // attempt's failure is reported (with the job's dead letter),
                 // so a job emits one failure event however many attempts it
                 // takes; an event per attempt would multiply a loop by the
                 // retries at every hop.
                 _ if record.will_retry => None,
-                "ok" | "capacity" | "request_too_large" => None,
-                "timeout" => Some(events::types::INVOCATION_TIMED_OUT),
+                o if !o.is_failure() => None,
+                verge_spec::Outcome::Timeout => Some(events::types::INVOCATION_TIMED_OUT),
                 _ => Some(events::types::INVOCATION_FAILED),
             };
             if let Some(ty) = failed {

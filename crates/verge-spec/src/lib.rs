@@ -591,6 +591,101 @@ pub struct Problem {
     pub invocation_id: Option<String>,
 }
 
+/// How an invocation ended: the one list, with the one mapping to the
+/// status a caller gets when the guest sent no response of its own.
+/// Serialized as its snake_case name (`ok`, `memory_limit`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The guest sent a response (whatever its status).
+    Ok,
+    /// The guest trapped (also after sending its response head).
+    Trap,
+    /// The guest ran past its time limit.
+    Timeout,
+    /// The guest ran out of memory at its limit.
+    MemoryLimit,
+    /// The guest returned without sending a response (also the state of
+    /// a record before the guest sent one).
+    #[default]
+    NoResponse,
+    /// The guest answered with an error code instead of a response.
+    ErrorResponse,
+    /// The instance could not be created.
+    Instantiate,
+    /// Refused before the guest ran: no free slot.
+    Capacity,
+    /// Refused before the guest ran: the request body was over the limit.
+    RequestTooLarge,
+}
+
+impl Outcome {
+    /// Every outcome.
+    pub const ALL: [Outcome; 9] = [
+        Outcome::Ok,
+        Outcome::Trap,
+        Outcome::Timeout,
+        Outcome::MemoryLimit,
+        Outcome::NoResponse,
+        Outcome::ErrorResponse,
+        Outcome::Instantiate,
+        Outcome::Capacity,
+        Outcome::RequestTooLarge,
+    ];
+
+    /// Its name, as serialized and stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Trap => "trap",
+            Outcome::Timeout => "timeout",
+            Outcome::MemoryLimit => "memory_limit",
+            Outcome::NoResponse => "no_response",
+            Outcome::ErrorResponse => "error_response",
+            Outcome::Instantiate => "instantiate",
+            Outcome::Capacity => "capacity",
+            Outcome::RequestTooLarge => "request_too_large",
+        }
+    }
+
+    /// The outcome of a name.
+    pub fn parse(name: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == name)
+    }
+
+    /// The HTTP status a caller gets for it when the guest sent no
+    /// response of its own (200 for `ok`, whose status is the guest's).
+    pub fn status(self) -> u16 {
+        match self {
+            Outcome::Ok => 200,
+            Outcome::Timeout => 504,
+            Outcome::Capacity => 503,
+            Outcome::RequestTooLarge => 413,
+            // An error code answers 500, as on `wasmtime serve`.
+            Outcome::Trap
+            | Outcome::MemoryLimit
+            | Outcome::NoResponse
+            | Outcome::ErrorResponse
+            | Outcome::Instantiate => 500,
+        }
+    }
+
+    /// Did the guest fail (as opposed to succeeding or being refused
+    /// before it ran)?
+    pub fn is_failure(self) -> bool {
+        !matches!(
+            self,
+            Outcome::Ok | Outcome::Capacity | Outcome::RequestTooLarge
+        )
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What one invocation used, as metered by the host and kept in the ledger.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UsageRecord {
@@ -611,10 +706,8 @@ pub struct UsageRecord {
     pub response_bytes: u64,
     /// HTTP status the caller got.
     pub status: u16,
-    /// `ok`, `trap`, `timeout`, `memory_limit`, `no_response`, `error_response`,
-    /// `instantiate`, or, for requests refused before the guest ran,
-    /// `capacity` and `request_too_large`.
-    pub outcome: String,
+    /// How the invocation ended.
+    pub outcome: Outcome,
     /// True on the first invocation after the compiled code was loaded.
     pub cold: bool,
     /// Captured stdout (bounded; marked when truncated); only in the ledger and `/v1/logs`.
@@ -702,6 +795,20 @@ pub fn rfc3339(unix_secs: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcomes_round_trip_and_map_to_statuses() {
+        for o in Outcome::ALL {
+            assert_eq!(Outcome::parse(o.as_str()), Some(o));
+            let json = serde_json::to_string(&o).unwrap();
+            assert_eq!(json, format!("\"{}\"", o.as_str()));
+            assert_eq!(serde_json::from_str::<Outcome>(&json).unwrap(), o);
+        }
+        assert_eq!(Outcome::parse("nope"), None);
+        assert_eq!(Outcome::ErrorResponse.status(), 500, "as wasmtime serve");
+        assert_eq!(Outcome::Timeout.status(), 504);
+        assert!(!Outcome::Capacity.is_failure() && Outcome::Trap.is_failure());
+    }
 
     #[test]
     fn names() {

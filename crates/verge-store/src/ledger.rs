@@ -208,7 +208,7 @@ fn commit(conn: &mut Connection, batch: &[UsageRecord]) -> Result<(), rusqlite::
                 r.request_bytes,
                 r.response_bytes,
                 r.status,
-                r.outcome,
+                r.outcome.as_str(),
                 r.cold,
                 r.stdout,
                 r.stderr,

@@ -1267,6 +1267,18 @@ pub struct UsageQuery {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// The outcome stored in column `i`.
+fn outcome_at(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<verge_spec::Outcome> {
+    let name: String = row.get(i)?;
+    verge_spec::Outcome::parse(&name).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Text,
+            format!("unknown invocation outcome {name:?}").into(),
+        )
+    })
+}
+
 impl Store {
     /// Recent invocations, newest first.
     pub fn invocations(
@@ -1297,7 +1309,7 @@ impl Store {
                 request_bytes: r.get(8)?,
                 response_bytes: r.get(9)?,
                 status: r.get(10)?,
-                outcome: r.get(11)?,
+                outcome: outcome_at(r, 11)?,
                 cold: r.get(12)?,
                 stdout: None,
                 stderr: None,
@@ -1344,7 +1356,7 @@ impl Store {
                     request_bytes: 0,
                     response_bytes: 0,
                     status: r.get(4)?,
-                    outcome: r.get(5)?,
+                    outcome: outcome_at(r, 5)?,
                     cold: false,
                     stdout: r.get(6)?,
                     stderr: r.get(7)?,
@@ -1701,7 +1713,7 @@ mod tests {
             request_bytes: 1,
             response_bytes: 10,
             status: 200,
-            outcome: "ok".into(),
+            outcome: verge_spec::Outcome::Ok,
             cold: false,
             stdout: None,
             stderr: None,

@@ -129,7 +129,8 @@ enum Command {
         body_timeout: String,
         /// Instances one function may hold at once unless its version sets --concurrency
         /// (a fair share, so that a flood on one route leaves the others answering)
-        /// [default: a quarter of --max-instances]
+        /// [default: a quarter of what the node can run at once: --max-instances, or
+        /// --memory-budget / --memory if fewer]
         #[arg(long)]
         function_concurrency: Option<u32>,
         /// How long invocation records (with their output), finished jobs and dead
@@ -1222,7 +1223,7 @@ async fn invocations(
                 r.invocation_id.clone(),
                 format!("{}@{}", r.function, r.version),
                 r.status.to_string(),
-                r.outcome.clone(),
+                r.outcome.to_string(),
                 format!("{:.2} ms", r.wall_us as f64 / 1000.0),
                 format!("{:.2} ms", r.cpu_us as f64 / 1000.0),
                 table::size(r.peak_memory_bytes),

@@ -175,6 +175,8 @@ async fn guests_beyond_the_memory_budget_wait_and_are_refused() {
     let n = TestNode::with(|c| {
         c.memory_limit = 16 << 20;
         c.memory_budget = Some(32 << 20);
+        // The budget, not the function's share, is what binds here.
+        c.function_concurrency = Some(8);
         c.max_wait = Duration::from_millis(200);
     })
     .await;
