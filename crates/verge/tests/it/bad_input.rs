@@ -197,3 +197,35 @@ fn key_value_values_up_to_the_limit_are_taken_and_larger_ones_refused() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// Issue 14: `verge logs -f | head` and the like end quietly when the
+/// reader goes away, without a panic on the write.
+#[test]
+fn the_cli_exits_quietly_when_its_output_pipe_closes() {
+    use std::os::unix::process::ExitStatusExt;
+    let node = TestNode::start();
+    node.deploy("c-hello", "hello", "/hello");
+    for args in [&["ls"][..], &["routes"][..], &["show", "hello"][..]] {
+        let mut child = std::process::Command::new(crate::kit::VERGE)
+            .args(args)
+            .env("VERGE_SERVER", &node.url)
+            .env("VERGE_TOKEN", node.token())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader is gone before the CLI writes (it asks the node first).
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.is_empty(),
+            "verge {args:?} wrote to stderr: {stderr}"
+        );
+        assert!(
+            out.status.success() || out.status.signal() == Some(13),
+            "verge {args:?} ended with {:?}",
+            out.status
+        );
+    }
+}
