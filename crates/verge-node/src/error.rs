@@ -221,15 +221,8 @@ pub(crate) async fn problem_bodies(
         // kept for it.
         crate::reserve::make_room(&state.data_dir);
     }
-    if request
-        .headers()
-        .get_all(header::HOST)
-        .iter()
-        .nth(1)
-        .is_some()
-    {
-        return ApiError::BadRequest("the request has more than one Host header".into())
-            .into_response();
+    if let Err(e) = one_host(request.headers()) {
+        return e.into_response();
     }
     let response = next.run(request).await;
     let status = response.status();
@@ -279,3 +272,14 @@ pub(crate) async fn problem_bodies(
 /// up to 8 MiB, replication batches); uploads and invocations stream with
 /// their own limits.
 pub(crate) const API_BODY_LIMIT: usize = 64 << 20;
+
+/// A request may name its host once: two `Host` headers are a 400 (RFC 9112
+/// section 3.2), on the API and on user routes alike.
+pub(crate) fn one_host(headers: &http::HeaderMap) -> Result<(), ApiError> {
+    if headers.get_all(header::HOST).iter().nth(1).is_some() {
+        return Err(ApiError::BadRequest(
+            "the request has more than one Host header".into(),
+        ));
+    }
+    Ok(())
+}

@@ -165,15 +165,8 @@ pub(crate) async fn serve_user_route(
     State(state): State<Arc<AppState>>,
     request: Request,
 ) -> Response {
-    if request
-        .headers()
-        .get_all(header::HOST)
-        .iter()
-        .nth(1)
-        .is_some()
-    {
-        return ApiError::BadRequest("the request has more than one Host header".into())
-            .into_response();
+    if let Err(e) = crate::error::one_host(request.headers()) {
+        return e.into_response();
     }
     let host = request_host(&request);
     // Routes are stored in the canonical form; the guest sees the path as sent.

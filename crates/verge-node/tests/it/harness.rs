@@ -149,6 +149,27 @@ impl TestNode {
         .await
     }
 
+    /// Starts a GET of a user route in its own task; yields the status and
+    /// the body (for requests that run at once).
+    pub fn spawn_get(&self, path: &str) -> tokio::task::JoinHandle<(u16, String)> {
+        let router = self.node.router();
+        let request = Request::get(path)
+            .header("host", "localhost")
+            .body(Body::empty())
+            .unwrap();
+        tokio::spawn(async move {
+            let r = router.oneshot(request).await.unwrap();
+            let status = r.status().as_u16();
+            let body = r
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        })
+    }
+
     /// Deploys `component` as `name` (query: `route=/x&kv-bucket=b`...).
     pub async fn deploy(&self, name: &str, component: Vec<u8>, query: &str) -> Answer {
         let sep = if query.is_empty() { "" } else { "?" };

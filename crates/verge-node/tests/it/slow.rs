@@ -85,24 +85,7 @@ async fn one_function_cannot_take_every_instance() {
     n.deployed("hello", wat::hello(), "route=/hello").await;
     // Six spinners on one route: two run (its share), the rest wait and
     // are refused; the neighbour answers meanwhile.
-    let spinners: Vec<_> = (0..6)
-        .map(|_| {
-            let router = n.node.router();
-            tokio::spawn(async move {
-                use tower::ServiceExt;
-                let r = router
-                    .oneshot(
-                        Request::get("/spin")
-                            .header("host", "localhost")
-                            .body(Body::empty())
-                            .unwrap(),
-                    )
-                    .await
-                    .unwrap();
-                r.status().as_u16()
-            })
-        })
-        .collect();
+    let spinners: Vec<_> = (0..6).map(|_| n.spawn_get("/spin")).collect();
     tokio::time::sleep(Duration::from_millis(100)).await;
     for _ in 0..5 {
         let a = n.get("/hello").await;
@@ -110,7 +93,7 @@ async fn one_function_cannot_take_every_instance() {
     }
     let mut statuses = Vec::new();
     for s in spinners {
-        statuses.push(s.await.unwrap());
+        statuses.push(s.await.unwrap().0);
     }
     statuses.sort_unstable();
     assert_eq!(
@@ -184,29 +167,7 @@ async fn guests_beyond_the_memory_budget_wait_and_are_refused() {
         .await;
     n.deployed("hello", wat::hello(), "route=/hello&memory=16MiB")
         .await;
-    let spinners: Vec<_> = (0..4)
-        .map(|_| {
-            let router = n.node.router();
-            tokio::spawn(async move {
-                use tower::ServiceExt;
-                let r = router
-                    .oneshot(
-                        Request::get("/spin")
-                            .header("host", "localhost")
-                            .body(Body::empty())
-                            .unwrap(),
-                    )
-                    .await
-                    .unwrap();
-                let status = r.status().as_u16();
-                let body = http_body_util::BodyExt::collect(r.into_body())
-                    .await
-                    .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-                    .unwrap_or_default();
-                (status, body)
-            })
-        })
-        .collect();
+    let spinners: Vec<_> = (0..4).map(|_| n.spawn_get("/spin")).collect();
     let mut results = Vec::new();
     for s in spinners {
         results.push(s.await.unwrap());
