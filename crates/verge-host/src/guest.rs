@@ -398,6 +398,7 @@ where
     // reports its output.
     let pre = code.pre.clone();
     let task_meter = meter.clone();
+    let reputation = function.component.reputation.clone();
     let (task_stdout, task_stderr) = (stdout.clone(), stderr.clone());
     let (name, version, id) = (
         function.name.clone(),
@@ -444,6 +445,9 @@ where
             if let Err(e) = &result {
                 r.outcome = e.outcome(memory_hit);
                 r.error = Some(e.summary());
+                if r.outcome == Outcome::Timeout {
+                    reputation.spun();
+                }
             }
             // Otherwise the guest returned: `no_response` (the record's
             // first state) stands unless its response head came.
@@ -455,9 +459,14 @@ where
             Metered::new(work, meter.clone()),
             lane,
             meter.clone(),
+            function.component.reputation.clone(),
         )),
         (true, None) => tokio::spawn(Metered::new(work, meter.clone())),
-        (false, Some(lane)) => tokio::spawn(crate::lanes::Demoting::new(work, lane)),
+        (false, Some(lane)) => tokio::spawn(crate::lanes::Demoting::new(
+            work,
+            lane,
+            function.component.reputation.clone(),
+        )),
         (false, None) => tokio::spawn(work),
     };
 

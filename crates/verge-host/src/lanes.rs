@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -58,6 +58,45 @@ impl Drop for SlowLane {
     }
 }
 
+/// What a component's recent invocations did with the CPU: each one moved
+/// to the slow lane raises it, each one that finished within the budget
+/// lowers it. A component that keeps spinning starts its invocations on the
+/// slow lane at once, instead of spending the budget on the fast lane's
+/// threads every time (with a few hundred spinners starting every couple of
+/// seconds, that budget alone kept the neighbours' requests waiting).
+#[derive(Debug, Default)]
+pub(crate) struct Reputation(AtomicU8);
+
+impl Reputation {
+    /// Score at and above which invocations start on the slow lane.
+    const HEAVY: u8 = 4;
+    const MAX: u8 = 8;
+
+    fn heavy(&self) -> bool {
+        self.0.load(Ordering::Relaxed) >= Self::HEAVY
+    }
+
+    fn moved(&self) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                Some(s.saturating_add(2).min(Self::MAX))
+            });
+    }
+
+    /// The component ran into its time limit: heavy at once, whatever CPU
+    /// it got (under contention a spinner may get little of it).
+    pub(crate) fn spun(&self) {
+        self.0.store(Self::MAX, Ordering::Relaxed);
+    }
+
+    fn light(&self) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| s.checked_sub(1));
+    }
+}
+
 /// Where and when invocations move.
 #[derive(Clone)]
 pub(crate) struct Lane {
@@ -99,22 +138,45 @@ pub(crate) struct Demoting<F: Future> {
     used_ns: u64,
     slow: Lane,
     clock: Clock,
+    reputation: Arc<Reputation>,
+    /// Started on the slow lane (its component has a heavy reputation).
+    started_slow: bool,
 }
 
-impl<F: Future> Demoting<F> {
-    pub(crate) fn new(inner: F, slow: Lane) -> Self {
+impl<F> Demoting<F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    /// `inner`, on the fast lane until its budget is used, or at once on the
+    /// slow lane when `reputation` says its component keeps spinning.
+    pub(crate) fn new(inner: F, slow: Lane, reputation: Arc<Reputation>) -> Self {
+        let started_slow = reputation.heavy();
+        let lane = if started_slow {
+            slow.demoted.fetch_add(1, Ordering::Relaxed);
+            Place::Slow(slow.handle.spawn(inner))
+        } else {
+            Place::Fast(Box::pin(inner))
+        };
         Self {
-            lane: Place::Fast(Box::pin(inner)),
+            lane,
             used_ns: 0,
             slow,
             clock: Clock::Own,
+            reputation,
+            started_slow,
         }
     }
 
     /// As [`Demoting::new`] for a future that charges every poll to `meter`
     /// (a `Metered`): its charges are the CPU time used.
-    pub(crate) fn metered(inner: F, slow: Lane, meter: Arc<Meter>) -> Self {
-        let mut d = Self::new(inner, slow);
+    pub(crate) fn metered(
+        inner: F,
+        slow: Lane,
+        meter: Arc<Meter>,
+        reputation: Arc<Reputation>,
+    ) -> Self {
+        let mut d = Self::new(inner, slow, reputation);
         d.clock = Clock::Meter(meter);
         d
     }
@@ -135,22 +197,52 @@ where
                     let start = this.clock.now();
                     let result = f.as_mut().poll(cx);
                     this.used_ns += this.clock.now().saturating_sub(start);
-                    if result.is_ready()
-                        || this.used_ns
-                            <= u64::try_from(this.slow.budget.as_nanos()).unwrap_or(u64::MAX)
-                    {
+                    let budget = u64::try_from(this.slow.budget.as_nanos()).unwrap_or(u64::MAX);
+                    let within = this.used_ns <= budget;
+                    if result.is_ready() {
+                        // Under heavy contention a spinner may reach its time
+                        // limit before it has used its budget (a slice every
+                        // few hundred milliseconds): one that ends having used
+                        // half of it counts as heavy all the same.
+                        if this.used_ns >= budget / 2 {
+                            this.reputation.moved();
+                        } else {
+                            this.reputation.light();
+                        }
+                    }
+                    if result.is_ready() || within {
                         return result;
                     }
                     let Place::Fast(f) = std::mem::replace(&mut this.lane, Place::Gone) else {
                         unreachable!("matched above")
                     };
+                    this.reputation.moved();
                     this.slow.demoted.fetch_add(1, Ordering::Relaxed);
                     this.lane = Place::Slow(this.slow.handle.spawn(f));
                 }
                 Place::Slow(h) => {
                     return match Pin::new(h).poll(cx) {
                         Poll::Pending => Poll::Pending,
-                        Poll::Ready(Ok(v)) => Poll::Ready(v),
+                        Poll::Ready(Ok(v)) => {
+                            // Started slow: did it need to? (The meter's total;
+                            // without a meter, assume not, so that a component
+                            // that stopped spinning finds its way back.)
+                            if this.started_slow {
+                                let used = match &this.clock {
+                                    Clock::Meter(m) => m.cpu_ns(),
+                                    Clock::Own => 0,
+                                };
+                                if used
+                                    <= u64::try_from(this.slow.budget.as_nanos())
+                                        .unwrap_or(u64::MAX)
+                                {
+                                    this.reputation.light();
+                                } else {
+                                    this.reputation.moved();
+                                }
+                            }
+                            Poll::Ready(v)
+                        }
                         Poll::Ready(Err(e)) if e.is_panic() => {
                             std::panic::resume_unwind(e.into_panic())
                         }
@@ -188,6 +280,43 @@ mod tests {
     }
 
     #[test]
+    fn a_component_that_keeps_spinning_starts_on_the_slow_lane_until_it_stops() {
+        let lane = SlowLane::new().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let first_thread = |polls: u32| async move {
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            for _ in 0..polls {
+                busy(3);
+                tokio::task::yield_now().await;
+            }
+            name
+        };
+        let slow = Lane {
+            handle: lane.handle().unwrap(),
+            budget: Duration::from_millis(10),
+            demoted: Arc::new(AtomicU64::new(0)),
+        };
+        let rep = Arc::new(Reputation::default());
+        // Two invocations that use up the budget: the component is heavy.
+        for _ in 0..2 {
+            let first = rt.block_on(Demoting::new(first_thread(10), slow.clone(), rep.clone()));
+            assert!(!first.contains("slow-lane"), "{first}");
+        }
+        assert!(rep.heavy());
+        // The next one starts on the slow lane, without spending the budget
+        // on the fast lane first.
+        let first = rt.block_on(Demoting::new(first_thread(1), slow.clone(), rep.clone()));
+        assert!(first.contains("slow-lane"), "{first}");
+        // It did not need to: the component finds its way back.
+        assert!(!rep.heavy());
+        let first = rt.block_on(Demoting::new(first_thread(1), slow.clone(), rep.clone()));
+        assert!(!first.contains("slow-lane"), "{first}");
+    }
+
+    #[test]
     fn a_guest_over_its_budget_moves_to_the_slow_lane() {
         let lane = SlowLane::new().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -210,11 +339,11 @@ mod tests {
             demoted: Arc::new(AtomicU64::new(0)),
         };
         // Short work stays where it started.
-        let seen = rt.block_on(Demoting::new(work(2), slow.clone()));
+        let seen = rt.block_on(Demoting::new(work(2), slow.clone(), Arc::default()));
         assert!(seen.iter().all(|n| !n.contains("slow-lane")), "{seen:?}");
         assert_eq!(slow.demoted.load(Ordering::Relaxed), 0);
         // Long work moves once it has used its budget.
-        let seen = rt.block_on(Demoting::new(work(20), slow.clone()));
+        let seen = rt.block_on(Demoting::new(work(20), slow.clone(), Arc::default()));
         assert_eq!(slow.demoted.load(Ordering::Relaxed), 1);
         assert!(!seen[0].contains("slow-lane"), "{seen:?}");
         assert!(seen.last().unwrap().contains("slow-lane"), "{seen:?}");
@@ -223,11 +352,21 @@ mod tests {
         // the future runs on the slow lane, where the meter keeps charging).
         let meter = crate::meter::tests::meter(None);
         let metered = |polls| crate::meter::Metered::new(work(polls), meter.clone());
-        let seen = rt.block_on(Demoting::metered(metered(2), slow.clone(), meter.clone()));
+        let seen = rt.block_on(Demoting::metered(
+            metered(2),
+            slow.clone(),
+            meter.clone(),
+            Arc::default(),
+        ));
         assert!(seen.iter().all(|n| !n.contains("slow-lane")), "{seen:?}");
         assert_eq!(slow.demoted.load(Ordering::Relaxed), 1);
         let before = meter.cpu_ns();
-        let seen = rt.block_on(Demoting::metered(metered(20), slow.clone(), meter.clone()));
+        let seen = rt.block_on(Demoting::metered(
+            metered(20),
+            slow.clone(),
+            meter.clone(),
+            Arc::default(),
+        ));
         assert_eq!(slow.demoted.load(Ordering::Relaxed), 2);
         assert!(seen.last().unwrap().contains("slow-lane"), "{seen:?}");
         // 20 polls of 3 ms of CPU each, all charged wherever they ran.

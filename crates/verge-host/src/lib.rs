@@ -250,6 +250,8 @@ pub struct LoadedComponent {
     optimizing: AtomicBool,
     /// Set by the first invocation: the ones before it are cold.
     used: AtomicBool,
+    /// Whether its invocations tend to use up the fast lane's CPU budget.
+    pub(crate) reputation: Arc<lanes::Reputation>,
     sha256: String,
     /// Where its code came from and how long loading took.
     pub source: CodeSource,
@@ -262,6 +264,7 @@ impl LoadedComponent {
             code: RwLock::new(Arc::new(code)),
             optimizing: AtomicBool::new(false),
             used: AtomicBool::new(false),
+            reputation: Arc::default(),
             sha256: sha256.to_string(),
             source,
             load_time,
