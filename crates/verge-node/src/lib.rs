@@ -132,7 +132,7 @@ impl NodeConfig {
             read_timeouts: ReadTimeouts::default(),
             function_concurrency: None,
             retain: verge_store::Retention::default(),
-            prune_every: Duration::from_secs(60),
+            prune_every: Duration::from_secs(5),
             memory_budget: None,
         }
     }
@@ -545,14 +545,24 @@ async fn retention(state: Arc<AppState>, policy: verge_store::Retention, every: 
             return;
         }
     };
+    // A pass every `every`, and sooner when records have grown by a
+    // sixteenth of the size bound (or 64 MiB) since the last one, so that
+    // a burst overshoots the bound by about that much, not by what arrives
+    // in `every`.
+    let step = (policy.bytes / 16).clamp(1 << 20, 64 << 20);
     loop {
-        tokio::time::sleep(every).await;
+        let since = state.ledger.bytes_written();
+        let started = tokio::time::Instant::now();
+        while started.elapsed() < every && state.ledger.bytes_written().saturating_sub(since) < step
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let (s, mut p) = (state.clone(), pruner.take());
         let done = tokio::task::spawn_blocking(move || {
             if let Some(p) = &mut p {
                 match p.prune(&policy, verge_bus::now_ms()) {
                     Ok(r) if r.deleted > 0 => {
-                        tracing::info!(
+                        tracing::debug!(
                             deleted = r.deleted,
                             bytes_in_use = r.bytes_in_use,
                             "invocation records pruned (usage rolled up)"

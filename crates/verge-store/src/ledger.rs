@@ -67,6 +67,8 @@ struct Shared {
     conn: Mutex<Connection>,
     stop: AtomicBool,
     dropped: AtomicU64,
+    /// Bytes of records queued so far (output and an estimate of the rest).
+    written: AtomicU64,
 }
 
 /// The writer side of the ledger (cheap to share).
@@ -86,6 +88,9 @@ impl Ledger {
         let conn = Connection::open(dir.join("verge.db"))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // The write-ahead log goes back to 64 MiB after each checkpoint,
+        // whatever a burst of records made it grow to.
+        conn.pragma_update(None, "journal_size_limit", 64i64 << 20)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         let shared = Arc::new(Shared {
@@ -94,6 +99,7 @@ impl Ledger {
             conn: Mutex::new(conn),
             stop: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
+            written: AtomicU64::new(0),
         });
         let s = shared.clone();
         let writer = std::thread::Builder::new()
@@ -106,8 +112,20 @@ impl Ledger {
         })
     }
 
+    /// Bytes of records queued since the ledger opened (their output plus
+    /// about 256 bytes each): how fast the table grows, for retention.
+    pub fn bytes_written(&self) -> u64 {
+        self.shared.written.load(Ordering::Relaxed)
+    }
+
     /// Queues a record; never blocks on the disk.
     pub fn record(&self, record: UsageRecord) {
+        let size = 256
+            + record.stdout.as_ref().map_or(0, String::len)
+            + record.stderr.as_ref().map_or(0, String::len);
+        self.shared
+            .written
+            .fetch_add(size as u64, Ordering::Relaxed);
         let mut pending = lock(&self.shared.pending);
         if pending.len() >= QUEUE_MAX {
             drop(pending);

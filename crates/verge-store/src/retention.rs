@@ -92,6 +92,17 @@ impl Pruner {
             }
             std::thread::yield_now();
         }
+        if deleted > 0 {
+            // Give the write-ahead log's space back too: it grows while
+            // readers hold old snapshots. (Waits for readers up to the busy
+            // timeout, holding up the ledger's writer thread, never a
+            // request.)
+            let _: rusqlite::Result<(i64, i64, i64)> =
+                self.conn
+                    .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    });
+        }
         Ok(Pruned {
             deleted,
             bytes_in_use: bytes_in_use(&self.conn)?,
