@@ -64,6 +64,10 @@ pub enum KvError {
         key: String,
         delta: i64,
     },
+    #[error(
+        "the operating system's random source is unavailable ({0}); a replica id must be random: check /dev/urandom and the getrandom system call"
+    )]
+    Random(String),
 }
 
 /// The largest value a key may hold.
@@ -154,15 +158,18 @@ pub enum Op {
 }
 
 /// Random bytes from the OS (for a new replica id).
-fn getrandom(buf: &mut [u8]) {
-    use std::io::Read;
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(buf);
-    }
-    // Mix in the time, in case /dev/urandom was unreadable.
-    let t = now_ms().to_le_bytes();
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b ^= t[i % 8];
+/// A new replica id: 63 random bits from the operating system's random
+/// source, never 0 (which marks local writes). No fallback: two replicas
+/// with ids made from the time could collide, and a collision merges two
+/// replicas' counters into one.
+pub(crate) fn random_node() -> Result<u64, KvError> {
+    loop {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).map_err(|e| KvError::Random(e.to_string()))?;
+        let n = u64::from_le_bytes(b) >> 1;
+        if n != 0 {
+            return Ok(n);
+        }
     }
 }
 
@@ -249,9 +256,7 @@ impl Kv {
         let node = match stored {
             Some(n) => n as u64,
             None => {
-                let mut b = [0u8; 8];
-                getrandom(&mut b);
-                let n = u64::from_le_bytes(b) >> 1;
+                let n = random_node()?;
                 conn.execute(
                     "INSERT INTO meta (name, value) VALUES ('node', ?1)",
                     params![n as i64],

@@ -10,8 +10,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Clock, Delta, Entry, Kv, KvError, Value, getrandom, latest_stamps, next_seq, now_ms, parse,
-    put_entry, read, set_seq,
+    Clock, Delta, Entry, Kv, KvError, Value, latest_stamps, next_seq, now_ms, parse, put_entry,
+    random_node, read, set_seq,
 };
 
 /// A replica this one exchanges deltas with.
@@ -451,9 +451,7 @@ impl Kv {
         );
         set_seq(&tx, seq)?;
         let old_node = self.node();
-        let mut b = [0u8; 8];
-        getrandom(&mut b);
-        let new_node = u64::from_le_bytes(b) >> 1;
+        let new_node = random_node()?;
         set_meta(&tx, "node", new_node)?;
         set_meta(&tx, "stale", meta(&tx, "stale")? + stale)?;
         set_meta(&tx, "rebootstraps", meta(&tx, "rebootstraps")? + 1)?;

@@ -697,3 +697,17 @@ mod sync_protocol {
         );
     }
 }
+
+#[test]
+fn replica_ids_come_from_the_os_random_source_and_are_never_zero() {
+    let ids: std::collections::HashSet<u64> = (0..1000).map(|_| random_node().unwrap()).collect();
+    assert_eq!(ids.len(), 1000, "ids repeat");
+    assert!(!ids.contains(&0));
+    assert!(ids.iter().all(|n| *n < 1 << 63), "63 bits");
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (
+        Kv::open_replica(a.path()).unwrap(),
+        Kv::open_replica(b.path()).unwrap(),
+    );
+    assert_ne!(a.node(), b.node());
+}

@@ -19,7 +19,17 @@ fn get(node: &TestNode, bucket: &str, key: &str) -> Option<String> {
 fn two_nodes_converge_after_a_cut_link_heals() {
     let core = TestNode::start();
     let proxy = Proxy::start(addr_of(&core));
-    let edge = TestNode::start_with(&["--peer", &proxy.url(), "--peer-token", &core.token()]);
+    // The edge holds a replication token, not the core's admin token.
+    let out = core.cli_ok(&["token", "create", "edge-1", "--replication", "--json"]);
+    let created: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(created["scope"], "replication", "{created}");
+    let token = created["token"].as_str().unwrap().to_string();
+    let listed = core.cli_ok(&["token", "ls"]);
+    assert!(
+        listed.contains("edge-1") && listed.contains("replication"),
+        "{listed}"
+    );
+    let edge = TestNode::start_with(&["--peer", &proxy.url(), "--peer-token", &token]);
     edge.cli_ok(&["kv", "set", "shop", "greeting", "hello"]);
     edge.cli_ok(&["kv", "incr", "shop", "hits", "2"]);
     eventually("the core has the edge's writes", || {
