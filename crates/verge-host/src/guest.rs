@@ -651,6 +651,24 @@ fn trap_message(e: &wasmtime::Error) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_host_side_trap_keeps_its_cause() {
+        // As wasmtime reports a host call's error: the cause, with the wasm
+        // backtrace as context around it.
+        let e = wasmtime::Error::msg("total size of fields exceeds limit")
+            .context("error while executing at wasm backtrace:\n    0: 0x1234 - guest!handle");
+        let m = trap_message(&e);
+        assert!(m.contains("total size of fields exceeds limit"), "{m}");
+        assert!(!m.contains("backtrace"), "{m}");
+        let t = wasmtime::Error::from(Trap::UnreachableCodeReached)
+            .context("error while executing at wasm backtrace:\n    0: 0x1");
+        assert!(
+            trap_message(&t).contains("unreachable"),
+            "{}",
+            trap_message(&t)
+        );
+    }
+
     #[tokio::test]
     async fn until_polls_first_and_stops_a_waiting_future_at_the_deadline() {
         let past = Instant::now()
