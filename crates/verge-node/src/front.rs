@@ -63,8 +63,12 @@ fn refuse(
     id: String,
     refused: Refused,
     waited: std::time::Duration,
+    public: bool,
 ) -> Response {
     let detail = match refused {
+        // The internet learns that it should retry, not how the node is
+        // sized.
+        _ if public => "the function is at capacity; retry after the Retry-After delay".to_string(),
         Refused::QueueFull(depth) => format!(
             "function {:?} is at its concurrency limit and {depth} requests are already waiting; retry after the Retry-After delay",
             function.name
@@ -260,7 +264,7 @@ pub(crate) async fn run(
     let waited = std::time::Instant::now();
     let permits = match state.admit(slot).await {
         Ok(p) => p,
-        Err(refused) => return refuse(state, function, id, refused, waited.elapsed()),
+        Err(refused) => return refuse(state, function, id, refused, waited.elapsed(), public),
     };
     let (mut parts, body) = request.into_parts();
     if parts.uri.authority().is_none() {
