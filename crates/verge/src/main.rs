@@ -776,6 +776,17 @@ async fn up(config: verge_node::NodeConfig, example: bool) -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let data_dir = config.data_dir.clone();
+    let limits = format!(
+        "guests hold at most {} MiB at once (--memory-budget), {} instances per function (--function-concurrency); records kept {} / {} MiB (--retain, --retain-size)",
+        config.guest_memory_budget() >> 20,
+        config.function_share(),
+        match config.retain.age.as_secs() {
+            s if s > 0 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+            s if s > 0 && s % 3_600 == 0 => format!("{}h", s / 3_600),
+            _ => format!("{:?}", config.retain.age),
+        },
+        config.retain.bytes >> 20
+    );
     let node = verge_node::Node::start(config).await.with_context(|| {
         format!(
             "while starting the node with data directory {}",
@@ -785,6 +796,7 @@ async fn up(config: verge_node::NodeConfig, example: bool) -> Result<()> {
     let addr = node.local_addr()?;
     let report = node.report().clone();
     println!("data directory  {}", node.data_dir().display());
+    println!("limits          {limits}");
     match &report.token_created {
         Some(path) => println!(
             "admin token     created, written to {} (mode 0600)",
