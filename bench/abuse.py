@@ -3,7 +3,8 @@
 
   abuse.py slow PORT PATH N SECONDS     N connections that send a request head
                                         and a trickle of body (1 byte per 5 s)
-  abuse.py spin PORT PATH N SECONDS     N clients in loops of GET PATH
+  abuse.py spin PORT PATH N SECONDS     N clients in loops of GET PATH (prints
+                                        the statuses and when the 504s came)
   abuse.py upload PORT PATH N MIB       N clients posting MIB MiB at once
                                         (prints the statuses)
 Plain asyncio sockets on loopback: no dependencies."""
@@ -38,10 +39,14 @@ async def get(port, path):
     return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
 
 
-async def spinner(port, path, deadline, statuses):
+async def spinner(port, path, deadline, statuses, waits):
     while time.monotonic() < deadline:
         try:
-            statuses[await get(port, path)] += 1
+            start = time.monotonic()
+            status = await get(port, path)
+            statuses[status] += 1
+            if status == 504:
+                waits.append(time.monotonic() - start)
         except OSError:
             statuses["error"] += 1
             await asyncio.sleep(0.05)
@@ -70,9 +75,11 @@ async def main():
         await asyncio.gather(*(slow_body(port, path, deadline) for _ in range(n)))
     elif kind == "spin":
         deadline = time.monotonic() + float(arg)
-        statuses = collections.Counter()
-        await asyncio.gather(*(spinner(port, path, deadline, statuses) for _ in range(n)))
-        print(dict(statuses))
+        statuses, waits = collections.Counter(), []
+        await asyncio.gather(*(spinner(port, path, deadline, statuses, waits) for _ in range(n)))
+        waits.sort()
+        seen = f"; 504 after p50 {waits[len(waits) // 2] * 1000:.0f} ms, max {waits[-1] * 1000:.0f} ms (client)" if waits else ""
+        print(f"{dict(statuses)}{seen}")
     elif kind == "upload":
         statuses = await asyncio.gather(*(upload(port, path, int(arg)) for _ in range(n)))
         print(dict(collections.Counter(statuses)))

@@ -2,6 +2,7 @@
 //! gets (and those it is refused), and the request/response plumbing.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -378,7 +379,7 @@ where
             .map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e.to_string())))
         })
     };
-    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
     let (req, out) = {
         let mut http = store.data_mut().http();
         let req = http
@@ -454,25 +455,36 @@ where
         });
         (result, memory_hit)
     };
+    let moved = Arc::new(crate::lanes::Moved::default());
     let task = match (cfg.metering, host.slow_lane()) {
-        (true, Some(lane)) => tokio::spawn(crate::lanes::Demoting::metered(
-            Metered::new(work, meter.clone()),
-            lane,
-            meter.clone(),
-            function.component.reputation.clone(),
-        )),
+        (true, Some(lane)) => tokio::spawn(
+            crate::lanes::Demoting::metered(
+                Metered::new(work, meter.clone()),
+                lane,
+                meter.clone(),
+                function.component.reputation.clone(),
+            )
+            .signalling(moved.clone()),
+        ),
         (true, None) => tokio::spawn(Metered::new(work, meter.clone())),
-        (false, Some(lane)) => tokio::spawn(crate::lanes::Demoting::new(
-            work,
-            lane,
-            function.component.reputation.clone(),
-        )),
+        (false, Some(lane)) => tokio::spawn(
+            crate::lanes::Demoting::new(work, lane, function.component.reputation.clone())
+                .signalling(moved.clone()),
+        ),
         (false, None) => tokio::spawn(work),
     };
 
-    // No timer here: the task ends by the deadline (see `until`), and with it
-    // the store that holds the response's sender.
-    match rx.await {
+    // No timer on the fast lane: the task ends by the deadline (see
+    // `until`), and with it the store that holds the response's sender. An
+    // invocation moved to the slow lane gets one (`answer_by`).
+    let Some(answer) = answer_by(deadline, &mut rx, &moved).await else {
+        // Past the deadline on a crowded slow lane: the caller gets its 504
+        // now; the guest is stopped, and its record written, when its
+        // thread gets back to it.
+        drop(task);
+        return Err(InvokeError::Timeout(timeout));
+    };
+    match answer {
         Ok(Ok(response)) => {
             meter.update(|r| {
                 r.status = response.status().as_u16();
@@ -523,6 +535,34 @@ where
             }
         }
     }
+}
+
+/// How long past its deadline a moved invocation's caller waits for the
+/// guest to notice the deadline itself.
+const MOVED_GRACE: Duration = Duration::from_millis(5);
+
+/// The guest's answer, or `None` when the invocation has moved to the slow
+/// lane and is still running at its deadline (plus [`MOVED_GRACE`]). The
+/// timer is armed only once the invocation has moved.
+async fn answer_by<T>(
+    deadline: Instant,
+    rx: &mut tokio::sync::oneshot::Receiver<T>,
+    moved: &crate::lanes::Moved,
+) -> Option<Result<T, tokio::sync::oneshot::error::RecvError>> {
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(answer) = Pin::new(&mut *rx).poll(cx) {
+            return Poll::Ready(Some(answer));
+        }
+        if !moved.poll_moved(cx) {
+            return Poll::Pending;
+        }
+        let timer = timer.get_or_insert_with(|| {
+            Box::pin(tokio::time::sleep_until((deadline + MOVED_GRACE).into()))
+        });
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await
 }
 
 /// `inner`'s output, or `None` if it is still waiting at `deadline`.
@@ -650,6 +690,38 @@ fn trap_message(e: &wasmtime::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_moved_invocation_is_answered_at_its_deadline_and_one_on_the_fast_lane_waits() {
+        let past = Instant::now()
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or_else(Instant::now);
+        // On the fast lane: the answer, whatever the deadline (the guest
+        // stops itself there).
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<u8>();
+        let moved = crate::lanes::Moved::default();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let _ = tx.send(7);
+        });
+        let got = answer_by(past, &mut rx, &moved).await;
+        assert_eq!(got.and_then(Result::ok), Some(7));
+        // Moved while waiting, and past its deadline: no answer.
+        let (_tx, mut rx) = tokio::sync::oneshot::channel::<u8>();
+        let moved = Arc::new(crate::lanes::Moved::default());
+        let m = moved.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            m.set();
+        });
+        assert!(answer_by(past, &mut rx, &moved).await.is_none());
+        // Moved, before its deadline: the answer.
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<u8>();
+        let later = Instant::now() + Duration::from_secs(600);
+        let _ = tx.send(3);
+        let got = answer_by(later, &mut rx, &moved).await;
+        assert_eq!(got.and_then(Result::ok), Some(3));
+    }
 
     #[test]
     fn a_host_side_trap_keeps_its_cause() {

@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -97,6 +97,32 @@ impl Reputation {
     }
 }
 
+/// Set when an invocation moves to the slow lane, waking whoever waits for
+/// it: the caller then answers at the invocation's deadline itself, since
+/// on a crowded slow lane the guest notices its deadline only when its
+/// thread gets back to it.
+#[derive(Default)]
+pub(crate) struct Moved {
+    flag: AtomicBool,
+    waker: futures::task::AtomicWaker,
+}
+
+impl Moved {
+    pub(crate) fn set(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Has the invocation moved? If not, `cx` is woken when it does.
+    pub(crate) fn poll_moved(&self, cx: &mut Context<'_>) -> bool {
+        if self.flag.load(Ordering::Acquire) {
+            return true;
+        }
+        self.waker.register(cx.waker());
+        self.flag.load(Ordering::Acquire)
+    }
+}
+
 /// Where and when invocations move.
 #[derive(Clone)]
 pub(crate) struct Lane {
@@ -141,6 +167,8 @@ pub(crate) struct Demoting<F: Future> {
     reputation: Arc<Reputation>,
     /// Started on the slow lane (its component has a heavy reputation).
     started_slow: bool,
+    /// Told when the invocation moves.
+    moved: Option<Arc<Moved>>,
 }
 
 impl<F> Demoting<F>
@@ -165,7 +193,18 @@ where
             clock: Clock::Own,
             reputation,
             started_slow,
+            moved: None,
         }
+    }
+
+    /// Tells `moved` when the invocation moves to the slow lane (at once if
+    /// it started there).
+    pub(crate) fn signalling(mut self, moved: Arc<Moved>) -> Self {
+        if self.started_slow {
+            moved.set();
+        }
+        self.moved = Some(moved);
+        self
     }
 
     /// As [`Demoting::new`] for a future that charges every poll to `meter`
@@ -217,6 +256,9 @@ where
                         unreachable!("matched above")
                     };
                     this.reputation.moved();
+                    if let Some(m) = &this.moved {
+                        m.set();
+                    }
                     this.slow.demoted.fetch_add(1, Ordering::Relaxed);
                     this.lane = Place::Slow(this.slow.handle.spawn(f));
                 }
