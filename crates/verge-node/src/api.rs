@@ -421,20 +421,43 @@ async fn read_body(body: Body, limit: usize, headers: &http::HeaderMap) -> Resul
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    match axum::body::to_bytes(body, limit).await {
-        Ok(b) => Ok(b),
-        Err(e) => {
-            let is_limit = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if is_limit {
-                Err(too_large())
-            } else {
-                Err(ApiError::BadRequest(format!(
-                    "could not read the upload: {e}"
-                )))
+    use http_body_util::BodyExt as _;
+    let mut body = body;
+    let mut got = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| ApiError::BadRequest(format!("could not read the upload: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if got.len() + data.len() > limit {
+            // Read (and drop) what the client is still sending, within
+            // bounds, so that it gets to read the 413 instead of a reset
+            // connection (a socket closed with unread data is reset).
+            drain(body).await;
+            return Err(too_large());
+        }
+        got.extend_from_slice(&data);
+    }
+    Ok(got.freeze())
+}
+
+/// Reads and drops the rest of a refused upload: at most 64 MiB, for at
+/// most 2 s.
+async fn drain(mut body: Body) {
+    use http_body_util::BodyExt as _;
+    let mut left: usize = 64 << 20;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                left = left.saturating_sub(data.len());
+                if left == 0 {
+                    return;
+                }
             }
         }
-    }
+    })
+    .await;
 }
 
 async fn create_version(
