@@ -55,6 +55,18 @@ async fn settled(n: &TestNode, function: &str) -> usize {
     panic!("{function} kept being invoked: {last} invocations and counting");
 }
 
+/// Sets a function's retries (one minute of maximum age).
+async fn retries(n: &TestNode, function: &str, max_retries: u32) {
+    let a = n
+        .api(
+            Method::PUT,
+            &format!("/v1/functions/{function}/async"),
+            Some(json!({ "max_retries": max_retries, "max_age_ms": 60000 })),
+        )
+        .await;
+    assert!(a.status.is_success(), "{}", a.text());
+}
+
 async fn trigger(n: &TestNode, function: &str, ty: &str) {
     let a = n
         .api(
@@ -78,14 +90,7 @@ fn dead_at_the_limit(dlq: &Value) -> bool {
 async fn a_function_fed_by_its_own_failures_stops_at_the_hop_limit_and_retries_do_not_fan_out() {
     let n = TestNode::with(|c| c.hop_limit = LIMIT).await;
     n.deployed("boom", wat::trap(), "route=/boom").await;
-    let a = n
-        .api(
-            Method::PUT,
-            "/v1/functions/boom/async",
-            Some(json!({ "max_retries": 1, "max_age_ms": 60000 })),
-        )
-        .await;
-    assert!(a.status.is_success(), "{}", a.text());
+    retries(&n, "boom", 1).await;
     trigger(&n, "boom", "dev.verge.invocation.failed").await;
     assert_eq!(n.get("/boom").await.status, 500);
     let total = settled(&n, "boom").await;
@@ -104,14 +109,7 @@ async fn a_function_fed_by_its_own_failures_stops_at_the_hop_limit_and_retries_d
 async fn a_function_fed_by_its_own_dead_letters_stops_at_the_hop_limit() {
     let n = TestNode::with(|c| c.hop_limit = LIMIT).await;
     n.deployed("boom", wat::trap(), "").await;
-    let a = n
-        .api(
-            Method::PUT,
-            "/v1/functions/boom/async",
-            Some(json!({ "max_retries": 0, "max_age_ms": 60000 })),
-        )
-        .await;
-    assert!(a.status.is_success(), "{}", a.text());
+    retries(&n, "boom", 0).await;
     trigger(&n, "boom", "dev.verge.job.deadlettered").await;
     let a = n
         .api(Method::POST, "/v1/functions/boom/invoke?async=true", None)

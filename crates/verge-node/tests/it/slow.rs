@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use http::Request;
+use http::{Method, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::TestNode;
@@ -86,7 +86,19 @@ async fn one_function_cannot_take_every_instance() {
     // Six spinners on one route: two run (its share), the rest wait and
     // are refused; the neighbour answers meanwhile.
     let spinners: Vec<_> = (0..6).map(|_| n.spawn_get("/spin")).collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The neighbour is asked while the share is held (a condition, not a
+    // fixed wait).
+    let mut held = false;
+    for _ in 0..500 {
+        let health = n.api(Method::GET, "/v1/health", None).await.json();
+        if health["running"].as_u64() == Some(2) {
+            held = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(held, "the two spinners never ran");
     for _ in 0..5 {
         let a = n.get("/hello").await;
         assert_eq!(a.status, 200, "the neighbour was refused: {}", a.text());
