@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -41,7 +41,9 @@ impl GuestState {
 pub(crate) struct GuestLimits {
     limit: usize,
     total: usize,
-    peak: usize,
+    /// Shared with the caller, which writes the record itself when it
+    /// stops a guest that is still running (see `answer_by`).
+    peak: Arc<AtomicU64>,
     hit: bool,
 }
 
@@ -58,7 +60,7 @@ impl ResourceLimiter for GuestLimits {
             return Ok(false);
         }
         self.total = next;
-        self.peak = self.peak.max(next);
+        self.peak.fetch_max(next as u64, Ordering::Relaxed);
         Ok(true)
     }
 
@@ -203,17 +205,44 @@ fn verge_spec_now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// What the caller can see of a running guest: its output so far and the
+/// peak of its memory.
+#[derive(Clone)]
+struct Watch {
+    stdout: Capture,
+    stderr: Capture,
+    peak: Arc<AtomicU64>,
+}
+
+impl Watch {
+    fn new(log_limit: usize) -> Self {
+        Self {
+            stdout: Capture::new(log_limit),
+            stderr: Capture::new(log_limit),
+            peak: Arc::default(),
+        }
+    }
+
+    /// Puts the output and the peak into `r`.
+    fn record(&self, r: &mut UsageRecord) {
+        let (out, err) = (self.stdout.text(), self.stderr.text());
+        r.stdout = (!out.is_empty()).then_some(out);
+        r.stderr = (!err.is_empty()).then_some(err);
+        r.peak_memory_bytes = self.peak.load(Ordering::Relaxed);
+    }
+}
+
 /// A fresh store for one invocation of `function`, with its own captures and
 /// limits, interrupted at `deadline`.
 fn new_store(
     host: &Host,
     engine: &wasmtime::Engine,
     function: &Function,
-    stdout: &Capture,
-    stderr: &Capture,
+    watch: &Watch,
     deadline: Instant,
     hops: u32,
 ) -> Store<GuestState> {
+    let (stdout, stderr) = (&watch.stdout, &watch.stderr);
     let cfg = host.config();
     let wasi = WasiCtxBuilder::new()
         .envs(&function.env)
@@ -244,7 +273,7 @@ fn new_store(
         limits: GuestLimits {
             limit: function.memory_limit.unwrap_or(cfg.memory_limit),
             total: 0,
-            peak: 0,
+            peak: watch.peak.clone(),
             hit: false,
         },
     };
@@ -266,21 +295,13 @@ fn new_store(
 /// Instantiates `function` in a fresh store and drops it: the cost every
 /// request pays before the guest runs (used by benchmarks).
 pub(crate) async fn instantiate_only(host: &Host, function: &Function) -> Result<(), InvokeError> {
-    let capture = Capture::new(0);
+    let watch = Watch::new(0);
     let now = Instant::now();
     let deadline = now
         .checked_add(function.timeout.unwrap_or(host.config().timeout))
         .unwrap_or(now + Duration::from_secs(86_400));
     let code = function.component.code();
-    let mut store = new_store(
-        host,
-        &code.engine,
-        function,
-        &capture,
-        &capture,
-        deadline,
-        0,
-    );
+    let mut store = new_store(host, &code.engine, function, &watch, deadline, 0);
     let result = code.pre.instantiate_async(&mut store).await.map(drop);
     drop(store);
     result.map_err(|e| {
@@ -300,8 +321,7 @@ where
 {
     let cfg = host.config();
     let log_limit = function.log_limit.unwrap_or(cfg.output_limit);
-    let stdout = Capture::new(log_limit);
-    let stderr = Capture::new(log_limit);
+    let watch = Watch::new(log_limit);
     let timeout = function.timeout.unwrap_or(cfg.timeout);
     let memory_limit = function.memory_limit.unwrap_or(cfg.memory_limit);
     let started = Instant::now();
@@ -321,15 +341,7 @@ where
             .map(verge_spec::parse_hops)
             .unwrap_or(verge_spec::HOPS_INVALID),
     };
-    let mut store = new_store(
-        host,
-        &code.engine,
-        function,
-        &stdout,
-        &stderr,
-        deadline,
-        hops,
-    );
+    let mut store = new_store(host, &code.engine, function, &watch, deadline, hops);
 
     let meter = Meter::new(
         if cfg.metering {
@@ -400,7 +412,7 @@ where
     let pre = code.pre.clone();
     let task_meter = meter.clone();
     let reputation = function.component.reputation.clone();
-    let (task_stdout, task_stderr) = (stdout.clone(), stderr.clone());
+    let task_watch = watch.clone();
     let (name, version, id) = (
         function.name.clone(),
         function.version,
@@ -422,9 +434,8 @@ where
             Some(r) => r,
             None => Err(RunError::Trap(Trap::Interrupt.into())),
         };
-        let limits = &store.data().limits;
-        let memory_hit = limits.hit;
-        let (out, err) = (task_stdout.text(), task_stderr.text());
+        let memory_hit = store.data().limits.hit;
+        let (out, err) = (task_watch.stdout.text(), task_watch.stderr.text());
         // The guest's output belongs to its invocation record (`verge logs`),
         // not to the node's log: at debug level only, for whoever debugs the
         // node (a guest that prints in a loop must not fill the node's log).
@@ -439,10 +450,8 @@ where
             Ok(()) => {}
         }
         task_meter.update(|r| {
-            r.stdout = (!out.is_empty()).then_some(out);
-            r.stderr = (!err.is_empty()).then_some(err);
+            task_watch.record(r);
             r.wall_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-            r.peak_memory_bytes = limits.peak as u64;
             if let Err(e) = &result {
                 r.outcome = e.outcome(memory_hit);
                 r.error = Some(e.summary());
@@ -478,10 +487,18 @@ where
     // `until`), and with it the store that holds the response's sender. An
     // invocation moved to the slow lane gets one (`answer_by`).
     let Some(answer) = answer_by(deadline, &mut rx, &moved).await else {
-        // Past the deadline on a crowded slow lane: the caller gets its 504
-        // now; the guest is stopped, and its record written, when its
-        // thread gets back to it.
-        drop(task);
+        // Past the deadline on a crowded slow lane: the caller stops the
+        // guest and writes its record now. Aborted, a guest waiting for
+        // its turn on the lane is dropped without running again; one that
+        // is running stops at its next epoch tick. Its own ending (which
+        // would write the same) never runs.
+        cut_off(
+            &task,
+            &meter,
+            &watch,
+            started,
+            &function.component.reputation,
+        );
         return Err(InvokeError::Timeout(timeout));
     };
     match answer {
@@ -521,7 +538,7 @@ where
             // The guest finished, died or ran out of time without setting a
             // response.
             let result = task.await;
-            let err = stderr.text();
+            let err = watch.stderr.text();
             match result {
                 Ok((Ok(()), _)) => Err(InvokeError::NoResponse { stderr: err }),
                 Ok((Err(_), true)) => Err(InvokeError::MemoryLimit {
@@ -563,6 +580,26 @@ async fn answer_by<T>(
         timer.as_mut().poll(cx).map(|()| None)
     })
     .await
+}
+
+/// Stops an invocation whose caller has answered for it (past its deadline
+/// on a crowded slow lane, see [`answer_by`]) and writes its record: a
+/// timeout, with the wall time, output and memory peak of now.
+fn cut_off<T>(
+    task: &tokio::task::JoinHandle<T>,
+    meter: &Meter,
+    watch: &Watch,
+    started: Instant,
+    reputation: &crate::lanes::Reputation,
+) {
+    task.abort();
+    meter.update(|r| {
+        watch.record(r);
+        r.wall_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        r.outcome = Outcome::Timeout;
+        r.error = Some(RunError::Trap(Trap::Interrupt.into()).summary());
+    });
+    reputation.spun();
 }
 
 /// `inner`'s output, or `None` if it is still waiting at `deadline`.
@@ -721,6 +758,111 @@ mod tests {
         let _ = tx.send(3);
         let got = answer_by(later, &mut rx, &moved).await;
         assert_eq!(got.and_then(Result::ok), Some(3));
+    }
+
+    #[tokio::test]
+    async fn an_invocation_its_caller_cut_off_never_runs_again_and_is_recorded_then() {
+        use std::sync::atomic::AtomicBool;
+        // A crowded slow lane: every one of its threads blocked until
+        // released.
+        let slow = crate::lanes::SlowLane::new().unwrap();
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let (blocked, release) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        for _ in 0..threads {
+            let (blocked, release) = (blocked.clone(), release.clone());
+            slow.handle().unwrap().spawn(async move {
+                blocked.fetch_add(1, Ordering::SeqCst);
+                while !release.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            });
+        }
+        while blocked.load(Ordering::SeqCst) < threads as u64 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // A spinning guest of a component known to spin: it starts on the
+        // slow lane, behind the blocked threads. Like an invocation's task,
+        // it holds the meter, so the record goes out when it is dropped.
+        let records = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink: crate::meter::UsageSink = {
+            let records = records.clone();
+            Arc::new(move |r| records.lock().unwrap().push(r))
+        };
+        let meter = crate::meter::tests::meter(Some(sink));
+        let (polls, dropped) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        struct OnDrop(Arc<AtomicBool>);
+        impl Drop for OnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let guest = {
+            let (polls, on_drop, meter) = (polls.clone(), OnDrop(dropped.clone()), meter.clone());
+            async move {
+                let _held = (on_drop, meter);
+                loop {
+                    polls.fetch_add(1, Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                }
+            }
+        };
+        let reputation = Arc::new(crate::lanes::Reputation::default());
+        reputation.spun();
+        let lane = crate::lanes::Lane {
+            handle: slow.handle().unwrap(),
+            budget: Duration::from_millis(10),
+            demoted: Arc::default(),
+        };
+        let moved = Arc::new(crate::lanes::Moved::default());
+        let task = tokio::spawn(
+            crate::lanes::Demoting::new(guest, lane, reputation.clone()).signalling(moved.clone()),
+        );
+        let watch = Watch::new(1024);
+        let started = Instant::now();
+        let (_tx, mut rx) = tokio::sync::oneshot::channel::<u8>();
+        assert!(
+            answer_by(started + Duration::from_millis(50), &mut rx, &moved)
+                .await
+                .is_none()
+        );
+        cut_off(&task, &meter, &watch, started, &reputation);
+        let cut_at = started.elapsed();
+        drop(meter);
+        // The lane frees up: the guest is dropped without running again.
+        release.store(true, Ordering::SeqCst);
+        for _ in 0..5000 {
+            if dropped.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "the guest was never dropped"
+        );
+        assert_eq!(
+            polls.load(Ordering::SeqCst),
+            0,
+            "the guest ran after its cutoff"
+        );
+        let records = records.lock().unwrap();
+        assert_eq!(records.len(), 1);
+        let r = &records[0];
+        assert_eq!(r.outcome, Outcome::Timeout);
+        assert_eq!(r.error.as_deref(), Some("timeout"));
+        // The record's wall time is the cutoff's, not the lane's release.
+        assert!(
+            Duration::from_micros(r.wall_us) >= Duration::from_millis(50)
+                && Duration::from_micros(r.wall_us) <= cut_at,
+            "{} us, cut off at {cut_at:?}",
+            r.wall_us
+        );
     }
 
     #[test]
