@@ -21,11 +21,11 @@ use verge_spec::{
     normalize_route_path, parse_duration, parse_env, parse_size, validate_alias_name,
     validate_function_name,
 };
-use verge_store::{Limits, NewVersion, StoreError, StoredVersion, UsageBy, UsageQuery, sha256_hex};
+use verge_store::{Limits, NewVersion, StoreError, UsageBy, UsageQuery, sha256_hex};
 
 use crate::error::ApiError;
 use crate::front;
-use crate::state::{AppState, Selector, function_of};
+use crate::state::{AppState, Selector};
 
 macro_rules! api_routes {
     ($( $method:ident $path:literal => $handler:expr ),* $(,)?) => {
@@ -218,7 +218,7 @@ async fn put_alias(
         Ok(s.store.aliases(&n)?)
     })
     .await?;
-    state.set_alias(&name, &alias, target.clone());
+    state.caught_up().await?;
     tracing::info!(function = %name, %alias, target = %target.describe(), "alias set");
     state.emit(
         crate::events::types::ALIAS_CHANGED,
@@ -243,13 +243,13 @@ async fn rollback_alias(
         Ok((t, s.store.aliases(&n)?))
     })
     .await?;
+    state.caught_up().await?;
     tracing::info!(function = %name, %alias, target = %target.describe(), "alias rolled back");
     state.emit(
         crate::events::types::ALIAS_CHANGED,
         &format!("{name}/{alias}"),
         serde_json::json!({ "function": name, "alias": alias, "target": target, "rollback": true }),
     );
-    state.set_alias(&name, &alias, target);
     Ok(Json(find_alias(aliases, &alias)?))
 }
 
@@ -263,7 +263,7 @@ async fn delete_alias(
     let s = state.clone();
     let (n, a) = (name.clone(), alias.clone());
     blocking(move || Ok(s.store.delete_alias(&n, &a)?)).await?;
-    state.remove_alias(&name, &alias);
+    state.caught_up().await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -277,7 +277,9 @@ async fn collect(state: &Arc<AppState>, name: &str) {
     match blocking(move || Ok(s.store.collect_versions(&n, keep)?)).await {
         Ok(c) if c.versions.is_empty() => {}
         Ok(c) => {
-            state.remove_versions(name, &c.versions);
+            if let Err(e) = state.caught_up().await {
+                tracing::warn!(function = %name, error = %e, "retention removed versions the node still lists");
+            }
             let files: usize = c.artifacts.iter().map(|sha| state.host.forget(sha)).sum();
             tracing::info!(function = %name, versions = ?c.versions, artifacts = c.artifacts.len(), compiled_files = files, "retention removed old versions");
         }
@@ -296,7 +298,7 @@ async fn delete_function(
     let s = state.clone();
     let n = name.clone();
     let orphans = blocking(move || Ok(s.store.delete_function(&n)?)).await?;
-    state.uninstall(&name);
+    state.caught_up().await?;
     for sha in &orphans {
         state.host.forget(sha);
     }
@@ -310,7 +312,6 @@ async fn delete_function(
         &name,
         serde_json::json!({ "function": name }),
     );
-    state.refresh_routes()?;
     tracing::info!(function = %name, "function deleted");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -529,40 +530,45 @@ pub(crate) async fn deploy(
         opts.tenant.clone(),
     );
     let body = bytes.clone();
+    // The projection gives the new version's slot this code (see
+    // `AppState::preloaded`), once it reads the version from the registry.
+    let loaded = Arc::new(loaded);
+    state
+        .preloaded
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(sha.clone(), loaded.clone());
     let created = blocking(move || {
         let stored = s.store.put_artifact(&body)?;
         debug_assert_eq!(stored, loaded.sha256());
-        let created = s.store.create_version(&NewVersion {
-            function: &fname,
-            sha256: &stored,
-            size,
-            env: &env,
-            limits,
-            buckets: &buckets,
-            tenant: &tenant,
-            routes: &routes,
-            deployed_by: &by,
-            promote,
-        })?;
-        let stored = StoredVersion {
-            function: fname,
-            version: created.version,
-            sha256: stored,
-            env,
-            limits,
-            buckets,
-            tenant,
-        };
-        let function = function_of(&stored, Arc::new(loaded));
-        s.put_version(stored, Some(function));
-        Ok(created)
+        s.store
+            .create_version(&NewVersion {
+                function: &fname,
+                sha256: &stored,
+                size,
+                env: &env,
+                limits,
+                buckets: &buckets,
+                tenant: &tenant,
+                routes: &routes,
+                deployed_by: &by,
+                promote,
+            })
+            .map_err(ApiError::from)
     })
-    .await?;
+    .await;
+    let caught_up = match created {
+        Ok(_) => state.caught_up().await,
+        Err(_) => Ok(()),
+    };
+    state
+        .preloaded
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(&sha);
+    let created = created?;
+    caught_up?;
     steps.done("store");
-    if created.promoted {
-        state.set_alias(name, LIVE_ALIAS, AliasTarget::single(created.version));
-    }
-    state.refresh_routes()?;
     steps.done("promote");
     drop(_guard);
     // The version's slot holds the loaded code now; optimize it if it is baseline.
@@ -950,7 +956,8 @@ async fn invoke_with(
 }
 
 async fn list_routes(State(state): State<Arc<AppState>>) -> Result<Json<Vec<Route>>, ApiError> {
-    Ok(Json(state.store.routes()?))
+    let s = state.clone();
+    Ok(Json(blocking(move || Ok(s.store.routes()?)).await?))
 }
 
 async fn put_route(
@@ -963,10 +970,15 @@ async fn put_route(
     let alias = req.alias.unwrap_or_else(|| LIVE_ALIAS.to_string());
     validate_alias_name(&alias)?;
     let _guard = state.deploy_lock.lock().await;
-    state
-        .store
-        .put_route(host.as_deref(), &path, &req.function, &alias)?;
-    state.refresh_routes()?;
+    let s = state.clone();
+    let (h, p, f, a) = (
+        host.clone(),
+        path.clone(),
+        req.function.clone(),
+        alias.clone(),
+    );
+    blocking(move || Ok(s.store.put_route(h.as_deref(), &p, &f, &a)?)).await?;
+    state.caught_up().await?;
     Ok(Json(Route {
         host,
         path,
@@ -994,8 +1006,9 @@ async fn delete_route(
         )
     })?;
     let _guard = state.deploy_lock.lock().await;
-    state.store.delete_route(host.as_deref(), &path)?;
-    state.refresh_routes()?;
+    let s = state.clone();
+    blocking(move || Ok(s.store.delete_route(host.as_deref(), &path)?)).await?;
+    state.caught_up().await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -177,19 +177,13 @@ pub(crate) struct NewToken {
     scope: Option<String>,
 }
 
-fn refresh_tokens(state: &AppState) -> Result<(), ApiError> {
-    let fresh = state.store.token_hashes()?;
-    *state
-        .token_hashes
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
-    Ok(())
-}
-
 pub(crate) async fn list_tokens(
     axum::extract::State(state): State<Arc<AppState>>,
 ) -> Result<axum::Json<Vec<verge_spec::TokenInfo>>, ApiError> {
-    Ok(axum::Json(state.store.tokens()?))
+    let s = state.clone();
+    Ok(axum::Json(
+        crate::api::blocking(move || Ok(s.store.tokens()?)).await?,
+    ))
 }
 
 pub(crate) async fn create_token(
@@ -221,18 +215,20 @@ pub(crate) async fn create_token(
         }
     }
     let token = new_token();
-    if !state.store.create_token(
-        &req.name,
-        &hash_token(&token),
-        req.tenant.as_deref(),
-        req.scope.as_deref(),
-    )? {
+    let (s, hash) = (state.clone(), hash_token(&token));
+    let (name, tenant, scope) = (req.name.clone(), req.tenant.clone(), req.scope.clone());
+    let created = crate::api::blocking(move || {
+        Ok(s.store
+            .create_token(&name, &hash, tenant.as_deref(), scope.as_deref())?)
+    })
+    .await?;
+    if !created {
         return Err(ApiError::Conflict(format!(
             "a token named {:?} exists; pick another name, or remove it first with `verge token rm {}`",
             req.name, req.name
         )));
     }
-    refresh_tokens(&state)?;
+    state.caught_up().await?;
     Ok((
         http::StatusCode::CREATED,
         axum::Json(serde_json::json!({
@@ -248,7 +244,8 @@ pub(crate) async fn delete_token(
     State(state): State<Arc<AppState>>,
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Result<http::StatusCode, ApiError> {
-    let tokens = state.store.tokens()?;
+    let s = state.clone();
+    let tokens = crate::api::blocking(move || Ok(s.store.tokens()?)).await?;
     let Some(t) = tokens.iter().find(|t| t.name == name) else {
         return Err(ApiError::NotFound(format!(
             "no token named {name:?}; list them with `verge token ls`"
@@ -260,7 +257,8 @@ pub(crate) async fn delete_token(
             "{name:?} is the last admin token; create another admin token first"
         )));
     }
-    state.store.delete_token(&name)?;
-    refresh_tokens(&state)?;
+    let (s, n) = (state.clone(), name.clone());
+    crate::api::blocking(move || Ok(s.store.delete_token(&n)?)).await?;
+    state.caught_up().await?;
     Ok(http::StatusCode::NO_CONTENT)
 }

@@ -8,6 +8,7 @@ mod error;
 mod events;
 mod front;
 mod kv;
+mod projection;
 mod reserve;
 mod server;
 mod state;
@@ -306,7 +307,9 @@ impl Node {
             }
             Ok(())
         }));
-        let token_hashes = store.token_hashes()?;
+        let store = Arc::new(store);
+        let registry: Arc<dyn verge_store::Registry> =
+            Arc::new(verge_store::SqliteRegistry::new(store.clone()));
         let state = Arc::new(AppState::new(
             store,
             host,
@@ -315,9 +318,9 @@ impl Node {
             kv,
             wake,
             Settings {
+                registry,
                 data_dir: data_dir.clone(),
                 max_upload: config.max_upload,
-                token_hashes,
                 ceilings: Ceilings {
                     timeout: config.timeout,
                     memory: config.memory_limit,
@@ -343,8 +346,8 @@ impl Node {
             },
         ));
 
-        report.functions = register_all(&state)?;
-        state.refresh_routes()?;
+        state.reload_all().await?;
+        report.functions = state.function_count();
         report.load_time = started.elapsed();
 
         let listener =
@@ -441,6 +444,7 @@ impl Node {
     fn spawn_background(&self) -> Background {
         let s = &self.state;
         let mut tasks = vec![
+            tokio::spawn(projection::follow(s.clone())),
             tokio::spawn(events::dispatcher(s.clone())),
             tokio::spawn(events::scheduler(s.clone())),
             tokio::spawn(kv::collect(s.clone())),
@@ -589,18 +593,6 @@ async fn retention(state: Arc<AppState>, policy: verge_store::Retention, every: 
             }
         }
     }
-}
-
-/// Registers every stored version and alias; each version is loaded (from
-/// the compile cache) by its first request. Returns how many functions.
-fn register_all(state: &AppState) -> Result<usize, NodeError> {
-    for v in state.store.stored_versions()? {
-        state.register(v);
-    }
-    for (function, alias, target) in state.store.all_aliases()? {
-        state.set_alias(&function, &alias, target);
-    }
-    Ok(state.function_count())
 }
 
 /// The machine's physical memory, bytes (`MemTotal` of /proc/meminfo).

@@ -11,7 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use verge_host::{Function, Host, LoadedComponent};
 use verge_spec::{AliasTarget, Route};
-use verge_store::{Ledger, Store, StoredVersion};
+use verge_store::{Ledger, Registry, Store, StoredVersion};
 
 use crate::error::ApiError;
 
@@ -37,9 +37,9 @@ impl VersionSlot {
 
 /// A function's versions and aliases as the request path sees them.
 #[derive(Default)]
-struct FunctionEntry {
-    versions: HashMap<u64, Arc<VersionSlot>>,
-    aliases: HashMap<String, AliasTarget>,
+pub(crate) struct FunctionEntry {
+    pub versions: HashMap<u64, Arc<VersionSlot>>,
+    pub aliases: HashMap<String, AliasTarget>,
 }
 
 /// Which version a request asks for.
@@ -181,9 +181,10 @@ pub(crate) struct BodyLimits {
 
 /// The node's settings as handlers see them.
 pub(crate) struct Settings {
+    /// The registry the node's tables follow.
+    pub registry: Arc<dyn Registry>,
     pub data_dir: PathBuf,
     pub max_upload: usize,
-    pub token_hashes: Vec<verge_store::TokenHash>,
     pub ceilings: Ceilings,
     pub prices: Prices,
     pub admission: Admission,
@@ -198,7 +199,17 @@ pub(crate) struct Settings {
 
 /// Everything a handler needs.
 pub struct AppState {
-    pub(crate) store: Store,
+    pub(crate) store: Arc<Store>,
+    /// What the tables below are a projection of (`projection`).
+    pub(crate) registry: Arc<dyn Registry>,
+    /// The registry revision the tables have applied.
+    pub(crate) applied: tokio::sync::watch::Sender<u64>,
+    /// Held while changes are applied (one applier at a time).
+    pub(crate) applying: tokio::sync::Mutex<()>,
+    /// Code a deploy on this node has loaded, by sha256: the projection
+    /// hands it to the version's slot, so its first request need not load
+    /// it again.
+    pub(crate) preloaded: std::sync::Mutex<HashMap<String, Arc<LoadedComponent>>>,
     pub(crate) host: Host,
     pub(crate) ledger: Arc<Ledger>,
     pub(crate) data_dir: PathBuf,
@@ -227,13 +238,13 @@ pub struct AppState {
     pub(crate) kv_grace: std::time::Duration,
     /// The peers this node syncs with (their URLs).
     pub(crate) peer_urls: Vec<String>,
-    functions: RwLock<HashMap<String, FunctionEntry>>,
+    pub(crate) functions: RwLock<HashMap<String, FunctionEntry>>,
     routes: RwLock<Arc<Vec<Route>>>,
 }
 
 impl AppState {
     pub(crate) fn new(
-        store: Store,
+        store: Arc<Store>,
         host: Host,
         ledger: Arc<Ledger>,
         bus: Arc<dyn verge_bus::Bus>,
@@ -243,11 +254,15 @@ impl AppState {
     ) -> Self {
         Self {
             store,
+            registry: settings.registry,
+            applied: tokio::sync::watch::Sender::new(0),
+            applying: tokio::sync::Mutex::new(()),
+            preloaded: Default::default(),
             host,
             ledger,
             data_dir: settings.data_dir,
             max_upload: settings.max_upload,
-            token_hashes: RwLock::new(settings.token_hashes),
+            token_hashes: RwLock::default(),
             deploy_lock: tokio::sync::Mutex::new(()),
             ceilings: settings.ceilings,
             prices: settings.prices,
@@ -376,7 +391,7 @@ impl AppState {
         Ok(function_of(v, Arc::new(component)))
     }
 
-    fn slot(&self, stored: StoredVersion, loaded: Option<Function>) -> Arc<VersionSlot> {
+    pub(crate) fn slot(&self, stored: StoredVersion, loaded: Option<Function>) -> Arc<VersionSlot> {
         let limits = stored.limits;
         Arc::new(VersionSlot {
             bodies: BodyLimits {
@@ -396,69 +411,6 @@ impl AppState {
         })
     }
 
-    /// Registers a stored version, to be loaded by its first request.
-    pub(crate) fn register(&self, stored: StoredVersion) {
-        self.put_version(stored, None);
-    }
-
-    /// Adds a version (its code loaded when `loaded` is given). A version
-    /// already held keeps its slot, and gets the code if it had none.
-    pub(crate) fn put_version(&self, stored: StoredVersion, loaded: Option<Function>) {
-        let mut functions = self
-            .functions
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        let entry = functions.entry(stored.function.clone()).or_default();
-        match entry.versions.get(&stored.version) {
-            Some(slot) => {
-                if let Some(f) = loaded {
-                    let _ = slot.loaded.set(f);
-                }
-            }
-            None => {
-                let version = stored.version;
-                let slot = self.slot(stored, loaded);
-                entry.versions.insert(version, slot);
-            }
-        }
-    }
-
-    /// Points an alias of `name` at `target` (one atomic swap for requests).
-    pub(crate) fn set_alias(&self, name: &str, alias: &str, target: AliasTarget) {
-        self.functions
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(name.to_string())
-            .or_default()
-            .aliases
-            .insert(alias.to_string(), target);
-    }
-
-    pub(crate) fn remove_alias(&self, name: &str, alias: &str) {
-        if let Some(f) = self
-            .functions
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_mut(name)
-        {
-            f.aliases.remove(alias);
-        }
-    }
-
-    /// Drops versions retention removed (requests holding them finish).
-    pub(crate) fn remove_versions(&self, name: &str, versions: &[u64]) {
-        if let Some(f) = self
-            .functions
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_mut(name)
-        {
-            for v in versions {
-                f.versions.remove(v);
-            }
-        }
-    }
-
     /// The tier of each loaded version of `name`.
     pub(crate) fn tiers(&self, name: &str) -> HashMap<u64, &'static str> {
         self.functions
@@ -472,14 +424,6 @@ impl AppState {
                     .collect()
             })
             .unwrap_or_default()
-    }
-
-    pub(crate) fn uninstall(&self, name: &str) {
-        self.admission.forget(name);
-        self.functions
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(name);
     }
 
     /// Waits for a slot of the version and of the node: at once if free, else in
@@ -544,9 +488,18 @@ impl AppState {
             .len()
     }
 
-    /// Reloads the route table from the store.
-    pub(crate) fn refresh_routes(&self) -> Result<(), verge_store::StoreError> {
-        let mut routes = self.store.routes()?;
+    /// The names of the functions the node holds.
+    pub(crate) fn function_names(&self) -> Vec<String> {
+        self.functions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Replaces the route table.
+    pub(crate) fn set_routes(&self, mut routes: Vec<Route>) {
         // Most specific first: host-bound before any-host, then longer paths.
         routes.sort_by(|a, b| {
             b.host
@@ -555,7 +508,6 @@ impl AppState {
                 .then(b.path.len().cmp(&a.path.len()))
         });
         *self.routes.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(routes);
-        Ok(())
     }
 
     /// The route serving `host` + `path`, if any.

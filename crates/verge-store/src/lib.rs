@@ -20,8 +20,10 @@ use verge_spec::{
     UsageReport, UsageRow, VersionInfo, rfc3339,
 };
 
+mod feed;
 mod ledger;
 mod retention;
+pub use feed::{Change, Changes, FunctionState, Registry, SqliteRegistry, Subject};
 pub use ledger::{BATCH_MAX, FLUSH_INTERVAL, Ledger};
 pub use retention::{Pruned, Pruner, Retention};
 
@@ -107,7 +109,7 @@ pub struct TokenHash {
 }
 
 /// A stored version as the node loads it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoredVersion {
     pub function: String,
     pub version: u64,
@@ -194,6 +196,8 @@ impl Limits {
 /// The embedded store (see the crate docs).
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Counts commits on `conn`: wakes readers of the change feed.
+    commits: tokio::sync::watch::Sender<u64>,
     artifacts: PathBuf,
     /// Held for the life of the store: one node per data directory.
     _lock: fs::File,
@@ -349,6 +353,7 @@ impl Store {
             }
         }
         conn.execute_batch(INDEXES)?;
+        conn.execute_batch(feed::SCHEMA)?;
         conn.execute_batch(ledger::SCHEMA)?;
         // Invocation records from before the error column.
         let has_error: i64 = conn.query_row(
@@ -359,8 +364,16 @@ impl Store {
         if has_error == 0 {
             conn.execute_batch("ALTER TABLE invocations ADD COLUMN error TEXT")?;
         }
+        let commits = tokio::sync::watch::Sender::new(0u64);
+        let signal = commits.clone();
+        conn.commit_hook(Some(move || {
+            signal.send_modify(|n| *n = n.wrapping_add(1));
+            // Never vetoes the commit.
+            false
+        }));
         Ok(Self {
             conn: Mutex::new(conn),
+            commits,
             artifacts,
             _lock: lock,
         })

@@ -1,0 +1,277 @@
+//! The node's in-memory tables (functions with their versions and aliases,
+//! routes, token hashes) as a projection of the registry's change feed.
+//!
+//! One task follows the feed and reloads each subject a change names; no
+//! handler patches the tables. A handler that wrote to the registry waits
+//! until the projection has applied the registry's head ([`AppState::caught_up`]),
+//! so that its client's next request sees the write. Changes made by anyone
+//! else (another node, once the registry is shared) arrive the same way.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use verge_store::{Changes, FunctionState, StoreError, Subject};
+
+use crate::error::ApiError;
+use crate::state::{AppState, FunctionEntry};
+
+/// How long a wait for the feed lasts before it is asked again (it also
+/// bounds how late a lost wake-up can make a change).
+const WAIT: Duration = Duration::from_secs(1);
+
+/// How long a handler waits for the projection to apply its write.
+const CATCH_UP: Duration = Duration::from_secs(10);
+
+impl AppState {
+    /// Loads every subject as of the registry's head: at start, and when the
+    /// feed no longer reaches back to the last revision applied.
+    pub(crate) async fn reload_all(&self) -> Result<u64, StoreError> {
+        let head = self.registry.head().await?;
+        let functions = self.registry.functions().await?;
+        let routes = self.registry.routes().await?;
+        let tokens = self.registry.token_hashes().await?;
+        let names: BTreeSet<String> = functions.iter().map(|f| f.name.clone()).collect();
+        let gone: Vec<String> = self
+            .function_names()
+            .into_iter()
+            .filter(|n| !names.contains(n))
+            .collect();
+        for name in gone {
+            self.apply_function(&name, None);
+        }
+        for f in functions {
+            let name = f.name.clone();
+            self.apply_function(&name, Some(f));
+        }
+        self.set_routes(routes);
+        self.set_token_hashes(tokens);
+        self.applied.send_replace(head);
+        Ok(head)
+    }
+
+    /// Applies every change after the revision applied so far, up to the
+    /// registry's head as of the call. One caller at a time: the follower
+    /// and handlers that wait for their own writes share it.
+    async fn catch_up(&self) -> Result<(), StoreError> {
+        let head = self.registry.head().await?;
+        let _one = self.applying.lock().await;
+        loop {
+            let at = *self.applied.borrow();
+            if at >= head {
+                return Ok(());
+            }
+            let batch = match self.registry.changes(at, Duration::ZERO).await? {
+                // Below the head, yet nothing after it: the log was replaced.
+                None => {
+                    self.reload_all().await?;
+                    return Ok(());
+                }
+                Some(Changes::Gap(_)) => {
+                    tracing::info!(
+                        revision = at,
+                        "the registry's log no longer reaches back to this node's tables; reloading them whole"
+                    );
+                    self.reload_all().await?;
+                    return Ok(());
+                }
+                Some(Changes::Batch(b)) => b,
+            };
+            let Some(last) = batch.last().map(|c| c.revision) else {
+                return Ok(());
+            };
+            // Each subject once, however often it changed.
+            let subjects: BTreeSet<Subject> = batch.into_iter().map(|c| c.subject).collect();
+            for subject in subjects {
+                match subject {
+                    Subject::Function(name) => {
+                        let state = self.registry.function(&name).await?;
+                        self.apply_function(&name, state);
+                    }
+                    Subject::Routes => {
+                        let routes = self.registry.routes().await?;
+                        self.set_routes(routes);
+                    }
+                    Subject::Tokens => {
+                        let tokens = self.registry.token_hashes().await?;
+                        self.set_token_hashes(tokens);
+                    }
+                }
+            }
+            self.applied.send_replace(last);
+        }
+    }
+
+    /// Replaces one function's entry by the registry's: versions still there
+    /// keep their slots (loaded code, concurrency), new ones get a slot with
+    /// the code a deploy on this node loaded, if any.
+    pub(crate) fn apply_function(&self, name: &str, state: Option<FunctionState>) {
+        let mut functions = self
+            .functions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(state) = state else {
+            if functions.remove(name).is_some() {
+                self.admission.forget(name);
+            }
+            return;
+        };
+        let old = functions.remove(name).unwrap_or_default();
+        let mut entry = FunctionEntry::default();
+        for v in state.versions {
+            let slot = match old.versions.get(&v.version) {
+                // Versions are immutable: the same number with the same
+                // record is the same version (a function deleted and
+                // created again between two reads may reuse a number).
+                Some(slot) if slot.stored == v => slot.clone(),
+                _ => {
+                    let loaded = self
+                        .preloaded
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .get(&v.sha256)
+                        .cloned()
+                        .map(|c| crate::state::function_of(&v, c));
+                    self.slot(v.clone(), loaded)
+                }
+            };
+            entry.versions.insert(v.version, slot);
+        }
+        entry.aliases = state.aliases.into_iter().collect::<HashMap<_, _>>();
+        functions.insert(name.to_string(), entry);
+    }
+
+    fn set_token_hashes(&self, tokens: Vec<verge_store::TokenHash>) {
+        *self
+            .token_hashes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = tokens;
+    }
+
+    /// Brings the tables up to every change the registry holds now: a
+    /// handler calls it after its write, before it answers, so that its
+    /// client's next request sees the write.
+    pub(crate) async fn caught_up(&self) -> Result<(), ApiError> {
+        match tokio::time::timeout(CATCH_UP, self.catch_up()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ApiError::Internal(format!(
+                "the change was stored, but this node's tables could not apply it: {e}"
+            ))),
+            Err(_) => Err(ApiError::Internal(format!(
+                "the change was stored, but this node's tables did not apply it within {}s; the node log says why",
+                CATCH_UP.as_secs()
+            ))),
+        }
+    }
+}
+
+/// Follows the registry's feed for the life of the node: waits for a change
+/// after the revision applied, then catches up. A failed read is logged and
+/// retried; the tables keep what they have meanwhile.
+pub(crate) async fn follow(state: Arc<AppState>) {
+    let mut failing = false;
+    loop {
+        let at = *state.applied.borrow();
+        let step = async {
+            if state.registry.changes(at, WAIT).await?.is_some() {
+                state.catch_up().await?;
+            }
+            Ok::<_, StoreError>(())
+        };
+        match step.await {
+            Ok(()) => failing = false,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, revision = at, "could not read the registry's changes; requests are served from the tables as they are, retrying");
+                }
+                failing = true;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Selector;
+
+    const HELLO: &[u8] = include_bytes!("../../../examples/hello.wasm");
+
+    async fn eventually(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("{what}: never reached the node's tables");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn changes_no_handler_made_reach_the_tables_through_the_feed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::NodeConfig::new(dir.path());
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        let node = crate::Node::start(config).await.unwrap();
+        node.deploy("f", HELLO.to_vec(), Some("/f")).await.unwrap();
+        let state = node.state.clone();
+        // The follower runs from here on.
+        let _running = node.in_process();
+        let live = |s: &AppState| {
+            s.resolve("f", Selector::Alias("live"), |_| None)
+                .ok()
+                .map(|v| v.stored.version)
+        };
+        assert_eq!(live(&state), Some(1));
+
+        // Written to the registry with no handler involved, as another
+        // node's writes arrive: a route, a new live version, a token.
+        let store = state.store.clone();
+        store.put_route(None, "/g", "f", "live").unwrap();
+        eventually("a route", || state.match_route(None, "/g/x").is_some()).await;
+
+        let sha = store.put_artifact(HELLO).unwrap();
+        let env = vec![("K".to_string(), "v".to_string())];
+        let created = store
+            .create_version(&verge_store::NewVersion {
+                function: "f",
+                sha256: &sha,
+                size: HELLO.len() as u64,
+                env: &env,
+                limits: verge_store::Limits::default(),
+                buckets: &[],
+                tenant: "default",
+                routes: &[],
+                deployed_by: "test",
+                promote: true,
+            })
+            .unwrap();
+        assert_eq!(created.version, 2);
+        eventually("a new live version", || live(&state) == Some(2)).await;
+        // The version already held kept its slot.
+        assert!(state.resolve("f", Selector::Version(1), |_| None).is_ok());
+
+        store
+            .create_token("other", "hash-of-other", None, None)
+            .unwrap();
+        eventually("a token", || {
+            state
+                .token_hashes
+                .read()
+                .unwrap()
+                .iter()
+                .any(|t| t.name == "other")
+        })
+        .await;
+
+        store.delete_function("f").unwrap();
+        // Its routes went with it (one transaction, applied in one batch).
+        eventually("a deleted function and its routes", || {
+            !state.has_function("f")
+                && state.match_route(None, "/g/x").is_none()
+                && state.match_route(None, "/f").is_none()
+        })
+        .await;
+    }
+}
