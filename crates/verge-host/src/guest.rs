@@ -818,6 +818,7 @@ mod tests {
             handle: slow.handle().unwrap(),
             budget: Duration::from_millis(10),
             demoted: Arc::default(),
+            crowd: Arc::new(crate::lanes::Crowd::new(2)),
         };
         let moved = Arc::new(crate::lanes::Moved::default());
         let task = tokio::spawn(

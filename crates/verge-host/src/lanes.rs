@@ -3,14 +3,18 @@
 //! for more than a budget moves to the slow lane: a runtime of its own whose
 //! threads run at a lower priority (nice 5: a third of a normal thread's
 //! weight). Short requests keep the cores; long-running and spinning guests
-//! get what is left (on an idle machine, all of it). Nice 19 served
+//! get what is left (on an idle machine, all of it). The budget holds while
+//! the fast lane has a thread for each guest that keeps the CPU there: one
+//! more, and it moves at once ([`Crowd`]), so that a burst of spinners of a
+//! component with no reputation yet does not hold the fast lane (and the
+//! callers' timers on it) for their whole budget. Nice 19 served
 //! neighbours marginally better but let any busy process on the machine
 //! starve a demoted guest into its time limit.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -130,6 +134,31 @@ pub(crate) struct Lane {
     pub budget: Duration,
     /// Invocations moved so far.
     pub demoted: Arc<AtomicU64>,
+    /// The guests keeping the CPU on the fast lane.
+    pub crowd: Arc<Crowd>,
+}
+
+/// Invocations on the fast lane that keep the CPU: each has come back from
+/// a poll that used [`Crowd::HOGGING`] or more without finishing (a guest
+/// interrupted at an epoch tick; one waiting for I/O uses far less). While
+/// there are no more of them than the lane has threads, each keeps the
+/// lane until its budget is used; past that, the next one moves at once.
+#[derive(Debug)]
+pub(crate) struct Crowd {
+    hogging: AtomicUsize,
+    threads: usize,
+}
+
+impl Crowd {
+    /// CPU time of one poll that counts as keeping the CPU.
+    const HOGGING: u64 = 500_000;
+
+    pub(crate) fn new(threads: usize) -> Self {
+        Self {
+            hogging: AtomicUsize::new(0),
+            threads: threads.max(1),
+        }
+    }
 }
 
 enum Place<F: Future> {
@@ -169,6 +198,8 @@ pub(crate) struct Demoting<F: Future> {
     started_slow: bool,
     /// Told when the invocation moves.
     moved: Option<Arc<Moved>>,
+    /// Counted in the lane's crowd (on the fast lane, keeping the CPU).
+    hogging: bool,
 }
 
 impl<F> Demoting<F>
@@ -194,6 +225,14 @@ where
             reputation,
             started_slow,
             moved: None,
+            hogging: false,
+        }
+    }
+
+    /// Leaves the lane's crowd, if counted in it.
+    fn leave_crowd(&mut self) {
+        if std::mem::take(&mut self.hogging) {
+            self.slow.crowd.hogging.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -235,10 +274,21 @@ where
                 Place::Fast(f) => {
                     let start = this.clock.now();
                     let result = f.as_mut().poll(cx);
-                    this.used_ns += this.clock.now().saturating_sub(start);
+                    let used = this.clock.now().saturating_sub(start);
+                    this.used_ns += used;
                     let budget = u64::try_from(this.slow.budget.as_nanos()).unwrap_or(u64::MAX);
-                    let within = this.used_ns <= budget;
+                    let mut within = this.used_ns <= budget;
+                    if result.is_pending() && used >= Crowd::HOGGING && !this.hogging {
+                        this.hogging = true;
+                        let crowd = &this.slow.crowd;
+                        if crowd.hogging.fetch_add(1, Ordering::Relaxed) >= crowd.threads {
+                            // One more than the lane has threads: this one
+                            // moves now.
+                            within = false;
+                        }
+                    }
                     if result.is_ready() {
+                        this.leave_crowd();
                         // Under heavy contention a spinner may reach its time
                         // limit before it has used its budget (a slice every
                         // few hundred milliseconds): one that ends having used
@@ -255,6 +305,7 @@ where
                     let Place::Fast(f) = std::mem::replace(&mut this.lane, Place::Gone) else {
                         unreachable!("matched above")
                     };
+                    this.leave_crowd();
                     this.reputation.moved();
                     if let Some(m) = &this.moved {
                         m.set();
@@ -305,6 +356,9 @@ impl<F: Future> Drop for Demoting<F> {
         if let Place::Slow(h) = &self.lane {
             h.abort();
         }
+        if self.hogging {
+            self.slow.crowd.hogging.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -340,6 +394,7 @@ mod tests {
             handle: lane.handle().unwrap(),
             budget: Duration::from_millis(10),
             demoted: Arc::new(AtomicU64::new(0)),
+            crowd: Arc::new(Crowd::new(2)),
         };
         let rep = Arc::new(Reputation::default());
         // Two invocations that use up the budget: the component is heavy.
@@ -356,6 +411,53 @@ mod tests {
         assert!(!rep.heavy());
         let first = rt.block_on(Demoting::new(first_thread(1), slow.clone(), rep.clone()));
         assert!(!first.contains("slow-lane"), "{first}");
+    }
+
+    #[test]
+    fn a_guest_hogging_a_crowded_fast_lane_moves_before_its_budget() {
+        let lane = SlowLane::new().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let work = |polls: u32| async move {
+            let mut seen = Vec::new();
+            for _ in 0..polls {
+                busy(1);
+                seen.push(std::thread::current().name().unwrap_or("").to_string());
+                tokio::task::yield_now().await;
+            }
+            seen
+        };
+        // A fast lane of one thread, and a budget neither guest reaches.
+        let crowd = Arc::new(Crowd::new(1));
+        let slow = Lane {
+            handle: lane.handle().unwrap(),
+            budget: Duration::from_secs(10),
+            demoted: Arc::new(AtomicU64::new(0)),
+            crowd: crowd.clone(),
+        };
+        let (first, second) = rt.block_on(async {
+            tokio::join!(
+                Demoting::new(work(8), slow.clone(), Arc::default()),
+                Demoting::new(work(8), slow.clone(), Arc::default()),
+            )
+        });
+        // The first keeps the lane's one thread; the second, one too many,
+        // moves after its first poll.
+        assert!(first.iter().all(|n| !n.contains("slow-lane")), "{first:?}");
+        assert!(!second[0].contains("slow-lane"), "{second:?}");
+        assert!(
+            second[1..].iter().all(|n| n.contains("slow-lane")),
+            "{second:?}"
+        );
+        assert_eq!(slow.demoted.load(Ordering::Relaxed), 1);
+        assert_eq!(crowd.hogging.load(Ordering::Relaxed), 0);
+
+        // Alone, a guest keeps the fast lane until its budget.
+        let alone = rt.block_on(Demoting::new(work(8), slow.clone(), Arc::default()));
+        assert!(alone.iter().all(|n| !n.contains("slow-lane")), "{alone:?}");
+        assert_eq!(crowd.hogging.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -379,6 +481,7 @@ mod tests {
             handle: lane.handle().unwrap(),
             budget: Duration::from_millis(20),
             demoted: Arc::new(AtomicU64::new(0)),
+            crowd: Arc::new(Crowd::new(2)),
         };
         // Short work stays where it started.
         let seen = rt.block_on(Demoting::new(work(2), slow.clone(), Arc::default()));

@@ -444,6 +444,8 @@ pub struct Host {
     /// Where invocations past `demote_after` of CPU time continue.
     slow_lane: Option<lanes::SlowLane>,
     demoted: Arc<AtomicU64>,
+    /// Guests keeping the CPU on the fast lane (the node's runtime).
+    crowd: Arc<lanes::Crowd>,
     libraries_compiled: AtomicU64,
     libraries_reused: AtomicU64,
     /// Cranelift's incremental cache (compiled functions by IR hash).
@@ -522,6 +524,9 @@ impl Host {
             kv: None,
             slow_lane,
             demoted: Arc::new(AtomicU64::new(0)),
+            crowd: Arc::new(lanes::Crowd::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
             libraries_compiled: AtomicU64::new(0),
             libraries_reused: AtomicU64::new(0),
             functions,
@@ -535,6 +540,7 @@ impl Host {
             handle: self.slow_lane.as_ref()?.handle()?,
             budget: self.config.demote_after?,
             demoted: self.demoted.clone(),
+            crowd: self.crowd.clone(),
         })
     }
 

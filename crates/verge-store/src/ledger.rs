@@ -63,6 +63,8 @@ CREATE INDEX IF NOT EXISTS invocations_by_function ON invocations (function, sta
 
 struct Shared {
     pending: Mutex<Vec<UsageRecord>>,
+    /// The database's write-ahead log (`verge.db-wal`).
+    wal: std::path::PathBuf,
     wake: Condvar,
     conn: Mutex<Connection>,
     stop: AtomicBool,
@@ -95,6 +97,7 @@ impl Ledger {
         conn.execute_batch(SCHEMA)?;
         let shared = Arc::new(Shared {
             pending: Mutex::new(Vec::with_capacity(BATCH_MAX)),
+            wal: dir.join("verge.db-wal"),
             wake: Condvar::new(),
             conn: Mutex::new(conn),
             stop: AtomicBool::new(false),
@@ -145,7 +148,7 @@ impl Ledger {
     pub fn flush(&self) {
         let batch = std::mem::take(&mut *lock(&self.shared.pending));
         if !batch.is_empty()
-            && let Err(e) = commit(&mut lock(&self.shared.conn), &batch)
+            && let Err(e) = commit(&self.shared, &batch)
         {
             tracing::error!(error = %e, records = batch.len(), "could not commit usage records");
         }
@@ -187,7 +190,7 @@ fn write_loop(shared: &Shared) {
             std::mem::take(&mut *pending)
         };
         if !batch.is_empty()
-            && let Err(e) = commit(&mut lock(&shared.conn), &batch)
+            && let Err(e) = commit(shared, &batch)
         {
             tracing::error!(error = %e, records = batch.len(), "could not commit usage records; retrying");
             // Put them back in front, unless that would exceed the bound.
@@ -205,7 +208,28 @@ fn write_loop(shared: &Shared) {
     }
 }
 
-fn commit(conn: &mut Connection, batch: &[UsageRecord]) -> Result<(), rusqlite::Error> {
+/// Size of the write-ahead log past which the writer checkpoints it and
+/// truncates it (besides the checkpoint after each retention pass).
+const WAL_LIMIT: u64 = 64 << 20;
+
+/// Commits `batch`, then bounds the write-ahead log: SQLite's own
+/// checkpoints copy it into the database but leave the file as large as it
+/// grew, which under a steady stream of large records (before retention
+/// first prunes) was more than the retention bound itself.
+fn commit(shared: &Shared, batch: &[UsageRecord]) -> Result<(), rusqlite::Error> {
+    let conn = &mut lock(&shared.conn);
+    insert(conn, batch)?;
+    if std::fs::metadata(&shared.wal).is_ok_and(|m| m.len() > WAL_LIMIT) {
+        // Waits for readers up to the busy timeout, holding up this thread
+        // only (records queue meanwhile), never a request.
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+            tracing::debug!(error = %e, "could not truncate the write-ahead log; the next commit tries again");
+        }
+    }
+    Ok(())
+}
+
+fn insert(conn: &mut Connection, batch: &[UsageRecord]) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
         let mut stmt = tx.prepare_cached(

@@ -1737,6 +1737,24 @@ mod tests {
     }
 
     #[test]
+    fn the_ledger_keeps_the_write_ahead_log_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        // 96 MiB of output in one go, more than the log's bound (64 MiB).
+        let mib = "x".repeat(1 << 20);
+        for i in 0..96 {
+            let mut r = record(&format!("r{i}"), "f", 1_000);
+            r.stdout = Some(mib.clone());
+            ledger.record(r);
+        }
+        ledger.flush();
+        let wal = std::fs::metadata(dir.path().join("verge.db-wal")).map_or(0, |m| m.len());
+        assert!(wal <= 64 << 20, "the write-ahead log is {} MiB", wal >> 20);
+        assert_eq!(store.invocations(None, None, None, 100).unwrap().len(), 96);
+    }
+
+    #[test]
     fn ledger_batches_and_usage_prices() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
