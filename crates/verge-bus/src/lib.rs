@@ -71,7 +71,9 @@ pub struct Trigger {
     pub id: String,
     pub function: String,
     pub alias: String,
-    /// Event type; a trailing `*` matches a prefix.
+    /// Event type, matched segment by segment (segments are separated by
+    /// dots, as in NATS subjects): `*` matches any one segment, a final `>`
+    /// one or more.
     #[serde(rename = "type")]
     pub ty: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -84,11 +86,7 @@ pub struct Trigger {
 impl Trigger {
     /// Does `event` match this trigger?
     pub fn matches(&self, event: &CloudEvent) -> bool {
-        let type_ok = match self.ty.strip_suffix('*') {
-            Some(prefix) => event.ty.starts_with(prefix),
-            None => event.ty == self.ty,
-        };
-        type_ok
+        type_matches(&self.ty, &event.ty)
             && self.source.as_ref().is_none_or(|s| *s == event.source)
             && self.subject_prefix.as_ref().is_none_or(|p| {
                 event
@@ -97,6 +95,48 @@ impl Trigger {
                     .is_some_and(|subject| subject.starts_with(p.as_str()))
             })
     }
+}
+
+/// Does event type `ty` match `pattern`? Segment by segment, as NATS
+/// matches subjects: `*` is any one segment, a final `>` is one or more
+/// (`com.acme.*` matches `com.acme.order`, not `com.acme.order.created`;
+/// `com.acme.>` matches both, and not `com.acme`).
+pub fn type_matches(pattern: &str, ty: &str) -> bool {
+    let (mut p, mut t) = (pattern.split('.'), ty.split('.'));
+    loop {
+        match (p.next(), t.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Checks a trigger's type pattern: non-empty segments, wildcards only as
+/// whole segments, `>` only last.
+pub fn check_type_pattern(pattern: &str) -> Result<(), String> {
+    let hint = "give a type such as com.acme.order.created, with * for any one dot-separated segment (com.acme.*.created) or a final > for one or more (dev.verge.>)";
+    let segments: Vec<&str> = pattern.split('.').collect();
+    for (i, seg) in segments.iter().enumerate() {
+        if seg.is_empty() {
+            return Err(format!(
+                "event type {pattern:?} has an empty segment: {hint}"
+            ));
+        }
+        if *seg == ">" && i + 1 != segments.len() {
+            return Err(format!(
+                "event type {pattern:?}: > matches the rest, so it comes last: {hint}"
+            ));
+        }
+        if seg.len() > 1 && (seg.contains('*') || seg.contains('>')) {
+            return Err(format!(
+                "event type {pattern:?}: a wildcard stands for a whole segment ({seg:?} mixes it with text): {hint}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Retry policy and destinations of a function's asynchronous work.
@@ -491,11 +531,7 @@ impl Bus for SqliteBus {
         source: Option<&str>,
         subject_prefix: Option<&str>,
     ) -> Result<Trigger, BusError> {
-        if ty.is_empty() || ty.strip_suffix('*').unwrap_or(ty).contains('*') {
-            return Err(BusError::Invalid(format!(
-                "event type {ty:?}: give a type such as com.acme.order.created, or a prefix ending in * (dev.verge.function.*)"
-            )));
-        }
+        check_type_pattern(ty).map_err(BusError::Invalid)?;
         let t = Trigger {
             id: new_id("trg_"),
             function: function.to_string(),
@@ -1036,6 +1072,43 @@ mod tests {
     }
 
     #[test]
+    fn wildcards_match_whole_segments_as_nats_subjects_do() {
+        for (pattern, ty, want) in [
+            ("com.acme.order", "com.acme.order", true),
+            ("com.acme.order", "com.acme.orders", false),
+            ("com.acme.*", "com.acme.order", true),
+            ("com.acme.*", "com.acme.order.created", false),
+            ("com.acme.*", "com.acme", false),
+            ("com.*.created", "com.acme.created", true),
+            ("com.*.created", "com.acme.order.created", false),
+            ("com.acme.>", "com.acme.order", true),
+            ("com.acme.>", "com.acme.order.created", true),
+            ("com.acme.>", "com.acme", false),
+            ("com.acme.>", "com.acmeinc.order", false),
+            (">", "anything.at.all", true),
+            ("*", "one", true),
+            ("*", "one.two", false),
+        ] {
+            assert_eq!(type_matches(pattern, ty), want, "{pattern} ~ {ty}");
+        }
+        for bad in [
+            "",
+            "com..acme",
+            "com.acme.",
+            "com.ac*",
+            "com.>.x",
+            "com.a>",
+            "*x",
+        ] {
+            let e = check_type_pattern(bad).unwrap_err();
+            assert!(e.contains("com.acme.order.created"), "{bad}: {e}");
+        }
+        for good in ["com.acme", "com.*.x", "com.acme.>", ">", "*"] {
+            check_type_pattern(good).unwrap();
+        }
+    }
+
+    #[test]
     fn an_expired_lease_is_claimed_again_and_a_live_one_is_not() {
         let dir = tempfile::tempdir().unwrap();
         let mut bus = SqliteBus::open(dir.path()).unwrap();
@@ -1100,10 +1173,10 @@ mod tests {
         let bus = SqliteBus::open(dir.path()).unwrap();
         bus.add_trigger("f", "live", "com.acme.caf\u{e9}", None, None)
             .unwrap();
-        bus.add_trigger("f", "live", "com.\u{e9}*", None, None)
+        bus.add_trigger("f", "live", "com.\u{e9}.*", None, None)
             .unwrap();
         assert!(
-            bus.add_trigger("f", "live", "com.*.\u{e9}", None, None)
+            bus.add_trigger("f", "live", "com.\u{e9}*", None, None)
                 .is_err()
         );
         assert!(bus.add_trigger("f", "live", "\u{e9}", None, None).is_ok());

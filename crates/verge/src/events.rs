@@ -11,7 +11,7 @@ use crate::{print_json, query_string, table};
 
 #[derive(Subcommand)]
 pub enum TriggerAction {
-    /// Deliver events of a type (a trailing * matches a prefix) to a function
+    /// Deliver events of a type to a function (`*` matches one dot-separated segment, a final `>` the rest)
     Add {
         name: String,
         /// Event type, for example com.acme.order.created or dev.verge.function.*
