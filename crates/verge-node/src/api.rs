@@ -100,6 +100,8 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 
 async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
     let stats = state.host.stats();
+    let s = state.clone();
+    let jobs = blocking(move || Ok(s.bus.depth()?)).await.unwrap_or(0);
     Json(Health {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -108,7 +110,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
         cache_hits: stats.cache_hits,
         baseline: stats.baseline,
         optimized: stats.optimized,
-        jobs: state.bus.depth().unwrap_or(0),
+        jobs,
         queued: state.admission.queued() as u64,
         running: state.admission.running() as u64,
         demoted: stats.demoted,

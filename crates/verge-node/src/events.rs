@@ -152,13 +152,11 @@ pub(crate) async fn outbox(state: Arc<AppState>, outbox: Arc<Outbox>) {
 }
 
 impl AppState {
-    /// Emits a platform event.
+    /// Emits a platform event: queued in the outbox, committed off the
+    /// runtime's threads (never a SQLite commit in a handler or a task).
     pub(crate) fn emit(&self, ty: &str, subject: &str, data: Value) {
-        publish(
-            &*self.bus,
-            &self.wake,
-            vec![platform_event(&self.node_name, ty, subject, data)],
-        );
+        self.outbox
+            .push(platform_event(&self.node_name, ty, subject, data));
     }
 
     /// Emits a platform event on behalf of something at `hops` in an event
@@ -168,7 +166,7 @@ impl AppState {
     pub(crate) fn emit_caused(&self, ty: &str, subject: &str, data: Value, hops: u32) {
         let mut e = platform_event(&self.node_name, ty, subject, data);
         e.set_hops(verge_spec::next_hop(hops));
-        publish(&*self.bus, &self.wake, vec![e]);
+        self.outbox.push(e);
     }
 }
 
@@ -607,7 +605,8 @@ pub(crate) async fn dispatcher(state: Arc<AppState>) {
         let wait = if free == 0 {
             Duration::from_secs(1)
         } else {
-            match state.bus.next_due_ms() {
+            let s = state.clone();
+            match blocking(move || Ok(s.bus.next_due_ms()?)).await {
                 Ok(Some(next)) => {
                     Duration::from_millis((next - verge_bus::now_ms()).clamp(1, 1000) as u64)
                 }
@@ -780,7 +779,10 @@ async fn run_job(state: &Arc<AppState>, job: Job) {
         Err(e) => Ok(Some(s.bus.fail(&id, &e)?)),
     })
     .await;
-    let config = state.bus.async_config(&job.function).unwrap_or_default();
+    let (s, f) = (state.clone(), job.function.clone());
+    let config = blocking(move || Ok(s.bus.async_config(&f)?))
+        .await
+        .unwrap_or_default();
     match result {
         Ok(None) => {
             if let Some(ty) = &config.on_success {
@@ -822,5 +824,5 @@ fn emit_destination(state: &AppState, ty: &str, job: &Job, error: Option<&str>) 
     e.subject = Some(job.id.clone());
     e.time = Some(verge_spec::rfc3339_ms(verge_bus::now_ms()));
     e.set_hops(verge_spec::next_hop(job.hops));
-    publish(&*state.bus, &state.wake, vec![e]);
+    state.outbox.push(e);
 }

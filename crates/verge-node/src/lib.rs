@@ -319,6 +319,7 @@ impl Node {
             wake,
             Settings {
                 registry,
+                outbox: outbox.clone(),
                 data_dir: data_dir.clone(),
                 max_upload: config.max_upload,
                 ceilings: Ceilings {

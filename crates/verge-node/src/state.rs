@@ -183,6 +183,8 @@ pub(crate) struct BodyLimits {
 pub(crate) struct Settings {
     /// The registry the node's tables follow.
     pub registry: Arc<dyn Registry>,
+    /// Where platform events wait to be committed.
+    pub outbox: Arc<crate::events::Outbox>,
     pub data_dir: PathBuf,
     pub max_upload: usize,
     pub ceilings: Ceilings,
@@ -226,6 +228,8 @@ pub struct AppState {
     /// Versions kept per function (besides those aliases need).
     pub(crate) keep_versions: usize,
     pub(crate) bus: Arc<dyn verge_bus::Bus>,
+    /// Platform events on their way to the bus (`emit`).
+    pub(crate) outbox: Arc<crate::events::Outbox>,
     /// This node's replica of the key-value store.
     pub(crate) kv: Arc<verge_kv::Kv>,
     /// Wakes the dispatcher when jobs are queued or workers free up.
@@ -255,6 +259,7 @@ impl AppState {
         Self {
             store,
             registry: settings.registry,
+            outbox: settings.outbox,
             applied: tokio::sync::watch::Sender::new(0),
             applying: tokio::sync::Mutex::new(()),
             preloaded: Default::default(),
