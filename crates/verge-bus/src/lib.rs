@@ -487,11 +487,26 @@ pub trait Bus: Send + Sync {
     /// Removes a schedule.
     fn remove_schedule(&self, id: &str) -> Result<(), BusError>;
 
-    /// Advances every due schedule to its next firing after now; returns the
-    /// firings to deliver: (schedule, the time it was due). A schedule that
-    /// missed more than one firing (the node was down) fires once or not at
-    /// all, as its policy says.
-    fn due_schedules(&self) -> Result<Vec<(Schedule, i64)>, BusError>;
+    /// Fires every due schedule: advances it to its next firing after now
+    /// and queues the job that delivers `event(schedule, due time)`, both in
+    /// one transaction, the advance by compare-and-set on the firing it
+    /// read. So a tick fires once however many schedulers run, and a crash
+    /// loses none: either both are stored or neither. A schedule that missed
+    /// more than one firing (the node was down) fires once or not at all,
+    /// as its policy says. Returns the firings with their jobs.
+    fn fire_due_schedules(
+        &self,
+        event: &dyn Fn(&Schedule, i64) -> CloudEvent,
+    ) -> Result<Vec<Fired>, BusError>;
+}
+
+/// A schedule's firing, its job queued.
+#[derive(Debug, Clone)]
+pub struct Fired {
+    pub schedule: Schedule,
+    /// The time it was due.
+    pub at: i64,
+    pub job: Job,
 }
 
 impl SqliteBus {
@@ -929,7 +944,10 @@ impl Bus for SqliteBus {
         Ok(())
     }
 
-    fn due_schedules(&self) -> Result<Vec<(Schedule, i64)>, BusError> {
+    fn fire_due_schedules(
+        &self,
+        event: &dyn Fn(&Schedule, i64) -> CloudEvent,
+    ) -> Result<Vec<Fired>, BusError> {
         let now = now_ms();
         let due: Vec<Schedule> = self
             .schedules(None)?
@@ -944,14 +962,45 @@ impl Bus for SqliteBus {
             let missed_several = following.is_some_and(|f| f <= now);
             let next = next_fire(&cron, &zone, now).unwrap_or(i64::MAX);
             let fire = !missed_several || s.missed == "once";
-            self.conn().execute(
-                "UPDATE schedules SET next_ms = ?2, last_ms = CASE WHEN ?3 THEN ?4 ELSE last_ms END WHERE id = ?1",
-                params![s.id, next, fire, now],
+            let at = s.next_ms;
+            let mut conn = self.conn();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // Compare-and-set on the firing read above: another scheduler
+            // that fired it first moved `next_ms` on.
+            let advanced = tx.execute(
+                "UPDATE schedules SET next_ms = ?2, last_ms = CASE WHEN ?3 THEN ?4 ELSE last_ms END WHERE id = ?1 AND next_ms = ?5",
+                params![s.id, next, fire, now, at],
             )?;
-            if fire {
-                let at = s.next_ms;
-                out.push((s, at));
+            if advanced == 0 || !fire {
+                tx.commit()?;
+                continue;
             }
+            let config = config_of(&tx, &s.function)?;
+            let job = Job {
+                id: new_id("inv_"),
+                function: s.function.clone(),
+                alias: s.alias.clone(),
+                version: None,
+                payload: Payload::Event {
+                    event: event(&s, at),
+                },
+                hops: 0,
+                attempts: 0,
+                max_attempts: config.max_retries + 1,
+                state: JobState::Queued,
+                created_ms: now,
+                expires_ms: now + config.max_age_ms,
+                next_ms: now,
+                last_error: None,
+                trigger: None,
+            };
+            insert_job(&tx, &job)?;
+            tx.commit()?;
+            out.push(Fired {
+                schedule: s,
+                at,
+                job,
+            });
         }
         Ok(out)
     }
@@ -1308,8 +1357,10 @@ mod tests {
                 params![now_ms() - 60_000],
             )
             .unwrap();
+        let ev =
+            |s: &Schedule, at: i64| event(&format!("{}-{at}", s.id), "dev.verge.schedule.fired");
         assert!(
-            bus.due_schedules().unwrap().is_empty(),
+            bus.fire_due_schedules(&ev).unwrap().is_empty(),
             "skip: missed firings are dropped"
         );
         let once = bus
@@ -1321,8 +1372,41 @@ mod tests {
                 params![now_ms() - 60_000, once.id],
             )
             .unwrap();
-        let fired = bus.due_schedules().unwrap();
+        let fired = bus.fire_due_schedules(&ev).unwrap();
         assert_eq!(fired.len(), 1);
-        assert_eq!(fired[0].0.function, "g");
+        assert_eq!(fired[0].schedule.function, "g");
+        // Its job was queued with the firing.
+        assert_eq!(bus.job(&fired[0].job.id).unwrap().state, JobState::Queued);
+    }
+
+    #[test]
+    fn two_schedulers_fire_a_tick_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = SqliteBus::open(dir.path()).unwrap();
+        let b = SqliteBus::open(dir.path()).unwrap();
+        let s = a
+            .add_schedule("f", "live", "* * * * * *", None, "skip")
+            .unwrap();
+        let ev =
+            |s: &Schedule, at: i64| event(&format!("{}-{at}", s.id), "dev.verge.schedule.fired");
+        let mut fired = 0;
+        for _ in 0..3 {
+            // Both see the same due firing; one of them fires it.
+            let due = now_ms() - 10;
+            a.conn()
+                .execute(
+                    "UPDATE schedules SET next_ms = ?1 WHERE id = ?2",
+                    params![due, s.id],
+                )
+                .unwrap();
+            let (x, y) = std::thread::scope(|scope| {
+                let x = scope.spawn(|| a.fire_due_schedules(&ev).unwrap().len());
+                let y = scope.spawn(|| b.fire_due_schedules(&ev).unwrap().len());
+                (x.join().unwrap(), y.join().unwrap())
+            });
+            assert_eq!(x + y, 1, "a tick fired {} times", x + y);
+            fired += x + y;
+        }
+        assert_eq!(a.jobs(Some("f"), None, 100).unwrap().len(), fired);
     }
 }

@@ -625,43 +625,42 @@ pub(crate) async fn scheduler(state: Arc<AppState>) {
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let s = state.clone();
-        let due = match blocking(move || Ok(s.bus.due_schedules()?)).await {
-            Ok(d) => d,
+        let node = state.node_name.clone();
+        let fired = blocking(move || {
+            let event = |sched: &verge_bus::Schedule, at: i64| {
+                let mut event = platform_event(
+                    &node,
+                    types::SCHEDULE_FIRED,
+                    &sched.id,
+                    json!({
+                        "schedule": sched.id,
+                        "function": sched.function,
+                        "cron": sched.cron,
+                        "tz": sched.tz,
+                        "scheduled_time": verge_spec::rfc3339_ms(at),
+                    }),
+                );
+                event.id = format!("{}-{at}", sched.id);
+                event
+            };
+            Ok(s.bus.fire_due_schedules(&event)?)
+        })
+        .await;
+        let fired = match fired {
+            Ok(f) => f,
             Err(e) => {
-                tracing::warn!(error = %e, "could not read schedules");
+                tracing::warn!(error = %e, "could not fire schedules");
                 continue;
             }
         };
-        for (sched, at) in due {
-            let mut event = platform_event(
-                &state.node_name,
-                types::SCHEDULE_FIRED,
-                &sched.id,
-                json!({
-                    "schedule": sched.id,
-                    "function": sched.function,
-                    "cron": sched.cron,
-                    "tz": sched.tz,
-                    "scheduled_time": verge_spec::rfc3339_ms(at),
-                }),
-            );
-            event.id = format!("{}-{at}", sched.id);
-            let s = state.clone();
-            let ev = event.clone();
-            let queued = blocking(move || {
-                Ok(s.bus.enqueue(
-                    &sched.function,
-                    &sched.alias,
-                    None,
-                    Payload::Event { event: ev },
-                    0,
-                )?)
-            })
-            .await;
-            if let Err(e) = queued {
-                tracing::warn!(error = %e, "could not queue a schedule firing");
+        if !fired.is_empty() {
+            state.wake.notify_one();
+        }
+        for f in fired {
+            // Also for the triggers on `dev.verge.schedule.fired`.
+            if let verge_bus::Payload::Event { event } = f.job.payload {
+                state.outbox.push(event);
             }
-            publish(&*state.bus, &state.wake, vec![event]);
         }
     }
 }
