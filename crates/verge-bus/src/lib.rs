@@ -8,10 +8,12 @@
 //! them, and reports each outcome back ([`Bus::complete`], [`Bus::fail`]).
 //! A claimed job is leased ([`SqliteBus::lease`], 15 minutes by default,
 //! far above any invocation's time limit): [`Bus::claim`] takes it again
-//! once the lease has expired without a `complete` or `fail`, and at start
-//! [`Bus::recover`] queues at once what the node's previous run left
-//! running (the database is the node's own, so those jobs were its). A job
-//! may therefore run more than once: delivery is at least once.
+//! once the lease has expired without a `complete` or `fail`. Each lease
+//! names its holder ([`SqliteBus::holder`], the node's name): at start
+//! [`Bus::recover`] queues at once what this node's previous run left
+//! running, and leaves another holder's jobs to their leases, so that one
+//! node's restart never takes a job another node is running. A job may
+//! therefore run more than once: delivery is at least once.
 //!
 //! Its database is its own file (`bus.db`, WAL, synchronous FULL): an
 //! acknowledged publish is on disk before the call returns.
@@ -300,6 +302,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     expires_ms INTEGER NOT NULL,
     next_ms INTEGER NOT NULL,
     lease_ms INTEGER,
+    holder TEXT,
     last_error TEXT,
     trigger_id TEXT,
     updated_ms INTEGER NOT NULL
@@ -379,12 +382,16 @@ pub struct SqliteBus {
     pub retry_base: Duration,
     /// How long a claimed job is leased before another claim may take it.
     pub lease: Duration,
+    /// Who holds the leases this bus takes (the node's name).
+    pub holder: String,
 }
 
 /// The bus: what the node needs of it. [`SqliteBus`] is the embedded
 /// implementation; a NATS JetStream one comes with the cluster.
 pub trait Bus: Send + Sync {
-    /// Jobs left running by a node that stopped go back to the queue.
+    /// Jobs this node's previous run left running, and jobs whose lease
+    /// has expired, go back to the queue; another holder's live leases
+    /// stay. Returns how many.
     fn recover(&self) -> Result<usize, BusError>;
 
     /// Adds a trigger.
@@ -517,11 +524,20 @@ impl SqliteBus {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        let has_holder: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('jobs') WHERE name = 'holder'",
+            [],
+            |r| r.get(0),
+        )?;
+        if has_holder == 0 {
+            conn.execute_batch("ALTER TABLE jobs ADD COLUMN holder TEXT")?;
+        }
         Ok(Self {
             conn: Mutex::new(conn),
             hop_limit: 16,
             retry_base: Duration::from_secs(1),
             lease: Duration::from_secs(15 * 60),
+            holder: "node".to_string(),
         })
     }
 
@@ -532,9 +548,13 @@ impl SqliteBus {
 
 impl Bus for SqliteBus {
     fn recover(&self) -> Result<usize, BusError> {
+        // A lease without a holder is from before holders were recorded:
+        // the database was the node's own, so it was this node's.
+        let now = now_ms();
         Ok(self.conn().execute(
-            "UPDATE jobs SET state = 'queued', lease_ms = NULL, next_ms = ?1 WHERE state = 'running'",
-            params![now_ms()],
+            "UPDATE jobs SET state = 'queued', lease_ms = NULL, holder = NULL, next_ms = ?1
+             WHERE state = 'running' AND (holder IS NULL OR holder = ?2 OR lease_ms <= ?1)",
+            params![now, self.holder],
         )?)
     }
 
@@ -708,8 +728,8 @@ impl Bus for SqliteBus {
         let lease = now.saturating_add(i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX));
         for job in &jobs {
             tx.execute(
-                "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_ms = ?2, updated_ms = ?3 WHERE id = ?1",
-                params![job.id, lease, now],
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_ms = ?2, holder = ?4, updated_ms = ?3 WHERE id = ?1",
+                params![job.id, lease, now, self.holder],
             )?;
         }
         tx.commit()?;
@@ -1155,6 +1175,36 @@ mod tests {
         for good in ["com.acme", "com.*.x", "com.acme.>", ">", "*"] {
             check_type_pattern(good).unwrap();
         }
+    }
+
+    #[test]
+    fn a_restart_recovers_its_own_jobs_and_leaves_another_holders() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = SqliteBus::open(dir.path()).unwrap();
+        a.holder = "a".into();
+        let mut b = SqliteBus::open(dir.path()).unwrap();
+        b.holder = "b".into();
+        let payload = || Payload::Invoke {
+            path: "/".into(),
+            headers: vec![],
+            body: vec![],
+        };
+        a.enqueue("f", "live", None, payload(), 0).unwrap();
+        b.enqueue("f", "live", None, payload(), 0).unwrap();
+        assert_eq!(a.claim(1).unwrap().len(), 1);
+        assert_eq!(b.claim(1).unwrap().len(), 1);
+        // b restarts: its own job goes back to the queue, a's stays a's.
+        assert_eq!(b.recover().unwrap(), 1);
+        let running = a.jobs(None, Some(JobState::Running), 10).unwrap();
+        assert_eq!(running.len(), 1);
+        let again = b.claim(10).unwrap();
+        assert_eq!(again.len(), 1, "b's own job is queued again");
+        b.complete(&again[0].id).unwrap();
+        // Once a's lease has run out (a died), a restart of b takes it too.
+        a.conn()
+            .execute("UPDATE jobs SET lease_ms = 0 WHERE holder = 'a'", [])
+            .unwrap();
+        assert_eq!(b.recover().unwrap(), 1);
     }
 
     #[test]

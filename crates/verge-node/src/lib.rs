@@ -251,6 +251,7 @@ impl Node {
         let mut bus = verge_bus::SqliteBus::open(&data_dir)?;
         bus.retry_base = config.retry_base;
         bus.hop_limit = config.hop_limit;
+        bus.holder = config.node_name.clone();
         let requeued = bus.recover()?;
         if requeued > 0 {
             tracing::info!(
