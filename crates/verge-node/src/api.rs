@@ -531,7 +531,9 @@ pub(crate) async fn deploy(
         opts.buckets.clone(),
         opts.tenant.clone(),
     );
-    let body = bytes.clone();
+    // The bytes first: a version never names an artifact not stored.
+    let stored = state.artifacts.put(bytes.clone()).await?;
+    debug_assert_eq!(stored, sha);
     // The projection gives the new version's slot this code (see
     // `AppState::preloaded`), once it reads the version from the registry.
     let loaded = Arc::new(loaded);
@@ -541,8 +543,6 @@ pub(crate) async fn deploy(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .insert(sha.clone(), loaded.clone());
     let created = blocking(move || {
-        let stored = s.store.put_artifact(&body)?;
-        debug_assert_eq!(stored, loaded.sha256());
         s.store
             .create_version(&NewVersion {
                 function: &fname,

@@ -309,6 +309,8 @@ impl Node {
             Ok(())
         }));
         let store = Arc::new(store);
+        let artifacts: Arc<dyn verge_store::Artifacts> =
+            Arc::new(verge_store::LocalArtifacts::new(store.clone()));
         let registry: Arc<dyn verge_store::Registry> =
             Arc::new(verge_store::SqliteRegistry::new(store.clone()));
         let state = Arc::new(AppState::new(
@@ -319,6 +321,7 @@ impl Node {
             kv,
             wake,
             Settings {
+                artifacts,
                 registry,
                 outbox: outbox.clone(),
                 data_dir: data_dir.clone(),

@@ -183,6 +183,8 @@ pub(crate) struct BodyLimits {
 pub(crate) struct Settings {
     /// The registry the node's tables follow.
     pub registry: Arc<dyn Registry>,
+    /// Where component bytes live.
+    pub artifacts: Arc<dyn verge_store::Artifacts>,
     /// Where platform events wait to be committed.
     pub outbox: Arc<crate::events::Outbox>,
     pub data_dir: PathBuf,
@@ -204,6 +206,8 @@ pub struct AppState {
     pub(crate) store: Arc<Store>,
     /// What the tables below are a projection of (`projection`).
     pub(crate) registry: Arc<dyn Registry>,
+    /// Component bytes by sha256.
+    pub(crate) artifacts: Arc<dyn verge_store::Artifacts>,
     /// The registry revision the tables have applied.
     pub(crate) applied: tokio::sync::watch::Sender<u64>,
     /// Held while changes are applied (one applier at a time).
@@ -259,6 +263,7 @@ impl AppState {
         Self {
             store,
             registry: settings.registry,
+            artifacts: settings.artifacts,
             outbox: settings.outbox,
             applied: tokio::sync::watch::Sender::new(0),
             applying: tokio::sync::Mutex::new(()),
@@ -361,10 +366,7 @@ impl AppState {
             let sha = f.component().sha256().to_string();
             let result = state.host.optimize(f.component(), || match bytes {
                 Some(b) => Ok(b.to_vec()),
-                None => state
-                    .store
-                    .read_artifact(&sha)
-                    .map_err(std::io::Error::other),
+                None => state.artifact_bytes(&sha),
             });
             match result {
                 Ok(true) => {
@@ -378,15 +380,19 @@ impl AppState {
         });
     }
 
+    /// A component's bytes, for a compile the cache could not spare (on a
+    /// blocking thread: it waits for the artifact store there).
+    fn artifact_bytes(&self, sha256: &str) -> std::io::Result<Vec<u8>> {
+        tokio::runtime::Handle::current()
+            .block_on(self.artifacts.get(sha256))
+            .map_err(std::io::Error::other)
+    }
+
     /// Loads a stored version (compiled code from the cache when it is there).
     fn load_version(&self, v: &StoredVersion) -> Result<Function, ApiError> {
         let component = self
             .host
-            .load(&v.sha256, || {
-                self.store
-                    .read_artifact(&v.sha256)
-                    .map_err(std::io::Error::other)
-            })
+            .load(&v.sha256, || self.artifact_bytes(&v.sha256))
             .map_err(|e| {
                 ApiError::Internal(format!(
                     "could not load function {:?} version {}: {e}",

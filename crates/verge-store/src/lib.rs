@@ -20,9 +20,11 @@ use verge_spec::{
     UsageReport, UsageRow, VersionInfo, rfc3339,
 };
 
+mod artifacts;
 mod feed;
 mod ledger;
 mod retention;
+pub use artifacts::{Artifacts, LocalArtifacts};
 pub use feed::{Change, Changes, FunctionState, Registry, SqliteRegistry, Subject};
 pub use ledger::{BATCH_MAX, FLUSH_INTERVAL, Ledger};
 pub use retention::{Pruned, Pruner, Retention};
