@@ -13,7 +13,10 @@ mod generated {
     wasmtime::component::bindgen!({
         path: "../../wit",
         world: "wasi:keyvalue/imports@0.2.0-draft",
-        imports: { default: trappable },
+        // Async: every call runs its SQLite work on the blocking pool, never
+        // on the runtime thread that polls the guest (a write waits for a
+        // commit with `synchronous=FULL`, and reads wait for writes).
+        imports: { default: async | trappable },
         with: {
             "wasi:keyvalue/store.bucket": super::Bucket,
         },
@@ -76,11 +79,27 @@ impl<'a> KvView<'a> {
         Self { ctx, table }
     }
 
-    fn kv(&self) -> Result<&verge_kv::Kv, Error> {
+    fn kv(&self) -> Result<Arc<verge_kv::Kv>, Error> {
         self.ctx
             .kv
-            .as_deref()
+            .clone()
             .ok_or_else(|| Error::Other("this node has no key-value store".into()))
+    }
+
+    /// Runs `f` on the store, on the blocking pool. (The future holds the
+    /// store, not the view: the view's table is not `Sync`.)
+    fn with_kv<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&verge_kv::Kv) -> Result<T, verge_kv::KvError> + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<T, Error>> + Send + 'static {
+        let kv = self.kv();
+        async move {
+            let kv = kv?;
+            tokio::task::spawn_blocking(move || f(&kv))
+                .await
+                .map_err(|e| Error::Other(format!("the key-value call did not finish: {e}")))?
+                .map_err(Error::from)
+        }
     }
 
     fn bucket(&self, b: &Resource<Bucket>) -> Result<String, Error> {
@@ -89,9 +108,13 @@ impl<'a> KvView<'a> {
 
     /// Writes on behalf of the invocation: the events of the change are one
     /// hop past it.
-    fn write(&self, bucket: &str, ops: Vec<verge_kv::Op>) -> Result<Vec<Option<i64>>, Error> {
+    fn write(
+        &self,
+        bucket: String,
+        ops: Vec<verge_kv::Op>,
+    ) -> impl std::future::Future<Output = Result<Vec<Option<i64>>, Error>> + Send + 'static {
         let hops = verge_spec::next_hop(self.ctx.hops);
-        Ok(self.kv()?.batch_caused(bucket, ops, hops)?)
+        self.with_kv(move |kv| kv.batch_caused(&bucket, ops, hops))
     }
 }
 
@@ -103,7 +126,7 @@ fn bytes_of(v: verge_kv::Value) -> Vec<u8> {
 }
 
 impl keyvalue::store::Host for KvView<'_> {
-    fn open(&mut self, identifier: String) -> Result<Resource<Bucket>, Error> {
+    async fn open(&mut self, identifier: String) -> Result<Resource<Bucket>, Error> {
         if identifier.is_empty() {
             // The one bucket `wasmtime serve -Skeyvalue` knows: components
             // written for it find their data in the function's own bucket.
@@ -132,28 +155,43 @@ impl keyvalue::store::Host for KvView<'_> {
 }
 
 impl keyvalue::store::HostBucket for KvView<'_> {
-    fn get(&mut self, bucket: Resource<Bucket>, key: String) -> Result<Option<Vec<u8>>, Error> {
+    async fn get(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+    ) -> Result<Option<Vec<u8>>, Error> {
         let b = self.bucket(&bucket)?;
-        Ok(self.kv()?.get(&b, &key)?.map(bytes_of))
+        Ok(self
+            .with_kv(move |kv| kv.get(&b, &key))
+            .await?
+            .map(bytes_of))
     }
 
-    fn set(&mut self, bucket: Resource<Bucket>, key: String, value: Vec<u8>) -> Result<(), Error> {
+    async fn set(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        value: Vec<u8>,
+    ) -> Result<(), Error> {
         let b = self.bucket(&bucket)?;
-        self.write(&b, vec![verge_kv::Op::Set(key, value)])
+        self.write(b, vec![verge_kv::Op::Set(key, value)])
+            .await
             .map(drop)
     }
 
-    fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> Result<(), Error> {
+    async fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> Result<(), Error> {
         let b = self.bucket(&bucket)?;
-        self.write(&b, vec![verge_kv::Op::Delete(key)]).map(drop)
+        self.write(b, vec![verge_kv::Op::Delete(key)])
+            .await
+            .map(drop)
     }
 
-    fn exists(&mut self, bucket: Resource<Bucket>, key: String) -> Result<bool, Error> {
+    async fn exists(&mut self, bucket: Resource<Bucket>, key: String) -> Result<bool, Error> {
         let b = self.bucket(&bucket)?;
-        Ok(self.kv()?.get(&b, &key)?.is_some())
+        Ok(self.with_kv(move |kv| kv.get(&b, &key)).await?.is_some())
     }
 
-    fn list_keys(
+    async fn list_keys(
         &mut self,
         bucket: Resource<Bucket>,
         cursor: Option<u64>,
@@ -162,8 +200,8 @@ impl keyvalue::store::HostBucket for KvView<'_> {
         // The cursor is the number of keys already returned.
         let skip = usize::try_from(cursor.unwrap_or(0)).unwrap_or(usize::MAX);
         let keys = self
-            .kv()?
-            .keys(&b, "", None, skip.saturating_add(PAGE + 1))?;
+            .with_kv(move |kv| kv.keys(&b, "", None, skip.saturating_add(PAGE + 1)))
+            .await?;
         let page: Vec<String> = keys.iter().skip(skip).take(PAGE).cloned().collect();
         let next = (keys.len() > skip.saturating_add(PAGE)).then(|| (skip + PAGE) as u64);
         Ok(keyvalue::store::KeyResponse {
@@ -172,14 +210,14 @@ impl keyvalue::store::HostBucket for KvView<'_> {
         })
     }
 
-    fn drop(&mut self, bucket: Resource<Bucket>) -> Result<()> {
+    async fn drop(&mut self, bucket: Resource<Bucket>) -> Result<()> {
         self.table.delete(bucket)?;
         Ok(())
     }
 }
 
 impl keyvalue::atomics::Host for KvView<'_> {
-    fn increment(
+    async fn increment(
         &mut self,
         bucket: Resource<Bucket>,
         key: String,
@@ -187,26 +225,30 @@ impl keyvalue::atomics::Host for KvView<'_> {
     ) -> Result<u64, Error> {
         let b = self.bucket(&bucket)?;
         let delta = i64::try_from(delta).map_err(|_| Error::Other("delta too large".into()))?;
-        let out = self.write(&b, vec![verge_kv::Op::Increment(key, delta)])?;
+        let out = self
+            .write(b, vec![verge_kv::Op::Increment(key, delta)])
+            .await?;
         let n = out.first().copied().flatten().unwrap_or(0);
         Ok(u64::try_from(n).unwrap_or(0))
     }
 }
 
 impl keyvalue::batch::Host for KvView<'_> {
-    fn get_many(
+    async fn get_many(
         &mut self,
         bucket: Resource<Bucket>,
         keys: Vec<String>,
     ) -> Result<Vec<Option<(String, Vec<u8>)>>, Error> {
         let b = self.bucket(&bucket)?;
-        let kv = self.kv()?;
-        keys.into_iter()
-            .map(|k| Ok(kv.get(&b, &k)?.map(|v| (k, bytes_of(v)))))
-            .collect()
+        self.with_kv(move |kv| {
+            keys.into_iter()
+                .map(|k| Ok(kv.get(&b, &k)?.map(|v| (k, bytes_of(v)))))
+                .collect()
+        })
+        .await
     }
 
-    fn set_many(
+    async fn set_many(
         &mut self,
         bucket: Resource<Bucket>,
         key_values: Vec<(String, Vec<u8>)>,
@@ -216,13 +258,17 @@ impl keyvalue::batch::Host for KvView<'_> {
             .into_iter()
             .map(|(k, v)| verge_kv::Op::Set(k, v))
             .collect();
-        self.write(&b, ops).map(drop)
+        self.write(b, ops).await.map(drop)
     }
 
-    fn delete_many(&mut self, bucket: Resource<Bucket>, keys: Vec<String>) -> Result<(), Error> {
+    async fn delete_many(
+        &mut self,
+        bucket: Resource<Bucket>,
+        keys: Vec<String>,
+    ) -> Result<(), Error> {
         let b = self.bucket(&bucket)?;
         let ops = keys.into_iter().map(verge_kv::Op::Delete).collect();
-        self.write(&b, ops).map(drop)
+        self.write(b, ops).await.map(drop)
     }
 }
 
