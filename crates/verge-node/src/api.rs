@@ -498,8 +498,10 @@ pub(crate) async fn deploy(
     validate_function_name(name)?;
     check_limits(state, &opts.limits)?;
     Host::check_bytes(&bytes)?;
+    // An early refusal from the node's route table (no database call on
+    // this thread); the store checks again in the deploy's transaction.
     for (host, path) in &opts.routes {
-        if let Some(owner) = state.store.route_owner(host.as_deref(), path)?
+        if let Some(owner) = state.route_owner(host.as_deref(), path)
             && owner != name
         {
             let route = format!("{}{path}", host.as_deref().unwrap_or(""));

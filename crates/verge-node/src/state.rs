@@ -521,6 +521,16 @@ impl AppState {
         *self.routes.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(routes);
     }
 
+    /// The function bound to exactly this route, if any.
+    pub(crate) fn route_owner(&self, host: Option<&str>, path: &str) -> Option<String> {
+        self.routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|r| r.host.as_deref() == host && r.path == path)
+            .map(|r| r.function.clone())
+    }
+
     /// The route serving `host` + `path`, if any.
     pub(crate) fn match_route(&self, host: Option<&str>, path: &str) -> Option<Route> {
         let routes = self
