@@ -4,6 +4,7 @@
 
 mod api;
 mod auth;
+mod deploy;
 mod error;
 mod events;
 mod front;
@@ -404,12 +405,12 @@ impl Node {
         bytes: Vec<u8>,
         route: Option<&str>,
     ) -> Result<verge_spec::DeployResponse, ApiError> {
-        let mut opts = api::DeployOptions::default();
+        let mut opts = deploy::DeployOptions::default();
         if let Some(r) = route {
             opts.routes
                 .push((None, verge_spec::normalize_route_path(r)?));
         }
-        api::deploy(&self.state, name, bytes.into(), opts).await
+        deploy::deploy(&self.state, name, bytes.into(), opts).await
     }
 
     /// Serves until `shutdown` completes.
