@@ -205,13 +205,15 @@ fn verge_spec_now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// What the caller can see of a running guest: its output so far and the
-/// peak of its memory.
+/// What the caller can see of a running guest: its output so far, the
+/// peak of its memory, and the signals its lane reads (moved; stopped at an
+/// epoch tick).
 #[derive(Clone)]
 struct Watch {
     stdout: Capture,
     stderr: Capture,
     peak: Arc<AtomicU64>,
+    lane: Arc<crate::lanes::Moved>,
 }
 
 impl Watch {
@@ -220,6 +222,7 @@ impl Watch {
             stdout: Capture::new(log_limit),
             stderr: Capture::new(log_limit),
             peak: Arc::default(),
+            lane: Arc::default(),
         }
     }
 
@@ -282,10 +285,12 @@ fn new_store(
     // A guest that never blocks yields to the executor at every epoch tick, so
     // it cannot starve other requests; past the deadline it is interrupted.
     store.set_epoch_deadline(1);
+    let lane = watch.lane.clone();
     store.epoch_deadline_callback(move |_| {
         if Instant::now() >= deadline {
             Err(Trap::Interrupt.into())
         } else {
+            lane.epoch_yield();
             Ok(UpdateDeadline::Yield(1))
         }
     });
@@ -464,7 +469,7 @@ where
         });
         (result, memory_hit)
     };
-    let moved = Arc::new(crate::lanes::Moved::default());
+    let moved = watch.lane.clone();
     let task = match (cfg.metering, host.slow_lane()) {
         (true, Some(lane)) => tokio::spawn(
             crate::lanes::Demoting::metered(

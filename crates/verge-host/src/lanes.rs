@@ -109,9 +109,22 @@ impl Reputation {
 pub(crate) struct Moved {
     flag: AtomicBool,
     waker: futures::task::AtomicWaker,
+    /// The guest's last poll ended at an epoch tick (it was computing).
+    epoch: AtomicBool,
 }
 
 impl Moved {
+    /// Called by the store's epoch callback when the guest yields because
+    /// its slice is up.
+    pub(crate) fn epoch_yield(&self) {
+        self.epoch.store(true, Ordering::Relaxed);
+    }
+
+    /// Did the poll that just ended stop at an epoch tick? (Clears it.)
+    fn took_epoch_yield(&self) -> bool {
+        self.epoch.swap(false, Ordering::Relaxed)
+    }
+
     pub(crate) fn set(&self) {
         self.flag.store(true, Ordering::Release);
         self.waker.wake();
@@ -139,10 +152,12 @@ pub(crate) struct Lane {
 }
 
 /// Invocations on the fast lane that keep the CPU: each has come back from
-/// a poll that used [`Crowd::HOGGING`] or more without finishing (a guest
-/// interrupted at an epoch tick; one waiting for I/O uses far less). While
-/// there are no more of them than the lane has threads, each keeps the
-/// lane until its budget is used; past that, the next one moves at once.
+/// a poll because the epoch interrupted it ([`Moved::epoch_yield`]: not a
+/// guest that computed a while and then waits for I/O, a key-value call
+/// say). While there are no more of them than the lane has threads, each
+/// keeps the lane until its budget is used; past that, the next one moves
+/// at once. (A future without a [`Moved`] counts by CPU time instead: a
+/// poll of [`Crowd::HOGGING`] or more that did not finish.)
 #[derive(Debug)]
 pub(crate) struct Crowd {
     hogging: AtomicUsize,
@@ -278,7 +293,11 @@ where
                     this.used_ns += used;
                     let budget = u64::try_from(this.slow.budget.as_nanos()).unwrap_or(u64::MAX);
                     let mut within = this.used_ns <= budget;
-                    if result.is_pending() && used >= Crowd::HOGGING && !this.hogging {
+                    let computing = match &this.moved {
+                        Some(m) => m.took_epoch_yield(),
+                        None => used >= Crowd::HOGGING,
+                    };
+                    if result.is_pending() && computing && !this.hogging {
                         this.hogging = true;
                         let crowd = &this.slow.crowd;
                         if crowd.hogging.fetch_add(1, Ordering::Relaxed) >= crowd.threads {
@@ -458,6 +477,58 @@ mod tests {
         let alone = rt.block_on(Demoting::new(work(8), slow.clone(), Arc::default()));
         assert!(alone.iter().all(|n| !n.contains("slow-lane")), "{alone:?}");
         assert_eq!(crowd.hogging.load(Ordering::Relaxed), 0);
+
+        // With a signal from the guest's store, only polls that ended at an
+        // epoch tick count: guests that compute and then wait for I/O do
+        // not crowd the lane, however long they computed.
+        let signalled = |polls: u32, epoch: bool, moved: Arc<Moved>| async move {
+            let mut seen = Vec::new();
+            for _ in 0..polls {
+                busy(1);
+                if epoch {
+                    moved.epoch_yield();
+                }
+                seen.push(std::thread::current().name().unwrap_or("").to_string());
+                tokio::task::yield_now().await;
+            }
+            seen
+        };
+        let (m1, m2) = (Arc::new(Moved::default()), Arc::new(Moved::default()));
+        let (first, second) = rt.block_on(async {
+            tokio::join!(
+                Demoting::new(
+                    signalled(8, false, m1.clone()),
+                    slow.clone(),
+                    Arc::default()
+                )
+                .signalling(m1.clone()),
+                Demoting::new(
+                    signalled(8, false, m2.clone()),
+                    slow.clone(),
+                    Arc::default()
+                )
+                .signalling(m2.clone()),
+            )
+        });
+        assert!(
+            first
+                .iter()
+                .chain(&second)
+                .all(|n| !n.contains("slow-lane"))
+        );
+        let (m1, m2) = (Arc::new(Moved::default()), Arc::new(Moved::default()));
+        let (_, second) = rt.block_on(async {
+            tokio::join!(
+                Demoting::new(signalled(8, true, m1.clone()), slow.clone(), Arc::default())
+                    .signalling(m1.clone()),
+                Demoting::new(signalled(8, true, m2.clone()), slow.clone(), Arc::default())
+                    .signalling(m2.clone()),
+            )
+        });
+        assert!(
+            second[1..].iter().all(|n| n.contains("slow-lane")),
+            "{second:?}"
+        );
     }
 
     #[test]
