@@ -604,6 +604,8 @@ fn cut_off<T>(
         r.outcome = Outcome::Timeout;
         r.error = Some(RunError::Trap(Trap::Interrupt.into()).summary());
     });
+    // Now: the aborted task may be dropped only when its lane gets to it.
+    meter.emit_now();
     reputation.spun();
 }
 
@@ -840,6 +842,10 @@ mod tests {
         cut_off(&task, &meter, &watch, started, &reputation);
         let cut_at = started.elapsed();
         drop(meter);
+        // The record is out at once, while the guest's task still waits
+        // for the blocked lane (and holds the meter).
+        assert_eq!(records.lock().unwrap().len(), 1);
+        assert!(!dropped.load(Ordering::SeqCst));
         // The lane frees up: the guest is dropped without running again.
         release.store(true, Ordering::SeqCst);
         for _ in 0..5000 {

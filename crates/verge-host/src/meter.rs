@@ -16,7 +16,8 @@ pub type UsageSink = Arc<dyn Fn(UsageRecord) + Send + Sync>;
 
 /// The shared meter of one invocation.
 pub(crate) struct Meter {
-    sink: Option<UsageSink>,
+    /// Taken by the one who emits the record.
+    sink: Mutex<Option<UsageSink>>,
     record: Mutex<UsageRecord>,
     cpu_ns: AtomicU64,
     pub(crate) request_bytes: AtomicU64,
@@ -26,7 +27,7 @@ pub(crate) struct Meter {
 impl Meter {
     pub(crate) fn new(sink: Option<UsageSink>, record: UsageRecord) -> Arc<Self> {
         Arc::new(Self {
-            sink,
+            sink: Mutex::new(sink),
             record: Mutex::new(record),
             cpu_ns: AtomicU64::new(0),
             request_bytes: AtomicU64::new(0),
@@ -45,9 +46,22 @@ impl Meter {
     }
 }
 
-impl Drop for Meter {
-    fn drop(&mut self) {
-        let Some(sink) = self.sink.take() else { return };
+impl Meter {
+    /// Emits the record now, not when the last holder lets go (then
+    /// nothing more is emitted): for an invocation its caller has stopped,
+    /// whose task may be dropped only later.
+    pub(crate) fn emit_now(&self) {
+        let sink = self
+            .sink
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(sink) = sink {
+            self.emit(&sink);
+        }
+    }
+
+    fn emit(&self, sink: &UsageSink) {
         let mut record = self
             .record
             .lock()
@@ -57,6 +71,19 @@ impl Drop for Meter {
         record.request_bytes = self.request_bytes.load(Ordering::Relaxed);
         record.response_bytes = self.response_bytes.load(Ordering::Relaxed);
         sink(record);
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        let sink = self
+            .sink
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(sink) = sink {
+            self.emit(&sink);
+        }
     }
 }
 
