@@ -60,6 +60,7 @@ for n in 64 300; do
     read -r rps p50 p99 < <(neighbour)
     wait "${bg[-1]}" || true
     wait "$curl_pid" || true
+    sleep 1  # the ledger commits records every 100 ms: count them all
     read -r lp50 lp99 lmax lcount < <(limits)
     echo "| $n spinners (2 s limit) | $settings | $rps | $p50 | $p99 | timed out: $lcount, wall p50 $lp50 ms, p99 $lp99 ms, max $lmax ms; $(cat "$tmp/spin.out"); curl: $(cat "$tmp/curl.out")|"
   done
