@@ -687,25 +687,7 @@ impl Bus for SqliteBus {
     ) -> Result<Job, BusError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let config = config_of(&tx, function)?;
-        let now = now_ms();
-        let job = Job {
-            id: new_id("inv_"),
-            function: function.to_string(),
-            alias: alias.to_string(),
-            version,
-            payload,
-            hops,
-            attempts: 0,
-            max_attempts: config.max_retries + 1,
-            state: JobState::Queued,
-            created_ms: now,
-            expires_ms: now + config.max_age_ms,
-            next_ms: now,
-            last_error: None,
-            trigger: None,
-        };
-        insert_job(&tx, &job)?;
+        let job = queue_job(&tx, function, alias, version, payload, hops)?;
         tx.commit()?;
         Ok(job)
     }
@@ -995,26 +977,10 @@ impl Bus for SqliteBus {
                 tx.commit()?;
                 continue;
             }
-            let config = config_of(&tx, &s.function)?;
-            let job = Job {
-                id: new_id("inv_"),
-                function: s.function.clone(),
-                alias: s.alias.clone(),
-                version: None,
-                payload: Payload::Event {
-                    event: event(&s, at),
-                },
-                hops: 0,
-                attempts: 0,
-                max_attempts: config.max_retries + 1,
-                state: JobState::Queued,
-                created_ms: now,
-                expires_ms: now + config.max_age_ms,
-                next_ms: now,
-                last_error: None,
-                trigger: None,
+            let payload = Payload::Event {
+                event: event(&s, at),
             };
-            insert_job(&tx, &job)?;
+            let job = queue_job(&tx, &s.function, &s.alias, None, payload, 0)?;
             tx.commit()?;
             out.push(Fired {
                 schedule: s,
@@ -1029,6 +995,37 @@ impl Bus for SqliteBus {
 fn next_fire(cron: &Cron, zone: &jiff::tz::TimeZone, after_ms: i64) -> Option<i64> {
     let after = jiff::Timestamp::from_millisecond(after_ms).ok()?;
     cron.next_after(after, zone).map(|t| t.as_millisecond())
+}
+
+/// Queues a job for `function` under its retry policy, due now, in `tx`.
+fn queue_job(
+    tx: &rusqlite::Transaction<'_>,
+    function: &str,
+    alias: &str,
+    version: Option<u64>,
+    payload: Payload,
+    hops: u32,
+) -> Result<Job, BusError> {
+    let config = config_of(tx, function)?;
+    let now = now_ms();
+    let job = Job {
+        id: new_id("inv_"),
+        function: function.to_string(),
+        alias: alias.to_string(),
+        version,
+        payload,
+        hops,
+        attempts: 0,
+        max_attempts: config.max_retries + 1,
+        state: JobState::Queued,
+        created_ms: now,
+        expires_ms: now + config.max_age_ms,
+        next_ms: now,
+        last_error: None,
+        trigger: None,
+    };
+    insert_job(tx, &job)?;
+    Ok(job)
 }
 
 fn insert_job(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<(), BusError> {
