@@ -2,10 +2,13 @@
 //! routes, token hashes) as a projection of the registry's change feed.
 //!
 //! One task follows the feed and reloads each subject a change names; no
-//! handler patches the tables. A handler that wrote to the registry waits
-//! until the projection has applied the registry's head ([`AppState::caught_up`]),
-//! so that its client's next request sees the write. Changes made by anyone
-//! else (another node, once the registry is shared) arrive the same way.
+//! handler patches the tables. A handler that wrote to the registry brings
+//! the tables up to the registry's head itself before it answers
+//! ([`AppState::caught_up`]), so that its client's next request sees the
+//! write, also before the follower runs (`verge up --example`). Changes made
+//! by anyone else (another node, once the registry is shared) arrive
+//! through the follower. Reloading a subject is idempotent: applying a
+//! change twice, or a later state early, is harmless.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, PoisonError};
