@@ -14,7 +14,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -109,20 +109,20 @@ impl Reputation {
 pub(crate) struct Moved {
     flag: AtomicBool,
     waker: futures::task::AtomicWaker,
-    /// The guest's last poll ended at an epoch tick (it was computing).
-    epoch: AtomicBool,
+    /// Epoch ticks at which the guest was interrupted while computing.
+    epochs: AtomicU32,
 }
 
 impl Moved {
     /// Called by the store's epoch callback when the guest yields because
     /// its slice is up.
     pub(crate) fn epoch_yield(&self) {
-        self.epoch.store(true, Ordering::Relaxed);
+        self.epochs.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Did the poll that just ended stop at an epoch tick? (Clears it.)
-    fn took_epoch_yield(&self) -> bool {
-        self.epoch.swap(false, Ordering::Relaxed)
+    /// Epoch ticks the guest has been interrupted at so far.
+    fn epoch_yields(&self) -> u32 {
+        self.epochs.load(Ordering::Relaxed)
     }
 
     pub(crate) fn set(&self) {
@@ -151,13 +151,15 @@ pub(crate) struct Lane {
     pub crowd: Arc<Crowd>,
 }
 
-/// Invocations on the fast lane that keep the CPU: each has come back from
-/// a poll because the epoch interrupted it ([`Moved::epoch_yield`]: not a
-/// guest that computed a while and then waits for I/O, a key-value call
-/// say). While there are no more of them than the lane has threads, each
-/// keeps the lane until its budget is used; past that, the next one moves
-/// at once. (A future without a [`Moved`] counts by CPU time instead: a
-/// poll of [`Crowd::HOGGING`] or more that did not finish.)
+/// Invocations on the fast lane that keep the CPU: each has been
+/// interrupted at [`Crowd::TICKS`] epoch ticks or more ([`Moved::epoch_yield`];
+/// a tick may fall in any guest's first microseconds, so one is not enough),
+/// has used at least [`Crowd::CPU_MIN`] of CPU (a short request the machine
+/// kept waiting mid-run sees ticks go by, but not CPU time), and has not
+/// finished. While there are
+/// no more of them than the lane has threads, each keeps the lane until its
+/// budget is used; past that, the next one moves at once. (A future without
+/// a [`Moved`] counts by its CPU time instead, [`Crowd::CPU`].)
 #[derive(Debug)]
 pub(crate) struct Crowd {
     hogging: AtomicUsize,
@@ -165,8 +167,13 @@ pub(crate) struct Crowd {
 }
 
 impl Crowd {
-    /// CPU time of one poll that counts as keeping the CPU.
-    const HOGGING: u64 = 500_000;
+    /// Epoch ticks (1 ms each) an invocation is interrupted at before it
+    /// counts as keeping the CPU.
+    const TICKS: u32 = 3;
+    /// CPU time an invocation interrupted at those ticks has used at least.
+    const CPU_MIN: u64 = 1_000_000;
+    /// CPU time after which a future without epoch ticks counts.
+    const CPU: u64 = 3_000_000;
 
     pub(crate) fn new(threads: usize) -> Self {
         Self {
@@ -294,8 +301,10 @@ where
                     let budget = u64::try_from(this.slow.budget.as_nanos()).unwrap_or(u64::MAX);
                     let mut within = this.used_ns <= budget;
                     let computing = match &this.moved {
-                        Some(m) => m.took_epoch_yield(),
-                        None => used >= Crowd::HOGGING,
+                        Some(m) => {
+                            m.epoch_yields() >= Crowd::TICKS && this.used_ns >= Crowd::CPU_MIN
+                        }
+                        None => this.used_ns >= Crowd::CPU,
                     };
                     if result.is_pending() && computing && !this.hogging {
                         this.hogging = true;
@@ -463,11 +472,14 @@ mod tests {
             )
         });
         // The first keeps the lane's one thread; the second, one too many,
-        // moves after its first poll.
+        // moves once it counts (3 ms of CPU: its third poll).
         assert!(first.iter().all(|n| !n.contains("slow-lane")), "{first:?}");
-        assert!(!second[0].contains("slow-lane"), "{second:?}");
         assert!(
-            second[1..].iter().all(|n| n.contains("slow-lane")),
+            second[..3].iter().all(|n| !n.contains("slow-lane")),
+            "{second:?}"
+        );
+        assert!(
+            second[3..].iter().all(|n| n.contains("slow-lane")),
             "{second:?}"
         );
         assert_eq!(slow.demoted.load(Ordering::Relaxed), 1);
@@ -525,10 +537,29 @@ mod tests {
                     .signalling(m2.clone()),
             )
         });
+        // Interrupted at three ticks: the second moves after its third poll.
         assert!(
-            second[1..].iter().all(|n| n.contains("slow-lane")),
+            second[3..].iter().all(|n| n.contains("slow-lane")),
             "{second:?}"
         );
+        // A short request interrupted at one tick (one may fall in its first
+        // microseconds) never counts, however crowded the lane.
+        let (m1, m2, m3) = (
+            Arc::new(Moved::default()),
+            Arc::new(Moved::default()),
+            Arc::new(Moved::default()),
+        );
+        let (_, _, short) = rt.block_on(async {
+            tokio::join!(
+                Demoting::new(signalled(8, true, m1.clone()), slow.clone(), Arc::default())
+                    .signalling(m1.clone()),
+                Demoting::new(signalled(8, true, m2.clone()), slow.clone(), Arc::default())
+                    .signalling(m2.clone()),
+                Demoting::new(signalled(2, true, m3.clone()), slow.clone(), Arc::default())
+                    .signalling(m3.clone()),
+            )
+        });
+        assert!(short.iter().all(|n| !n.contains("slow-lane")), "{short:?}");
     }
 
     #[test]
