@@ -637,29 +637,14 @@ impl Bus for SqliteBus {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let triggers = triggers_of(&tx, None)?;
         let mut out = Published::default();
-        let now = now_ms();
         for event in events {
             let hops = event.hops();
             for t in triggers.iter().filter(|t| t.matches(event)) {
-                let config = config_of(&tx, &t.function)?;
-                let mut job = Job {
-                    id: new_id("job_"),
-                    function: t.function.clone(),
-                    alias: t.alias.clone(),
-                    version: None,
-                    payload: Payload::Event {
-                        event: event.clone(),
-                    },
-                    hops,
-                    attempts: 0,
-                    max_attempts: config.max_retries + 1,
-                    state: JobState::Queued,
-                    created_ms: now,
-                    expires_ms: now + config.max_age_ms,
-                    next_ms: now,
-                    last_error: None,
-                    trigger: Some(t.id.clone()),
+                let payload = Payload::Event {
+                    event: event.clone(),
                 };
+                let mut job = new_job(&tx, "job_", &t.function, &t.alias, None, payload, hops)?;
+                job.trigger = Some(t.id.clone());
                 if hops >= self.hop_limit {
                     job.state = JobState::Dead;
                     job.last_error = Some(format!(
@@ -1006,10 +991,26 @@ fn queue_job(
     payload: Payload,
     hops: u32,
 ) -> Result<Job, BusError> {
+    let job = new_job(tx, "inv_", function, alias, version, payload, hops)?;
+    insert_job(tx, &job)?;
+    Ok(job)
+}
+
+/// A new job for `function` under its retry policy (read in `tx`), due
+/// now; its id starts with `prefix`. Not stored yet.
+fn new_job(
+    tx: &rusqlite::Transaction<'_>,
+    prefix: &str,
+    function: &str,
+    alias: &str,
+    version: Option<u64>,
+    payload: Payload,
+    hops: u32,
+) -> Result<Job, BusError> {
     let config = config_of(tx, function)?;
     let now = now_ms();
-    let job = Job {
-        id: new_id("inv_"),
+    Ok(Job {
+        id: new_id(prefix),
         function: function.to_string(),
         alias: alias.to_string(),
         version,
@@ -1023,9 +1024,7 @@ fn queue_job(
         next_ms: now,
         last_error: None,
         trigger: None,
-    };
-    insert_job(tx, &job)?;
-    Ok(job)
+    })
 }
 
 fn insert_job(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<(), BusError> {

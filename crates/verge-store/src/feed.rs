@@ -397,7 +397,18 @@ mod tests {
         );
         let waiter =
             tokio::spawn(async move { registry.changes(0, Duration::from_secs(600)).await });
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Commit once the reader holds its own watch (it is waiting, or
+        // about to read): a condition, not a fixed wait.
+        for _ in 0..10_000 {
+            if store.commits.receiver_count() >= 2 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            store.commits.receiver_count() >= 2,
+            "the reader never started"
+        );
         store.put_route(None, "/x", "nobody", "live").ok();
         store.create_token("t", "h", None, None).unwrap();
         let got = tokio::time::timeout(Duration::from_secs(10), waiter)
