@@ -72,7 +72,7 @@ pub enum Subject {
 }
 
 impl Subject {
-    fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         match s {
             "routes" => Some(Self::Routes),
             "tokens" => Some(Self::Tokens),

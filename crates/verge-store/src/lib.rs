@@ -23,10 +23,12 @@ use verge_spec::{
 mod artifacts;
 mod feed;
 mod ledger;
+mod replica;
 mod retention;
 pub use artifacts::{Artifacts, LocalArtifacts};
 pub use feed::{Change, Changes, FunctionState, Registry, SqliteRegistry, Subject};
 pub use ledger::{BATCH_MAX, FLUSH_INTERVAL, Ledger};
+pub use replica::{Doc, ReplicaState};
 pub use retention::{Pruned, Pruner, Retention};
 
 /// A failure of the store.
@@ -65,6 +67,10 @@ pub enum StoreError {
     Locked(PathBuf),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error(
+        "this data directory's registry holds {0} functions of a node that ran on its own; a node joins a cluster with a data directory of its own (a new --data-dir), or deploy those functions to the cluster again"
+    )]
+    NotAReplica(u64),
 }
 
 impl StoreError {
@@ -356,6 +362,7 @@ impl Store {
         }
         conn.execute_batch(INDEXES)?;
         conn.execute_batch(feed::SCHEMA)?;
+        conn.execute_batch(replica::SCHEMA)?;
         conn.execute_batch(ledger::SCHEMA)?;
         // Invocation records from before the error column.
         let has_error: i64 = conn.query_row(
@@ -387,21 +394,26 @@ impl Store {
 
     /// Stores a token's hash under `name` unless one exists; returns whether it was created.
     pub fn insert_token_hash(&self, name: &str, hash: &str) -> Result<bool, StoreError> {
-        let n = self.conn().execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let n = tx.execute(
             "INSERT OR IGNORE INTO tokens (name, hash, created_at) VALUES (?1, ?2, ?3)",
             params![name, hash, now()],
         )?;
+        self.finish(tx)?;
         Ok(n == 1)
     }
 
     /// Replaces the hash of token `name`.
     pub fn replace_token_hash(&self, name: &str, hash: &str) -> Result<(), StoreError> {
-        self.conn().execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute(
             "INSERT INTO tokens (name, hash, created_at) VALUES (?1, ?2, ?3)
              ON CONFLICT(name) DO UPDATE SET hash = excluded.hash",
             params![name, hash, now()],
         )?;
-        Ok(())
+        self.finish(tx)
     }
 
     /// All stored tokens' hashes.
@@ -428,10 +440,13 @@ impl Store {
         tenant: Option<&str>,
         scope: Option<&str>,
     ) -> Result<bool, StoreError> {
-        let n = self.conn().execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let n = tx.execute(
             "INSERT OR IGNORE INTO tokens (name, hash, created_at, tenant, scope) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![name, hash, now(), tenant, scope],
         )?;
+        self.finish(tx)?;
         Ok(n == 1)
     }
 
@@ -453,10 +468,11 @@ impl Store {
 
     /// Deletes a token; false when there was none of that name.
     pub fn delete_token(&self, name: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .conn()
-            .execute("DELETE FROM tokens WHERE name = ?1", params![name])?
-            == 1)
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let n = tx.execute("DELETE FROM tokens WHERE name = ?1", params![name])?;
+        self.finish(tx)?;
+        Ok(n == 1)
     }
 
     fn artifact_path(&self, sha256: &str) -> Result<PathBuf, StoreError> {
@@ -621,7 +637,7 @@ impl Store {
                 params![host.as_deref().unwrap_or(""), path, function, LIVE_ALIAS],
             )?;
         }
-        tx.commit()?;
+        self.finish(tx)?;
         Ok(Created {
             version,
             reused: existing.is_some(),
@@ -641,7 +657,7 @@ impl Store {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         function_exists(&tx, function)?;
         let changed = set_alias_tx(&tx, function, alias, target)?;
-        tx.commit()?;
+        self.finish(tx)?;
         Ok(changed)
     }
 
@@ -682,7 +698,7 @@ impl Store {
                     "UPDATE aliases SET target = ?3, updated_at = ?4 WHERE function = ?1 AND name = ?2",
                     params![function, alias, json, now()],
                 )?;
-                tx.commit()?;
+                self.finish(tx)?;
                 return Ok(target);
             }
         }
@@ -724,7 +740,7 @@ impl Store {
             "DELETE FROM alias_history WHERE function = ?1 AND name = ?2",
             params![function, alias],
         )?;
-        tx.commit()?;
+        self.finish(tx)?;
         Ok(())
     }
 
@@ -824,7 +840,7 @@ impl Store {
             shas.push(sha);
         }
         out.artifacts = orphans(&tx, shas)?;
-        tx.commit()?;
+        self.finish(tx)?;
         drop(conn);
         self.remove_artifacts(&out.artifacts);
         out.versions.sort_unstable();
@@ -832,6 +848,9 @@ impl Store {
     }
 
     fn remove_artifacts(&self, shas: &[String]) {
+        if replica::rehearsing() {
+            return;
+        }
         for sha in shas {
             if let Ok(path) = self.artifact_path(sha)
                 && let Err(e) = fs::remove_file(&path)
@@ -865,20 +884,22 @@ impl Store {
              ON CONFLICT(host, path) DO UPDATE SET alias = excluded.alias",
             params![host.unwrap_or(""), path, function, alias],
         )?;
-        tx.commit()?;
+        self.finish(tx)?;
         Ok(())
     }
 
     /// Removes a route.
     pub fn delete_route(&self, host: Option<&str>, path: &str) -> Result<(), StoreError> {
-        let n = self.conn().execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let n = tx.execute(
             "DELETE FROM routes WHERE host = ?1 AND path = ?2",
             params![host.unwrap_or(""), path],
         )?;
         if n == 0 {
             return Err(StoreError::RouteNotFound(route_label(host, path)));
         }
-        Ok(())
+        self.finish(tx)
     }
 
     /// Every route.
@@ -1101,7 +1122,7 @@ impl Store {
             return Err(StoreError::FunctionNotFound(name.to_string()));
         }
         let orphans = orphans(&tx, shas)?;
-        tx.commit()?;
+        self.finish(tx)?;
         drop(conn);
         self.remove_artifacts(&orphans);
         Ok(orphans)
