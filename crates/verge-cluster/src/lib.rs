@@ -1,1 +1,683 @@
-pub fn placeholder() {}
+//! The cluster backends on NATS JetStream: the only crate that knows
+//! `async-nats`.
+//!
+//! Layout (created explicitly, with the replicas the cluster can hold):
+//! - KV bucket `verge_registry`: the registry as documents (`fn.<name>`,
+//!   `routes`, `tokens`, see `verge_store::Doc`) plus `format` (the layout
+//!   version and the registry's id). Every node watches it and imports each
+//!   document into its SQLite replica, whose change feed its tables follow;
+//!   writes are rehearsed on the replica and stored by compare-and-set on
+//!   each document's revision ([`Cluster::write`]).
+//! - Object store `verge_artifacts`: component bytes by sha256, in chunks of
+//!   512 KiB (the client waits for each chunk's ack) ([`NatsArtifacts`]).
+//! - KV bucket `verge_nodes`: each node's record, put every few seconds,
+//!   expiring after [`NODE_TTL`] ([`Cluster::heartbeat`], [`Cluster::nodes`]).
+//!
+//! The request path never touches NATS: it reads the node's tables. When
+//! NATS is unreachable, writes fail at once with [`ClusterError::Unavailable`]
+//! and the node keeps serving and reading what its replica holds; the client
+//! reconnects by itself and the watch resumes from the replica's position.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream;
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, watch};
+use verge_store::{Doc, Store, StoreError};
+
+mod artifacts;
+pub use artifacts::NatsArtifacts;
+
+/// The registry layout this build reads and writes.
+pub const FORMAT: u32 = 1;
+/// The registry bucket.
+pub const REGISTRY_BUCKET: &str = "verge_registry";
+/// The node liveness bucket.
+pub const NODES_BUCKET: &str = "verge_nodes";
+/// The artifact object store.
+pub const ARTIFACTS_BUCKET: &str = "verge_artifacts";
+/// How often a node puts its record.
+pub const HEARTBEAT: Duration = Duration::from_secs(3);
+/// How long a node's record outlives its last heartbeat.
+pub const NODE_TTL: Duration = Duration::from_secs(10);
+/// How long connecting and checking the server may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one JetStream request may take before a write is refused.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a joining node may take to import the registry.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Writes rehearsed again after another node wrote first.
+const WRITE_ATTEMPTS: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(
+        "could not connect to NATS at {url}: {reason}; check the URL and that nats-server runs there"
+    )]
+    Connect { url: String, reason: String },
+    #[error(
+        "the NATS server at {url} has no JetStream; start it with JetStream enabled (`nats-server -js`, or a `jetstream {{}}` block in its config)"
+    )]
+    NoJetStream { url: String },
+    #[error("{0}")]
+    Format(String),
+    #[error(
+        "the cluster's registry cannot be written now: {0}; this node keeps serving and answering reads from its copy; retry when NATS is back"
+    )]
+    Unavailable(String),
+    #[error("other nodes kept changing {0} while this write was retried; retry it")]
+    Contended(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// How to reach the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// `nats://host:port` (several, comma-separated).
+    pub url: String,
+    /// A `.creds` file (user JWT and seed).
+    pub creds: Option<PathBuf>,
+    /// The JetStream domain to use (leaf nodes run their own).
+    pub domain: Option<String>,
+    /// This node's name (unique in the cluster).
+    pub node: String,
+    /// Replicas of each bucket (default: 3 when the cluster has 3 or more
+    /// servers, else 1).
+    pub replicas: Option<usize>,
+}
+
+/// A node's record in `verge_nodes`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NodeRecord {
+    pub name: String,
+    /// The node's control and function URL.
+    pub url: String,
+    pub role: String,
+    pub version: String,
+    /// Seconds since the epoch.
+    pub started: i64,
+    pub heartbeat: i64,
+    /// Registry revision this node's replica has imported.
+    pub position: u64,
+    /// Functions and versions it holds, and how many are ready.
+    pub versions: u64,
+    pub ready: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct FormatDoc {
+    format: u32,
+    registry: String,
+}
+
+/// A connection to the cluster's JetStream.
+pub struct Cluster {
+    client: async_nats::Client,
+    url: String,
+    registry: kv::Store,
+    nodes: kv::Store,
+    objects: jetstream::object_store::ObjectStore,
+    registry_id: String,
+    replicas: usize,
+    /// Rehearsals and imports take turns: a rehearsal finds the documents
+    /// it changed by the log entries written since it began.
+    turn: Mutex<()>,
+    /// The registry revision the replica has imported.
+    applied: watch::Sender<u64>,
+    /// Since when the link is down (`None`: connected).
+    down_since: std::sync::Mutex<Option<SystemTime>>,
+    /// The follower and the heartbeat.
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Unavailable(e.to_string())
+}
+
+fn random_id() -> String {
+    let bytes: [u8; 16] = rand::random();
+    hex::encode(bytes)
+}
+
+impl Cluster {
+    /// Connects, checks JetStream, creates what is missing (buckets with
+    /// the cluster's replicas) and checks the registry's layout: an error
+    /// within [`CONNECT_TIMEOUT`] rather than a hang.
+    pub async fn connect(opts: &ClusterOptions) -> Result<Arc<Cluster>, ClusterError> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(opts)).await {
+            Ok(r) => r,
+            Err(_) => Err(ClusterError::Connect {
+                url: opts.url.clone(),
+                reason: format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+            }),
+        }
+    }
+
+    async fn connect_inner(opts: &ClusterOptions) -> Result<Arc<Cluster>, ClusterError> {
+        let url = opts.url.clone();
+        let connect_err = |reason: String| ClusterError::Connect {
+            url: url.clone(),
+            reason,
+        };
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("verge/{}", opts.node))
+            .connection_timeout(Duration::from_secs(2))
+            .request_timeout(Some(REQUEST_TIMEOUT));
+        if let Some(creds) = &opts.creds {
+            options = options.credentials_file(creds).await.map_err(|e| {
+                connect_err(format!(
+                    "could not read the credentials {}: {e}",
+                    creds.display()
+                ))
+            })?;
+        }
+        let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
+        options = options.event_callback(move |event| {
+            let tx = events_tx.clone();
+            async move {
+                let _ = tx.send(event);
+            }
+        });
+        let client = options
+            .connect(opts.url.as_str())
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        let info = client.server_info();
+        let js = match &opts.domain {
+            Some(d) => jetstream::with_domain(client.clone(), d),
+            None => jetstream::new(client.clone()),
+        };
+        if !info.jetstream {
+            return Err(ClusterError::NoJetStream { url });
+        }
+        js.query_account().await.map_err(|e| {
+            if e.to_string().contains("not enabled") {
+                ClusterError::NoJetStream { url: url.clone() }
+            } else {
+                connect_err(format!("JetStream did not answer: {e}"))
+            }
+        })?;
+        let servers = info.connect_urls.len().max(1);
+        let replicas = opts.replicas.unwrap_or(if servers >= 3 { 3 } else { 1 });
+        let registry = bucket(
+            &js,
+            kv::Config {
+                bucket: REGISTRY_BUCKET.into(),
+                description: "Verge registry: functions, routes, tokens".into(),
+                history: 1,
+                num_replicas: replicas,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let nodes = bucket(
+            &js,
+            kv::Config {
+                bucket: NODES_BUCKET.into(),
+                description: "Verge nodes: liveness and load".into(),
+                history: 1,
+                max_age: NODE_TTL,
+                num_replicas: replicas,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let objects = match js.get_object_store(ARTIFACTS_BUCKET).await {
+            Ok(o) => o,
+            Err(_) => js
+                .create_object_store(jetstream::object_store::Config {
+                    bucket: ARTIFACTS_BUCKET.into(),
+                    description: Some("Verge component bytes by sha256".into()),
+                    num_replicas: replicas,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| {
+                    ClusterError::Other(format!(
+                        "could not create the {ARTIFACTS_BUCKET} object store: {e}"
+                    ))
+                })?,
+        };
+        let registry_id = registry_format(&registry).await?;
+        let (applied, _) = watch::channel(0);
+        let cluster = Arc::new(Cluster {
+            client,
+            url: opts.url.clone(),
+            registry,
+            nodes,
+            objects,
+            registry_id,
+            replicas,
+            turn: Mutex::new(()),
+            applied,
+            down_since: std::sync::Mutex::new(None),
+            tasks: Default::default(),
+        });
+        let weak = Arc::downgrade(&cluster);
+        tokio::spawn(async move {
+            while let Some(event) = events_rx.recv().await {
+                let Some(c) = weak.upgrade() else { break };
+                match event {
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(url = %c.url, "lost the link to NATS; serving from this node's copy of the registry");
+                        c.set_down(true);
+                    }
+                    async_nats::Event::Connected => {
+                        tracing::info!(url = %c.url, "linked to NATS again");
+                        c.set_down(false);
+                    }
+                    other => tracing::debug!(event = %other, "NATS client event"),
+                }
+            }
+        });
+        Ok(cluster)
+    }
+
+    fn set_down(&self, down: bool) {
+        let mut d = self
+            .down_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match (down, d.is_some()) {
+            (true, false) => *d = Some(SystemTime::now()),
+            (false, true) => *d = None,
+            _ => {}
+        }
+    }
+
+    /// Since when the link to NATS is down, `None` while connected.
+    pub fn down_since(&self) -> Option<SystemTime> {
+        let d = *self
+            .down_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => None,
+            _ => Some(d.unwrap_or_else(SystemTime::now)),
+        }
+    }
+
+    /// The cluster registry's id (fixed when the first node created it).
+    pub fn registry_id(&self) -> &str {
+        &self.registry_id
+    }
+
+    /// Replicas of each bucket.
+    pub fn replicas(&self) -> usize {
+        self.replicas
+    }
+
+    /// The URL it was connected with.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The registry revision the local replica has imported.
+    pub fn applied(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    fn check_link(&self) -> Result<(), ClusterError> {
+        match self.down_since() {
+            None => Ok(()),
+            Some(t) => {
+                let secs = SystemTime::now()
+                    .duration_since(t)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                Err(ClusterError::Unavailable(format!(
+                    "NATS at {} is unreachable (for {secs} s)",
+                    self.url
+                )))
+            }
+        }
+    }
+
+    /// The registry's latest revision, asked of the server.
+    async fn head(&self) -> Result<u64, ClusterError> {
+        let mut stream = self.registry.stream.clone();
+        let info = stream.info().await.map_err(unavailable)?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// Makes `store` a replica of this cluster's registry and starts
+    /// following it ([`Cluster::follow`]); returns once the replica holds
+    /// everything stored before the call.
+    pub async fn join(self: &Arc<Self>, store: &Arc<Store>) -> Result<(), ClusterError> {
+        let (s, id) = (store.clone(), self.registry_id.clone());
+        blocking(move || s.follow_registry(&id)).await?;
+        let s = store.clone();
+        let position = blocking(move || s.replica_state())
+            .await?
+            .map(|r| r.position)
+            .unwrap_or(0);
+        self.applied.send_replace(position);
+        let head = self.head().await?;
+        let task = tokio::spawn(self.clone().follow(store.clone()));
+        self.tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(task);
+        let mut rx = self.applied.subscribe();
+        match tokio::time::timeout(JOIN_TIMEOUT, rx.wait_for(|a| *a >= head)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(ClusterError::Unavailable(format!(
+                "this node's copy of the registry did not reach revision {head} within {} s of joining",
+                JOIN_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// Stops following the registry and heartbeats (a node that stops).
+    pub fn close(&self) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+        {
+            t.abort();
+        }
+    }
+
+    /// Starts this node's heartbeat ([`Cluster::heartbeat`]); stopped by
+    /// [`Cluster::close`].
+    pub fn start_heartbeat(self: &Arc<Self>, record: impl Fn() -> NodeRecord + Send + 'static) {
+        let task = tokio::spawn(self.clone().heartbeat(record));
+        self.tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(task);
+    }
+
+    async fn import(&self, store: &Arc<Store>, entry: kv::Entry) -> Result<(), ClusterError> {
+        let doc = Doc {
+            key: entry.key.clone(),
+            value: match entry.operation {
+                kv::Operation::Put => Some(entry.value.to_vec()),
+                kv::Operation::Delete | kv::Operation::Purge => None,
+            },
+        };
+        let revision = entry.revision;
+        let _turn = self.turn.lock().await;
+        let s = store.clone();
+        blocking(move || s.import(&doc, revision)).await?;
+        self.applied.send_modify(|a| *a = (*a).max(revision));
+        Ok(())
+    }
+
+    /// Keeps `store` current with the registry until [`Cluster::close`]: a
+    /// supervised watch, reopened from the replica's position after any
+    /// error.
+    async fn follow(self: Arc<Self>, store: Arc<Store>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let from = self.applied() + 1;
+            match self.registry.watch_all_from_revision(from).await {
+                Ok(mut watch) => {
+                    backoff = Duration::from_millis(100);
+                    while let Some(entry) = watch.next().await {
+                        let result = match entry {
+                            Ok(entry) => self.import(&store, entry).await,
+                            Err(e) => Err(unavailable(e)),
+                        };
+                        if let Err(e) = result {
+                            tracing::warn!(error = %e, "the registry watch failed; reopening it");
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not open the registry watch; retrying")
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Runs a registry write for the whole cluster: rehearsed on `store`
+    /// (the replica), its documents stored by compare-and-set, rehearsed
+    /// again when another node wrote one of them first. Returns once the
+    /// replica has imported the write.
+    pub async fn write<R, F>(&self, store: &Arc<Store>, op: F) -> Result<R, ClusterError>
+    where
+        R: Send + 'static,
+        F: Fn(&Store) -> Result<R, StoreError> + Send + Sync + 'static,
+    {
+        let op = Arc::new(op);
+        let mut contended = String::new();
+        for _ in 0..WRITE_ATTEMPTS {
+            self.check_link()?;
+            let turn = self.turn.lock().await;
+            let (s, o) = (store.clone(), op.clone());
+            let (out, docs) = blocking(move || {
+                let (out, docs) = s.rehearse(|st| o(st))?;
+                let mut with_revs = Vec::new();
+                for d in docs {
+                    let rev = s.replica_revision(&d.key)?;
+                    with_revs.push((d, rev));
+                }
+                Ok((out, with_revs))
+            })
+            .await?;
+            drop(turn);
+            if docs.is_empty() {
+                return Ok(out);
+            }
+            match self.store_docs(order(docs)).await? {
+                Stored::All => {
+                    let head = self.head().await?;
+                    self.wait_applied(head).await?;
+                    return Ok(out);
+                }
+                Stored::Stale(key) => {
+                    contended = key;
+                    // Another node wrote first: import it, then try again.
+                    let head = self.head().await?;
+                    self.wait_applied(head).await?;
+                }
+            }
+        }
+        Err(ClusterError::Contended(contended))
+    }
+
+    async fn store_docs(&self, docs: Vec<(Doc, u64)>) -> Result<Stored, ClusterError> {
+        for (doc, rev) in docs {
+            let result = match (&doc.value, rev) {
+                (Some(v), 0) => self
+                    .registry
+                    .create(&doc.key, Bytes::from(v.clone()))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| match e.kind() {
+                        kv::CreateErrorKind::AlreadyExists => None,
+                        _ => Some(e.to_string()),
+                    }),
+                (Some(v), rev) => self
+                    .registry
+                    .update(&doc.key, Bytes::from(v.clone()), rev)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| match e.kind() {
+                        kv::UpdateErrorKind::WrongLastRevision => None,
+                        _ => Some(e.to_string()),
+                    }),
+                // Never stored: nothing to delete.
+                (None, 0) => Ok(()),
+                (None, rev) => self
+                    .registry
+                    .delete_expect_revision(&doc.key, Some(rev))
+                    .await
+                    .map_err(|e| {
+                        let s = e.to_string();
+                        (!s.contains("wrong last sequence")).then_some(s)
+                    }),
+            };
+            match result {
+                Ok(()) => {}
+                Err(None) => return Ok(Stored::Stale(doc.key)),
+                Err(Some(e)) => return Err(ClusterError::Unavailable(e)),
+            }
+        }
+        Ok(Stored::All)
+    }
+
+    async fn wait_applied(&self, revision: u64) -> Result<(), ClusterError> {
+        let mut rx = self.applied.subscribe();
+        match tokio::time::timeout(REQUEST_TIMEOUT, rx.wait_for(|a| *a >= revision)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(ClusterError::Unavailable(format!(
+                "this node's copy of the registry did not reach revision {revision} within {} s",
+                REQUEST_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// Puts this node's record every [`HEARTBEAT`]; `record` is asked for
+    /// the current one each time.
+    async fn heartbeat(self: Arc<Self>, record: impl Fn() -> NodeRecord + Send + 'static) {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if self.down_since().is_some() {
+                continue;
+            }
+            let mut r = record();
+            r.heartbeat = now();
+            r.position = self.applied();
+            let Ok(body) = serde_json::to_vec(&r) else {
+                continue;
+            };
+            if let Err(e) = self.nodes.put(&r.name, body.into()).await {
+                tracing::debug!(error = %e, "could not put this node's heartbeat");
+            }
+        }
+    }
+
+    /// Every node whose record has not expired.
+    pub async fn nodes(&self) -> Result<Vec<NodeRecord>, ClusterError> {
+        self.check_link()?;
+        let mut keys = self.nodes.keys().await.map_err(unavailable)?;
+        let mut out = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(unavailable)?;
+            if let Some(v) = self.nodes.get(&key).await.map_err(unavailable)?
+                && let Ok(r) = serde_json::from_slice::<NodeRecord>(&v)
+            {
+                out.push(r);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    pub(crate) fn objects(&self) -> &jetstream::object_store::ObjectStore {
+        &self.objects
+    }
+
+    /// Waits until the link is up (for tests and for starts that must not
+    /// write while the link is down).
+    pub async fn wait_connected(&self, within: Duration) -> bool {
+        let until = Instant::now() + within;
+        while self.down_since().is_some() {
+            if Instant::now() > until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    }
+}
+
+enum Stored {
+    All,
+    /// This key's revision was not the one the replica knew.
+    Stale(String),
+}
+
+/// Functions written or changed first, then routes and tokens, then
+/// functions removed: a route never names a function its readers lack.
+fn order(mut docs: Vec<(Doc, u64)>) -> Vec<(Doc, u64)> {
+    docs.sort_by_key(|(d, _)| match (d.is_function(), d.value.is_some()) {
+        (true, true) => 0,
+        (false, _) => 1,
+        (true, false) => 2,
+    });
+    docs
+}
+
+async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, ClusterError> {
+    if let Ok(kv) = js.get_key_value(config.bucket.clone()).await {
+        return Ok(kv);
+    }
+    let name = config.bucket.clone();
+    js.create_key_value(config)
+        .await
+        .map_err(|e| ClusterError::Other(format!("could not create the {name} bucket: {e}")))
+}
+
+/// The registry's `format` document: created by the first node, checked by
+/// every other; returns the registry's id.
+async fn registry_format(registry: &kv::Store) -> Result<String, ClusterError> {
+    let mine = FormatDoc {
+        format: FORMAT,
+        registry: random_id(),
+    };
+    let body = serde_json::to_vec(&mine).map_err(|e| ClusterError::Other(e.to_string()))?;
+    match registry.create("format", body.into()).await {
+        Ok(_) => return Ok(mine.registry),
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+        Err(e) => return Err(unavailable(e)),
+    }
+    let stored = registry
+        .get("format")
+        .await
+        .map_err(unavailable)?
+        .ok_or_else(|| ClusterError::Other("the registry's format document vanished".into()))?;
+    let doc: FormatDoc = serde_json::from_slice(&stored).map_err(|e| {
+        ClusterError::Format(format!(
+            "the cluster's {REGISTRY_BUCKET} bucket holds a format document this node cannot read ({e}); is it another program's bucket?"
+        ))
+    })?;
+    if doc.format != FORMAT {
+        return Err(ClusterError::Format(format!(
+            "the cluster's registry has format {}, and this node reads format {FORMAT}; run nodes of the same Verge release (upgrade {} first)",
+            doc.format,
+            if doc.format > FORMAT {
+                "this node"
+            } else {
+                "the cluster"
+            }
+        )));
+    }
+    Ok(doc.registry)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ClusterError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ClusterError::Other(format!("a registry task did not finish: {e}")))?
+        .map_err(ClusterError::Store)
+}

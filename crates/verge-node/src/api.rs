@@ -14,8 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, on};
 use http::{StatusCode, header};
 use verge_spec::{
-    Alias, AliasTarget, DeployResponse, FunctionDetail, FunctionSummary, Health, LIVE_ALIAS, Route,
-    RouteRequest, UsageRecord, UsageReport, VersionInfo, normalize_route_host,
+    Alias, AliasTarget, DeployResponse, FunctionDetail, FunctionSummary, Health, LIVE_ALIAS,
+    NodeInfo, Route, RouteRequest, UsageRecord, UsageReport, VersionInfo, normalize_route_host,
     normalize_route_path, parse_duration, parse_env, parse_size, validate_alias_name,
     validate_function_name,
 };
@@ -89,6 +89,7 @@ api_routes! {
     POST "/v1/replication/snapshot" => crate::kv::snapshot,
     GET "/v1/replication/status" => crate::kv::status,
     GET "/v1/replication/stale" => crate::kv::stale,
+    GET "/v1/nodes" => nodes,
     GET "/v1/routes" => list_routes,
     PUT "/v1/routes" => put_route,
     DELETE "/v1/routes" => delete_route,
@@ -96,6 +97,78 @@ api_routes! {
 
 /// The OpenAPI document of this API.
 pub const OPENAPI: &str = include_str!("openapi.json");
+
+fn link_state(down_since: Option<std::time::SystemTime>) -> String {
+    match down_since {
+        None => "connected".into(),
+        Some(t) => {
+            let secs = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            format!("down since {}", verge_spec::rfc3339(secs))
+        }
+    }
+}
+
+/// This node, or every node of its cluster whose heartbeat is fresh.
+async fn nodes(State(state): State<Arc<AppState>>) -> Result<Json<Vec<NodeInfo>>, ApiError> {
+    let me = state.node_record();
+    let info = |r: verge_cluster::NodeRecord, link: String, this: bool| NodeInfo {
+        name: r.name,
+        url: r.url,
+        role: r.role,
+        version: r.version,
+        link,
+        versions: r.versions,
+        ready: r.ready,
+        revision: r.position,
+        started: verge_spec::rfc3339(r.started),
+        heartbeat: verge_spec::rfc3339(r.heartbeat),
+        this,
+    };
+    let Some(cluster) = &state.cluster else {
+        let mut r = me;
+        r.url = state.url.get().cloned().unwrap_or_default();
+        r.heartbeat = r.started.max(now_secs());
+        return Ok(Json(vec![info(r, "embedded".into(), true)]));
+    };
+    let mut out: Vec<NodeInfo> = cluster
+        .nodes()
+        .await?
+        .into_iter()
+        .map(|r| {
+            let this = r.name == me.name;
+            let link = if this {
+                link_state(cluster.down_since())
+            } else {
+                "connected".into()
+            };
+            let mut n = info(r, link, this);
+            if this {
+                // Fresher than the last heartbeat.
+                n.versions = me.versions;
+                n.ready = me.ready;
+                n.revision = cluster.applied();
+            }
+            n
+        })
+        .collect();
+    if !out.iter().any(|n| n.this) {
+        let mut r = me;
+        r.url = state.url.get().cloned().unwrap_or_default();
+        r.position = cluster.applied();
+        out.push(info(r, link_state(cluster.down_since()), true));
+    }
+    Ok(Json(out))
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
 
 async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
     let stats = state.host.stats();
@@ -116,6 +189,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
         libraries_compiled: stats.libraries_compiled,
         libraries_reused: stats.libraries_reused,
         functions_reused: stats.functions_reused,
+        nats: state.cluster.as_ref().map(|c| link_state(c.down_since())),
     })
 }
 
@@ -212,14 +286,13 @@ async fn put_alias(
         )));
     }
     let _guard = state.deploy_lock.lock().await;
-    let s = state.clone();
     let (n, a, t) = (name.clone(), alias.clone(), target.clone());
-    let aliases = blocking(move || {
-        s.store.set_alias(&n, &a, &t)?;
-        Ok(s.store.aliases(&n)?)
-    })
-    .await?;
-    state.caught_up().await?;
+    let aliases = state
+        .write(move |st| {
+            st.set_alias(&n, &a, &t)?;
+            st.aliases(&n)
+        })
+        .await?;
     tracing::info!(function = %name, %alias, target = %target.describe(), "alias set");
     state.emit(
         crate::events::types::ALIAS_CHANGED,
@@ -237,14 +310,13 @@ async fn rollback_alias(
     validate_function_name(&name)?;
     validate_alias_name(&alias)?;
     let _guard = state.deploy_lock.lock().await;
-    let s = state.clone();
     let (n, a) = (name.clone(), alias.clone());
-    let (target, aliases) = blocking(move || {
-        let t = s.store.rollback_alias(&n, &a)?;
-        Ok((t, s.store.aliases(&n)?))
-    })
-    .await?;
-    state.caught_up().await?;
+    let (target, aliases) = state
+        .write(move |st| {
+            let t = st.rollback_alias(&n, &a)?;
+            Ok((t, st.aliases(&n)?))
+        })
+        .await?;
     tracing::info!(function = %name, %alias, target = %target.describe(), "alias rolled back");
     state.emit(
         crate::events::types::ALIAS_CHANGED,
@@ -261,10 +333,8 @@ async fn delete_alias(
     validate_function_name(&name)?;
     validate_alias_name(&alias)?;
     let _guard = state.deploy_lock.lock().await;
-    let s = state.clone();
     let (n, a) = (name.clone(), alias.clone());
-    blocking(move || Ok(s.store.delete_alias(&n, &a)?)).await?;
-    state.caught_up().await?;
+    state.write(move |st| st.delete_alias(&n, &a)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -274,10 +344,8 @@ async fn delete_function(
 ) -> Result<StatusCode, ApiError> {
     validate_function_name(&name)?;
     let _guard = state.deploy_lock.lock().await;
-    let s = state.clone();
     let n = name.clone();
-    let orphans = blocking(move || Ok(s.store.delete_function(&n)?)).await?;
-    state.caught_up().await?;
+    let orphans = state.write(move |st| st.delete_function(&n)).await?;
     for sha in &orphans {
         state.host.forget(sha);
     }
@@ -722,15 +790,15 @@ async fn put_route(
     let alias = req.alias.unwrap_or_else(|| LIVE_ALIAS.to_string());
     validate_alias_name(&alias)?;
     let _guard = state.deploy_lock.lock().await;
-    let s = state.clone();
     let (h, p, f, a) = (
         host.clone(),
         path.clone(),
         req.function.clone(),
         alias.clone(),
     );
-    blocking(move || Ok(s.store.put_route(h.as_deref(), &p, &f, &a)?)).await?;
-    state.caught_up().await?;
+    state
+        .write(move |st| st.put_route(h.as_deref(), &p, &f, &a))
+        .await?;
     Ok(Json(Route {
         host,
         path,
@@ -758,9 +826,9 @@ async fn delete_route(
         )
     })?;
     let _guard = state.deploy_lock.lock().await;
-    let s = state.clone();
-    blocking(move || Ok(s.store.delete_route(host.as_deref(), &path)?)).await?;
-    state.caught_up().await?;
+    state
+        .write(move |st| st.delete_route(host.as_deref(), &path))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -30,9 +30,12 @@ pub(crate) fn new_token() -> String {
 }
 
 /// Makes sure an admin token exists; returns the token file's path when a
-/// token was created by this call.
-pub(crate) fn ensure_admin_token(
-    store: &verge_store::Store,
+/// token was created by this call. On a cluster, the first node to start
+/// creates it (for every node: tokens are the cluster's); the others find
+/// it there.
+pub(crate) async fn ensure_admin_token(
+    store: &Arc<verge_store::Store>,
+    cluster: Option<&Arc<verge_cluster::Cluster>>,
     data_dir: &Path,
 ) -> Result<Option<PathBuf>, ApiError> {
     if !store.token_hashes()?.is_empty() {
@@ -40,9 +43,22 @@ pub(crate) fn ensure_admin_token(
     }
     let token = new_token();
     let path = data_dir.join(TOKEN_FILE);
+    // The file first: a stored hash whose token nobody has locks everyone out.
     write_private(&path, &token)
         .map_err(|e| ApiError::Internal(format!("could not write {}: {e}", path.display())))?;
-    store.replace_token_hash("admin", &hash_token(&token))?;
+    let hash = hash_token(&token);
+    let created = match cluster {
+        None => store.insert_token_hash("admin", &hash)?,
+        Some(c) => {
+            c.write(store, move |s| s.insert_token_hash("admin", &hash))
+                .await?
+        }
+    };
+    if !created {
+        // Another node of the cluster made the admin token first.
+        let _ = std::fs::remove_file(&path);
+        return Ok(None);
+    }
     Ok(Some(path))
 }
 
@@ -215,20 +231,17 @@ pub(crate) async fn create_token(
         }
     }
     let token = new_token();
-    let (s, hash) = (state.clone(), hash_token(&token));
+    let hash = hash_token(&token);
     let (name, tenant, scope) = (req.name.clone(), req.tenant.clone(), req.scope.clone());
-    let created = crate::api::blocking(move || {
-        Ok(s.store
-            .create_token(&name, &hash, tenant.as_deref(), scope.as_deref())?)
-    })
-    .await?;
+    let created = state
+        .write(move |st| st.create_token(&name, &hash, tenant.as_deref(), scope.as_deref()))
+        .await?;
     if !created {
         return Err(ApiError::Conflict(format!(
             "a token named {:?} exists; pick another name, or remove it first with `verge token rm {}`",
             req.name, req.name
         )));
     }
-    state.caught_up().await?;
     Ok((
         http::StatusCode::CREATED,
         axum::Json(serde_json::json!({
@@ -257,8 +270,7 @@ pub(crate) async fn delete_token(
             "{name:?} is the last admin token; create another admin token first"
         )));
     }
-    let (s, n) = (state.clone(), name.clone());
-    crate::api::blocking(move || Ok(s.store.delete_token(&n)?)).await?;
-    state.caught_up().await?;
+    let n = name.clone();
+    state.write(move |st| st.delete_token(&n)).await?;
     Ok(http::StatusCode::NO_CONTENT)
 }

@@ -82,7 +82,6 @@ pub(crate) async fn deploy(
     let tier = loaded.tier().as_str().to_string();
 
     let _guard = state.deploy_lock.lock().await;
-    let s = state.clone();
     let (fname, env, routes, limits, by, promote, buckets, tenant) = (
         name.to_string(),
         opts.env.clone(),
@@ -104,9 +103,9 @@ pub(crate) async fn deploy(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .insert(sha.clone(), loaded.clone());
-    let created = blocking(move || {
-        s.store
-            .create_version(&NewVersion {
+    let created = state
+        .write(move |st| {
+            st.create_version(&NewVersion {
                 function: &fname,
                 sha256: &stored,
                 size,
@@ -118,20 +117,14 @@ pub(crate) async fn deploy(
                 deployed_by: &by,
                 promote,
             })
-            .map_err(ApiError::from)
-    })
-    .await;
-    let caught_up = match created {
-        Ok(_) => state.caught_up().await,
-        Err(_) => Ok(()),
-    };
+        })
+        .await;
     state
         .preloaded
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .remove(&sha);
     let created = created?;
-    caught_up?;
     steps.done("store");
     steps.done("promote");
     drop(_guard);
@@ -248,15 +241,11 @@ fn check_limits(state: &AppState, limits: &Limits) -> Result<(), ApiError> {
 /// memory and their compiled code from the cache. Failures are logged: the
 /// change that triggered it already succeeded.
 pub(crate) async fn collect(state: &Arc<AppState>, name: &str) {
-    let s = state.clone();
     let n = name.to_string();
     let keep = state.keep_versions;
-    match blocking(move || Ok(s.store.collect_versions(&n, keep)?)).await {
+    match state.write(move |st| st.collect_versions(&n, keep)).await {
         Ok(c) if c.versions.is_empty() => {}
         Ok(c) => {
-            if let Err(e) = state.caught_up().await {
-                tracing::warn!(function = %name, error = %e, "retention removed versions the node still lists");
-            }
             let files: usize = c.artifacts.iter().map(|sha| state.host.forget(sha)).sum();
             tracing::info!(function = %name, versions = ?c.versions, artifacts = c.artifacts.len(), compiled_files = files, "retention removed old versions");
         }

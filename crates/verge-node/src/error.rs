@@ -48,6 +48,21 @@ pub enum ApiError {
     /// A write failed because the disk is full (507).
     #[error("{0}")]
     DiskFull(String),
+    /// The cluster's backends cannot take a write now (503).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<verge_cluster::ClusterError> for ApiError {
+    fn from(e: verge_cluster::ClusterError) -> Self {
+        use verge_cluster::ClusterError as C;
+        match e {
+            C::Store(e) => ApiError::Store(e),
+            C::Unavailable(_) => ApiError::Unavailable(e.to_string()),
+            C::Contended(_) => ApiError::Conflict(e.to_string()),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
 }
 
 /// What to do when the disk is full.
@@ -90,6 +105,7 @@ impl ApiError {
                 StoreError::NoRollback { .. } | StoreError::AliasInUse(_) => {
                     (StatusCode::CONFLICT, "conflict")
                 }
+                StoreError::Cluster(_) => (StatusCode::SERVICE_UNAVAILABLE, "cluster unavailable"),
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "storage error"),
             },
             ApiError::Bus(e) => match e {
@@ -113,6 +129,7 @@ impl ApiError {
             ApiError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "at capacity"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
             ApiError::DiskFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "insufficient storage"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "cluster unavailable"),
         }
     }
 }

@@ -37,6 +37,8 @@ pub use verge_store::Retention;
 
 use state::{AppState, Ceilings, Settings};
 
+pub use verge_cluster::ClusterOptions;
+
 /// Name of the file in the data directory where a running node writes its URL.
 pub const NODE_FILE: &str = "node.json";
 
@@ -104,6 +106,8 @@ pub struct NodeConfig {
     /// running invocation holds its version's memory limit of it; beyond,
     /// requests queue, then get 503 (`None`: half the machine's memory).
     pub memory_budget: Option<u64>,
+    /// The cluster to join (`None`: the embedded registry on this machine).
+    pub cluster: Option<verge_cluster::ClusterOptions>,
 }
 
 impl NodeConfig {
@@ -136,6 +140,7 @@ impl NodeConfig {
             retain: verge_store::Retention::default(),
             prune_every: Duration::from_secs(5),
             memory_budget: None,
+            cluster: None,
         }
     }
 
@@ -216,10 +221,23 @@ impl Node {
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         let started = Instant::now();
         let data_dir = config.data_dir.clone();
-        let store = Store::open(&data_dir)?;
+        let store = Arc::new(Store::open(&data_dir)?);
         reserve::ensure(&data_dir);
+        let cluster = match &config.cluster {
+            None => None,
+            Some(opts) => {
+                let c = verge_cluster::Cluster::connect(opts)
+                    .await
+                    .map_err(|e| NodeError::Other(e.to_string()))?;
+                c.join(&store)
+                    .await
+                    .map_err(|e| NodeError::Other(e.to_string()))?;
+                tracing::info!(url = %opts.url, registry = c.registry_id(), revision = c.applied(), replicas = c.replicas(), "joined the cluster");
+                Some(c)
+            }
+        };
         let mut report = StartReport {
-            token_created: auth::ensure_admin_token(&store, &data_dir)?,
+            token_created: auth::ensure_admin_token(&store, cluster.as_ref(), &data_dir).await?,
             ..StartReport::default()
         };
         let ledger = Arc::new(Ledger::open(&data_dir)?);
@@ -309,9 +327,11 @@ impl Node {
             }
             Ok(())
         }));
-        let store = Arc::new(store);
-        let artifacts: Arc<dyn verge_store::Artifacts> =
-            Arc::new(verge_store::LocalArtifacts::new(store.clone()));
+        let local = verge_store::LocalArtifacts::new(store.clone());
+        let artifacts: Arc<dyn verge_store::Artifacts> = match &cluster {
+            None => Arc::new(local),
+            Some(c) => Arc::new(verge_cluster::NatsArtifacts::new(c.clone(), local)),
+        };
         let registry: Arc<dyn verge_store::Registry> =
             Arc::new(verge_store::SqliteRegistry::new(store.clone()));
         let state = Arc::new(AppState::new(
@@ -325,6 +345,7 @@ impl Node {
                 artifacts,
                 registry,
                 outbox: outbox.clone(),
+                cluster,
                 data_dir: data_dir.clone(),
                 max_upload: config.max_upload,
                 ceilings: Ceilings {
@@ -376,6 +397,16 @@ impl Node {
         })
     }
 
+    /// The node's URL, `http://ADDR` (an address it was given to listen
+    /// on all interfaces with names itself by loopback).
+    fn url(&self) -> String {
+        match self.local_addr() {
+            Ok(a) if a.ip().is_unspecified() => format!("http://127.0.0.1:{}", a.port()),
+            Ok(a) => format!("http://{a}"),
+            Err(_) => String::new(),
+        }
+    }
+
     /// The address the node listens on (useful with port 0).
     pub fn local_addr(&self) -> Result<SocketAddr, NodeError> {
         self.listener
@@ -425,6 +456,7 @@ impl Node {
         if let Err(e) = std::fs::write(&node_file, info.to_string()) {
             tracing::warn!(path = %node_file.display(), error = %e, "could not write the node file; the CLI will need --server");
         }
+        let _ = self.state.url.set(self.url());
         let app = router(self.state.clone());
         let background = self.spawn_background();
         self.state.emit(
@@ -458,6 +490,14 @@ impl Node {
             tokio::spawn(events::outbox(s.clone(), self.outbox.clone())),
             tokio::spawn(retention(s.clone(), self.retain, self.prune_every)),
         ];
+        if let Some(c) = &s.cluster {
+            let (state, url) = (Arc::downgrade(s), self.url());
+            c.start_heartbeat(move || {
+                let mut r = state.upgrade().map(|s| s.node_record()).unwrap_or_default();
+                r.url = url.clone();
+                r
+            });
+        }
         tasks.extend(
             self.peers
                 .iter()
@@ -488,6 +528,9 @@ impl Background {
     fn stop(self, state: &AppState, outbox: &events::Outbox) {
         for t in self.0 {
             t.abort();
+        }
+        if let Some(c) = &state.cluster {
+            c.close();
         }
         outbox.flush(&*state.bus, &state.wake);
         state.ledger.flush();

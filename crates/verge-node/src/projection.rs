@@ -151,6 +151,27 @@ impl AppState {
             .unwrap_or_else(PoisonError::into_inner) = tokens;
     }
 
+    /// Runs a registry write: on this node's own store, or for the whole
+    /// cluster (rehearsed on this node's replica, stored by compare-and-set
+    /// in NATS, see `verge_cluster::Cluster::write`). Returns once this
+    /// node's tables have applied it, so that the client's next request
+    /// sees it. `op` may run more than once on a cluster (when another node
+    /// wrote first), never with a result kept but the last.
+    pub(crate) async fn write<R: Send + 'static>(
+        &self,
+        op: impl Fn(&verge_store::Store) -> Result<R, StoreError> + Send + Sync + 'static,
+    ) -> Result<R, ApiError> {
+        let out = match &self.cluster {
+            None => {
+                let s = self.store.clone();
+                crate::api::blocking(move || Ok(op(&s)?)).await?
+            }
+            Some(c) => c.write(&self.store, op).await?,
+        };
+        self.caught_up().await?;
+        Ok(out)
+    }
+
     /// Brings the tables up to every change the registry holds now: a
     /// handler calls it after its write, before it answers, so that its
     /// client's next request sees the write.

@@ -187,6 +187,9 @@ pub(crate) struct Settings {
     pub artifacts: Arc<dyn verge_store::Artifacts>,
     /// Where platform events wait to be committed.
     pub outbox: Arc<crate::events::Outbox>,
+    /// The cluster this node's registry is a replica of (`None`: the
+    /// embedded registry is its own).
+    pub cluster: Option<Arc<verge_cluster::Cluster>>,
     pub data_dir: PathBuf,
     pub max_upload: usize,
     pub ceilings: Ceilings,
@@ -208,6 +211,12 @@ pub struct AppState {
     pub(crate) registry: Arc<dyn Registry>,
     /// Component bytes by sha256.
     pub(crate) artifacts: Arc<dyn verge_store::Artifacts>,
+    /// The cluster whose registry this node's store replicates.
+    pub(crate) cluster: Option<Arc<verge_cluster::Cluster>>,
+    /// When the node started, seconds since the epoch.
+    pub(crate) started: i64,
+    /// The URL the node serves on, once it serves.
+    pub(crate) url: std::sync::OnceLock<String>,
     /// The registry revision the tables have applied.
     pub(crate) applied: tokio::sync::watch::Sender<u64>,
     /// Held while changes are applied (one applier at a time).
@@ -264,6 +273,12 @@ impl AppState {
             store,
             registry: settings.registry,
             artifacts: settings.artifacts,
+            cluster: settings.cluster,
+            url: std::sync::OnceLock::new(),
+            started: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
             outbox: settings.outbox,
             applied: tokio::sync::watch::Sender::new(0),
             applying: tokio::sync::Mutex::new(()),
@@ -497,6 +512,30 @@ impl AppState {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
+    }
+
+    /// This node's record for the cluster's `verge_nodes` bucket: how many
+    /// versions it holds and how many have code loaded (ready to serve).
+    pub(crate) fn node_record(&self) -> verge_cluster::NodeRecord {
+        let functions = self
+            .functions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let slots = functions.values().flat_map(|f| f.versions.values());
+        let (mut versions, mut ready) = (0, 0);
+        for slot in slots {
+            versions += 1;
+            ready += u64::from(slot.loaded.get().is_some());
+        }
+        verge_cluster::NodeRecord {
+            name: self.node_name.clone(),
+            role: "core".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            started: self.started,
+            versions,
+            ready,
+            ..Default::default()
+        }
     }
 
     /// The names of the functions the node holds.

@@ -579,6 +579,35 @@ pub struct Health {
     /// instead of compiling them.
     #[serde(default)]
     pub functions_reused: u64,
+    /// The link to the cluster's NATS: `connected`, `down since T`;
+    /// absent on a node that runs on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<String>,
+}
+
+/// One node of the platform (`GET /v1/nodes`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub url: String,
+    /// `core` (edges come later).
+    pub role: String,
+    pub version: String,
+    /// `embedded` (a node on its own), `connected`, or `down since T`
+    /// (as this node sees its own link; for other nodes, `connected`
+    /// while their heartbeat is fresh).
+    pub link: String,
+    /// Versions the node holds, and how many of them have code loaded.
+    pub versions: u64,
+    pub ready: u64,
+    /// The registry revision the node's copy has imported.
+    pub revision: u64,
+    pub started: String,
+    /// RFC 3339; records expire when heartbeats stop.
+    pub heartbeat: String,
+    /// Is this the node that answered?
+    #[serde(default)]
+    pub this: bool,
 }
 
 /// An error body (RFC 9457 problem details).

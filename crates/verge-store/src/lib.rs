@@ -71,6 +71,8 @@ pub enum StoreError {
         "this data directory's registry holds {0} functions of a node that ran on its own; a node joins a cluster with a data directory of its own (a new --data-dir), or deploy those functions to the cluster again"
     )]
     NotAReplica(u64),
+    #[error("the cluster's store failed: {0}")]
+    Cluster(String),
 }
 
 impl StoreError {

@@ -146,6 +146,21 @@ enum Command {
         /// [default: half the machine's memory]
         #[arg(long)]
         memory_budget: Option<String>,
+        /// Join a cluster: its NATS JetStream server(s), nats://HOST:PORT (comma-separated
+        /// for several); the registry, artifacts and tokens then live there, and every node
+        /// on it serves every function [default: this machine on its own]
+        #[arg(long, env = "VERGE_NATS", value_name = "URL")]
+        nats: Option<String>,
+        /// NATS credentials file (.creds) for --nats
+        #[arg(long, value_name = "FILE", requires = "nats")]
+        nats_creds: Option<PathBuf>,
+        /// JetStream domain for --nats (a leaf server's own domain)
+        #[arg(long, value_name = "DOMAIN", requires = "nats")]
+        nats_domain: Option<String>,
+        /// Replicas of each bucket when this node creates them [default: 3 when the NATS
+        /// cluster has 3 or more servers, else 1]
+        #[arg(long, value_name = "N", requires = "nats", value_parser = clap::value_parser!(u8).range(1..=5))]
+        nats_replicas: Option<u8>,
     },
     /// Deploy a component as a new version of a function and make it live
     Deploy {
@@ -343,6 +358,8 @@ enum Command {
         #[command(subcommand)]
         action: Option<RoutesAction>,
     },
+    /// List the platform's nodes: this one alone, or every node of its cluster
+    Nodes,
 }
 
 #[derive(Subcommand)]
@@ -439,6 +456,10 @@ async fn run(cli: Cli) -> Result<()> {
         retain,
         retain_size,
         memory_budget,
+        nats,
+        nats_creds,
+        nats_domain,
+        nats_replicas,
     } = &cli.command
     {
         if !peers.is_empty() && peer_token.is_none() {
@@ -507,6 +528,25 @@ async fn run(cli: Cli) -> Result<()> {
             "baseline" => Tiering::BaselineOnly,
             _ => Tiering::default(),
         };
+        if let Some(url) = nats {
+            if !url.split(',').all(|u| {
+                let u = u.trim();
+                ["nats://", "tls://", "ws://", "wss://"]
+                    .iter()
+                    .any(|p| u.starts_with(p) && u.len() > p.len())
+            }) {
+                bail!(
+                    "--nats {url:?} is not a NATS URL; give nats://HOST:PORT (comma-separated for several servers)"
+                );
+            }
+            config.cluster = Some(verge_node::ClusterOptions {
+                url: url.clone(),
+                creds: nats_creds.clone(),
+                domain: nats_domain.clone(),
+                node: config.node_name.clone(),
+                replicas: nats_replicas.map(usize::from),
+            });
+        }
         return up(config, *example).await;
     }
     let client = Client::discover(cli.server.clone(), cli.token.clone(), &data_dir)?;
@@ -747,7 +787,50 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Routes { action } => {
             routes(&client, json, action.unwrap_or(RoutesAction::Ls)).await
         }
+        Command::Nodes => nodes(&client, json).await,
     }
+}
+
+async fn nodes(client: &Client, json: bool) -> Result<()> {
+    let nodes: Vec<verge_spec::NodeInfo> = client.get("/v1/nodes").await?;
+    if json {
+        return print_json(&nodes);
+    }
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            vec![
+                if n.this {
+                    format!("{} *", n.name)
+                } else {
+                    n.name.clone()
+                },
+                n.url.clone(),
+                n.role.clone(),
+                n.link.clone(),
+                format!("{}/{}", n.ready, n.versions),
+                n.revision.to_string(),
+                n.heartbeat.clone(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table::render(
+            &[
+                "NODE",
+                "URL",
+                "ROLE",
+                "NATS",
+                "READY/VERSIONS",
+                "REVISION",
+                "HEARTBEAT"
+            ],
+            &rows
+        )
+    );
+    println!("* the node that answered");
+    Ok(())
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
@@ -776,6 +859,7 @@ async fn up(config: verge_node::NodeConfig, example: bool) -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let data_dir = config.data_dir.clone();
+    let cluster = config.cluster.clone();
     let limits = format!(
         "guests hold at most {} MiB at once (--memory-budget), {} instances per function (--function-concurrency); records kept {} / {} MiB (--retain, --retain-size)",
         config.guest_memory_budget() >> 20,
@@ -796,12 +880,23 @@ async fn up(config: verge_node::NodeConfig, example: bool) -> Result<()> {
     let addr = node.local_addr()?;
     let report = node.report().clone();
     println!("data directory  {}", node.data_dir().display());
+    if let Some(c) = &cluster {
+        println!(
+            "cluster         NATS {} as node {} (registry and artifacts there; `verge nodes` lists the others)",
+            c.url, c.node
+        );
+    }
     println!("limits          {limits}");
     match &report.token_created {
         Some(path) => println!(
             "admin token     created, written to {} (mode 0600)",
             path.display()
         ),
+        None if cluster.is_some() && !node.data_dir().join(verge_node::TOKEN_FILE).exists() => {
+            println!(
+                "admin token     the cluster's: in the data directory of the node that started it first (tokens work on every node)"
+            )
+        }
         None => println!(
             "admin token     in {}",
             node.data_dir().join(verge_node::TOKEN_FILE).display()

@@ -1,0 +1,77 @@
+//! Component bytes in the cluster's object store, with the node's own
+//! artifact directory as a cache in front: a node reads what it has from
+//! disk (also while NATS is unreachable) and fetches the rest once.
+
+use std::sync::Arc;
+
+use async_nats::jetstream::object_store::ObjectMetadata;
+use bytes::Bytes;
+use tokio::io::AsyncReadExt;
+use verge_store::{Artifacts, LocalArtifacts, StoreError, sha256_hex};
+
+use crate::Cluster;
+
+/// Chunks of the object store: the client waits for each chunk's ack, so
+/// an upload takes (size / chunk) round trips; 512 KiB stays below the
+/// server's 1 MiB payload limit.
+pub const CHUNK: usize = 512 << 10;
+
+/// Artifacts stored in the cluster, cached in the node's data directory.
+pub struct NatsArtifacts {
+    cluster: Arc<Cluster>,
+    local: LocalArtifacts,
+}
+
+impl NatsArtifacts {
+    pub fn new(cluster: Arc<Cluster>, local: LocalArtifacts) -> Self {
+        Self { cluster, local }
+    }
+}
+
+fn cluster_err(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Cluster(format!("{what}: {e}"))
+}
+
+#[async_trait::async_trait]
+impl Artifacts for NatsArtifacts {
+    async fn put(&self, bytes: Bytes) -> Result<String, StoreError> {
+        let sha = self.local.put(bytes.clone()).await?;
+        let objects = self.cluster.objects();
+        if objects.info(&sha).await.is_ok() {
+            return Ok(sha);
+        }
+        let meta = ObjectMetadata {
+            name: sha.clone(),
+            chunk_size: Some(CHUNK),
+            ..Default::default()
+        };
+        objects.put(meta, &mut bytes.as_ref()).await.map_err(|e| {
+            cluster_err("the cluster's artifact store did not take the component", e)
+        })?;
+        Ok(sha)
+    }
+
+    async fn get(&self, sha256: &str) -> Result<Vec<u8>, StoreError> {
+        if let Ok(bytes) = self.local.get(sha256).await {
+            return Ok(bytes);
+        }
+        let mut object = self.cluster.objects().get(sha256).await.map_err(|e| {
+            cluster_err(
+                &format!("artifact {sha256} is not in the cluster's store"),
+                e,
+            )
+        })?;
+        let mut bytes = Vec::new();
+        object
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| cluster_err(&format!("artifact {sha256} could not be read"), e))?;
+        if sha256_hex(&bytes) != sha256 {
+            return Err(StoreError::Corrupt(format!(
+                "artifact {sha256} from the cluster's store does not match its sha256"
+            )));
+        }
+        self.local.put(Bytes::from(bytes.clone())).await?;
+        Ok(bytes)
+    }
+}
