@@ -35,6 +35,9 @@ fn cluster_err(what: &str, e: impl std::fmt::Display) -> StoreError {
 #[async_trait::async_trait]
 impl Artifacts for NatsArtifacts {
     async fn put(&self, bytes: Bytes) -> Result<String, StoreError> {
+        self.cluster
+            .check_link()
+            .map_err(|e| StoreError::Cluster(e.to_string()))?;
         let sha = self.local.put(bytes.clone()).await?;
         let objects = self.cluster.objects();
         if objects.info(&sha).await.is_ok() {

@@ -31,6 +31,8 @@ use tokio::sync::{Mutex, watch};
 use verge_store::{Doc, Store, StoreError};
 
 mod artifacts;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 pub use artifacts::NatsArtifacts;
 
 /// The registry layout this build reads and writes.
@@ -52,7 +54,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a joining node may take to import the registry.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Writes rehearsed again after another node wrote first.
-const WRITE_ATTEMPTS: usize = 8;
+const WRITE_ATTEMPTS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -130,6 +132,8 @@ pub struct Cluster {
     /// Rehearsals and imports take turns: a rehearsal finds the documents
     /// it changed by the log entries written since it began.
     turn: Mutex<()>,
+    /// Held through a whole write (rehearsal, compare-and-set, import).
+    writing: Mutex<()>,
     /// The registry revision the replica has imported.
     applied: watch::Sender<u64>,
     /// Since when the link is down (`None`: connected).
@@ -193,8 +197,25 @@ impl Cluster {
                 let _ = tx.send(event);
             }
         });
+        // The client does not read a user and password from the URL itself.
+        let mut servers = Vec::new();
+        for u in opts.url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            let addr: async_nats::ServerAddr = u
+                .parse()
+                .map_err(|e| connect_err(format!("{u:?} is not a NATS URL ({e})")))?;
+            if servers.is_empty() {
+                match (addr.username(), addr.password()) {
+                    (Some(user), Some(pass)) => {
+                        options = options.user_and_password(user.to_string(), pass.to_string())
+                    }
+                    (Some(token), None) => options = options.token(token.to_string()),
+                    _ => {}
+                }
+            }
+            servers.push(addr);
+        }
         let client = options
-            .connect(opts.url.as_str())
+            .connect(servers)
             .await
             .map_err(|e| connect_err(e.to_string()))?;
         let info = client.server_info();
@@ -267,6 +288,7 @@ impl Cluster {
             registry_id,
             replicas,
             turn: Mutex::new(()),
+            writing: Mutex::new(()),
             applied,
             down_since: std::sync::Mutex::new(None),
             tasks: Default::default(),
@@ -335,7 +357,8 @@ impl Cluster {
         *self.applied.borrow()
     }
 
-    fn check_link(&self) -> Result<(), ClusterError> {
+    /// `Ok` while the link to NATS is up; else why a write cannot happen.
+    pub fn check_link(&self) -> Result<(), ClusterError> {
         match self.down_since() {
             None => Ok(()),
             Some(t) => {
@@ -465,7 +488,16 @@ impl Cluster {
     {
         let op = Arc::new(op);
         let mut contended = String::new();
-        for _ in 0..WRITE_ATTEMPTS {
+        // This node's writes go one at a time: they would only race each
+        // other for the same revisions.
+        let _writing = self.writing.lock().await;
+        for attempt in 0..WRITE_ATTEMPTS {
+            if attempt > 0 {
+                // Another node won the last round: give it room, with jitter
+                // so that two losers do not collide again.
+                let ms = rand::random_range(0..(5u64 << attempt.min(5)));
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
             self.check_link()?;
             let turn = self.turn.lock().await;
             let (s, o) = (store.clone(), op.clone());
@@ -680,4 +712,153 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| ClusterError::Other(format!("a registry task did not finish: {e}")))?
         .map_err(ClusterError::Store)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::testkit::NatsServer;
+    use verge_store::{Limits, NewVersion};
+
+    fn opts(url: &str, node: &str) -> ClusterOptions {
+        ClusterOptions {
+            url: url.into(),
+            creds: None,
+            domain: None,
+            node: node.into(),
+            replicas: None,
+        }
+    }
+
+    async fn node(url: &str, name: &str) -> (Arc<Cluster>, Arc<Store>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let c = Cluster::connect(&opts(url, name)).await.unwrap();
+        c.join(&store).await.unwrap();
+        (c, store, dir)
+    }
+
+    fn deploy(store: &Store, function: &str, size: u64) -> Result<u64, StoreError> {
+        let env = [("I".to_string(), size.to_string())];
+        store
+            .create_version(&NewVersion {
+                function,
+                sha256: &"ab".repeat(32),
+                size,
+                env: &env,
+                limits: Limits::default(),
+                buckets: &[],
+                tenant: "default",
+                routes: &[],
+                deployed_by: "admin",
+                promote: true,
+            })
+            .map(|c| c.version)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_writes_on_two_nodes_all_land_and_both_replicas_agree() {
+        let nats = NatsServer::start();
+        let (a, sa, _da) = node(&nats.url(), "a").await;
+        let (b, sb, _db) = node(&nats.url(), "b").await;
+        // 20 deploys of one function, half through each node, at once:
+        // every one gets its own version number, none is lost.
+        let mut tasks = Vec::new();
+        for i in 0..20u64 {
+            let (c, s) = if i % 2 == 0 {
+                (a.clone(), sa.clone())
+            } else {
+                (b.clone(), sb.clone())
+            };
+            tasks.push(tokio::spawn(async move {
+                c.write(&s, move |st| deploy(st, "f", 100 + i)).await
+            }));
+        }
+        let mut versions = Vec::new();
+        for t in tasks {
+            versions.push(t.await.unwrap().unwrap());
+        }
+        versions.sort_unstable();
+        assert_eq!(versions, (1..=20).collect::<Vec<_>>());
+        let head = a.head().await.unwrap();
+        a.wait_applied(head).await.unwrap();
+        b.wait_applied(head).await.unwrap();
+        let (fa, fb) = (
+            sa.function_state("f").unwrap().unwrap(),
+            sb.function_state("f").unwrap().unwrap(),
+        );
+        assert_eq!(fa.versions.len(), 20);
+        assert_eq!(fa, fb);
+        // A refused write stores nothing and says why, as on one machine.
+        let err = b
+            .write(&sb, |st| {
+                st.set_alias("nope", "live", &verge_spec::AliasTarget::single(1))
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ClusterError::Store(StoreError::FunctionNotFound(_))),
+            "{err}"
+        );
+        a.close();
+        b.close();
+    }
+
+    #[tokio::test]
+    async fn a_registry_of_another_format_is_refused_with_both_versions_named() {
+        let nats = NatsServer::start();
+        let c = Cluster::connect(&opts(&nats.url(), "a")).await.unwrap();
+        c.registry
+            .put("format", br#"{"format":99,"registry":"x"}"#.to_vec().into())
+            .await
+            .unwrap();
+        let err = match Cluster::connect(&opts(&nats.url(), "b")).await {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a registry of format 99 was accepted"),
+        };
+        assert!(
+            err.contains("format 99") && err.contains(&format!("format {FORMAT}")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_urls_servers_without_jetstream_and_refused_credentials_fail_within_5_s() {
+        let closed = format!("nats://127.0.0.1:{}", {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        });
+        let err = Cluster::connect(&opts(&closed, "a"))
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("could not connect to NATS at") && err.contains(&closed),
+            "{err}"
+        );
+
+        let plain = NatsServer::without_jetstream();
+        let err = Cluster::connect(&opts(&plain.url(), "a"))
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("has no JetStream"), "{err}");
+
+        let locked = NatsServer::with_password();
+        let wrong = format!("nats://verge:wrong@127.0.0.1:{}", locked.port);
+        let err = Cluster::connect(&opts(&wrong, "a"))
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("could not connect") && err.to_lowercase().contains("author"),
+            "{err}"
+        );
+        let right = format!("nats://verge:secret@127.0.0.1:{}", locked.port);
+        Cluster::connect(&opts(&right, "a")).await.unwrap();
+    }
 }
