@@ -32,6 +32,8 @@ pub struct TestNode {
     log: Arc<Mutex<String>>,
     pub stdout: String,
     extra: Vec<String>,
+    /// The admin token, when not the node's own (a cluster's second node).
+    token: Option<String>,
 }
 
 impl TestNode {
@@ -114,6 +116,7 @@ impl TestNode {
             log,
             stdout: seen,
             extra,
+            token: None,
         }
     }
 
@@ -124,7 +127,17 @@ impl TestNode {
         let tmp = self._tmp.take();
         let mut next = Self::spawn(self.data_dir.clone(), self.extra.clone());
         next._tmp = tmp;
+        next.token = self.token.take();
         next
+    }
+
+    /// Stops the node; its data directory lives as long as the result.
+    pub fn stop_keeping_dir(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self._tmp
+            .take()
+            .expect("a node started with a temporary directory")
     }
 
     /// The node's process id.
@@ -143,8 +156,17 @@ impl TestNode {
         ticks as f64 * 10.0
     }
 
-    /// The admin token the node wrote.
+    /// Uses `token` as the admin token (a cluster's: its first node wrote it).
+    pub fn with_token(mut self, token: String) -> Self {
+        self.token = Some(token);
+        self
+    }
+
+    /// The admin token the node wrote (or was given).
     pub fn token(&self) -> String {
+        if let Some(t) = &self.token {
+            return t.clone();
+        }
         std::fs::read_to_string(self.data_dir.join("admin.token"))
             .expect("token file")
             .trim()

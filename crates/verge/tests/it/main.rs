@@ -7,6 +7,7 @@ mod kit;
 
 mod auth;
 mod bad_input;
+mod cluster;
 mod events;
 mod hostile;
 mod kv;

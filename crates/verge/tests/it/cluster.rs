@@ -1,0 +1,271 @@
+//! Nodes on NATS JetStream (`verge up --nats`): real `nats-server` and
+//! `verge` processes. Two nodes on one server behave as one platform; a
+//! NATS outage stops writes with a clear 503, never requests.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use verge_cluster::testkit::NatsServer;
+
+use crate::kit::{TestNode, curl, eventually, fixture};
+
+fn cluster_node(nats: &NatsServer, name: &str) -> TestNode {
+    TestNode::start_with(&["--nats", &nats.url(), "--node-name", name])
+}
+
+/// Status and `verge-version` header of GET `path` on `node`.
+fn get(node: &TestNode, path: &str) -> (u16, Option<u64>) {
+    let (status, headers, _) = curl(&[&format!("{}{path}", node.url)]);
+    let version = headers
+        .lines()
+        .find_map(|l| l.strip_prefix("verge-version:"))
+        .and_then(|v| v.trim().parse().ok());
+    (status, version)
+}
+
+#[test]
+fn two_nodes_on_one_jetstream_serve_as_one_platform() {
+    let nats = NatsServer::start();
+    let a = cluster_node(&nats, "a");
+    let b = cluster_node(&nats, "b").with_token(a.token());
+    assert!(
+        !b.data_dir.join("admin.token").exists(),
+        "the second node makes no token of its own: the cluster has one"
+    );
+    assert!(
+        b.stdout.contains("admin token     the cluster's"),
+        "{}",
+        b.stdout
+    );
+
+    // Deployed through A, served by B (its bytes from the cluster's object
+    // store, compiled there).
+    a.deploy("rust-hello", "hello", "/hello");
+    eventually("B serves what A deployed", || {
+        (get(&b, "/hello") == (200, Some(1))).then_some(())
+    });
+
+    // A second version, promoted and canaried through B, seen by A.
+    let file = fixture("rust-hello");
+    let out = b.cli_ok(&[
+        "deploy",
+        file.to_str().unwrap(),
+        "--name",
+        "hello",
+        "--env",
+        "V=2",
+        "--no-promote",
+    ]);
+    assert!(out.contains("version 2"), "{out}");
+    b.cli_ok(&["promote", "hello", "2"]);
+    eventually("A follows the alias B moved", || {
+        (get(&a, "/hello").1 == Some(2)).then_some(())
+    });
+    b.cli_ok(&["canary", "hello", "1", "--weight", "50"]);
+    let aliases = eventually("A sees B's canary", || {
+        let out = a.cli_ok(&["alias", "ls", "hello", "--json"]);
+        out.contains("\"weight\": 50").then_some(out)
+    });
+    assert!(aliases.contains("\"canary\""), "{aliases}");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        seen.insert(get(&a, "/hello").1);
+    }
+    assert_eq!(
+        seen,
+        [Some(1), Some(2)].into(),
+        "A splits the traffic as B set it"
+    );
+
+    // A token made on A works on B; removed on B, it stops working on A.
+    let out = a.cli_ok(&["token", "create", "ci", "--json"]);
+    let token: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let token = token["token"].as_str().unwrap().to_string();
+    let with = |node: &TestNode, t: &str| {
+        node.http()
+            .get(format!("{}/v1/functions", node.url))
+            .bearer_auth(t)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    eventually("B takes A's new token", || {
+        (with(&b, &token) == 200).then_some(())
+    });
+    b.cli_ok(&["token", "rm", "ci"]);
+    eventually("A refuses the token B removed", || {
+        (with(&a, &token) == 401).then_some(())
+    });
+
+    // `verge nodes` on either lists both, each with its link up.
+    let nodes = eventually("both nodes heartbeat", || {
+        let out = b.cli_ok(&["nodes", "--json"]);
+        let v: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        (v.len() == 2).then_some(v)
+    });
+    let names: Vec<&str> = nodes.iter().map(|n| n["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert!(nodes.iter().all(|n| n["link"] == "connected"), "{nodes:?}");
+    assert!(nodes.iter().any(|n| n["this"] == true && n["name"] == "b"));
+    let table = a.cli_ok(&["nodes"]);
+    assert!(table.contains("NATS") && table.contains(&b.url), "{table}");
+
+    // `verge rm` on A stops B serving it.
+    a.cli_ok(&["rm", "hello"]);
+    eventually("B stops serving the removed function", || {
+        (get(&b, "/hello").0 == 404).then_some(())
+    });
+    assert!(
+        b.cli_ok(&["ls"]).contains("no functions"),
+        "B lists nothing"
+    );
+}
+
+#[test]
+fn a_nats_outage_stops_writes_with_503_never_requests_and_the_node_catches_up() {
+    let mut nats = NatsServer::start();
+    let a = cluster_node(&nats, "a");
+    let b = cluster_node(&nats, "b").with_token(a.token());
+    a.deploy("rust-hello", "hello", "/hello");
+    eventually("B serves it", || (get(&b, "/hello").0 == 200).then_some(()));
+
+    // A request loop on both nodes for the whole outage.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let loops: Vec<_> = [a.url.clone(), b.url.clone()]
+        .into_iter()
+        .map(|url| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            std::thread::spawn(move || {
+                let http = reqwest::blocking::Client::new();
+                while !stop.load(Ordering::SeqCst) {
+                    match http.get(format!("{url}/hello")).send() {
+                        Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::SeqCst),
+                        _ => failed.fetch_add(1, Ordering::SeqCst),
+                    };
+                }
+            })
+        })
+        .collect();
+
+    nats.stop();
+    eventually("A sees the link down", || {
+        let h: serde_json::Value = a.api_get("/v1/health").json().unwrap();
+        h["nats"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("down since"))
+            .then_some(())
+    });
+    // A deploy meanwhile: 503, saying why and that the node still serves.
+    let file = fixture("rust-hello");
+    let out = a.cli(&[
+        "deploy",
+        file.to_str().unwrap(),
+        "--name",
+        "late",
+        "--route",
+        "/late",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("503") && err.contains("unreachable") && err.contains("retry"),
+        "{err}"
+    );
+    // Reads answer from the node's copy.
+    assert!(a.cli_ok(&["ls"]).contains("hello"));
+    // The outage lasts 10 s under the request loop.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    nats.resume();
+    eventually("A links again", || {
+        let h: serde_json::Value = a.api_get("/v1/health").json().unwrap();
+        (h["nats"] == "connected").then_some(())
+    });
+    stop.store(true, Ordering::SeqCst);
+    for l in loops {
+        l.join().unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "no request failed during the outage"
+    );
+    assert!(ok.load(Ordering::SeqCst) > 0);
+
+    // After NATS returns, a deploy on A serves on B.
+    eventually("a deploy goes through again", || {
+        a.cli(&[
+            "deploy",
+            file.to_str().unwrap(),
+            "--name",
+            "late",
+            "--route",
+            "/late",
+        ])
+        .status
+        .success()
+        .then_some(())
+    });
+    eventually("B serves the deploy made after the outage", || {
+        (get(&b, "/late").0 == 200).then_some(())
+    });
+}
+
+#[test]
+fn a_node_with_its_own_functions_or_a_bad_nats_url_refuses_to_start_and_says_why() {
+    let run = |args: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(crate::kit::VERGE)
+            .args([
+                "--data-dir",
+                dir.path().to_str().unwrap(),
+                "up",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "verge up {args:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&["--nats", "127.0.0.1:4222"]);
+    assert!(
+        err.contains("not a NATS URL") && err.contains("nats://HOST:PORT"),
+        "{err}"
+    );
+    let err = run(&["--nats", "nats://127.0.0.1:1"]);
+    assert!(
+        err.contains("could not connect to NATS at nats://127.0.0.1:1"),
+        "{err}"
+    );
+
+    // A data directory that holds functions of a node on its own is not
+    // silently emptied by joining a cluster.
+    let alone = TestNode::start();
+    alone.deploy("rust-hello", "hello", "/hello");
+    let kept = alone.stop_keeping_dir();
+    let dir = kept.path().to_path_buf();
+    let nats = NatsServer::start();
+    let out = std::process::Command::new(crate::kit::VERGE)
+        .args([
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--nats", &nats.url()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("holds 1 functions") && err.contains("--data-dir"),
+        "{err}"
+    );
+}
