@@ -167,7 +167,10 @@ impl Cluster {
             Ok(r) => r,
             Err(_) => Err(ClusterError::Connect {
                 url: opts.url.clone(),
-                reason: format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+                reason: format!(
+                    "no ready JetStream within {} s (a new NATS cluster needs a few seconds to elect its leader; its servers' /healthz says when it is ready)",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
             }),
         }
     }
@@ -226,13 +229,20 @@ impl Cluster {
         if !info.jetstream {
             return Err(ClusterError::NoJetStream { url });
         }
-        js.query_account().await.map_err(|e| {
-            if e.to_string().contains("not enabled") {
-                ClusterError::NoJetStream { url: url.clone() }
-            } else {
-                connect_err(format!("JetStream did not answer: {e}"))
+        // A cluster that just started elects its JetStream leader first:
+        // ask again until it answers (within the connect timeout).
+        loop {
+            match js.query_account().await {
+                Ok(_) => break,
+                Err(e) if e.to_string().contains("not enabled") => {
+                    return Err(ClusterError::NoJetStream { url: url.clone() });
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "JetStream is not ready yet; asking again");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
             }
-        })?;
+        }
         let servers = info.connect_urls.len().max(1);
         let replicas = opts.replicas.unwrap_or(if servers >= 3 { 3 } else { 1 });
         let registry = bucket(
