@@ -35,23 +35,38 @@ fn cluster_err(what: &str, e: impl std::fmt::Display) -> StoreError {
 #[async_trait::async_trait]
 impl Artifacts for NatsArtifacts {
     async fn put(&self, bytes: Bytes) -> Result<String, StoreError> {
+        self.cluster.wait_connected(crate::LINK_GRACE).await;
         self.cluster
             .check_link()
             .map_err(|e| StoreError::Cluster(e.to_string()))?;
         let sha = self.local.put(bytes.clone()).await?;
         let objects = self.cluster.objects();
-        if objects.info(&sha).await.is_ok() {
-            return Ok(sha);
+        // A stream whose leader was on a server that died answers again
+        // once the others elected a new one: tried until the deadline.
+        let deadline = std::time::Instant::now() + crate::WRITE_DEADLINE;
+        loop {
+            if objects.info(&sha).await.is_ok() {
+                return Ok(sha);
+            }
+            let meta = ObjectMetadata {
+                name: sha.clone(),
+                chunk_size: Some(CHUNK),
+                ..Default::default()
+            };
+            match objects.put(meta, &mut bytes.as_ref()).await {
+                Ok(_) => return Ok(sha),
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::info!(error = %e, "the artifact store did not take a component; trying again");
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
+                Err(e) => {
+                    return Err(cluster_err(
+                        "the cluster's artifact store did not take the component",
+                        e,
+                    ));
+                }
+            }
         }
-        let meta = ObjectMetadata {
-            name: sha.clone(),
-            chunk_size: Some(CHUNK),
-            ..Default::default()
-        };
-        objects.put(meta, &mut bytes.as_ref()).await.map_err(|e| {
-            cluster_err("the cluster's artifact store did not take the component", e)
-        })?;
-        Ok(sha)
     }
 
     async fn get(&self, sha256: &str) -> Result<Vec<u8>, StoreError> {

@@ -51,8 +51,14 @@ pub const NODE_TTL: Duration = Duration::from_secs(10);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one JetStream request may take before a write is refused.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a node checks that its registry watch keeps up.
+const STALL_CHECK: Duration = Duration::from_secs(2);
 /// How long a joining node may take to import the registry.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a write waits for a lost link to come back before it is refused.
+pub(crate) const LINK_GRACE: Duration = Duration::from_secs(2);
+/// How long a write keeps trying when the servers do not answer.
+pub(crate) const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 /// Writes rehearsed again after another node wrote first.
 const WRITE_ATTEMPTS: usize = 16;
 
@@ -72,7 +78,7 @@ pub enum ClusterError {
         "the cluster's registry cannot be written now: {0}; this node keeps serving and answering reads from its copy; retry when NATS is back"
     )]
     Unavailable(String),
-    #[error("other nodes kept changing {0} while this write was retried; retry it")]
+    #[error("the write did not get through ({0}) after several attempts; retry it")]
     Contended(String),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -467,14 +473,38 @@ impl Cluster {
             match self.registry.watch_all_from_revision(from).await {
                 Ok(mut watch) => {
                     backoff = Duration::from_millis(100);
-                    while let Some(entry) = watch.next().await {
-                        let result = match entry {
-                            Ok(entry) => self.import(&store, entry).await,
-                            Err(e) => Err(unavailable(e)),
-                        };
-                        if let Err(e) = result {
-                            tracing::warn!(error = %e, "the registry watch failed; reopening it");
-                            break;
+                    // A watch can also stall without an error (its server
+                    // died and the client moved on): checked against the
+                    // registry's head, and reopened when it makes no progress.
+                    let mut check = tokio::time::interval(STALL_CHECK);
+                    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    check.tick().await;
+                    let mut behind_at: Option<u64> = None;
+                    loop {
+                        tokio::select! {
+                            entry = watch.next() => {
+                                let result = match entry {
+                                    Some(Ok(entry)) => self.import(&store, entry).await,
+                                    Some(Err(e)) => Err(unavailable(e)),
+                                    None => Err(ClusterError::Unavailable("the watch ended".into())),
+                                };
+                                if let Err(e) = result {
+                                    tracing::warn!(error = %e, "the registry watch failed; reopening it");
+                                    break;
+                                }
+                            }
+                            _ = check.tick() => {
+                                let Ok(head) = self.head().await else { continue };
+                                let applied = self.applied();
+                                if head <= applied {
+                                    behind_at = None;
+                                } else if behind_at == Some(applied) {
+                                    tracing::warn!(head, applied, "the registry watch stalled; reopening it");
+                                    break;
+                                } else {
+                                    behind_at = Some(applied);
+                                }
+                            }
                         }
                     }
                 }
@@ -501,13 +531,20 @@ impl Cluster {
         // This node's writes go one at a time: they would only race each
         // other for the same revisions.
         let _writing = self.writing.lock().await;
-        for attempt in 0..WRITE_ATTEMPTS {
+        let deadline = Instant::now() + WRITE_DEADLINE;
+        let mut unanswered = None;
+        let mut attempt = 0;
+        while attempt < WRITE_ATTEMPTS {
             if attempt > 0 {
                 // Another node won the last round: give it room, with jitter
                 // so that two losers do not collide again.
                 let ms = rand::random_range(0..(5u64 << attempt.min(5)));
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
+            // A client that lost its server reconnects to another of the
+            // cluster within moments: a failover is waited out, an outage
+            // is reported.
+            self.wait_connected(LINK_GRACE).await;
             self.check_link()?;
             let turn = self.turn.lock().await;
             let (s, o) = (store.clone(), op.clone());
@@ -525,13 +562,25 @@ impl Cluster {
             if docs.is_empty() {
                 return Ok(out);
             }
-            match self.store_docs(order(docs)).await? {
+            let stored = match self.store_docs(order(docs)).await {
+                // A stream whose leader was on a server that died answers
+                // again once the others elected a new one.
+                Err(ClusterError::Unavailable(e)) if Instant::now() < deadline => {
+                    tracing::info!(error = %e, "a registry write got no answer; trying again");
+                    unanswered = Some(e);
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+                other => other?,
+            };
+            match stored {
                 Stored::All => {
                     let head = self.head().await?;
                     self.wait_applied(head).await?;
                     return Ok(out);
                 }
                 Stored::Stale(key) => {
+                    attempt += 1;
                     contended = key;
                     // Another node wrote first: import it, then try again.
                     let head = self.head().await?;
@@ -539,7 +588,10 @@ impl Cluster {
                 }
             }
         }
-        Err(ClusterError::Contended(contended))
+        match unanswered {
+            Some(e) if contended.is_empty() => Err(ClusterError::Unavailable(e)),
+            _ => Err(ClusterError::Contended(contended)),
+        }
     }
 
     async fn store_docs(&self, docs: Vec<(Doc, u64)>) -> Result<Stored, ClusterError> {

@@ -15,6 +15,8 @@ pub struct NatsServer {
     pub port: u16,
     dir: PathBuf,
     config: PathBuf,
+    /// The monitoring port, when it has one (`/healthz`).
+    monitor: Option<u16>,
 }
 
 fn binary() -> String {
@@ -67,9 +69,37 @@ impl NatsServer {
             port,
             dir,
             config,
+            monitor: None,
         };
         s.resume();
         s
+    }
+
+    /// Waits until the server's `/healthz` says JetStream is ready (a
+    /// server without a monitoring port: at once).
+    pub fn wait_ready(&self) {
+        use std::io::{Read, Write};
+        let Some(port) = self.monitor else { return };
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = TcpStream::connect(("127.0.0.1", port))
+                .and_then(|mut c| {
+                    c.write_all(b"GET /healthz HTTP/1.0\r\n\r\n")?;
+                    let mut s = String::new();
+                    c.read_to_string(&mut s)?;
+                    Ok(s.starts_with("HTTP/1.0 200") || s.starts_with("HTTP/1.1 200"))
+                })
+                .unwrap_or(false);
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "nats-server on {} never became ready",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `nats://127.0.0.1:PORT`.
@@ -121,5 +151,48 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A NATS cluster of `n` JetStream servers on loopback (routes between
+/// them), each stopped and restarted on its own.
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    pub fn start(n: usize) -> Self {
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let route_urls: Vec<String> = routes
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect();
+        let servers: Vec<NatsServer> = routes
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                let monitor = free_port();
+                let mut s = NatsServer::with_config(&format!(
+                    "server_name: s{i}\nhttp: 127.0.0.1:{monitor}\njetstream {{ store_dir: \"{{dir}}/js\", sync_interval: always }}\ncluster {{ name: c, listen: 127.0.0.1:{port}, routes: [{}] }}\n",
+                    route_urls.join(", ")
+                ));
+                s.monitor = Some(monitor);
+                s
+            })
+            .collect();
+        // A new cluster elects its JetStream leader first.
+        for s in &servers {
+            s.wait_ready();
+        }
+        NatsCluster { servers }
+    }
+
+    /// Every server's URL, comma-separated (what `--nats` takes).
+    pub fn url(&self) -> String {
+        self.servers
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }

@@ -198,6 +198,9 @@ pub struct StartReport {
     /// Deployed functions registered (each loads on its first request).
     pub functions: usize,
     pub load_time: Duration,
+    /// On a cluster: replicas of each bucket, and the registry revision
+    /// this node's copy had imported when it started.
+    pub cluster: Option<(usize, u64)>,
 }
 
 /// A started node, bound to its address, not yet serving.
@@ -238,6 +241,7 @@ impl Node {
         };
         let mut report = StartReport {
             token_created: auth::ensure_admin_token(&store, cluster.as_ref(), &data_dir).await?,
+            cluster: cluster.as_ref().map(|c| (c.replicas(), c.applied())),
             ..StartReport::default()
         };
         let ledger = Arc::new(Ledger::open(&data_dir)?);

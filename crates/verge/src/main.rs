@@ -880,10 +880,12 @@ async fn up(config: verge_node::NodeConfig, example: bool) -> Result<()> {
     let addr = node.local_addr()?;
     let report = node.report().clone();
     println!("data directory  {}", node.data_dir().display());
-    if let Some(c) = &cluster {
+    if let (Some(c), Some((replicas, revision))) = (&cluster, report.cluster) {
         println!(
-            "cluster         NATS {} as node {} (registry and artifacts there; `verge nodes` lists the others)",
-            c.url, c.node
+            "cluster         NATS {} as node {}: registry (revision {revision}) and artifacts there, {replicas} replica{} each; `verge nodes` lists the others",
+            c.url,
+            c.node,
+            if replicas == 1 { "" } else { "s" }
         );
     }
     println!("limits          {limits}");

@@ -269,3 +269,94 @@ fn a_node_with_its_own_functions_or_a_bad_nats_url_refuses_to_start_and_says_why
         "{err}"
     );
 }
+
+#[test]
+fn a_nats_server_killed_in_a_3_server_cluster_loses_no_request_and_no_acknowledged_deploy() {
+    let mut nats = verge_cluster::testkit::NatsCluster::start(3);
+    let url = nats.url();
+    let a = TestNode::start_with(&["--nats", &url, "--node-name", "a"]);
+    let b = TestNode::start_with(&["--nats", &url, "--node-name", "b"]).with_token(a.token());
+    assert!(a.stdout.contains("3 replicas each"), "{}", a.stdout);
+    a.deploy("rust-hello", "hello", "/hello");
+    eventually("B serves it", || (get(&b, "/hello").0 == 200).then_some(()));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let loops: Vec<_> = [a.url.clone(), b.url.clone()]
+        .into_iter()
+        .map(|url| {
+            let (stop, failed) = (stop.clone(), failed.clone());
+            std::thread::spawn(move || {
+                let http = reqwest::blocking::Client::new();
+                while !stop.load(Ordering::SeqCst) {
+                    match http.get(format!("{url}/hello")).send() {
+                        Ok(r) if r.status() == 200 => {}
+                        _ => {
+                            failed.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // Deploys through A while one of the three servers dies (kill -9).
+    let file = fixture("rust-hello");
+    let (mut acknowledged, mut refused) = (Vec::new(), Vec::new());
+    for i in 0..8 {
+        if i == 2 {
+            nats.servers[0].stop();
+        }
+        let name = format!("f{i}");
+        let out = a.cli(&[
+            "deploy",
+            file.to_str().unwrap(),
+            "--name",
+            &name,
+            "--route",
+            &format!("/{name}"),
+        ]);
+        if out.status.success() {
+            acknowledged.push(name);
+        } else {
+            // Not acknowledged: allowed, if it says why.
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(err.contains("503"), "{err}");
+            refused.push(err);
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    for l in loops {
+        l.join().unwrap();
+    }
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "no request failed");
+    assert!(
+        acknowledged.len() >= 6,
+        "deploys go on with two servers of three: {acknowledged:?}; refused: {refused:?}"
+    );
+    for name in &acknowledged {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while get(&b, &format!("/{name}")).0 != 200 {
+            assert!(
+                std::time::Instant::now() < until,
+                "B never served the acknowledged deploy {name}; B lists:\n{}\nB's log:\n{}",
+                b.cli_ok(&["ls"]),
+                b.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    // The dead server comes back and catches up; the nodes keep working.
+    nats.servers[0].resume();
+    a.cli_ok(&[
+        "deploy",
+        file.to_str().unwrap(),
+        "--name",
+        "after",
+        "--route",
+        "/after",
+    ]);
+    eventually("B serves the deploy after the server returned", || {
+        (get(&b, "/after").0 == 200).then_some(())
+    });
+}
