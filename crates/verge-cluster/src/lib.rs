@@ -190,7 +190,13 @@ impl Cluster {
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("verge/{}", opts.node))
             .connection_timeout(Duration::from_secs(2))
-            .request_timeout(Some(REQUEST_TIMEOUT));
+            .request_timeout(Some(REQUEST_TIMEOUT))
+            // Reconnect attempts every 100 ms at first, at most every 500 ms
+            // (the client's default backs off to several seconds, which a
+            // node would spend refusing writes after NATS is back).
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((attempts as u64 * 100).clamp(100, 500))
+            });
         if let Some(creds) = &opts.creds {
             options = options.credentials_file(creds).await.map_err(|e| {
                 connect_err(format!(
