@@ -31,6 +31,8 @@ use tokio::sync::{Mutex, watch};
 use verge_store::{Doc, Store, StoreError};
 
 mod artifacts;
+mod kvsync;
+pub use kvsync::{NEEDED_PAYLOAD, NatsKvTransport};
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub use artifacts::NatsArtifacts;

@@ -60,7 +60,7 @@ impl NatsServer {
         let port = free_port();
         let config = dir.join("nats.conf");
         let text = format!(
-            "listen: 127.0.0.1:{port}\n{}",
+            "listen: 127.0.0.1:{port}\nmax_payload: 16MB\n{}",
             extra.replace("{dir}", &dir.display().to_string())
         );
         std::fs::write(&config, text).unwrap_or_else(|e| panic!("{}: {e}", config.display()));

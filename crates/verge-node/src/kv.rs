@@ -498,8 +498,7 @@ impl Transport for Http {
     }
 }
 
-/// Syncs with `peer` every 200 ms (hello, pull, push), with digest repair
-/// every 2 s. A failed round leaves writes local; the next one retries.
+/// Syncs with `peer` over HTTP ([`replicate_with`]).
 pub(crate) async fn replicate(state: Arc<AppState>, peer: Peer) {
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -518,6 +517,45 @@ pub(crate) async fn replicate(state: Arc<AppState>, peer: Peer) {
         token: peer.token.clone(),
         rt: tokio::runtime::Handle::current(),
     });
+    replicate_with(state, base, transport).await
+}
+
+/// On a cluster: syncs with every other node whose heartbeat is fresh, over
+/// NATS request/reply, and answers their requests. Nodes that appear later
+/// are picked up within a few seconds; the loops end with this task.
+pub(crate) async fn mesh(state: Arc<AppState>) {
+    let Some(cluster) = state.cluster.clone() else {
+        return;
+    };
+    cluster.serve_kv(state.kv.clone(), &state.node_name);
+    let mut peers = std::collections::HashSet::new();
+    let mut loops = tokio::task::JoinSet::new();
+    loop {
+        if let Ok(nodes) = cluster.nodes().await {
+            for n in nodes {
+                if n.name != state.node_name && peers.insert(n.name.clone()) {
+                    tracing::info!(peer = %n.name, "key-value replication with a node of the cluster, over NATS");
+                    let transport =
+                        Arc::new(verge_cluster::NatsKvTransport::new(&cluster, &n.name));
+                    loops.spawn(replicate_with(
+                        state.clone(),
+                        format!("nats:{}", n.name),
+                        transport,
+                    ));
+                }
+            }
+        }
+        tokio::time::sleep(verge_cluster::HEARTBEAT).await;
+    }
+}
+
+/// Syncs with one peer every 200 ms (hello, pull, push), with digest repair
+/// every 2 s. A failed round leaves writes local; the next one retries.
+async fn replicate_with(
+    state: Arc<AppState>,
+    base: String,
+    transport: Arc<dyn Transport + Send + Sync>,
+) {
     let syncer = Arc::new(std::sync::Mutex::new(Syncer::new(base.clone())));
     let mut tick = 0u64;
     let mut down = false;

@@ -495,6 +495,7 @@ impl Node {
             tokio::spawn(retention(s.clone(), self.retain, self.prune_every)),
         ];
         if let Some(c) = &s.cluster {
+            tasks.push(tokio::spawn(kv::mesh(s.clone())));
             let (state, url) = (Arc::downgrade(s), self.url());
             c.start_heartbeat(move || {
                 let mut r = state.upgrade().map(|s| s.node_record()).unwrap_or_default();

@@ -111,6 +111,44 @@ fn two_nodes_on_one_jetstream_serve_as_one_platform() {
     let table = a.cli_ok(&["nodes"]);
     assert!(table.contains("NATS") && table.contains(&b.url), "{table}");
 
+    // Key-value writes on both nodes converge through NATS (no --peer):
+    // counters add up, a value larger than NATS's default 1 MiB payload
+    // crosses too.
+    let kv_get = |node: &TestNode, key: &str| {
+        let out = node.cli(&["kv", "get", "shop", key]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    a.cli_ok(&["kv", "incr", "shop", "hits", "2"]);
+    b.cli_ok(&["kv", "incr", "shop", "hits", "5"]);
+    b.cli_ok(&["kv", "set", "shop", "from-b", "b1"]);
+    let big = "x".repeat(3 << 20);
+    let put = b
+        .http()
+        .put(format!("{}/v1/kv/shop/big", b.url))
+        .bearer_auth(b.token())
+        .body(big.clone())
+        .send()
+        .unwrap();
+    assert!(put.status().is_success(), "{}", put.status());
+    eventually("the counters converge on both nodes", || {
+        (kv_get(&a, "hits").as_deref() == Some("7") && kv_get(&b, "hits").as_deref() == Some("7"))
+            .then_some(())
+    });
+    eventually("A has B's writes", || {
+        (kv_get(&a, "from-b").as_deref() == Some("b1")).then_some(())
+    });
+    eventually("A has B's 3 MiB value", || {
+        let got = a
+            .http()
+            .get(format!("{}/v1/kv/shop/big", a.url))
+            .bearer_auth(a.token())
+            .send()
+            .ok()?;
+        (got.status() == 200 && got.bytes().ok()?.len() >= 3 << 20).then_some(())
+    });
+
     // `verge rm` on A stops B serving it.
     a.cli_ok(&["rm", "hello"]);
     eventually("B stops serving the removed function", || {
