@@ -272,13 +272,23 @@ impl Store {
         &self,
         op: impl FnOnce(&Store) -> Result<R, StoreError>,
     ) -> Result<(R, Vec<Doc>), StoreError> {
+        /// Ends the rehearsal on this thread however `op` ends (a panic
+        /// included): a pool thread must never keep skipping commits.
+        struct Ending;
+        impl Drop for Ending {
+            fn drop(&mut self) {
+                REHEARSAL.with(|r| r.borrow_mut().take());
+            }
+        }
         let mark = self.revision()?;
         REHEARSAL_MARK.with(|m| *m.borrow_mut() = i64::try_from(mark).unwrap_or(i64::MAX));
         REHEARSAL.with(|r| *r.borrow_mut() = Some(Vec::new()));
+        let ending = Ending;
         let out = op(self);
         let docs = REHEARSAL
             .with(|r| r.borrow_mut().take())
             .unwrap_or_default();
+        drop(ending);
         Ok((out?, docs))
     }
 
@@ -589,6 +599,23 @@ mod tests {
         assert!(b.routes().unwrap().is_empty());
         // Each import reached the feed the node's tables follow.
         assert!(b.revision().unwrap() > 0);
+    }
+
+    #[test]
+    fn a_rehearsal_that_panics_leaves_the_thread_committing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let sha = s.put_artifact(b"abc").unwrap();
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = s.rehearse(|_| -> Result<(), StoreError> { panic!("a bug in a write") });
+        }));
+        assert!(caught.is_err());
+        assert!(!rehearsing());
+        s.create_version(&deploy("f", &sha, &[])).unwrap();
+        assert!(
+            s.function_state("f").unwrap().is_some(),
+            "the next write commits"
+        );
     }
 
     #[test]
