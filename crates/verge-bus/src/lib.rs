@@ -1384,10 +1384,8 @@ mod tests {
     fn schedules_fire_and_skip_missed_runs() {
         let dir = tempfile::tempdir().unwrap();
         let bus = SqliteBus::open(dir.path()).unwrap();
-        // Hourly: a per-second schedule would fire again at the next second
-        // boundary, which can fall between the two calls below.
         let s = bus
-            .add_schedule("f", "live", "0 0 * * * *", None, "skip")
+            .add_schedule("f", "live", "* * * * * *", None, "skip")
             .unwrap();
         assert!(s.next_ms > now_ms() - 1000);
         assert!(
@@ -1411,6 +1409,14 @@ mod tests {
             bus.fire_due_schedules(&ev).unwrap().is_empty(),
             "skip: missed firings are dropped"
         );
+        // f is due again at the next second boundary, which can fall before
+        // the next pass: out of the way, so that the pass shows g alone.
+        bus.conn()
+            .execute(
+                "UPDATE schedules SET next_ms = ?1 WHERE id = ?2",
+                params![now_ms() + 3_600_000, s.id],
+            )
+            .unwrap();
         let once = bus
             .add_schedule("g", "live", "* * * * * *", None, "once")
             .unwrap();
