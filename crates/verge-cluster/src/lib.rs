@@ -32,7 +32,9 @@ use verge_store::{Doc, Store, StoreError};
 
 mod artifacts;
 mod kvsync;
+mod usage;
 pub use kvsync::{NEEDED_PAYLOAD, NatsKvTransport};
+pub use usage::{USAGE_KEEP, USAGE_STREAM};
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub use artifacts::NatsArtifacts;
@@ -131,6 +133,9 @@ struct FormatDoc {
 /// A connection to the cluster's JetStream.
 pub struct Cluster {
     client: async_nats::Client,
+    js: jetstream::Context,
+    /// Stream `VERGE_USAGE` (`usage`).
+    usage: jetstream::stream::Stream,
     url: String,
     registry: kv::Store,
     nodes: kv::Store,
@@ -301,10 +306,13 @@ impl Cluster {
                     ))
                 })?,
         };
+        let usage = usage::ensure_stream(&js, replicas).await?;
         let registry_id = registry_format(&registry).await?;
         let (applied, _) = watch::channel(0);
         let cluster = Arc::new(Cluster {
             client,
+            js,
+            usage,
             url: opts.url.clone(),
             registry,
             nodes,

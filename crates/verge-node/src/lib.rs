@@ -496,6 +496,7 @@ impl Node {
         ];
         if let Some(c) = &s.cluster {
             tasks.push(tokio::spawn(kv::mesh(s.clone())));
+            c.share_usage(s.store.clone(), &s.node_name);
             let (state, url) = (Arc::downgrade(s), self.url());
             c.start_heartbeat(move || {
                 let mut r = state.upgrade().map(|s| s.node_record()).unwrap_or_default();

@@ -25,6 +25,7 @@ mod feed;
 mod ledger;
 mod replica;
 mod retention;
+mod usage_feed;
 pub use artifacts::{Artifacts, LocalArtifacts};
 pub use feed::{Change, Changes, FunctionState, Registry, SqliteRegistry, Subject};
 pub use ledger::{BATCH_MAX, FLUSH_INTERVAL, Ledger};
@@ -375,6 +376,16 @@ impl Store {
         if has_error == 0 {
             conn.execute_batch("ALTER TABLE invocations ADD COLUMN error TEXT")?;
         }
+        // The node a record came from (NULL: this one), on a cluster.
+        let has_node: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('invocations') WHERE name = 'node'",
+            [],
+            |r| r.get(0),
+        )?;
+        if has_node == 0 {
+            conn.execute_batch("ALTER TABLE invocations ADD COLUMN node TEXT")?;
+        }
+        conn.execute_batch(usage_feed::SCHEMA)?;
         let commits = tokio::sync::watch::Sender::new(0u64);
         let signal = commits.clone();
         conn.commit_hook(Some(move || {

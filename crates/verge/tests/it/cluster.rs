@@ -149,14 +149,44 @@ fn two_nodes_on_one_jetstream_serve_as_one_platform() {
         (got.status() == 200 && got.bytes().ok()?.len() >= 3 << 20).then_some(())
     });
 
+    // Usage on either node counts both nodes' invocations, each once.
+    a.deploy("rust-hello", "counted", "/counted");
+    eventually("B serves counted", || {
+        (get(&b, "/counted").0 == 200).then_some(())
+    });
+    for _ in 0..4 {
+        assert_eq!(get(&a, "/counted").0, 200);
+    }
+    for _ in 0..6 {
+        assert_eq!(get(&b, "/counted").0, 200);
+    }
+    let counted = |node: &TestNode| {
+        let out = node.cli_ok(&["usage", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["key"] == "counted")
+            .map(|r| r["invocations"].as_u64().unwrap())
+    };
+    // 4 on A, 1 + 6 on B (the first from the wait above).
+    eventually("both nodes count 11 invocations of counted", || {
+        (counted(&a) == Some(11) && counted(&b) == Some(11)).then_some(())
+    });
+    let out = a.cli_ok(&["invocations", "counted", "--json"]);
+    let ids: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(ids.len(), 11, "A lists B's invocations too");
+
     // `verge rm` on A stops B serving it.
     a.cli_ok(&["rm", "hello"]);
     eventually("B stops serving the removed function", || {
         (get(&b, "/hello").0 == 404).then_some(())
     });
+    let listed = b.cli_ok(&["ls"]);
     assert!(
-        b.cli_ok(&["ls"]).contains("no functions"),
-        "B lists nothing"
+        !listed.contains("hello") && listed.contains("counted"),
+        "{listed}"
     );
 }
 

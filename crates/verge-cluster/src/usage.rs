@@ -1,0 +1,227 @@
+//! Usage and invocation records across the cluster: stream `VERGE_USAGE`,
+//! subject `verge.usage.<hex of the node's name>`, one message per record
+//! with `Nats-Msg-Id` = the invocation id (the stream drops a re-send within
+//! its duplicate window; the importer's `INSERT OR IGNORE` drops any later).
+//! Each node publishes what it committed itself, after a durable cursor, and
+//! imports everyone else's into its own SQLite (`verge_store::usage_feed`),
+//! so `verge usage` and `verge invocations` on any node count every node's
+//! invocations once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
+use futures::StreamExt;
+use verge_spec::UsageRecord;
+use verge_store::Store;
+
+use crate::{Cluster, ClusterError};
+
+/// The stream.
+pub const USAGE_STREAM: &str = "VERGE_USAGE";
+/// How long the stream keeps records (nodes that join later import this much).
+pub const USAGE_KEEP: Duration = Duration::from_secs(7 * 86_400);
+/// Records published or imported per batch.
+const BATCH: usize = 500;
+
+fn subject_of(node: &str) -> String {
+    format!("verge.usage.{}", hex::encode(node.as_bytes()))
+}
+
+pub(crate) async fn ensure_stream(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<jetstream::stream::Stream, ClusterError> {
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: USAGE_STREAM.into(),
+        description: Some("Verge usage and invocation records of every node".into()),
+        subjects: vec!["verge.usage.>".into()],
+        max_age: USAGE_KEEP,
+        num_replicas: replicas,
+        storage: jetstream::stream::StorageType::File,
+        duplicate_window: Duration::from_secs(600),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| ClusterError::Other(format!("could not create the {USAGE_STREAM} stream: {e}")))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, verge_store::StoreError> + Send + 'static,
+) -> Result<T, String> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl Cluster {
+    /// Publishes this node's records and imports the others' until
+    /// [`Cluster::close`].
+    pub fn share_usage(self: &Arc<Self>, store: Arc<Store>, node: &str) {
+        let publisher = tokio::spawn(self.clone().publish_usage(store.clone(), node.to_string()));
+        let importer = tokio::spawn(self.clone().import_usage(store, node.to_string()));
+        let mut tasks = self
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        tasks.push(publisher);
+        tasks.push(importer);
+    }
+
+    async fn publish_usage(self: Arc<Self>, store: Arc<Store>, node: String) {
+        let subject = subject_of(&node);
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if self.down_since().is_some() {
+                continue;
+            }
+            let s = store.clone();
+            let batch = match blocking(move || {
+                let (after, _) = s.usage_cursor()?;
+                s.own_records_after(after, BATCH)
+            })
+            .await
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read usage records to publish");
+                    continue;
+                }
+            };
+            let Some(last) = batch.last().map(|(rowid, _)| *rowid) else {
+                continue;
+            };
+            let mut acks = Vec::with_capacity(batch.len());
+            let mut failed = None;
+            for (_, record) in &batch {
+                let Ok(body) = serde_json::to_vec(record) else {
+                    continue;
+                };
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(
+                    async_nats::header::NATS_MESSAGE_ID,
+                    record.invocation_id.as_str(),
+                );
+                match self
+                    .js
+                    .publish_with_headers(subject.clone(), headers, body.into())
+                    .await
+                {
+                    Ok(ack) => acks.push(ack),
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            for ack in acks {
+                if let Err(e) = ack.await {
+                    failed.get_or_insert(e.to_string());
+                }
+            }
+            if let Some(e) = failed {
+                // Sent again next round: the stream and the importers drop doubles.
+                tracing::debug!(error = %e, "usage records not published yet");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            let s = store.clone();
+            if let Err(e) = blocking(move || s.set_published(last)).await {
+                tracing::warn!(error = %e, "could not note the published usage records");
+            }
+        }
+    }
+
+    async fn import_usage(self: Arc<Self>, store: Arc<Store>, node: String) {
+        let own = subject_of(&node);
+        loop {
+            let s = store.clone();
+            let from = match blocking(move || s.usage_cursor()).await {
+                Ok((_, position)) => position + 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the usage import position");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let consumer = match self
+                .usage
+                .create_consumer(OrderedConfig {
+                    filter_subject: "verge.usage.>".into(),
+                    deliver_policy: DeliverPolicy::ByStartSequence {
+                        start_sequence: from,
+                    },
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not follow the usage stream; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let mut messages = match consumer.messages().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not follow the usage stream; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let mut batch: Vec<(String, UsageRecord)> = Vec::new();
+            let mut imported = from.saturating_sub(1);
+            let mut position = imported;
+            loop {
+                let next = tokio::time::timeout(Duration::from_millis(50), messages.next()).await;
+                let (quiet, ended) = match next {
+                    Ok(Some(Ok(msg))) => {
+                        if let Ok(info) = msg.info() {
+                            position = position.max(info.stream_sequence);
+                        }
+                        if msg.subject.as_str() != own {
+                            let origin = msg
+                                .subject
+                                .as_str()
+                                .rsplit('.')
+                                .next()
+                                .and_then(|h| hex::decode(h).ok())
+                                .and_then(|b| String::from_utf8(b).ok())
+                                .unwrap_or_default();
+                            match serde_json::from_slice::<UsageRecord>(&msg.payload) {
+                                Ok(r) => batch.push((origin, r)),
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "a usage record in the stream is unreadable; skipped")
+                                }
+                            }
+                        }
+                        (false, false)
+                    }
+                    Ok(Some(Err(e))) => {
+                        tracing::debug!(error = %e, "the usage stream's consumer failed; reopening it");
+                        (false, true)
+                    }
+                    Ok(None) => (false, true),
+                    // Quiet for 50 ms: import what came.
+                    Err(_) => (true, false),
+                };
+                if (batch.len() >= BATCH || quiet || ended) && position > imported {
+                    let records = std::mem::take(&mut batch);
+                    let s = store.clone();
+                    if let Err(e) = blocking(move || s.import_records(&records, position)).await {
+                        tracing::warn!(error = %e, "could not import usage records; reading them again");
+                        break;
+                    }
+                    imported = position;
+                }
+                if ended {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
