@@ -1,7 +1,9 @@
 //! Usage and invocation records across the cluster: stream `VERGE_USAGE`,
-//! subject `verge.usage.<hex of the node's name>`, one message per record
-//! with `Nats-Msg-Id` = the invocation id (the stream drops a re-send within
-//! its duplicate window; the importer's `INSERT OR IGNORE` drops any later).
+//! subject `verge.usage.<hex of the node's name>`, messages of up to about
+//! 512 KiB of records (a JSON array) with `Nats-Msg-Id` = the node and the
+//! span of rowids it carries (the stream drops a re-send of the same span
+//! within its duplicate window; the importers' `INSERT OR IGNORE` by
+//! invocation id drops any other double).
 //! Each node publishes what it committed itself, after a durable cursor, and
 //! imports everyone else's into its own SQLite (`verge_store::usage_feed`),
 //! so `verge usage` and `verge invocations` on any node count every node's
@@ -21,8 +23,10 @@ use crate::{Cluster, ClusterError};
 pub const USAGE_STREAM: &str = "VERGE_USAGE";
 /// How long the stream keeps records (nodes that join later import this much).
 pub const USAGE_KEEP: Duration = Duration::from_secs(7 * 86_400);
-/// Records published or imported per batch.
-const BATCH: usize = 500;
+/// Records read to publish, or imported, per batch.
+const BATCH: usize = 2000;
+/// Bytes of records per message, about.
+const MESSAGE_BYTES: usize = 512 << 10;
 
 fn subject_of(node: &str) -> String {
     format!("verge.usage.{}", hex::encode(node.as_bytes()))
@@ -93,16 +97,33 @@ impl Cluster {
             let Some(last) = batch.last().map(|(rowid, _)| *rowid) else {
                 continue;
             };
-            let mut acks = Vec::with_capacity(batch.len());
+            // Records go in messages of up to ~512 KiB (a record's output is
+            // at most a few hundred KiB): one publish and one fsync per
+            // message, not per invocation. A message's id names its first and
+            // last rowid, so a re-send of the same span is dropped by the
+            // stream; any other overlap by the importers' ids.
+            let mut acks = Vec::new();
             let mut failed = None;
-            for (_, record) in &batch {
-                let Ok(body) = serde_json::to_vec(record) else {
+            let mut chunk: Vec<&UsageRecord> = Vec::new();
+            let mut bytes = 0;
+            let mut first = batch.first().map(|(r, _)| *r).unwrap_or(0);
+            for (i, (rowid, record)) in batch.iter().enumerate() {
+                chunk.push(record);
+                bytes += record.stdout.as_ref().map_or(0, String::len)
+                    + record.stderr.as_ref().map_or(0, String::len)
+                    + 400;
+                let end = i + 1 == batch.len();
+                if bytes < MESSAGE_BYTES && !end {
+                    continue;
+                }
+                let Ok(body) = serde_json::to_vec(&chunk) else {
+                    chunk.clear();
                     continue;
                 };
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert(
                     async_nats::header::NATS_MESSAGE_ID,
-                    record.invocation_id.as_str(),
+                    format!("{node}-{first}-{rowid}").as_str(),
                 );
                 match self
                     .js
@@ -115,6 +136,9 @@ impl Cluster {
                         break;
                     }
                 }
+                chunk.clear();
+                bytes = 0;
+                first = rowid + 1;
             }
             for ack in acks {
                 if let Err(e) = ack.await {
@@ -191,8 +215,8 @@ impl Cluster {
                                 .and_then(|h| hex::decode(h).ok())
                                 .and_then(|b| String::from_utf8(b).ok())
                                 .unwrap_or_default();
-                            match serde_json::from_slice::<UsageRecord>(&msg.payload) {
-                                Ok(r) => batch.push((origin, r)),
+                            match serde_json::from_slice::<Vec<UsageRecord>>(&msg.payload) {
+                                Ok(rs) => batch.extend(rs.into_iter().map(|r| (origin.clone(), r))),
                                 Err(e) => {
                                     tracing::warn!(error = %e, "a usage record in the stream is unreadable; skipped")
                                 }
