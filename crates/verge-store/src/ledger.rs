@@ -95,6 +95,7 @@ impl Ledger {
         conn.pragma_update(None, "journal_size_limit", 64i64 << 20)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        add_node_column(&conn)?;
         let shared = Arc::new(Shared {
             pending: Mutex::new(Vec::with_capacity(BATCH_MAX)),
             wal: dir.join("verge.db-wal"),
@@ -231,32 +232,57 @@ fn commit(shared: &Shared, batch: &[UsageRecord]) -> Result<(), rusqlite::Error>
 
 fn insert(conn: &mut Connection, batch: &[UsageRecord]) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    {
-        let mut stmt = tx.prepare_cached(
-            "INSERT OR IGNORE INTO invocations (id, function, version, started_at_ms, wall_us, cpu_us,
-             peak_memory, memory_limit, request_bytes, response_bytes, status, outcome, cold, stdout, stderr, error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-        )?;
-        for r in batch {
-            stmt.execute(params![
-                r.invocation_id,
-                r.function,
-                r.version,
-                r.started_at_ms,
-                r.wall_us,
-                r.cpu_us,
-                r.peak_memory_bytes,
-                r.memory_limit_bytes,
-                r.request_bytes,
-                r.response_bytes,
-                r.status,
-                r.outcome.as_str(),
-                r.cold,
-                r.stdout,
-                r.stderr,
-                r.error
-            ])?;
-        }
-    }
+    insert_records(&tx, batch.iter().map(|r| (None, r)))?;
     tx.commit()
+}
+
+/// The node a record came from (NULL: this one), on a cluster: added to
+/// databases from before it.
+pub(crate) fn add_node_column(conn: &Connection) -> Result<(), rusqlite::Error> {
+    let has_node: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('invocations') WHERE name = 'node'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_node == 0 {
+        conn.execute_batch("ALTER TABLE invocations ADD COLUMN node TEXT")?;
+    }
+    Ok(())
+}
+
+/// Inserts records (each with the node it came from, `None`: this one);
+/// a record whose invocation id is already here is skipped. Returns how
+/// many were added.
+pub(crate) fn insert_records<'a>(
+    tx: &rusqlite::Transaction<'_>,
+    records: impl Iterator<Item = (Option<&'a str>, &'a UsageRecord)>,
+) -> Result<usize, rusqlite::Error> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT OR IGNORE INTO invocations (id, function, version, started_at_ms, wall_us, cpu_us,
+         peak_memory, memory_limit, request_bytes, response_bytes, status, outcome, cold, stdout, stderr, error, node)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+    )?;
+    let mut added = 0;
+    for (node, r) in records {
+        added += stmt.execute(params![
+            r.invocation_id,
+            r.function,
+            r.version,
+            r.started_at_ms,
+            r.wall_us,
+            r.cpu_us,
+            r.peak_memory_bytes,
+            r.memory_limit_bytes,
+            r.request_bytes,
+            r.response_bytes,
+            r.status,
+            r.outcome.as_str(),
+            r.cold,
+            r.stdout,
+            r.stderr,
+            r.error,
+            node
+        ])?;
+    }
+    Ok(added)
 }

@@ -376,15 +376,7 @@ impl Store {
         if has_error == 0 {
             conn.execute_batch("ALTER TABLE invocations ADD COLUMN error TEXT")?;
         }
-        // The node a record came from (NULL: this one), on a cluster.
-        let has_node: i64 = conn.query_row(
-            "SELECT COUNT(*) FROM pragma_table_info('invocations') WHERE name = 'node'",
-            [],
-            |r| r.get(0),
-        )?;
-        if has_node == 0 {
-            conn.execute_batch("ALTER TABLE invocations ADD COLUMN node TEXT")?;
-        }
+        ledger::add_node_column(&conn)?;
         conn.execute_batch(usage_feed::SCHEMA)?;
         let commits = tokio::sync::watch::Sender::new(0u64);
         let signal = commits.clone();

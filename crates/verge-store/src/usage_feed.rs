@@ -102,35 +102,10 @@ impl Store {
     ) -> Result<usize, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut added = 0;
-        {
-            let mut stmt = tx.prepare_cached(
-                "INSERT OR IGNORE INTO invocations (id, function, version, started_at_ms, wall_us, cpu_us,
-                 peak_memory, memory_limit, request_bytes, response_bytes, status, outcome, cold, stdout, stderr, error, node)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
-            )?;
-            for (node, r) in records {
-                added += stmt.execute(params![
-                    r.invocation_id,
-                    r.function,
-                    r.version,
-                    r.started_at_ms,
-                    r.wall_us,
-                    r.cpu_us,
-                    r.peak_memory_bytes,
-                    r.memory_limit_bytes,
-                    r.request_bytes,
-                    r.response_bytes,
-                    r.status,
-                    r.outcome.as_str(),
-                    r.cold,
-                    r.stdout,
-                    r.stderr,
-                    r.error,
-                    node
-                ])?;
-            }
-        }
+        let added = crate::ledger::insert_records(
+            &tx,
+            records.iter().map(|(node, r)| (Some(node.as_str()), r)),
+        )?;
         tx.execute(
             "INSERT INTO usage_stream (id, published_rowid, imported_position) VALUES (1, 0, ?1)
              ON CONFLICT(id) DO UPDATE SET imported_position = MAX(imported_position, excluded.imported_position)",
