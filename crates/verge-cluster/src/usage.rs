@@ -23,6 +23,8 @@ use crate::{Cluster, ClusterError};
 pub const USAGE_STREAM: &str = "VERGE_USAGE";
 /// How long the stream keeps records (nodes that join later import this much).
 pub const USAGE_KEEP: Duration = Duration::from_secs(7 * 86_400);
+/// How many bytes of records the stream keeps.
+pub const USAGE_MAX_BYTES: i64 = 4 << 30;
 /// Records read to publish, or imported, per batch.
 const BATCH: usize = 2000;
 /// Bytes of records per message, about.
@@ -41,6 +43,11 @@ pub(crate) async fn ensure_stream(
         description: Some("Verge usage and invocation records of every node".into()),
         subjects: vec!["verge.usage.>".into()],
         max_age: USAGE_KEEP,
+        // The oldest go first beyond it: every node keeps its own records on
+        // its disk (`--retain-size`), and a node this far behind misses the
+        // oldest of the others'.
+        max_bytes: USAGE_MAX_BYTES,
+        discard: jetstream::stream::DiscardPolicy::Old,
         num_replicas: replicas,
         storage: jetstream::stream::StorageType::File,
         duplicate_window: Duration::from_secs(600),
