@@ -23,6 +23,55 @@ fn get(node: &TestNode, path: &str) -> (u16, Option<u64>) {
     (status, version)
 }
 
+/// GET `path` on each node, one client thread per node, until stopped.
+struct RequestLoop {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl RequestLoop {
+    fn start(nodes: &[&TestNode], path: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let threads = nodes
+            .iter()
+            .map(|n| {
+                let url = format!("{}{path}", n.url);
+                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                std::thread::spawn(move || {
+                    let http = reqwest::blocking::Client::new();
+                    while !stop.load(Ordering::SeqCst) {
+                        match http.get(&url).send() {
+                            Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::SeqCst),
+                            _ => failed.fetch_add(1, Ordering::SeqCst),
+                        };
+                    }
+                })
+            })
+            .collect();
+        RequestLoop {
+            stop,
+            ok,
+            failed,
+            threads,
+        }
+    }
+
+    /// Stops the loop: requests answered 200, and the others.
+    fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+        )
+    }
+}
+
 #[test]
 fn two_nodes_on_one_jetstream_serve_as_one_platform() {
     let nats = NatsServer::start();
@@ -199,23 +248,7 @@ fn a_nats_outage_stops_writes_with_503_never_requests_and_the_node_catches_up() 
     eventually("B serves it", || (get(&b, "/hello").0 == 200).then_some(()));
 
     // A request loop on both nodes for the whole outage.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let loops: Vec<_> = [a.url.clone(), b.url.clone()]
-        .into_iter()
-        .map(|url| {
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-            std::thread::spawn(move || {
-                let http = reqwest::blocking::Client::new();
-                while !stop.load(Ordering::SeqCst) {
-                    match http.get(format!("{url}/hello")).send() {
-                        Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::SeqCst),
-                        _ => failed.fetch_add(1, Ordering::SeqCst),
-                    };
-                }
-            })
-        })
-        .collect();
+    let load = RequestLoop::start(&[&a, &b], "/hello");
 
     nats.stop();
     eventually("A sees the link down", || {
@@ -253,16 +286,9 @@ fn a_nats_outage_stops_writes_with_503_never_requests_and_the_node_catches_up() 
         let h: serde_json::Value = a.api_get("/v1/health").json().unwrap();
         (h["nats"] == "connected").then_some(())
     });
-    stop.store(true, Ordering::SeqCst);
-    for l in loops {
-        l.join().unwrap();
-    }
-    assert_eq!(
-        failed.load(Ordering::SeqCst),
-        0,
-        "no request failed during the outage"
-    );
-    assert!(ok.load(Ordering::SeqCst) > 0);
+    let (ok, failed) = load.stop();
+    assert_eq!(failed, 0, "no request failed during the outage");
+    assert!(ok > 0);
 
     // After NATS returns, a deploy on A serves on B.
     eventually("a deploy goes through again", || {
@@ -348,25 +374,7 @@ fn a_nats_server_killed_in_a_3_server_cluster_loses_no_request_and_no_acknowledg
     a.deploy("rust-hello", "hello", "/hello");
     eventually("B serves it", || (get(&b, "/hello").0 == 200).then_some(()));
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let failed = Arc::new(AtomicU64::new(0));
-    let loops: Vec<_> = [a.url.clone(), b.url.clone()]
-        .into_iter()
-        .map(|url| {
-            let (stop, failed) = (stop.clone(), failed.clone());
-            std::thread::spawn(move || {
-                let http = reqwest::blocking::Client::new();
-                while !stop.load(Ordering::SeqCst) {
-                    match http.get(format!("{url}/hello")).send() {
-                        Ok(r) if r.status() == 200 => {}
-                        _ => {
-                            failed.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
+    let load = RequestLoop::start(&[&a, &b], "/hello");
 
     // Deploys through A while one of the three servers dies (kill -9).
     let file = fixture("rust-hello");
@@ -393,11 +401,8 @@ fn a_nats_server_killed_in_a_3_server_cluster_loses_no_request_and_no_acknowledg
             refused.push(err);
         }
     }
-    stop.store(true, Ordering::SeqCst);
-    for l in loops {
-        l.join().unwrap();
-    }
-    assert_eq!(failed.load(Ordering::SeqCst), 0, "no request failed");
+    let (_, failed) = load.stop();
+    assert_eq!(failed, 0, "no request failed");
     assert!(
         acknowledged.len() >= 6,
         "deploys go on with two servers of three: {acknowledged:?}; refused: {refused:?}"
