@@ -43,6 +43,9 @@ pub enum BusError {
     Cron(#[from] CronError),
     #[error("{0}")]
     Invalid(String),
+    /// The cluster's bus cannot be reached now (a node on NATS).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl BusError {
@@ -265,6 +268,82 @@ pub struct Schedule {
     pub next_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_ms: Option<i64>,
+}
+
+/// A function's subscriptions: its triggers, schedules and async
+/// configuration. On a cluster, the registry holds them as one document per
+/// function (`sub.<name>`), and each node's bus keeps a copy
+/// ([`SqliteBus::replace_subscriptions`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Subscriptions {
+    #[serde(default)]
+    pub triggers: Vec<Trigger>,
+    #[serde(default)]
+    pub schedules: Vec<Schedule>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub async_config: Option<AsyncConfig>,
+}
+
+impl Subscriptions {
+    /// Nothing subscribed and no configuration set.
+    pub fn is_empty(&self) -> bool {
+        self.triggers.is_empty() && self.schedules.is_empty() && self.async_config.is_none()
+    }
+}
+
+/// A new trigger (its type pattern checked), not stored yet.
+pub fn new_trigger(
+    function: &str,
+    alias: &str,
+    ty: &str,
+    source: Option<&str>,
+    subject_prefix: Option<&str>,
+) -> Result<Trigger, BusError> {
+    check_type_pattern(ty).map_err(BusError::Invalid)?;
+    Ok(Trigger {
+        id: new_id("trg_"),
+        function: function.to_string(),
+        alias: alias.to_string(),
+        ty: ty.to_string(),
+        source: source.map(str::to_string),
+        subject_prefix: subject_prefix.map(str::to_string),
+        created_ms: now_ms(),
+    })
+}
+
+/// A new schedule (its expression, zone and policy checked), first firing
+/// the next one after now; not stored yet.
+pub fn new_schedule(
+    function: &str,
+    alias: &str,
+    expr: &str,
+    tz: Option<&str>,
+    missed: &str,
+) -> Result<Schedule, BusError> {
+    let cron = Cron::parse(expr)?;
+    let zone = cron::zone(tz)?;
+    if missed != "skip" && missed != "once" {
+        return Err(BusError::Invalid(format!(
+            "missed-run policy {missed:?}: give skip or once"
+        )));
+    }
+    let next = next_fire(&cron, &zone, now_ms())
+        .ok_or_else(|| BusError::Invalid(format!("the cron expression {expr:?} never fires")))?;
+    Ok(Schedule {
+        id: new_id("sch_"),
+        function: function.to_string(),
+        alias: alias.to_string(),
+        cron: expr.to_string(),
+        tz: tz.unwrap_or("UTC").to_string(),
+        missed: missed.to_string(),
+        next_ms: next,
+        last_ms: None,
+    })
+}
+
+/// Why a job is dead at once: its event went through `hops` functions.
+pub fn hop_limit_reason(hops: u32, limit: u32) -> String {
+    format!("hop limit: the event went through {hops} functions (limit {limit}); a trigger loop?")
 }
 
 /// Backoff before attempt `attempt + 1`: 1 s doubling, capped at 5 minutes,
@@ -541,6 +620,155 @@ impl SqliteBus {
         })
     }
 
+    /// The subscriptions of `function` this bus holds.
+    pub fn subscriptions(&self, function: &str) -> Result<Subscriptions, BusError> {
+        let conn = self.conn();
+        let async_config: Option<String> = conn
+            .query_row(
+                "SELECT config FROM async_config WHERE function = ?1",
+                params![function],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let async_config = match async_config {
+            None => None,
+            Some(j) => Some(
+                serde_json::from_str(&j)
+                    .map_err(|e| BusError::Corrupt(format!("async config: {e}")))?,
+            ),
+        };
+        drop(conn);
+        Ok(Subscriptions {
+            triggers: self.triggers(Some(function))?,
+            schedules: self.schedules(Some(function))?,
+            async_config,
+        })
+    }
+
+    /// Makes this bus's subscriptions of `function` those of `subs` (a
+    /// cluster's registry document, imported), in one transaction. A
+    /// schedule kept keeps the firing times this node knows.
+    pub fn replace_subscriptions(
+        &self,
+        function: &str,
+        subs: &Subscriptions,
+    ) -> Result<(), BusError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "DELETE FROM triggers WHERE function = ?1",
+            params![function],
+        )?;
+        for t in &subs.triggers {
+            tx.execute(
+                "INSERT OR REPLACE INTO triggers (id, function, alias, type, source, subject_prefix, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![t.id, function, t.alias, t.ty, t.source, t.subject_prefix, t.created_ms],
+            )?;
+        }
+        let keep: Vec<&str> = subs.schedules.iter().map(|s| s.id.as_str()).collect();
+        let keep = serde_json::to_string(&keep).map_err(|e| BusError::Corrupt(e.to_string()))?;
+        tx.execute(
+            "DELETE FROM schedules WHERE function = ?1 AND id NOT IN (SELECT value FROM json_each(?2))",
+            params![function, keep],
+        )?;
+        for s in &subs.schedules {
+            tx.execute(
+                "INSERT INTO schedules (id, function, alias, cron, tz, missed, next_ms, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT(id) DO UPDATE SET function = excluded.function, alias = excluded.alias, cron = excluded.cron, tz = excluded.tz, missed = excluded.missed",
+                params![s.id, function, s.alias, s.cron, s.tz, s.missed, s.next_ms, now_ms()],
+            )?;
+        }
+        match &subs.async_config {
+            None => {
+                tx.execute(
+                    "DELETE FROM async_config WHERE function = ?1",
+                    params![function],
+                )?;
+            }
+            Some(c) => {
+                let json =
+                    serde_json::to_string(c).map_err(|e| BusError::Corrupt(e.to_string()))?;
+                tx.execute(
+                    "INSERT INTO async_config (function, config) VALUES (?1, ?2)
+                     ON CONFLICT(function) DO UPDATE SET config = excluded.config",
+                    params![function, json],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Functions with any subscription on this bus.
+    pub fn subscribed_functions(&self) -> Result<Vec<String>, BusError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT function FROM triggers UNION SELECT function FROM schedules UNION SELECT function FROM async_config",
+        )?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A new job for `function` under its retry policy, due now, with `id`;
+    /// not stored.
+    pub fn make_job(
+        &self,
+        id: String,
+        function: &str,
+        alias: &str,
+        version: Option<u64>,
+        payload: Payload,
+        hops: u32,
+    ) -> Result<Job, BusError> {
+        let config = config_of(&self.conn(), function)?;
+        Ok(job_under(
+            &config, id, function, alias, version, payload, hops,
+        ))
+    }
+
+    /// Records `job` as it is now in this bus's index of jobs (a cluster's
+    /// node: the jobs it ran, and every dead letter), replacing what it had.
+    pub fn index_jobs(&self, jobs: &[Job]) -> Result<(), BusError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for job in jobs {
+            tx.execute("DELETE FROM jobs WHERE id = ?1", params![job.id])?;
+            insert_job(&tx, job)?;
+            tx.execute(
+                "UPDATE jobs SET holder = ?2, updated_ms = ?3 WHERE id = ?1",
+                params![job.id, self.holder, now_ms()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Deletes jobs from the index; returns how many it held.
+    pub fn unindex_jobs(&self, ids: &[String]) -> Result<usize, BusError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut n = 0;
+        for id in ids {
+            n += tx.execute("DELETE FROM jobs WHERE id = ?1", params![id])?;
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Records a schedule's next firing (and its last, when it fired).
+    pub fn set_schedule_times(
+        &self,
+        id: &str,
+        next_ms: i64,
+        last_ms: Option<i64>,
+    ) -> Result<(), BusError> {
+        self.conn().execute(
+            "UPDATE schedules SET next_ms = ?2, last_ms = COALESCE(?3, last_ms) WHERE id = ?1",
+            params![id, next_ms, last_ms],
+        )?;
+        Ok(())
+    }
+
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -566,16 +794,7 @@ impl Bus for SqliteBus {
         source: Option<&str>,
         subject_prefix: Option<&str>,
     ) -> Result<Trigger, BusError> {
-        check_type_pattern(ty).map_err(BusError::Invalid)?;
-        let t = Trigger {
-            id: new_id("trg_"),
-            function: function.to_string(),
-            alias: alias.to_string(),
-            ty: ty.to_string(),
-            source: source.map(str::to_string),
-            subject_prefix: subject_prefix.map(str::to_string),
-            created_ms: now_ms(),
-        };
+        let t = new_trigger(function, alias, ty, source, subject_prefix)?;
         self.conn().execute(
             "INSERT INTO triggers (id, function, alias, type, source, subject_prefix, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![t.id, t.function, t.alias, t.ty, t.source, t.subject_prefix, t.created_ms],
@@ -647,10 +866,7 @@ impl Bus for SqliteBus {
                 job.trigger = Some(t.id.clone());
                 if hops >= self.hop_limit {
                     job.state = JobState::Dead;
-                    job.last_error = Some(format!(
-                        "hop limit: the event went through {hops} functions (limit {}); a trigger loop?",
-                        self.hop_limit
-                    ));
+                    job.last_error = Some(hop_limit_reason(hops, self.hop_limit));
                     out.dead.push(job.id.clone());
                 } else {
                     out.queued.push(job.id.clone());
@@ -873,26 +1089,7 @@ impl Bus for SqliteBus {
         tz: Option<&str>,
         missed: &str,
     ) -> Result<Schedule, BusError> {
-        let cron = Cron::parse(expr)?;
-        let zone = cron::zone(tz)?;
-        if missed != "skip" && missed != "once" {
-            return Err(BusError::Invalid(format!(
-                "missed-run policy {missed:?}: give skip or once"
-            )));
-        }
-        let next = next_fire(&cron, &zone, now_ms()).ok_or_else(|| {
-            BusError::Invalid(format!("the cron expression {expr:?} never fires"))
-        })?;
-        let s = Schedule {
-            id: new_id("sch_"),
-            function: function.to_string(),
-            alias: alias.to_string(),
-            cron: expr.to_string(),
-            tz: tz.unwrap_or("UTC").to_string(),
-            missed: missed.to_string(),
-            next_ms: next,
-            last_ms: None,
-        };
+        let s = new_schedule(function, alias, expr, tz, missed)?;
         self.conn().execute(
             "INSERT INTO schedules (id, function, alias, cron, tz, missed, next_ms, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![s.id, s.function, s.alias, s.cron, s.tz, s.missed, s.next_ms, now_ms()],
@@ -977,7 +1174,8 @@ impl Bus for SqliteBus {
     }
 }
 
-fn next_fire(cron: &Cron, zone: &jiff::tz::TimeZone, after_ms: i64) -> Option<i64> {
+/// The first firing of `cron` in `zone` after `after_ms`.
+pub fn next_fire(cron: &Cron, zone: &jiff::tz::TimeZone, after_ms: i64) -> Option<i64> {
     let after = jiff::Timestamp::from_millisecond(after_ms).ok()?;
     cron.next_after(after, zone).map(|t| t.as_millisecond())
 }
@@ -1008,9 +1206,30 @@ fn new_job(
     hops: u32,
 ) -> Result<Job, BusError> {
     let config = config_of(tx, function)?;
+    Ok(job_under(
+        &config,
+        new_id(prefix),
+        function,
+        alias,
+        version,
+        payload,
+        hops,
+    ))
+}
+
+/// A job due now under `config`'s retry policy.
+fn job_under(
+    config: &AsyncConfig,
+    id: String,
+    function: &str,
+    alias: &str,
+    version: Option<u64>,
+    payload: Payload,
+    hops: u32,
+) -> Job {
     let now = now_ms();
-    Ok(Job {
-        id: new_id(prefix),
+    Job {
+        id,
         function: function.to_string(),
         alias: alias.to_string(),
         version,
@@ -1024,7 +1243,7 @@ fn new_job(
         next_ms: now,
         last_error: None,
         trigger: None,
-    })
+    }
 }
 
 fn insert_job(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<(), BusError> {

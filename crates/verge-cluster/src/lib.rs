@@ -31,6 +31,7 @@ use tokio::sync::{Mutex, watch};
 use verge_store::{Doc, Store, StoreError};
 
 mod artifacts;
+mod bus;
 mod kvsync;
 mod usage;
 pub use kvsync::{NEEDED_PAYLOAD, NatsKvTransport};
@@ -38,6 +39,7 @@ pub use usage::{USAGE_KEEP, USAGE_STREAM};
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub use artifacts::NatsArtifacts;
+pub use bus::{DLQ_STREAM, JOBS_STREAM, NatsBus, TICKS_BUCKET};
 
 /// The registry layout this build reads and writes.
 pub const FORMAT: u32 = 1;
@@ -104,7 +106,14 @@ pub struct ClusterOptions {
     /// Replicas of each bucket (default: 3 when the cluster has 3 or more
     /// servers, else 1).
     pub replicas: Option<usize>,
+    /// How long a job stays with a node that stopped answering for it
+    /// before another node takes it (default [`JOB_LEASE`]).
+    pub job_lease: Option<Duration>,
 }
+
+/// How long a job stays with a node that stopped answering for it (the
+/// job consumers' ack wait; a live node extends it every third of it).
+pub const JOB_LEASE: Duration = Duration::from_secs(30);
 
 /// A node's record in `verge_nodes`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -801,6 +810,7 @@ mod tests {
 
     fn opts(url: &str, node: &str) -> ClusterOptions {
         ClusterOptions {
+            job_lease: None,
             url: url.into(),
             creds: None,
             domain: None,

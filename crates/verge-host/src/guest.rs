@@ -180,7 +180,7 @@ impl WasiHttpHooks for Outbound {
                     }
                 }
                 let n = events.len();
-                match sink(&function, version, events) {
+                match sink(&function, version, events).await {
                     Ok(()) => small_response(202, format!("accepted {n} events\n")),
                     Err(e) => small_response(503, format!("{e}\n")),
                 }

@@ -49,8 +49,17 @@ pub const EVENTS_URL: &str = "http://events.verge.internal/";
 
 /// Receives the events a guest POSTs to its events URL: (function, version,
 /// events with source and hops already set). An error is shown to the guest.
-pub type EventSink =
-    Arc<dyn Fn(&str, u64, Vec<verge_spec::CloudEvent>) -> Result<(), String> + Send + Sync>;
+/// The sink answers with a future: storing may wait for a disk or a
+/// network, and the guest's task waits for it, not its thread.
+pub type EventSink = Arc<
+    dyn Fn(
+            &str,
+            u64,
+            Vec<verge_spec::CloudEvent>,
+        ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>
+        + Send
+        + Sync,
+>;
 use guest::GuestState;
 pub use meter::UsageSink;
 

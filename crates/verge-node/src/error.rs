@@ -113,6 +113,9 @@ impl ApiError {
                 verge_bus::BusError::Invalid(_) | verge_bus::BusError::Cron(_) => {
                     (StatusCode::BAD_REQUEST, "bad request")
                 }
+                verge_bus::BusError::Unavailable(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "cluster unavailable")
+                }
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "event bus error"),
             },
             ApiError::Invoke { error, .. } => match error {

@@ -282,8 +282,18 @@ impl Node {
                 "jobs left running by the last run are queued again"
             );
         }
-        let bus: Arc<dyn verge_bus::Bus> = Arc::new(bus);
         let wake = Arc::new(tokio::sync::Notify::new());
+        let bus: Arc<dyn verge_bus::Bus> = match (&cluster, &config.cluster) {
+            (Some(c), Some(opts)) => verge_cluster::NatsBus::start(
+                c.clone(),
+                bus,
+                wake.clone(),
+                opts.job_lease.unwrap_or(verge_cluster::JOB_LEASE),
+            )
+            .await
+            .map_err(|e| NodeError::Other(e.to_string()))?,
+            _ => Arc::new(bus),
+        };
         let sink = ledger.clone();
         let outbox = Arc::new(events::Outbox::default());
         let (failures, node) = (outbox.clone(), config.node_name.clone());
@@ -322,14 +332,24 @@ impl Node {
         }));
         let (b, w) = (bus.clone(), wake.clone());
         host.set_event_sink(Arc::new(move |function, version, events| {
-            let published = b.publish(&events).map_err(|e| {
-                format!("the events could not be stored: {e}; retry later")
-            })?;
-            tracing::debug!(%function, version, events = events.len(), deliveries = published.queued.len(), "function emitted events");
-            if !published.queued.is_empty() {
-                w.notify_one();
-            }
-            Ok(())
+            // Stored on a blocking thread: the guest's task waits, its
+            // runtime thread does not.
+            let (b, w, function) = (b.clone(), w.clone(), function.to_string());
+            Box::pin(async move {
+                let n = events.len();
+                let stored = tokio::task::spawn_blocking(move || b.publish(&events))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                let published = stored.map_err(|e| {
+                    format!("the events could not be stored: {e}; retry later")
+                })?;
+                tracing::debug!(%function, version, events = n, deliveries = published.queued.len(), "function emitted events");
+                if !published.queued.is_empty() {
+                    w.notify_one();
+                }
+                Ok(())
+            })
         }));
         let local = verge_store::LocalArtifacts::new(store.clone());
         let artifacts: Arc<dyn verge_store::Artifacts> = match &cluster {

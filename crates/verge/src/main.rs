@@ -161,6 +161,15 @@ enum Command {
         /// cluster has 3 or more servers, else 1]
         #[arg(long, value_name = "N", requires = "nats", value_parser = clap::value_parser!(u8).range(1..=5))]
         nats_replicas: Option<u8>,
+        /// How long an event delivery or async job stays with a node that stopped
+        /// answering (killed, cut off) before another node of the cluster runs it
+        #[arg(
+            long,
+            value_name = "DURATION",
+            requires = "nats",
+            default_value = "30s"
+        )]
+        job_lease: String,
     },
     /// Deploy a component as a new version of a function and make it live
     Deploy {
@@ -460,6 +469,7 @@ async fn run(cli: Cli) -> Result<()> {
         nats_creds,
         nats_domain,
         nats_replicas,
+        job_lease,
     } = &cli.command
     {
         if !peers.is_empty() && peer_token.is_none() {
@@ -545,6 +555,7 @@ async fn run(cli: Cli) -> Result<()> {
                 domain: nats_domain.clone(),
                 node: config.node_name.clone(),
                 replicas: nats_replicas.map(usize::from),
+                job_lease: Some(parse_duration(job_lease).context("--job-lease")?),
             });
         }
         return up(config, *example).await;

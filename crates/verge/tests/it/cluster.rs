@@ -433,3 +433,199 @@ fn a_nats_server_killed_in_a_3_server_cluster_loses_no_request_and_no_acknowledg
         (get(&b, "/after").0 == 200).then_some(())
     });
 }
+
+/// Invocation records of `function` with their output, as `node` lists
+/// them (the cluster's).
+fn records(node: &TestNode, function: &str) -> Vec<serde_json::Value> {
+    let out = node.cli_ok(&["logs", function, "--json"]);
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// What the relay fixture printed it received (`received <id> ...`), per id.
+fn received(records: &[serde_json::Value]) -> std::collections::BTreeMap<String, u32> {
+    let mut seen = std::collections::BTreeMap::new();
+    for r in records {
+        if r["status"] != 200 {
+            continue;
+        }
+        for line in r["stdout"].as_str().unwrap_or("").lines() {
+            if let Some(id) = line
+                .strip_prefix("received ")
+                .and_then(|l| l.split(' ').next())
+            {
+                *seen.entry(id.to_string()).or_default() += 1;
+            }
+        }
+    }
+    seen
+}
+
+/// POSTs `n` events of type `ty` (ids `<prefix><i>`) to `node` in one batch.
+fn post_events(node: &TestNode, ty: &str, prefix: &str, n: usize) {
+    let batch: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            serde_json::json!({
+                "specversion": "1.0", "id": format!("{prefix}{i}"), "source": "/test",
+                "type": ty, "data": {"i": i}
+            })
+        })
+        .collect();
+    let r = node
+        .http()
+        .post(format!("{}/v1/events", node.url))
+        .bearer_auth(node.token())
+        .header("content-type", "application/cloudevents-batch+json")
+        .json(&batch)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().unwrap_or_default());
+}
+
+#[test]
+fn events_and_schedules_run_once_across_the_cluster() {
+    let nats = NatsServer::start();
+    let a = cluster_node(&nats, "a");
+    let b = cluster_node(&nats, "b").with_token(a.token());
+    let relay = fixture("rust-relay");
+    a.cli_ok(&["deploy", relay.to_str().unwrap(), "--name", "count"]);
+    // A trigger added on B is matched by A.
+    b.cli_ok(&["trigger", "add", "count", "--on", "com.acme.counted"]);
+    eventually("A knows B's trigger", || {
+        a.cli_ok(&["trigger", "ls"])
+            .contains("com.acme.counted")
+            .then_some(())
+    });
+
+    // 1,000 events, half through each node: 1,000 handler runs, one per event.
+    post_events(&a, "com.acme.counted", "a-", 500);
+    post_events(&b, "com.acme.counted", "b-", 500);
+    // The same events sent again (a client's retry) are the same deliveries.
+    post_events(&a, "com.acme.counted", "a-", 10);
+    let seen = eventually("1,000 runs recorded on B", || {
+        let seen = received(&records(&b, "count"));
+        (seen.len() >= 1000).then_some(seen)
+    });
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let seen_a = received(&records(&a, "count"));
+    let runs: u32 = seen_a.values().sum();
+    assert_eq!(seen_a.len(), 1000, "every event delivered");
+    assert_eq!(
+        runs,
+        1000,
+        "and each once: {:?}",
+        seen_a.iter().filter(|(_, n)| **n > 1).collect::<Vec<_>>()
+    );
+    assert_eq!(seen.len(), 1000);
+    let by_node = |node: &TestNode| {
+        node.api_get("/v1/jobs?function=count&limit=100000")
+            .json::<Vec<serde_json::Value>>()
+            .unwrap()
+            .len()
+    };
+    let (on_a, on_b) = (by_node(&a), by_node(&b));
+    eprintln!("deliveries run by A: {on_a}, by B: {on_b}");
+    assert_eq!(on_a + on_b, 1000, "each node lists the jobs it ran");
+
+    // A per-second schedule, fired by whichever scheduler is first: one
+    // firing per tick over 10 s, none twice, none missing.
+    a.cli_ok(&["deploy", relay.to_str().unwrap(), "--name", "tick"]);
+    let out = b.cli_ok(&["schedule", "add", "tick", "* * * * * *", "--json"]);
+    let schedule: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = schedule["id"].as_str().unwrap().to_string();
+    std::thread::sleep(std::time::Duration::from_secs(11));
+    a.cli_ok(&["schedule", "rm", &id]);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let ticks = eventually("the firings recorded on both nodes", || {
+        let (ta, tb) = (
+            received(&records(&a, "tick")),
+            received(&records(&b, "tick")),
+        );
+        (ta == tb && ta.len() >= 9).then_some(ta)
+    });
+    let mut at: Vec<i64> = ticks
+        .keys()
+        .map(|k| k.rsplit('-').next().unwrap().parse().unwrap())
+        .collect();
+    at.sort();
+    assert!(
+        ticks.values().all(|n| *n == 1),
+        "a tick fired twice: {ticks:?}"
+    );
+    let span = (at[at.len() - 1] - at[0]) / 1000 + 1;
+    assert_eq!(
+        span as usize,
+        at.len(),
+        "one firing per second, none missing: {at:?}"
+    );
+    assert!(
+        (9..=13).contains(&at.len()),
+        "{} firings in about 11 s",
+        at.len()
+    );
+}
+
+#[test]
+fn async_jobs_of_a_node_killed_with_9_are_completed_by_another() {
+    let nats = NatsServer::start();
+    let lease = ["--job-lease", "3s"];
+    let a = TestNode::start_with(&[
+        "--nats",
+        &nats.url(),
+        "--node-name",
+        "a",
+        lease[0],
+        lease[1],
+    ]);
+    let b = TestNode::start_with(&[
+        "--nats",
+        &nats.url(),
+        "--node-name",
+        "b",
+        lease[0],
+        lease[1],
+    ])
+    .with_token(a.token());
+    let relay = fixture("rust-relay");
+    a.cli_ok(&[
+        "deploy",
+        relay.to_str().unwrap(),
+        "--name",
+        "slow",
+        "--env",
+        "SLEEP_MS=1500",
+    ]);
+    eventually("B has slow", || {
+        b.cli_ok(&["ls"]).contains("slow").then_some(())
+    });
+    let http = a.http();
+    for i in 0..40 {
+        let r = http
+            .post(format!("{}/v1/functions/slow/invoke?async=true", a.url))
+            .bearer_auth(a.token())
+            .header("ce-id", format!("j-{i}"))
+            .body("x")
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    eventually("A runs some of them", || {
+        let running = a
+            .api_get("/v1/jobs?function=slow&state=running")
+            .json::<Vec<serde_json::Value>>()
+            .unwrap();
+        (!running.is_empty()).then_some(())
+    });
+    let _kept = a.stop_keeping_dir();
+    let done = eventually("B completes every job", || {
+        let seen = received(&records(&b, "slow"));
+        (seen.len() == 40).then_some(seen)
+    });
+    assert_eq!(done.len(), 40);
+    let on_b = b
+        .api_get("/v1/jobs?function=slow&state=succeeded&limit=1000")
+        .json::<Vec<serde_json::Value>>()
+        .unwrap();
+    assert!(!on_b.is_empty(), "B ran some of them");
+}
