@@ -69,6 +69,22 @@ impl Artifacts for NatsArtifacts {
         }
     }
 
+    async fn remove(&self, sha256: &str) -> Result<(), StoreError> {
+        match self.cluster.objects().delete(sha256).await {
+            Ok(()) => Ok(()),
+            // Another node deleted it first.
+            Err(e)
+                if e.kind() == async_nats::jetstream::object_store::DeleteErrorKind::NotFound =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(cluster_err(
+                &format!("artifact {sha256} could not be deleted from the cluster's store"),
+                e,
+            )),
+        }
+    }
+
     async fn get(&self, sha256: &str) -> Result<Vec<u8>, StoreError> {
         if let Ok(bytes) = self.local.get(sha256).await {
             return Ok(bytes);

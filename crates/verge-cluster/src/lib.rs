@@ -806,7 +806,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use crate::testkit::NatsServer;
-    use verge_store::{Limits, NewVersion};
+    use verge_store::{Artifacts, Limits, NewVersion};
 
     fn opts(url: &str, node: &str) -> ClusterOptions {
         ClusterOptions {
@@ -948,5 +948,25 @@ mod tests {
         );
         let right = format!("nats://verge:secret@127.0.0.1:{}", locked.port);
         Cluster::connect(&opts(&right, "a")).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_artifact_removed_from_the_cluster_is_gone_for_every_node() {
+        let nats = NatsServer::start();
+        let (c, store, _dir) = node(&nats.url(), "a").await;
+        let artifacts = NatsArtifacts::new(c.clone(), verge_store::LocalArtifacts::new(store));
+        let bytes = Bytes::from_static(b"\0asm component bytes");
+        let sha = artifacts.put(bytes.clone()).await.unwrap();
+        // Another node (an empty cache) reads it from the object store.
+        let (c2, store2, _dir2) = node(&nats.url(), "b").await;
+        let other = NatsArtifacts::new(c2, verge_store::LocalArtifacts::new(store2));
+        assert_eq!(other.get(&sha).await.unwrap(), bytes.to_vec());
+        artifacts.remove(&sha).await.unwrap();
+        // Removing twice (two nodes collecting) is fine.
+        artifacts.remove(&sha).await.unwrap();
+        let (c3, store3, _dir3) = node(&nats.url(), "c").await;
+        let third = NatsArtifacts::new(c3, verge_store::LocalArtifacts::new(store3));
+        let err = third.get(&sha).await.unwrap_err().to_string();
+        assert!(err.contains("not in the cluster's store"), "{err}");
     }
 }

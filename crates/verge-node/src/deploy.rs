@@ -125,6 +125,14 @@ pub(crate) async fn deploy(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .remove(&sha);
     let created = created?;
+    if state.cluster.is_some() {
+        // Unreferenced bytes are deleted after a grace (`projection`): if a
+        // node deleted these between the upload above and the version's
+        // write, they go up again.
+        if let Err(e) = state.artifacts.put(bytes.clone()).await {
+            tracing::warn!(%sha, error = %e, "could not check the stored component");
+        }
+    }
     steps.done("store");
     steps.done("promote");
     drop(_guard);

@@ -26,6 +26,26 @@ const WAIT: Duration = Duration::from_secs(1);
 /// How long a handler waits for the projection to apply its write.
 const CATCH_UP: Duration = Duration::from_secs(10);
 
+/// How long a component no version references stays stored before it is
+/// deleted: a deploy of the same bytes on another node that found them
+/// stored writes its version well within it.
+pub(crate) const ARTIFACT_GRACE: Duration = Duration::from_secs(5);
+
+/// Of `shas`, those no version in `functions` references (each once).
+fn unreferenced(
+    functions: &HashMap<String, FunctionEntry>,
+    shas: impl Iterator<Item = String>,
+) -> Vec<String> {
+    let used: std::collections::HashSet<&str> = functions
+        .values()
+        .flat_map(|f| f.versions.values().map(|v| v.stored.sha256.as_str()))
+        .collect();
+    let mut out: Vec<String> = shas.filter(|s| !used.contains(s.as_str())).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 impl AppState {
     /// Loads every subject as of the registry's head: at start, and when the
     /// feed no longer reaches back to the last revision applied.
@@ -114,12 +134,24 @@ impl AppState {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         let Some(state) = state else {
-            if functions.remove(name).is_some() {
+            if let Some(old) = functions.remove(name) {
                 self.admission.forget(name);
+                let gone = old.versions.values().map(|v| v.stored.sha256.clone());
+                let gone = unreferenced(&functions, gone);
+                drop(functions);
+                self.collect_artifacts(gone);
             }
             return;
         };
         let old = functions.remove(name).unwrap_or_default();
+        let kept: std::collections::HashSet<&str> =
+            state.versions.iter().map(|v| v.sha256.as_str()).collect();
+        let gone: Vec<String> = old
+            .versions
+            .values()
+            .map(|v| v.stored.sha256.clone())
+            .filter(|sha| !kept.contains(sha.as_str()))
+            .collect();
         let mut entry = FunctionEntry::default();
         for v in state.versions {
             let slot = match old.versions.get(&v.version) {
@@ -142,6 +174,40 @@ impl AppState {
         }
         entry.aliases = state.aliases.into_iter().collect::<HashMap<_, _>>();
         functions.insert(name.to_string(), entry);
+        if !gone.is_empty() {
+            let gone = unreferenced(&functions, gone.into_iter());
+            drop(functions);
+            self.collect_artifacts(gone);
+        }
+    }
+
+    /// Components no version references any more, whoever removed their
+    /// versions (this node or another): their compiled code goes now; after
+    /// [`ARTIFACT_GRACE`], if the registry still references none of them,
+    /// their bytes go from this node's disk and from the cluster's store.
+    fn collect_artifacts(&self, shas: Vec<String>) {
+        if shas.is_empty() {
+            return;
+        }
+        for sha in &shas {
+            self.host.forget(sha);
+        }
+        let (store, artifacts) = (self.store.clone(), self.artifacts.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(ARTIFACT_GRACE).await;
+            let removed =
+                tokio::task::spawn_blocking(move || store.remove_unreferenced_artifacts(&shas))
+                    .await;
+            let Ok(Ok(removed)) = removed else {
+                tracing::warn!("could not collect unreferenced artifacts");
+                return;
+            };
+            for sha in removed {
+                if let Err(e) = artifacts.remove(&sha).await {
+                    tracing::warn!(%sha, error = %e, "could not delete an unreferenced artifact");
+                }
+            }
+        });
     }
 
     fn set_token_hashes(&self, tokens: Vec<verge_store::TokenHash>) {

@@ -21,6 +21,12 @@ pub trait Artifacts: Send + Sync + 'static {
     async fn put(&self, bytes: Bytes) -> Result<String, StoreError>;
     /// The bytes of `sha256`, checked against it.
     async fn get(&self, sha256: &str) -> Result<Vec<u8>, StoreError>;
+    /// Deletes `sha256` where it is shared beyond this node (the node's
+    /// own copy is the store's: `Store::remove_unreferenced_artifacts`).
+    /// Called once no version references it.
+    async fn remove(&self, _sha256: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Artifacts in the store's data directory.

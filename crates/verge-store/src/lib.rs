@@ -852,6 +852,24 @@ impl Store {
         Ok(out)
     }
 
+    /// Of `shas`, those no version of this registry references; their
+    /// files are removed from the artifact directory (a node on a cluster
+    /// whose replica imported another node's deletion).
+    pub fn remove_unreferenced_artifacts(
+        &self,
+        shas: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        let unreferenced = {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            let out = orphans(&tx, shas.to_vec())?;
+            tx.commit()?;
+            out
+        };
+        self.remove_artifacts(&unreferenced);
+        Ok(unreferenced)
+    }
+
     fn remove_artifacts(&self, shas: &[String]) {
         if replica::rehearsing() {
             return;

@@ -237,6 +237,35 @@ fn two_nodes_on_one_jetstream_serve_as_one_platform() {
         !listed.contains("hello") && listed.contains("counted"),
         "{listed}"
     );
+
+    // Bytes no version references go from every node (code and artifact),
+    // not before: `counted` still uses hello's component.
+    let show: serde_json::Value =
+        serde_json::from_str(&a.cli_ok(&["show", "counted", "--json"])).unwrap();
+    let sha = show["versions"][0]["sha256"].as_str().unwrap().to_string();
+    let files = |node: &TestNode| {
+        let mut n = 0;
+        for dir in ["artifacts", "cache"] {
+            n += std::fs::read_dir(node.data_dir.join(dir))
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with(&sha)
+                })
+                .count();
+        }
+        n
+    };
+    assert!(files(&b) >= 2, "B holds the component and its code");
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    assert!(files(&b) >= 2, "still referenced by counted");
+    a.cli_ok(&["rm", "counted"]);
+    eventually("B drops the unreferenced component and its code", || {
+        (files(&b) == 0 && files(&a) == 0).then_some(())
+    });
 }
 
 #[test]
