@@ -252,8 +252,12 @@ impl NatsBus {
         tokio::task::block_in_place(|| self.rt.block_on(fut))
     }
 
-    /// Refuses at once while the link to NATS is down.
+    /// Refuses while the link to NATS is down (after waiting a moment for
+    /// the client to reconnect to another server).
     fn link(&self) -> Result<(), BusError> {
+        if self.cluster.down_since().is_some() {
+            self.run(self.cluster.wait_connected(crate::LINK_GRACE));
+        }
         match self.cluster.down_since() {
             None => Ok(()),
             Some(_) => Err(unavailable(format!(
@@ -431,54 +435,102 @@ impl NatsBus {
     }
 
     /// Publishes jobs to their consumers' subjects; returns whether each was
-    /// a duplicate of one stored before.
+    /// a duplicate of one stored before. All go out at once; those that
+    /// fail (a server died, its streams elect new leaders) are sent again
+    /// until [`crate::WRITE_DEADLINE`]: a job's id makes a re-send that
+    /// did land a duplicate, never a second job.
     async fn put_jobs(&self, jobs: &[(Job, Option<String>)]) -> Result<Vec<bool>, BusError> {
-        let mut acks = Vec::with_capacity(jobs.len());
+        let deadline = std::time::Instant::now() + crate::WRITE_DEADLINE;
+        let mut messages = Vec::with_capacity(jobs.len());
         for (job, trigger) in jobs {
             let (subject, name) = route(&job.function, trigger.as_deref());
             self.ensure_consumer(&subject, &name).await?;
             let body = serde_json::to_vec(job).map_err(|e| BusError::Corrupt(e.to_string()))?;
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(async_nats::header::NATS_MESSAGE_ID, job.id.as_str());
-            let ack = self
-                .cluster
-                .js
-                .publish_with_headers(subject, headers, body.into())
-                .await
-                .map_err(unavailable)?;
-            acks.push(ack);
+            messages.push((subject, job.id.as_str(), Bytes::from(body)));
         }
-        let mut out = Vec::with_capacity(acks.len());
-        for ack in acks {
-            let ack = tokio::time::timeout(NATS_TIMEOUT, ack)
-                .await
-                .map_err(|_| unavailable("no acknowledgement within 5 s"))?
-                .map_err(unavailable)?;
-            out.push(ack.duplicate);
+        let mut out = vec![false; messages.len()];
+        let mut pending: Vec<usize> = (0..messages.len()).collect();
+        loop {
+            let mut acks = Vec::with_capacity(pending.len());
+            for &i in &pending {
+                let (subject, id, body) = &messages[i];
+                acks.push((i, self.put(subject.clone(), id, body.clone()).await));
+            }
+            let mut failed = Vec::new();
+            let mut last_error = String::new();
+            for (i, ack) in acks {
+                let result = match ack {
+                    Ok(ack) => match tokio::time::timeout(NATS_TIMEOUT, ack).await {
+                        Ok(Ok(ack)) => Ok(ack.duplicate),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("no acknowledgement within 5 s".to_string()),
+                    },
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(duplicate) => out[i] = duplicate,
+                    Err(e) => {
+                        last_error = e;
+                        failed.push(i);
+                    }
+                }
+            }
+            if failed.is_empty() {
+                return Ok(out);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(unavailable(last_error));
+            }
+            tracing::info!(jobs = failed.len(), error = %last_error, "jobs not stored yet; sending them again");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            pending = failed;
         }
-        Ok(out)
     }
 
-    /// Appends to the dead-letter stream.
-    async fn put_dead(&self, function: &str, entry: &DlqEntry, id: &str) -> Result<(), BusError> {
-        let body = serde_json::to_vec(entry).map_err(|e| BusError::Corrupt(e.to_string()))?;
+    /// Sends one message with its id; the future is its acknowledgement.
+    async fn put(
+        &self,
+        subject: String,
+        id: &str,
+        body: Bytes,
+    ) -> Result<async_nats::jetstream::context::PublishAckFuture, String> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
-        let ack = self
-            .cluster
+        self.cluster
             .js
-            .publish_with_headers(
-                format!("verge.dlq.{}", function_hex(function)),
-                headers,
-                body.into(),
-            )
+            .publish_with_headers(subject, headers, body)
             .await
-            .map_err(unavailable)?;
-        tokio::time::timeout(NATS_TIMEOUT, ack)
-            .await
-            .map_err(|_| unavailable("no acknowledgement within 5 s"))?
-            .map_err(unavailable)?;
-        Ok(())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Appends to the dead-letter stream (sent again until
+    /// [`crate::WRITE_DEADLINE`], as jobs are).
+    async fn put_dead(&self, function: &str, entry: &DlqEntry, id: &str) -> Result<(), BusError> {
+        let body =
+            Bytes::from(serde_json::to_vec(entry).map_err(|e| BusError::Corrupt(e.to_string()))?);
+        let subject = format!("verge.dlq.{}", function_hex(function));
+        self.put_retrying(subject, id, body).await
+    }
+
+    /// Sends one message, again until [`crate::WRITE_DEADLINE`] if it is
+    /// not acknowledged.
+    async fn put_retrying(&self, subject: String, id: &str, body: Bytes) -> Result<(), BusError> {
+        let deadline = std::time::Instant::now() + crate::WRITE_DEADLINE;
+        loop {
+            let result = match self.put(subject.clone(), id, body.clone()).await {
+                Ok(ack) => match tokio::time::timeout(NATS_TIMEOUT, ack).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("no acknowledgement within 5 s".to_string()),
+                },
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if std::time::Instant::now() > deadline => return Err(unavailable(e)),
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
     }
 
     /// Runs a puller for every consumer of the job stream, and stops those
@@ -761,6 +813,24 @@ impl NatsBus {
     }
 }
 
+/// Acks a job done, and waits for the server to confirm it; again until
+/// [`crate::WRITE_DEADLINE`] (a server died and the consumer's leader
+/// moves): an ack that never lands only means the job runs again.
+async fn acked(msg: &jetstream::Message) -> Result<(), BusError> {
+    let deadline = std::time::Instant::now() + crate::WRITE_DEADLINE;
+    loop {
+        let e = match tokio::time::timeout(NATS_TIMEOUT, msg.double_ack()).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no confirmation within 5 s".to_string(),
+        };
+        if std::time::Instant::now() > deadline {
+            return Err(unavailable(e));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 fn bus_err(e: BusError) -> ClusterError {
     ClusterError::Other(e.to_string())
 }
@@ -945,12 +1015,7 @@ impl Bus for NatsBus {
         let d = lock(&self.running)
             .remove(id)
             .ok_or_else(|| BusError::NotFound(format!("running job {id:?}")))?;
-        self.run(async {
-            tokio::time::timeout(NATS_TIMEOUT, d.msg.double_ack())
-                .await
-                .map_err(|_| unavailable("no acknowledgement within 5 s"))?
-                .map_err(unavailable)
-        })?;
+        self.run(acked(&d.msg))?;
         let mut job = d.job;
         job.state = JobState::Succeeded;
         job.last_error = None;
@@ -993,10 +1058,7 @@ impl Bus for NatsBus {
                     &dead_id,
                 )
                 .await?;
-                tokio::time::timeout(NATS_TIMEOUT, d.msg.double_ack())
-                    .await
-                    .map_err(|_| unavailable("no acknowledgement within 5 s"))?
-                    .map_err(unavailable)
+                acked(&d.msg).await
             } else {
                 d.msg
                     .ack_with(AckKind::Nak(Some(delay)))
@@ -1050,21 +1112,8 @@ impl Bus for NatsBus {
             let (subject, name) = route(&replay.function, None);
             self.ensure_consumer(&subject, &name).await?;
             let body = serde_json::to_vec(&replay).map_err(|e| BusError::Corrupt(e.to_string()))?;
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(
-                async_nats::header::NATS_MESSAGE_ID,
-                format!("{}-replay-{}", replay.id, now_ms()).as_str(),
-            );
-            let ack = self
-                .cluster
-                .js
-                .publish_with_headers(subject, headers, body.into())
-                .await
-                .map_err(unavailable)?;
-            tokio::time::timeout(NATS_TIMEOUT, ack)
-                .await
-                .map_err(|_| unavailable("no acknowledgement within 5 s"))?
-                .map_err(unavailable)?;
+            let id = format!("{}-replay-{}", replay.id, now_ms());
+            self.put_retrying(subject, &id, body.into()).await?;
             self.put_dead(
                 &replay.function,
                 &DlqEntry {

@@ -276,6 +276,7 @@ fn a_nats_outage_stops_writes_with_503_never_requests_and_the_node_catches_up() 
     a.deploy("rust-hello", "hello", "/hello");
     eventually("B serves it", || (get(&b, "/hello").0 == 200).then_some(()));
 
+    a.cli_ok(&["trigger", "add", "hello", "--on", "com.acme.out"]);
     // A request loop on both nodes for the whole outage.
     let load = RequestLoop::start(&[&a, &b], "/hello");
 
@@ -302,6 +303,21 @@ fn a_nats_outage_stops_writes_with_503_never_requests_and_the_node_catches_up() 
     assert!(
         err.contains("503") && err.contains("unreachable") && err.contains("retry"),
         "{err}"
+    );
+    // So does an event that would queue a delivery.
+    let r = a
+        .http()
+        .post(format!("{}/v1/events", a.url))
+        .bearer_auth(a.token())
+        .header("content-type", "application/cloudevents+json")
+        .body(r#"{"specversion":"1.0","id":"o-1","source":"/t","type":"com.acme.out"}"#)
+        .send()
+        .unwrap();
+    let (status, body) = (r.status(), r.text().unwrap());
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("unreachable") && body.contains("retry"),
+        "{body}"
     );
     // Reads answer from the node's copy.
     assert!(a.cli_ok(&["ls"]).contains("hello"));
@@ -397,20 +413,51 @@ fn a_node_with_its_own_functions_or_a_bad_nats_url_refuses_to_start_and_says_why
 fn a_nats_server_killed_in_a_3_server_cluster_loses_no_request_and_no_acknowledged_deploy() {
     let mut nats = verge_cluster::testkit::NatsCluster::start(3);
     let url = nats.url();
-    let a = TestNode::start_with(&["--nats", &url, "--node-name", "a"]);
-    let b = TestNode::start_with(&["--nats", &url, "--node-name", "b"]).with_token(a.token());
+    // A job whose ack was lost with the server runs again after 3 s.
+    let lease = ["--job-lease", "3s"];
+    let a = TestNode::start_with(&["--nats", &url, "--node-name", "a", lease[0], lease[1]]);
+    let b = TestNode::start_with(&["--nats", &url, "--node-name", "b", lease[0], lease[1]])
+        .with_token(a.token());
     assert!(a.stdout.contains("3 replicas each"), "{}", a.stdout);
     a.deploy("rust-hello", "hello", "/hello");
     eventually("B serves it", || (get(&b, "/hello").0 == 200).then_some(()));
 
+    let relay = fixture("rust-relay");
+    a.cli_ok(&["deploy", relay.to_str().unwrap(), "--name", "sink"]);
+    a.cli_ok(&["trigger", "add", "sink", "--on", "com.acme.kept"]);
+    eventually("B knows the trigger", || {
+        b.cli_ok(&["trigger", "ls"])
+            .contains("com.acme.kept")
+            .then_some(())
+    });
     let load = RequestLoop::start(&[&a, &b], "/hello");
 
-    // Deploys through A while one of the three servers dies (kill -9).
+    // Deploys through A and events through both while one of the three
+    // servers dies (kill -9).
     let file = fixture("rust-hello");
     let (mut acknowledged, mut refused) = (Vec::new(), Vec::new());
+    let mut events_kept = std::collections::BTreeSet::new();
     for i in 0..8 {
         if i == 2 {
             nats.servers[0].stop();
+        }
+        for (node, n) in [(&a, "a"), (&b, "b")] {
+            let batch: Vec<serde_json::Value> = (0..20)
+                .map(|j| serde_json::json!({"specversion": "1.0", "id": format!("{n}-{i}-{j}"), "source": "/t", "type": "com.acme.kept"}))
+                .collect();
+            let r = node
+                .http()
+                .post(format!("{}/v1/events", node.url))
+                .bearer_auth(node.token())
+                .header("content-type", "application/cloudevents-batch+json")
+                .body(serde_json::to_string(&batch).unwrap())
+                .send()
+                .unwrap();
+            if r.status() == 202 {
+                events_kept.extend((0..20).map(|j| format!("{n}-{i}-{j}")));
+            } else {
+                assert_eq!(r.status(), 503, "{}", r.text().unwrap_or_default());
+            }
         }
         let name = format!("f{i}");
         let out = a.cli(&[
@@ -448,6 +495,48 @@ fn a_nats_server_killed_in_a_3_server_cluster_loses_no_request_and_no_acknowledg
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
+    assert!(
+        events_kept.len() >= 240,
+        "events go on with two servers of three: {}",
+        events_kept.len()
+    );
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let delivered = loop {
+        let seen = received(&records(&b, "sink"));
+        let missing: Vec<&String> = events_kept
+            .iter()
+            .filter(|id| !seen.contains_key(*id))
+            .collect();
+        if missing.is_empty() {
+            break seen;
+        }
+        if std::time::Instant::now() > until {
+            let health: serde_json::Value = b.api_get("/v1/health").json().unwrap();
+            let warnings = |n: &TestNode| {
+                n.log()
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            panic!(
+                "{} acknowledged events never delivered: {:?}...\nB's health: {health}\nA's warnings:\n{}\nB's warnings:\n{}",
+                missing.len(),
+                &missing[..missing.len().min(5)],
+                warnings(&a),
+                warnings(&b)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    // At least once: a delivery whose ack the dead server took with it
+    // runs again.
+    let again: u32 = delivered.values().map(|n| n - 1).sum();
+    eprintln!(
+        "{} events acknowledged, all delivered; {again} ran twice",
+        events_kept.len()
+    );
     // The dead server comes back and catches up; the nodes keep working.
     nats.servers[0].resume();
     a.cli_ok(&[
@@ -657,4 +746,74 @@ fn async_jobs_of_a_node_killed_with_9_are_completed_by_another() {
         .json::<Vec<serde_json::Value>>()
         .unwrap();
     assert!(!on_b.is_empty(), "B ran some of them");
+}
+
+#[test]
+fn dead_letters_are_the_clusters_and_replay_from_any_node() {
+    let nats = NatsServer::start();
+    let fast = ["--retry-base", "100ms"];
+    let a = TestNode::start_with(&["--nats", &nats.url(), "--node-name", "a", fast[0], fast[1]]);
+    let b = TestNode::start_with(&["--nats", &nats.url(), "--node-name", "b", fast[0], fast[1]])
+        .with_token(a.token());
+    let relay = fixture("rust-relay");
+    a.cli_ok(&[
+        "deploy",
+        relay.to_str().unwrap(),
+        "--name",
+        "flaky",
+        "--env",
+        "STATUS=500",
+    ]);
+    // Set on A, applied by B.
+    a.cli_ok(&["async", "flaky", "--retries", "1"]);
+    eventually("B has A's retry policy", || {
+        let c: serde_json::Value =
+            serde_json::from_str(&b.cli_ok(&["async", "flaky", "--json"])).unwrap();
+        (c["max_retries"] == 1).then_some(())
+    });
+    let queued: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["invoke", "flaky", "--async", "--data", "x", "--json"]))
+            .unwrap();
+    let id = queued["id"].as_str().unwrap().to_string();
+    for node in [&a, &b] {
+        let out = eventually("the dead letter listed on both nodes", || {
+            let out = node.cli_ok(&["dlq", "ls", "flaky"]);
+            out.contains(&id).then_some(out)
+        });
+        assert!(out.contains("500"), "{out}");
+    }
+    let dead: serde_json::Value =
+        serde_json::from_str(&a.cli_ok(&["dlq", "show", &id, "--json"])).unwrap();
+    assert_eq!(dead["attempts"], 2, "first attempt and one retry: {dead}");
+    // Fixed, replayed from A: it runs once more, and the dead letter is
+    // gone from both nodes.
+    a.cli_ok(&[
+        "deploy",
+        relay.to_str().unwrap(),
+        "--name",
+        "flaky",
+        "--env",
+        "STATUS=200",
+    ]);
+    eventually("B serves the fix", || {
+        let out = b.cli_ok(&["ls"]);
+        out.contains("flaky").then_some(())
+    });
+    b.cli_ok(&["dlq", "replay", &id]);
+    for node in [&a, &b] {
+        eventually("no dead letters left", || {
+            node.cli_ok(&["dlq", "ls"])
+                .contains("no dead letters")
+                .then_some(())
+        });
+    }
+    eventually("the replay succeeded", || {
+        let ok = records(&a, "flaky").iter().any(|r| r["status"] == 200);
+        ok.then_some(())
+    });
+    let err = a.cli_err(&["dlq", "replay", &id]);
+    assert!(
+        err.contains("not found") || err.contains("not dead-lettered"),
+        "{err}"
+    );
 }
