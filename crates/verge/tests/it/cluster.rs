@@ -454,6 +454,8 @@ fn a_nats_server_killed_in_a_3_server_cluster_loses_no_request_and_no_acknowledg
                 .send()
                 .unwrap();
             if r.status() == 202 {
+                let accepted: serde_json::Value = r.json().unwrap();
+                assert_eq!(accepted["deliveries"], 20, "{accepted}");
                 events_kept.extend((0..20).map(|j| format!("{n}-{i}-{j}")));
             } else {
                 assert_eq!(r.status(), 503, "{}", r.text().unwrap_or_default());
@@ -512,6 +514,40 @@ fn a_nats_server_killed_in_a_3_server_cluster_loses_no_request_and_no_acknowledg
         }
         if std::time::Instant::now() > until {
             let health: serde_json::Value = b.api_get("/v1/health").json().unwrap();
+            let seen_a = received(&records(&a, "sink"));
+            eprintln!(
+                "of those, A's records lack {}",
+                missing
+                    .iter()
+                    .filter(|id| !seen_a.contains_key(**id))
+                    .count()
+            );
+            for n in [&a, &b] {
+                let jobs: Vec<serde_json::Value> = n
+                    .api_get("/v1/jobs?function=sink&limit=10000")
+                    .json()
+                    .unwrap();
+                let ran: std::collections::BTreeMap<String, usize> =
+                    jobs.iter().fold(Default::default(), |mut m, j| {
+                        *m.entry(j["state"].as_str().unwrap_or("").to_string())
+                            .or_default() += 1;
+                        m
+                    });
+                let missing_ran = jobs
+                    .iter()
+                    .filter(|j| {
+                        missing
+                            .iter()
+                            .any(|m| j["payload"]["event"]["id"] == m.as_str())
+                    })
+                    .map(|j| format!("{} {}", j["payload"]["event"]["id"], j["state"]))
+                    .take(5)
+                    .collect::<Vec<_>>();
+                eprintln!(
+                    "{}: jobs run {ran:?}; missing ones among them: {missing_ran:?}",
+                    n.url
+                );
+            }
             let warnings = |n: &TestNode| {
                 n.log()
                     .lines()
