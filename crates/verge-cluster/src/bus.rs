@@ -318,7 +318,13 @@ impl NatsBus {
                 .await
             {
                 Ok(mut watch) => {
-                    while let Some(entry) = watch.next().await {
+                    // A watch can stall without an error when its server
+                    // dies; this one is filtered (the registry's head says
+                    // nothing of it), so it is reopened after 10 s without
+                    // a change, from where it was.
+                    while let Ok(Some(entry)) =
+                        tokio::time::timeout(Duration::from_secs(10), watch.next()).await
+                    {
                         let Ok(entry) = entry else { break };
                         from = entry.revision + 1;
                         let Some(function) = entry.key.strip_prefix(SUB_PREFIX) else {
@@ -679,7 +685,22 @@ impl NatsBus {
                     continue;
                 }
             };
-            while let Some(Ok(msg)) = messages.next().await {
+            let mut stall = crate::usage::Stall::default();
+            loop {
+                let msg =
+                    match tokio::time::timeout(Duration::from_millis(500), messages.next()).await {
+                        Ok(Some(Ok(msg))) => msg,
+                        Ok(_) => break,
+                        Err(_) => {
+                            if stall.due() && stall.stalled(&self.dlq, from - 1).await {
+                                tracing::warn!(
+                                    "the dead-letter stream's consumer stalled; reopening it"
+                                );
+                                break;
+                            }
+                            continue;
+                        }
+                    };
                 if let Ok(info) = msg.info() {
                     from = info.stream_sequence + 1;
                 }

@@ -58,7 +58,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one JetStream request may take before a write is refused.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a node checks that its registry watch keeps up.
-const STALL_CHECK: Duration = Duration::from_secs(2);
+pub(crate) const STALL_CHECK: Duration = Duration::from_secs(2);
 /// How long a joining node may take to import the registry.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a write waits for a lost link to come back before it is refused.

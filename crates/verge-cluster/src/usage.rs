@@ -206,6 +206,7 @@ impl Cluster {
             let mut batch: Vec<(String, UsageRecord)> = Vec::new();
             let mut imported = from.saturating_sub(1);
             let mut position = imported;
+            let mut stall = Stall::default();
             loop {
                 let next = tokio::time::timeout(Duration::from_millis(50), messages.next()).await;
                 let (quiet, ended) = match next {
@@ -251,8 +252,61 @@ impl Cluster {
                 if ended {
                     break;
                 }
+                if quiet && stall.due() && stall.stalled(&self.usage, position).await {
+                    tracing::warn!(
+                        position,
+                        "the usage stream's consumer stalled; reopening it"
+                    );
+                    break;
+                }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+/// Finds a stream consumer that stopped delivering without an error (its
+/// server died and the client moved to another): checked every
+/// [`crate::STALL_CHECK`] against the stream's last sequence, stalled when
+/// two checks in a row find it behind at the same position.
+#[derive(Default)]
+pub(crate) struct Stall {
+    checked: Option<std::time::Instant>,
+    behind_at: Option<u64>,
+}
+
+impl Stall {
+    /// Time for a check?
+    pub(crate) fn due(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        match self.checked {
+            Some(t) if now.duration_since(t) < crate::STALL_CHECK => false,
+            _ => {
+                self.checked = Some(now);
+                true
+            }
+        }
+    }
+
+    /// Is a consumer at `position` (the last stream sequence it delivered)
+    /// stalled?
+    pub(crate) async fn stalled(
+        &mut self,
+        stream: &jetstream::stream::Stream,
+        position: u64,
+    ) -> bool {
+        let mut stream = stream.clone();
+        let Ok(info) = stream.info().await else {
+            return false;
+        };
+        if info.state.last_sequence <= position {
+            self.behind_at = None;
+            return false;
+        }
+        if self.behind_at == Some(position) {
+            return true;
+        }
+        self.behind_at = Some(position);
+        false
     }
 }

@@ -570,8 +570,10 @@ fn a_nats_server_killed_in_a_3_server_cluster_loses_no_request_and_no_acknowledg
     // runs again.
     let again: u32 = delivered.values().map(|n| n - 1).sum();
     eprintln!(
-        "{} events acknowledged, all delivered; {again} ran twice",
-        events_kept.len()
+        "{} events acknowledged, all delivered; {again} ran twice; consumers reopened after a stall: {}",
+        events_kept.len(),
+        a.log().matches("stalled; reopening").count()
+            + b.log().matches("stalled; reopening").count()
     );
     // The dead server comes back and catches up; the nodes keep working.
     nats.servers[0].resume();
