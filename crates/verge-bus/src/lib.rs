@@ -743,6 +743,15 @@ impl SqliteBus {
         Ok(())
     }
 
+    /// Deletes every queued and running job from this bus's database: on a
+    /// cluster node at start, where the cluster's queue holds them (and
+    /// gave the ones this node ran when it stopped to other nodes).
+    pub fn drop_unfinished(&self) -> Result<usize, BusError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM jobs WHERE state IN ('queued', 'running')", [])?)
+    }
+
     /// Deletes jobs from the index; returns how many it held.
     pub fn unindex_jobs(&self, ids: &[String]) -> Result<usize, BusError> {
         let mut conn = self.conn();

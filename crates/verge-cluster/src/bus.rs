@@ -233,6 +233,8 @@ impl NatsBus {
             cursors: Mutex::default(),
         });
         let from = bus.load_subscriptions().await?;
+        // The index keeps finished jobs; the unfinished are the cluster's.
+        bus.local.drop_unfinished().map_err(bus_err)?;
         let tasks = vec![
             tokio::spawn(bus.clone().follow_subscriptions(from)),
             tokio::spawn(bus.clone().compete()),
@@ -858,9 +860,9 @@ fn bus_err(e: BusError) -> ClusterError {
 
 impl Bus for NatsBus {
     fn recover(&self) -> Result<usize, BusError> {
-        // Jobs this node ran when it stopped are back with their consumers
-        // (their leases ran out): the index says so.
-        self.local.recover()
+        // Jobs this node ran when it stopped went back to their consumers
+        // when their leases ran out; `start` dropped them from the index.
+        Ok(0)
     }
 
     fn add_trigger(

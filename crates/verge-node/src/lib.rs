@@ -275,7 +275,12 @@ impl Node {
         bus.retry_base = config.retry_base;
         bus.hop_limit = config.hop_limit;
         bus.holder = config.node_name.clone();
-        let requeued = bus.recover()?;
+        // On a cluster, the cluster's queue holds the jobs (`NatsBus`).
+        let requeued = if config.cluster.is_none() {
+            bus.recover()?
+        } else {
+            0
+        };
         if requeued > 0 {
             tracing::info!(
                 jobs = requeued,
