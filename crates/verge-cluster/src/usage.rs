@@ -38,23 +38,48 @@ pub(crate) async fn ensure_stream(
     js: &jetstream::Context,
     replicas: usize,
 ) -> Result<jetstream::stream::Stream, ClusterError> {
-    js.get_or_create_stream(jetstream::stream::Config {
-        name: USAGE_STREAM.into(),
-        description: Some("Verge usage and invocation records of every node".into()),
-        subjects: vec!["verge.usage.>".into()],
-        max_age: USAGE_KEEP,
-        // The oldest go first beyond it: every node keeps its own records on
-        // its disk (`--retain-size`), and a node this far behind misses the
-        // oldest of the others'.
-        max_bytes: USAGE_MAX_BYTES,
-        discard: jetstream::stream::DiscardPolicy::Old,
-        num_replicas: replicas,
-        storage: jetstream::stream::StorageType::File,
-        duplicate_window: Duration::from_secs(600),
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| ClusterError::Other(format!("could not create the {USAGE_STREAM} stream: {e}")))
+    // A stream's size is reserved on the servers' disks when it is created:
+    // where 4 GiB cannot be reserved, a smaller bound, said at start.
+    let mut last = String::new();
+    for max_bytes in [USAGE_MAX_BYTES, 1 << 30, 256 << 20] {
+        let created = js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: USAGE_STREAM.into(),
+                description: Some("Verge usage and invocation records of every node".into()),
+                subjects: vec!["verge.usage.>".into()],
+                max_age: USAGE_KEEP,
+                // The oldest go first beyond it: every node keeps its own
+                // records on its disk (`--retain-size`), and a node this far
+                // behind misses the oldest of the others'.
+                max_bytes,
+                discard: jetstream::stream::DiscardPolicy::Old,
+                num_replicas: replicas,
+                storage: jetstream::stream::StorageType::File,
+                duplicate_window: Duration::from_secs(600),
+                ..Default::default()
+            })
+            .await;
+        match created {
+            Ok(stream) => {
+                if max_bytes < USAGE_MAX_BYTES {
+                    tracing::warn!(
+                        max_mib = max_bytes >> 20,
+                        "the NATS servers cannot reserve 4 GiB for {USAGE_STREAM}; it keeps at most this much (give the servers more JetStream storage: max_file_store)"
+                    );
+                }
+                return Ok(stream);
+            }
+            Err(e) if e.to_string().contains("insufficient storage") => last = e.to_string(),
+            Err(e) => {
+                return Err(ClusterError::Other(format!(
+                    "could not create the {USAGE_STREAM} stream: {e}"
+                )));
+            }
+        }
+    }
+    Err(ClusterError::Other(format!(
+        "could not create the {USAGE_STREAM} stream: {last}; give the NATS servers more JetStream storage (max_file_store) or disk"
+    )))
 }
 
 async fn blocking<T: Send + 'static>(
