@@ -39,6 +39,9 @@ pub(crate) mod types {
     pub const JOB_DEAD_LETTERED: &str = "dev.verge.job.deadlettered";
     pub const NODE_STARTED: &str = "dev.verge.node.started";
     pub const NODE_STOPPING: &str = "dev.verge.node.stopping";
+    pub const NODE_JOINED: &str = "dev.verge.node.joined";
+    pub const NODE_LOST: &str = "dev.verge.node.lost";
+    pub const NODE_RETURNED: &str = "dev.verge.node.returned";
     pub const SCHEDULE_FIRED: &str = "dev.verge.schedule.fired";
     pub const KV_CHANGED: &str = "dev.verge.kv.changed";
     pub const KV_REBOOTSTRAPPED: &str = "dev.verge.kv.rebootstrapped";
@@ -824,4 +827,136 @@ fn emit_destination(state: &AppState, ty: &str, job: &Job, error: Option<&str>) 
     e.time = Some(verge_spec::rfc3339_ms(verge_bus::now_ms()));
     e.set_hops(verge_spec::next_hop(job.hops));
     state.outbox.push(e);
+}
+
+/// What one node knows of another (membership).
+struct Member {
+    started: i64,
+    heartbeat: i64,
+    url: String,
+    lost: bool,
+}
+
+/// How often membership is looked at.
+const MEMBERSHIP_EVERY: Duration = Duration::from_secs(1);
+
+/// Cluster membership as CloudEvents (a cluster node only): every second
+/// the node reads `verge_nodes`; a name it has not seen is
+/// `dev.verge.node.joined`, a record gone (no heartbeat for
+/// `verge_cluster::NODE_TTL`) `dev.verge.node.lost`, a lost name back
+/// `dev.verge.node.returned`. Every node watches; the live node whose name
+/// sorts first emits, with source `/verge/cluster` and an id that names the
+/// node, its start and the change, so the same change seen by two emitters
+/// (while the first name changes hands) is one delivery per trigger.
+pub(crate) async fn membership(state: Arc<AppState>) {
+    let Some(cluster) = state.cluster.clone() else {
+        return;
+    };
+    let mut known: std::collections::BTreeMap<String, Member> = Default::default();
+    let mut first = true;
+    loop {
+        tokio::time::sleep(MEMBERSHIP_EVERY).await;
+        let records = match cluster.nodes().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "membership: could not list the nodes");
+                continue;
+            }
+        };
+
+        let now: std::collections::BTreeMap<&str, &verge_cluster::NodeRecord> =
+            records.iter().map(|r| (r.name.as_str(), r)).collect();
+        // On the first look, the nodes that started within a minute of this
+        // one are joining now; the others were there before.
+        let since = now
+            .get(state.node_name.as_str())
+            .map(|r| r.started - 60)
+            .unwrap_or(i64::MAX);
+        let mut changes = Vec::new();
+        for (name, r) in &now {
+            match known.get_mut(*name) {
+                None => {
+                    if !first || r.started >= since {
+                        changes.push((
+                            types::NODE_JOINED,
+                            format!("{}-{}-joined", name, r.started),
+                            (*r).clone(),
+                            None,
+                        ));
+                    }
+                    known.insert(
+                        name.to_string(),
+                        Member {
+                            started: r.started,
+                            heartbeat: r.heartbeat,
+                            url: r.url.clone(),
+                            lost: false,
+                        },
+                    );
+                }
+                Some(m) => {
+                    if m.lost {
+                        let restarted = m.started != r.started;
+                        changes.push((
+                            types::NODE_RETURNED,
+                            format!("{}-{}-returned-{}", name, r.started, m.heartbeat),
+                            (*r).clone(),
+                            Some(restarted),
+                        ));
+                    }
+                    *m = Member {
+                        started: r.started,
+                        heartbeat: r.heartbeat,
+                        url: r.url.clone(),
+                        lost: false,
+                    };
+                }
+            }
+        }
+        for (name, m) in known.iter_mut() {
+            if !m.lost && !now.contains_key(name.as_str()) {
+                m.lost = true;
+                let record = verge_cluster::NodeRecord {
+                    name: name.clone(),
+                    url: m.url.clone(),
+                    started: m.started,
+                    heartbeat: m.heartbeat,
+                    ..Default::default()
+                };
+                changes.push((
+                    types::NODE_LOST,
+                    format!("{}-{}-lost-{}", name, m.started, m.heartbeat),
+                    record,
+                    None,
+                ));
+            }
+        }
+        first = false;
+        // The emitter: the first name among the live nodes (this one is
+        // live: it just put its record, or will within a heartbeat).
+        let emitter = now
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(state.node_name.as_str());
+        if changes.is_empty() || emitter != state.node_name {
+            continue;
+        }
+        for (ty, id, r, restarted) in changes {
+            tracing::info!(node = %r.name, event = ty, "cluster membership changed");
+            let mut data = json!({
+                "node": r.name,
+                "url": r.url,
+                "started": r.started,
+                "last_heartbeat": r.heartbeat,
+            });
+            if let Some(restarted) = restarted {
+                data["restarted"] = json!(restarted);
+            }
+            let mut e = CloudEvent::new(id, "/verge/cluster", ty).with_data(data);
+            e.subject = Some(r.name.clone());
+            e.time = Some(verge_spec::rfc3339_ms(verge_bus::now_ms()));
+            state.outbox.push(e);
+        }
+    }
 }

@@ -855,3 +855,55 @@ fn dead_letters_are_the_clusters_and_replay_from_any_node() {
         "{err}"
     );
 }
+
+#[test]
+fn a_node_joining_dying_and_returning_triggers_functions() {
+    let nats = NatsServer::start();
+    let a = cluster_node(&nats, "a");
+    let relay = fixture("rust-relay");
+    a.cli_ok(&["deploy", relay.to_str().unwrap(), "--name", "watch"]);
+    a.cli_ok(&["trigger", "add", "watch", "--on", "dev.verge.node.*"]);
+    let b = cluster_node(&nats, "b").with_token(a.token());
+    let seen = |ty: &str| {
+        let got = received_types(&records(&a, "watch"));
+        got.iter()
+            .any(|(id, t)| t == ty && id.starts_with("b-"))
+            .then_some(got)
+    };
+    eventually("dev.verge.node.joined for b", || {
+        seen("dev.verge.node.joined")
+    });
+    // kill -9: no heartbeat for 10 s, then lost.
+    let mut b = b;
+    b.kill9();
+    let got = eventually("dev.verge.node.lost for b", || seen("dev.verge.node.lost"));
+    assert_eq!(
+        got.iter()
+            .filter(|(_, t)| t == "dev.verge.node.lost")
+            .count(),
+        1,
+        "one lost event: {got:?}"
+    );
+    let b = b.kill9_and_restart();
+    eventually("dev.verge.node.returned for b", || {
+        seen("dev.verge.node.returned")
+    });
+    // It serves again without a redeploy.
+    assert!(b.cli_ok(&["ls"]).contains("watch"));
+}
+
+/// (event id, event type) of what the relay received, from its output.
+fn received_types(records: &[serde_json::Value]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for r in records {
+        for line in r["stdout"].as_str().unwrap_or("").lines() {
+            let mut words = line.split(' ');
+            if words.next() == Some("received")
+                && let (Some(id), Some(ty)) = (words.next(), words.next())
+            {
+                out.push((id.to_string(), ty.to_string()));
+            }
+        }
+    }
+    out
+}

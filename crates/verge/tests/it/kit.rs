@@ -120,10 +120,16 @@ impl TestNode {
         }
     }
 
-    /// kill -9, then start again on the same data directory.
-    pub fn kill9_and_restart(mut self) -> Self {
-        self.child.kill().expect("kill -9");
+    /// kill -9; the data directory stays ([`TestNode::kill9_and_restart`]
+    /// starts it again).
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// kill -9 (if still running), then start again on the same data directory.
+    pub fn kill9_and_restart(mut self) -> Self {
+        self.kill9();
         let tmp = self._tmp.take();
         let mut next = Self::spawn(self.data_dir.clone(), self.extra.clone());
         next._tmp = tmp;
