@@ -131,6 +131,9 @@ pub struct NodeRecord {
     /// Functions and versions it holds, and how many are ready.
     pub versions: u64,
     pub ready: u64,
+    /// The node's labels (placement).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -838,6 +841,7 @@ mod tests {
                 limits: Limits::default(),
                 buckets: &[],
                 tenant: "default",
+                placement: &[],
                 routes: &[],
                 deployed_by: "admin",
                 promote: true,

@@ -126,6 +126,7 @@ async fn nodes(State(state): State<Arc<AppState>>) -> Result<Json<Vec<NodeInfo>>
         started: verge_spec::rfc3339(r.started),
         heartbeat: verge_spec::rfc3339(r.heartbeat),
         this,
+        labels: r.labels,
     };
     let Some(cluster) = &state.cluster else {
         let mut r = me;
@@ -385,6 +386,10 @@ impl DeployOptions {
                     verge_spec::validate_tenant(&v)?;
                     opts.tenant = v.into_owned();
                 }
+                "place" => {
+                    verge_spec::parse_label(&v)?;
+                    opts.placement.push(v.into_owned());
+                }
                 "kv_bucket" => {
                     verge_kv::validate_bucket(&v)
                         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -411,7 +416,7 @@ impl DeployOptions {
                 }
                 other => {
                     return Err(ApiError::BadRequest(format!(
-                        "unknown query parameter {other:?}; accepted: route, host, env, timeout, memory, concurrency, max_request_body, max_response_body, log_limit, promote, kv_bucket, tenant"
+                        "unknown query parameter {other:?}; accepted: route, host, env, timeout, memory, concurrency, max_request_body, max_response_body, log_limit, promote, kv_bucket, tenant, place"
                     )));
                 }
             }
@@ -885,6 +890,7 @@ mod tests {
                 log_bytes: Some(1),
                 env: [(s(), s())].into(),
                 kv_buckets: vec![s()],
+                placement: vec![s()],
                 tenant: s(),
                 created_at: s(),
                 deployed_by: s(),

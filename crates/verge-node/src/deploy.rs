@@ -25,6 +25,8 @@ pub(crate) struct DeployOptions {
     pub buckets: Vec<String>,
     /// The tenant whose buckets those are.
     pub tenant: String,
+    /// Node labels it needs (`k=v`); empty: every node.
+    pub placement: Vec<String>,
     /// Point `live` at the new version (the first version always is).
     pub promote: bool,
     /// Name of the token that deploys.
@@ -39,6 +41,7 @@ impl Default for DeployOptions {
             limits: Limits::default(),
             buckets: Vec::new(),
             tenant: verge_spec::DEFAULT_TENANT.to_string(),
+            placement: Vec::new(),
             promote: true,
             deployed_by: "admin".into(),
         }
@@ -82,6 +85,7 @@ pub(crate) async fn deploy(
     let tier = loaded.tier().as_str().to_string();
 
     let _guard = state.deploy_lock.lock().await;
+    let placement = opts.placement.clone();
     let (fname, env, routes, limits, by, promote, buckets, tenant) = (
         name.to_string(),
         opts.env.clone(),
@@ -113,6 +117,7 @@ pub(crate) async fn deploy(
                 limits,
                 buckets: &buckets,
                 tenant: &tenant,
+                placement: &placement,
                 routes: &routes,
                 deployed_by: &by,
                 promote,

@@ -160,6 +160,24 @@ pub(crate) async fn resolve(
                 ),
             })
         })?;
+    // A version placed elsewhere is neither loaded nor run here.
+    if !verge_spec::placed_on(&slot.stored.placement, &state.labels) {
+        let labels: Vec<String> = state
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        return Err(ApiError::Unavailable(format!(
+            "function {function:?} version {} is placed on nodes labelled {}; this node ({}) does not run it: send the request to one of those (`verge nodes` lists each node's labels)",
+            slot.stored.version,
+            slot.stored.placement.join(","),
+            if labels.is_empty() {
+                "no labels".to_string()
+            } else {
+                labels.join(",")
+            }
+        )));
+    }
     let f = state.load(&slot).await?;
     Ok((slot, f))
 }

@@ -80,6 +80,9 @@ pub struct NodeConfig {
     pub retry_base: Duration,
     /// Functions an event chain may go through before its events are dead-lettered.
     pub hop_limit: u32,
+    /// This node's labels (`site=ship-7`): versions placed by labels run
+    /// only on nodes that have them all.
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Nodes this node replicates its key-value store with.
     pub peers: Vec<Peer>,
     /// How long a key-value tombstone waits for a silent replica before it
@@ -133,6 +136,7 @@ impl NodeConfig {
             retry_base: Duration::from_secs(1),
             hop_limit: 16,
             peers: Vec::new(),
+            labels: Default::default(),
             kv_grace: Duration::from_secs(7 * 24 * 3600),
             demote_after: Some(Duration::from_millis(20)),
             read_timeouts: ReadTimeouts::default(),
@@ -387,6 +391,7 @@ impl Node {
                 node_name: config.node_name.clone(),
                 kv_grace: config.kv_grace,
                 peer_urls: config.peers.iter().map(|p| p.url.clone()).collect(),
+                labels: config.labels.clone(),
                 body_limits: state::BodyLimits {
                     request: config.max_request_body,
                     response: config.max_response_body,

@@ -332,6 +332,7 @@ mod tests {
                 limits: verge_store::Limits::default(),
                 buckets: &[],
                 tenant: "default",
+                placement: &[],
                 routes: &[],
                 deployed_by: "test",
                 promote: true,

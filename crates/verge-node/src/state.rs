@@ -202,6 +202,7 @@ pub(crate) struct Settings {
     pub node_name: String,
     pub kv_grace: std::time::Duration,
     pub peer_urls: Vec<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Everything a handler needs.
@@ -255,6 +256,8 @@ pub struct AppState {
     pub(crate) kv_grace: std::time::Duration,
     /// The peers this node syncs with (their URLs).
     pub(crate) peer_urls: Vec<String>,
+    /// This node's labels (placement).
+    pub(crate) labels: std::collections::BTreeMap<String, String>,
     pub(crate) functions: RwLock<HashMap<String, FunctionEntry>>,
     routes: RwLock<Arc<Vec<Route>>>,
 }
@@ -303,6 +306,7 @@ impl AppState {
             node_name: settings.node_name,
             kv_grace: settings.kv_grace,
             peer_urls: settings.peer_urls,
+            labels: settings.labels,
             functions: RwLock::default(),
             routes: RwLock::default(),
         }
@@ -534,6 +538,7 @@ impl AppState {
             started: self.started,
             versions,
             ready,
+            labels: self.labels.clone(),
             ..Default::default()
         }
     }

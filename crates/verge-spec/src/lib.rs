@@ -35,6 +35,11 @@ pub enum SpecError {
     /// A size such as `64MiB` that does not parse.
     #[error("invalid size {0:?}: write for example 64MiB, 512KiB or 1048576")]
     Size(String),
+    /// A node label (or a placement) that is not `key=value`.
+    #[error(
+        "invalid label {0:?}: write key=value, each 1 to 63 characters from a-z, 0-9, '-', '_' and '.' (for example site=ship-7 or region=eu)"
+    )]
+    Label(String),
     /// A tenant name outside `[a-z0-9-]{1,63}`.
     #[error("invalid tenant name {0:?}: use 1 to 63 characters from a-z, 0-9 and '-'")]
     Tenant(String),
@@ -295,6 +300,32 @@ fn default_tenant() -> String {
     DEFAULT_TENANT.to_string()
 }
 
+/// Parses a node label or a placement requirement, `key=value` (each 1 to
+/// 63 characters from a-z, 0-9, '-', '_' and '.').
+pub fn parse_label(label: &str) -> Result<(String, String), SpecError> {
+    let ok = |p: &str| {
+        (1..=63).contains(&p.len())
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+    };
+    match label.split_once('=') {
+        Some((k, v)) if ok(k) && ok(v) => Ok((k.to_string(), v.to_string())),
+        _ => Err(SpecError::Label(label.to_string())),
+    }
+}
+
+/// Does a node with `labels` take a version placed by `placement` (every
+/// `key=value` of it among the labels; an empty placement: every node)?
+pub fn placed_on(
+    placement: &[String],
+    labels: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    placement.iter().all(|p| {
+        p.split_once('=')
+            .is_some_and(|(k, v)| labels.get(k).is_some_and(|l| l == v))
+    })
+}
+
 /// Checks a tenant name: 1 to 63 characters from a-z, 0-9 and '-'.
 pub fn validate_tenant(name: &str) -> Result<(), SpecError> {
     if is_plain_name(name) {
@@ -461,6 +492,9 @@ pub struct VersionInfo {
     /// The tenant whose buckets those are.
     #[serde(default = "default_tenant")]
     pub tenant: String,
+    /// Node labels it runs on (`--place`); empty: every node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placement: Vec<String>,
     /// Creation time, RFC 3339 UTC.
     pub created_at: String,
     /// Name of the token that deployed it.
@@ -608,6 +642,9 @@ pub struct NodeInfo {
     /// Is this the node that answered?
     #[serde(default)]
     pub this: bool,
+    /// The node's labels (`verge up --label`), which placement matches.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// An error body (RFC 9457 problem details).

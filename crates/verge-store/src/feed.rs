@@ -327,6 +327,7 @@ mod tests {
                 limits: crate::Limits::default(),
                 buckets: &[],
                 tenant: "default",
+                placement: &[],
                 routes: &[(None, "/f".to_string())],
                 deployed_by: "test",
                 promote: true,

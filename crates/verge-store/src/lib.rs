@@ -131,6 +131,9 @@ pub struct StoredVersion {
     pub buckets: Vec<String>,
     /// The tenant whose buckets those are.
     pub tenant: String,
+    /// Where it runs: the node labels it needs (`k=v`, all of them); empty:
+    /// every node.
+    pub placement: Vec<String>,
 }
 
 /// What a deploy asks the store to record.
@@ -145,6 +148,8 @@ pub struct NewVersion<'a> {
     pub buckets: &'a [String],
     /// The tenant whose buckets those are.
     pub tenant: &'a str,
+    /// Node labels it needs (`k=v`); empty: every node.
+    pub placement: &'a [String],
     /// Routes to bind to the function's `live` alias.
     pub routes: &'a [(Option<String>, String)],
     /// Name of the token that deploys it.
@@ -263,6 +268,7 @@ CREATE TABLE IF NOT EXISTS versions (
     config_key TEXT NOT NULL DEFAULT '',
     buckets TEXT NOT NULL DEFAULT '[]',
     tenant TEXT NOT NULL DEFAULT 'default',
+    placement TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (function, number)
 );
 CREATE TABLE IF NOT EXISTS routes (
@@ -351,6 +357,7 @@ impl Store {
         }
         for (table, column, def) in [
             ("versions", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
+            ("versions", "placement", "TEXT NOT NULL DEFAULT '[]'"),
             ("tokens", "tenant", "TEXT"),
             ("tokens", "scope", "TEXT"),
         ] {
@@ -563,20 +570,27 @@ impl Store {
         buckets.dedup();
         let buckets_json =
             serde_json::to_string(&buckets).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let config_key = sha256_hex(
-            format!(
-                "{}|{env_json}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{buckets_json}|{}",
-                new.sha256,
-                l.timeout_ms,
-                l.memory_bytes,
-                l.concurrency,
-                l.request_body,
-                l.response_body,
-                l.log_bytes,
-                new.tenant
-            )
-            .as_bytes(),
+        let mut placement = new.placement.to_vec();
+        placement.sort();
+        placement.dedup();
+        let placement_json =
+            serde_json::to_string(&placement).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut key = format!(
+            "{}|{env_json}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{buckets_json}|{}",
+            new.sha256,
+            l.timeout_ms,
+            l.memory_bytes,
+            l.concurrency,
+            l.request_body,
+            l.response_body,
+            l.log_bytes,
+            new.tenant
         );
+        // Placed everywhere keeps the key it always had.
+        if !placement.is_empty() {
+            key.push_str(&format!("|{placement_json}"));
+        }
+        let config_key = sha256_hex(key.as_bytes());
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for (host, path) in new.routes {
@@ -605,8 +619,8 @@ impl Store {
                 )?;
                 tx.execute(
                     &format!(
-                        "INSERT INTO versions (function, number, sha256, size, env, created_at, deployed_by, config_key, {LIMIT_COLUMNS}, buckets, tenant)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+                        "INSERT INTO versions (function, number, sha256, size, env, created_at, deployed_by, config_key, {LIMIT_COLUMNS}, buckets, tenant, placement)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
                     ),
                     params![
                         function,
@@ -624,7 +638,8 @@ impl Store {
                         l.response_body,
                         l.log_bytes,
                         buckets_json,
-                        new.tenant
+                        new.tenant,
+                        placement_json
                     ],
                 )?;
                 next
@@ -949,7 +964,7 @@ impl Store {
     ) -> Result<Vec<(StoredVersion, u64, i64, String)>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
-            "SELECT function, number, sha256, env, size, created_at, deployed_by, {LIMIT_COLUMNS}, buckets, tenant
+            "SELECT function, number, sha256, env, size, created_at, deployed_by, {LIMIT_COLUMNS}, buckets, tenant, placement
              FROM versions WHERE (?1 IS NULL OR function = ?1) AND (?2 IS NULL OR number = ?2)
              ORDER BY function, number DESC"
         ))?;
@@ -965,11 +980,24 @@ impl Store {
                 Limits::from_row(r, 7)?,
                 r.get::<_, String>(13)?,
                 r.get::<_, String>(14)?,
+                r.get::<_, String>(15)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (function, version, sha256, env, size, created, by, limits, buckets, tenant) = row?;
+            let (
+                function,
+                version,
+                sha256,
+                env,
+                size,
+                created,
+                by,
+                limits,
+                buckets,
+                tenant,
+                placement,
+            ) = row?;
             out.push((
                 StoredVersion {
                     function,
@@ -980,6 +1008,8 @@ impl Store {
                     buckets: serde_json::from_str(&buckets)
                         .map_err(|e| StoreError::Corrupt(format!("version buckets: {e}")))?,
                     tenant,
+                    placement: serde_json::from_str(&placement)
+                        .map_err(|e| StoreError::Corrupt(format!("version placement: {e}")))?,
                 },
                 size,
                 created,
@@ -1032,6 +1062,7 @@ impl Store {
                 log_bytes: v.limits.log_bytes,
                 env: v.env.into_iter().collect(),
                 kv_buckets: v.buckets,
+                placement: v.placement,
                 tenant: v.tenant,
                 created_at: rfc3339(created),
                 deployed_by: by,
@@ -1568,6 +1599,7 @@ mod tests {
             limits: Limits::default(),
             buckets: &[],
             tenant: "default",
+            placement: &[],
             routes,
             deployed_by: "admin",
             promote: true,

@@ -498,6 +498,7 @@ mod tests {
             limits: Limits::default(),
             buckets: &[],
             tenant: "default",
+            placement: &[],
             routes,
             deployed_by: "admin",
             promote: true,

@@ -161,6 +161,10 @@ enum Command {
         /// cluster has 3 or more servers, else 1]
         #[arg(long, value_name = "N", requires = "nats", value_parser = clap::value_parser!(u8).range(1..=5))]
         nats_replicas: Option<u8>,
+        /// A label of this node, key=value (repeatable), for example site=ship-7 or
+        /// region=eu: a version deployed with --place runs only on nodes with its labels
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
         /// How long an event delivery or async job stays with a node that stopped
         /// answering (killed, cut off) before another node of the cluster runs it
         #[arg(
@@ -214,6 +218,10 @@ enum Command {
         /// The tenant whose buckets --kv-bucket names [default: default]
         #[arg(long)]
         tenant: Option<String>,
+        /// Run the version only on nodes with this label, key=value (repeatable: all of
+        /// them), for example --place site=ship-7 or --place region=eu [default: every node]
+        #[arg(long = "place", value_name = "KEY=VALUE")]
+        place: Vec<String>,
     },
     /// List a function's versions, the aliases on each, and their code
     Versions { name: String },
@@ -470,6 +478,7 @@ async fn run(cli: Cli) -> Result<()> {
         nats_domain,
         nats_replicas,
         job_lease,
+        labels,
     } = &cli.command
     {
         if !peers.is_empty() && peer_token.is_none() {
@@ -505,6 +514,10 @@ async fn run(cli: Cli) -> Result<()> {
             config.node_name = n.clone();
         }
         config.retry_base = parse_duration(retry_base).context("--retry-base")?;
+        for l in labels {
+            let (k, v) = verge_spec::parse_label(l).context("--label")?;
+            config.labels.insert(k, v);
+        }
         config.peers = peers;
         config.kv_grace = parse_duration(kv_grace).context("--kv-grace")?;
         let hour = Duration::from_secs(3600);
@@ -579,6 +592,7 @@ async fn run(cli: Cli) -> Result<()> {
             no_promote,
             kv_buckets,
             tenant,
+            place,
         } => {
             let concurrency = concurrency.map(|c| c.to_string());
             let mut extra = Vec::new();
@@ -615,6 +629,10 @@ async fn run(cli: Cli) -> Result<()> {
             }
             if let Some(t) = &tenant {
                 extra.push(("tenant", t.as_str()));
+            }
+            for p in &place {
+                verge_spec::parse_label(p).context("--place")?;
+                extra.push(("place", p.as_str()));
             }
             deploy(&client, json, &file, &name, &route, host, &env, &extra).await
         }
@@ -818,6 +836,15 @@ async fn nodes(client: &Client, json: bool) -> Result<()> {
                 },
                 n.url.clone(),
                 n.role.clone(),
+                if n.labels.is_empty() {
+                    "-".to_string()
+                } else {
+                    n.labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
                 n.link.clone(),
                 format!("{}/{}", n.ready, n.versions),
                 n.revision.to_string(),
@@ -832,6 +859,7 @@ async fn nodes(client: &Client, json: bool) -> Result<()> {
                 "NODE",
                 "URL",
                 "ROLE",
+                "LABELS",
                 "NATS",
                 "READY/VERSIONS",
                 "REVISION",

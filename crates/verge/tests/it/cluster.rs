@@ -907,3 +907,73 @@ fn received_types(records: &[serde_json::Value]) -> Vec<(String, String)> {
     }
     out
 }
+
+#[test]
+fn a_version_placed_by_labels_runs_only_on_nodes_that_have_them() {
+    let nats = NatsServer::start();
+    let a = TestNode::start_with(&[
+        "--nats",
+        &nats.url(),
+        "--node-name",
+        "a",
+        "--label",
+        "site=ship-7",
+        "--label",
+        "region=eu",
+    ]);
+    let b = cluster_node(&nats, "b").with_token(a.token());
+    let file = fixture("rust-hello");
+    let out = b.cli_ok(&[
+        "deploy",
+        file.to_str().unwrap(),
+        "--name",
+        "placed",
+        "--route",
+        "/placed",
+        "--place",
+        "site=ship-7",
+    ]);
+    assert!(out.contains("version 1"), "{out}");
+    eventually("A serves the version placed on it", || {
+        (get(&a, "/placed").0 == 200).then_some(())
+    });
+    // B holds the version (it deployed it) but does not run it.
+    let (status, _, body) = curl(&[&format!("{}/placed", b.url)]);
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        b.log().contains("placed on nodes labelled site=ship-7"),
+        "{}",
+        b.log()
+    );
+    let show: serde_json::Value =
+        serde_json::from_str(&a.cli_ok(&["show", "placed", "--json"])).unwrap();
+    assert_eq!(show["versions"][0]["placement"][0], "site=ship-7", "{show}");
+    let nodes: Vec<serde_json::Value> =
+        serde_json::from_str(&b.cli_ok(&["nodes", "--json"])).unwrap();
+    let na = nodes.iter().find(|n| n["name"] == "a").unwrap();
+    assert_eq!(na["labels"]["site"], "ship-7", "{na}");
+    assert!(b.cli_ok(&["nodes"]).contains("region=eu,site=ship-7"));
+    // Placed everywhere again (a new version), B runs it too.
+    b.cli_ok(&["deploy", file.to_str().unwrap(), "--name", "placed"]);
+    eventually("B serves the version placed everywhere", || {
+        (get(&b, "/placed").0 == 200).then_some(())
+    });
+    let err = b.cli_err(&[
+        "deploy",
+        file.to_str().unwrap(),
+        "--name",
+        "x",
+        "--place",
+        "Site",
+    ]);
+    assert!(
+        err.contains("invalid label") && err.contains("key=value"),
+        "{err}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_verge"))
+        .args(["up", "--label", "nolabel"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--label"), "{err}");
+}
