@@ -134,6 +134,9 @@ pub struct NodeRecord {
     /// The node's labels (placement).
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The versions it has code loaded for, `function@version`.
+    #[serde(default)]
+    pub loaded: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -163,6 +166,8 @@ pub struct Cluster {
     applied: watch::Sender<u64>,
     /// Since when the link is down (`None`: connected).
     down_since: std::sync::Mutex<Option<SystemTime>>,
+    /// Wakes the heartbeat before its tick (a version became ready).
+    beat: tokio::sync::Notify,
     /// The follower and the heartbeat.
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -335,6 +340,7 @@ impl Cluster {
             writing: Mutex::new(()),
             applied,
             down_since: std::sync::Mutex::new(None),
+            beat: tokio::sync::Notify::new(),
             tasks: Default::default(),
         });
         let weak = Arc::downgrade(&cluster);
@@ -680,7 +686,10 @@ impl Cluster {
         let mut tick = tokio::time::interval(HEARTBEAT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.beat.notified() => {}
+            }
             if self.down_since().is_some() {
                 continue;
             }
@@ -694,6 +703,12 @@ impl Cluster {
                 tracing::debug!(error = %e, "could not put this node's heartbeat");
             }
         }
+    }
+
+    /// Puts this node's record now, not at the next heartbeat (a version
+    /// it runs became ready).
+    pub fn beat_now(&self) {
+        self.beat.notify_one();
     }
 
     /// Every node whose record has not expired.

@@ -127,6 +127,7 @@ async fn nodes(State(state): State<Arc<AppState>>) -> Result<Json<Vec<NodeInfo>>
         heartbeat: verge_spec::rfc3339(r.heartbeat),
         this,
         labels: r.labels,
+        loaded: r.loaded,
     };
     let Some(cluster) = &state.cluster else {
         let mut r = me;

@@ -527,6 +527,7 @@ impl Node {
         if let Some(c) = &s.cluster {
             tasks.push(tokio::spawn(kv::mesh(s.clone())));
             tasks.push(tokio::spawn(events::membership(s.clone())));
+            tasks.push(tokio::spawn(projection::prepare(s.clone())));
             c.share_usage(s.store.clone(), &s.node_name);
             let (state, url) = (Arc::downgrade(s), self.url());
             c.start_heartbeat(move || {

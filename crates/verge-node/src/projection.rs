@@ -153,6 +153,16 @@ impl AppState {
             .filter(|sha| !kept.contains(sha.as_str()))
             .collect();
         let mut entry = FunctionEntry::default();
+        // Loaded ahead (a cluster node): the newest version and those an
+        // alias sends traffic to, not every old one.
+        let newest = state.versions.iter().map(|v| v.version).max();
+        let aliased: std::collections::HashSet<u64> = state
+            .aliases
+            .iter()
+            .flat_map(|(_, t)| {
+                std::iter::once(t.version).chain(t.canary.as_ref().map(|c| c.version))
+            })
+            .collect();
         for v in state.versions {
             let slot = match old.versions.get(&v.version) {
                 // Versions are immutable: the same number with the same
@@ -167,7 +177,22 @@ impl AppState {
                         .get(&v.sha256)
                         .cloned()
                         .map(|c| crate::state::function_of(&v, c));
-                    self.slot(v.clone(), loaded)
+                    let slot = self.slot(v.clone(), loaded);
+                    // On a cluster, a version placed here is loaded before
+                    // its first request, so that the node can say it is
+                    // ready (`verge deploy --wait`).
+                    if self.cluster.is_some()
+                        && slot.tier().is_none()
+                        && (Some(v.version) == newest || aliased.contains(&v.version))
+                        && verge_spec::placed_on(&v.placement, &self.labels)
+                    {
+                        self.to_prepare
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(slot.clone());
+                        self.prepare.notify_one();
+                    }
+                    slot
                 }
             };
             entry.versions.insert(v.version, slot);
@@ -276,6 +301,33 @@ pub(crate) async fn follow(state: Arc<AppState>) {
                 }
                 failing = true;
                 tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Loads the versions the tables took in ahead of their first request (a
+/// cluster node), one at a time, and tells the cluster at once when one is
+/// ready.
+pub(crate) async fn prepare(state: Arc<AppState>) {
+    loop {
+        state.prepare.notified().await;
+        loop {
+            let next = state
+                .to_prepare
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop();
+            let Some(slot) = next else { break };
+            match state.load(&slot).await {
+                Ok(_) => {
+                    if let Some(c) = &state.cluster {
+                        c.beat_now();
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(function = %slot.stored.function, version = slot.stored.version, error = %e, "could not load a new version ahead of its first request")
+                }
             }
         }
     }

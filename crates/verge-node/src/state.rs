@@ -258,6 +258,10 @@ pub struct AppState {
     pub(crate) peer_urls: Vec<String>,
     /// This node's labels (placement).
     pub(crate) labels: std::collections::BTreeMap<String, String>,
+    /// Versions new to the tables, to load ahead of their first request
+    /// (a cluster node: `projection::prepare`).
+    pub(crate) to_prepare: std::sync::Mutex<Vec<Arc<VersionSlot>>>,
+    pub(crate) prepare: tokio::sync::Notify,
     pub(crate) functions: RwLock<HashMap<String, FunctionEntry>>,
     routes: RwLock<Arc<Vec<Route>>>,
 }
@@ -307,6 +311,8 @@ impl AppState {
             kv_grace: settings.kv_grace,
             peer_urls: settings.peer_urls,
             labels: settings.labels,
+            to_prepare: Default::default(),
+            prepare: tokio::sync::Notify::new(),
             functions: RwLock::default(),
             routes: RwLock::default(),
         }
@@ -527,9 +533,13 @@ impl AppState {
             .unwrap_or_else(PoisonError::into_inner);
         let slots = functions.values().flat_map(|f| f.versions.values());
         let (mut versions, mut ready) = (0, 0);
+        let mut loaded = Vec::new();
         for slot in slots {
             versions += 1;
-            ready += u64::from(slot.loaded.get().is_some());
+            if slot.loaded.get().is_some() {
+                ready += 1;
+                loaded.push(format!("{}@{}", slot.stored.function, slot.stored.version));
+            }
         }
         verge_cluster::NodeRecord {
             name: self.node_name.clone(),
@@ -539,6 +549,7 @@ impl AppState {
             versions,
             ready,
             labels: self.labels.clone(),
+            loaded,
             ..Default::default()
         }
     }

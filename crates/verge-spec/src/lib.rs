@@ -645,6 +645,9 @@ pub struct NodeInfo {
     /// The node's labels (`verge up --label`), which placement matches.
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Versions it has code loaded for (`function@version`).
+    #[serde(default)]
+    pub loaded: Vec<String>,
 }
 
 /// An error body (RFC 9457 problem details).

@@ -222,6 +222,10 @@ enum Command {
         /// them), for example --place site=ship-7 or --place region=eu [default: every node]
         #[arg(long = "place", value_name = "KEY=VALUE")]
         place: Vec<String>,
+        /// Wait until every node the version is placed on has it ready (its code
+        /// loaded), and print how long each took (at most 60 s)
+        #[arg(long)]
+        wait: bool,
     },
     /// List a function's versions, the aliases on each, and their code
     Versions { name: String },
@@ -593,6 +597,7 @@ async fn run(cli: Cli) -> Result<()> {
             kv_buckets,
             tenant,
             place,
+            wait,
         } => {
             let concurrency = concurrency.map(|c| c.to_string());
             let mut extra = Vec::new();
@@ -634,7 +639,16 @@ async fn run(cli: Cli) -> Result<()> {
                 verge_spec::parse_label(p).context("--place")?;
                 extra.push(("place", p.as_str()));
             }
-            deploy(&client, json, &file, &name, &route, host, &env, &extra).await
+            // With --json --wait, one document: the deploy and the times.
+            let quiet = json && wait;
+            let r = deploy(
+                &client, json, quiet, &file, &name, &route, host, &env, &extra,
+            )
+            .await?;
+            if wait {
+                wait_ready(&client, json, &r, &place).await?;
+            }
+            Ok(())
         }
         Command::Versions { name } => versions::versions(&client, json, &name).await,
         Command::Promote {
@@ -820,6 +834,63 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// `verge deploy --wait`: polls `GET /v1/nodes` until every node the
+/// version is placed on lists it as loaded; prints each node's time.
+async fn wait_ready(
+    client: &Client,
+    json: bool,
+    r: &DeployResponse,
+    place: &[String],
+) -> Result<()> {
+    let key = format!("{}@{}", r.function, r.version);
+    let started = Instant::now();
+    let mut ready: std::collections::BTreeMap<String, f64> = Default::default();
+    loop {
+        let nodes: Vec<verge_spec::NodeInfo> = client.get("/v1/nodes").await?;
+        let placed: Vec<&verge_spec::NodeInfo> = nodes
+            .iter()
+            .filter(|n| verge_spec::placed_on(place, &n.labels))
+            .collect();
+        if placed.is_empty() {
+            bail!(
+                "no node has the labels {} that version {} is placed on; start one with `verge up --label ...` (`verge nodes` lists each node's labels)",
+                place.join(","),
+                r.version
+            );
+        }
+        for n in &placed {
+            if n.loaded.contains(&key) && !ready.contains_key(&n.name) {
+                ready.insert(n.name.clone(), started.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        let waiting: Vec<&str> = placed
+            .iter()
+            .filter(|n| !ready.contains_key(&n.name))
+            .map(|n| n.name.as_str())
+            .collect();
+        if waiting.is_empty() {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "{key} is not ready after 60 s on {}; see `verge nodes` and those nodes' logs",
+                waiting.join(", ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if json {
+        return print_json(&serde_json::json!({ "deploy": r, "ready_ms": ready }));
+    }
+    let rows: Vec<Vec<String>> = ready
+        .iter()
+        .map(|(n, ms)| vec![n.clone(), format!("{ms:.0} ms")])
+        .collect();
+    print!("{}", table::render(&["NODE", "READY AFTER"], &rows));
+    println!("{key} ready on {} node(s)", ready.len());
+    Ok(())
+}
+
 async fn nodes(client: &Client, json: bool) -> Result<()> {
     let nodes: Vec<verge_spec::NodeInfo> = client.get("/v1/nodes").await?;
     if json {
@@ -991,13 +1062,14 @@ async fn up(config: verge_node::NodeConfig, example: bool) -> Result<()> {
 async fn deploy(
     client: &Client,
     json: bool,
+    quiet: bool,
     file: &std::path::Path,
     name: &str,
     routes: &[String],
     host: Option<String>,
     env: &[String],
     extra: &[(&str, &str)],
-) -> Result<()> {
+) -> Result<DeployResponse> {
     verge_spec::validate_function_name(name)?;
     for e in env {
         verge_spec::parse_env(e)?;
@@ -1056,8 +1128,12 @@ async fn deploy(
         b.finish_and_clear();
     }
     let r = result?;
+    if quiet {
+        return Ok(r);
+    }
     if json {
-        return print_json(&r);
+        print_json(&r)?;
+        return Ok(r);
     }
     let total_ms = started.elapsed().as_secs_f64() * 1000.0;
     let node_ms: f64 = r.steps.iter().map(|s| s.ms).sum();
@@ -1107,7 +1183,7 @@ async fn deploy(
             None => println!("serving  {base}{}", route.path),
         }
     }
-    Ok(())
+    Ok(r)
 }
 
 fn form_url<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {

@@ -953,11 +953,49 @@ fn a_version_placed_by_labels_runs_only_on_nodes_that_have_them() {
     let na = nodes.iter().find(|n| n["name"] == "a").unwrap();
     assert_eq!(na["labels"]["site"], "ship-7", "{na}");
     assert!(b.cli_ok(&["nodes"]).contains("region=eu,site=ship-7"));
-    // Placed everywhere again (a new version), B runs it too.
-    b.cli_ok(&["deploy", file.to_str().unwrap(), "--name", "placed"]);
+    // --wait: until every node the version is placed on has it loaded.
+    let out = b.cli_ok(&[
+        "deploy",
+        file.to_str().unwrap(),
+        "--name",
+        "waited",
+        "--place",
+        "region=eu",
+        "--wait",
+    ]);
+    assert!(out.contains("waited@1 ready on 1 node(s)"), "{out}");
+    let table: Vec<&str> = out.lines().skip_while(|l| !l.starts_with("NODE")).collect();
+    assert!(table.iter().any(|l| l.starts_with("a ")), "{out}");
+    assert!(!table.iter().any(|l| l.starts_with("b ")), "{out}");
+    // Placed everywhere again (a new version), B runs it too: both nodes
+    // report it ready, the node that did not deploy it without a request.
+    let out = b.cli_ok(&[
+        "deploy",
+        file.to_str().unwrap(),
+        "--name",
+        "placed",
+        "--wait",
+        "--json",
+    ]);
+    let waited: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(waited["deploy"]["version"], 2, "{waited}");
+    assert!(
+        waited["ready_ms"]["a"].is_number() && waited["ready_ms"]["b"].is_number(),
+        "{waited}"
+    );
     eventually("B serves the version placed everywhere", || {
         (get(&b, "/placed").0 == 200).then_some(())
     });
+    let err = b.cli_err(&[
+        "deploy",
+        file.to_str().unwrap(),
+        "--name",
+        "nowhere",
+        "--place",
+        "site=mars",
+        "--wait",
+    ]);
+    assert!(err.contains("no node has the labels site=mars"), "{err}");
     let err = b.cli_err(&[
         "deploy",
         file.to_str().unwrap(),
