@@ -757,6 +757,11 @@ async fn run(cli: Cli) -> Result<()> {
                         table::size(v.size),
                         v.sha256.chars().take(12).collect(),
                         v.env.keys().cloned().collect::<Vec<_>>().join(","),
+                        if v.placement.is_empty() {
+                            "everywhere".into()
+                        } else {
+                            v.placement.join(",")
+                        },
                         v.code.clone().unwrap_or_else(|| "not loaded".into()),
                         v.created_at.clone(),
                     ]
@@ -766,7 +771,7 @@ async fn run(cli: Cli) -> Result<()> {
                 "{}",
                 table::render(
                     &[
-                        "VERSION", "ALIASES", "SIZE", "SHA256", "ENV", "CODE", "CREATED"
+                        "VERSION", "ALIASES", "SIZE", "SHA256", "ENV", "PLACED", "CODE", "CREATED"
                     ],
                     &rows
                 )

@@ -948,6 +948,7 @@ fn a_version_placed_by_labels_runs_only_on_nodes_that_have_them() {
     let show: serde_json::Value =
         serde_json::from_str(&a.cli_ok(&["show", "placed", "--json"])).unwrap();
     assert_eq!(show["versions"][0]["placement"][0], "site=ship-7", "{show}");
+    assert!(a.cli_ok(&["show", "placed"]).contains("site=ship-7"));
     let nodes: Vec<serde_json::Value> =
         serde_json::from_str(&b.cli_ok(&["nodes", "--json"])).unwrap();
     let na = nodes.iter().find(|n| n["name"] == "a").unwrap();
