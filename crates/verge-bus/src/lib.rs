@@ -346,6 +346,44 @@ pub fn hop_limit_reason(hops: u32, limit: u32) -> String {
     format!("hop limit: the event went through {hops} functions (limit {limit}); a trigger loop?")
 }
 
+/// Where a failed attempt leaves a job.
+#[derive(Debug, Clone)]
+pub struct Failed {
+    /// `Dead` (out of attempts, or past its maximum age) or `Queued`.
+    pub state: JobState,
+    /// The backoff before the next attempt, and when that is.
+    pub delay: Duration,
+    pub next_ms: i64,
+    /// The error, with why the job is dead if it is.
+    pub reason: String,
+}
+
+/// What a failed attempt of `job` (its attempts counted) leads to: the
+/// same rule for every bus.
+pub fn after_failure(job: &Job, error: &str, retry_base: Duration) -> Failed {
+    let delay = backoff(retry_base, job.attempts);
+    let next_ms = now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+    let (state, reason) = if job.attempts >= job.max_attempts {
+        (
+            JobState::Dead,
+            format!("{error} (after {} attempts)", job.attempts),
+        )
+    } else if next_ms > job.expires_ms {
+        (
+            JobState::Dead,
+            format!("{error} (the job is older than its maximum age)"),
+        )
+    } else {
+        (JobState::Queued, error.to_string())
+    };
+    Failed {
+        state,
+        delay,
+        next_ms,
+        reason,
+    }
+}
+
 /// Backoff before attempt `attempt + 1`: 1 s doubling, capped at 5 minutes,
 /// with full jitter over its upper half.
 pub fn backoff(base: Duration, attempt: u32) -> Duration {
@@ -964,22 +1002,12 @@ impl Bus for SqliteBus {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut job = job_of(&tx, id)?;
         let now = now_ms();
-        let next = now.saturating_add(
-            i64::try_from(backoff(self.retry_base, job.attempts).as_millis()).unwrap_or(i64::MAX),
-        );
-        let (state, reason) = if job.attempts >= job.max_attempts {
-            (
-                JobState::Dead,
-                format!("{error} (after {} attempts)", job.attempts),
-            )
-        } else if next > job.expires_ms {
-            (
-                JobState::Dead,
-                format!("{error} (the job is older than its maximum age)"),
-            )
-        } else {
-            (JobState::Queued, error.to_string())
-        };
+        let Failed {
+            state,
+            next_ms: next,
+            reason,
+            ..
+        } = after_failure(&job, error, self.retry_base);
         tx.execute(
             "UPDATE jobs SET state = ?2, next_ms = ?3, lease_ms = NULL, last_error = ?4, updated_ms = ?5 WHERE id = ?1",
             params![id, state.as_str(), next, reason, now],

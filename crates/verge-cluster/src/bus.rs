@@ -1050,22 +1050,12 @@ impl Bus for NatsBus {
             .remove(id)
             .ok_or_else(|| BusError::NotFound(format!("running job {id:?}")))?;
         let mut job = d.job;
-        let now = now_ms();
-        let delay = verge_bus::backoff(self.local.retry_base, job.attempts);
-        let next = now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
-        let (state, reason) = if job.attempts >= job.max_attempts {
-            (
-                JobState::Dead,
-                format!("{error} (after {} attempts)", job.attempts),
-            )
-        } else if next > job.expires_ms {
-            (
-                JobState::Dead,
-                format!("{error} (the job is older than its maximum age)"),
-            )
-        } else {
-            (JobState::Queued, error.to_string())
-        };
+        let verge_bus::Failed {
+            state,
+            delay,
+            next_ms: next,
+            reason,
+        } = verge_bus::after_failure(&job, error, self.local.retry_base);
         job.state = state;
         job.next_ms = next;
         job.last_error = Some(reason);
