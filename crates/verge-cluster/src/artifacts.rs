@@ -70,6 +70,10 @@ impl Artifacts for NatsArtifacts {
     }
 
     async fn remove(&self, sha256: &str) -> Result<(), StoreError> {
+        // An edge holds a mirror: the core's nodes collect the store itself.
+        if self.cluster.site().is_some() {
+            return Ok(());
+        }
         match self.cluster.objects().delete(sha256).await {
             Ok(()) => Ok(()),
             // Another node deleted it first.
@@ -89,12 +93,22 @@ impl Artifacts for NatsArtifacts {
         if let Ok(bytes) = self.local.get(sha256).await {
             return Ok(bytes);
         }
-        let mut object = self.cluster.objects().get(sha256).await.map_err(|e| {
-            cluster_err(
-                &format!("artifact {sha256} is not in the cluster's store"),
-                e,
-            )
-        })?;
+        let mut object = match self.cluster.objects().get(sha256).await {
+            Ok(o) => o,
+            Err(e) => {
+                // At an edge, the mirror may not have it yet: the hub has.
+                let hub = match self.cluster.hub_objects().await {
+                    Some(hub) => hub.get(sha256).await.ok(),
+                    None => None,
+                };
+                hub.ok_or_else(|| {
+                    cluster_err(
+                        &format!("artifact {sha256} is not in the cluster's store"),
+                        e,
+                    )
+                })?
+            }
+        };
         let mut bytes = Vec::new();
         object
             .read_to_end(&mut bytes)

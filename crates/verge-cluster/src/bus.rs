@@ -92,11 +92,11 @@ fn function_hex(function: &str) -> String {
 }
 
 /// Where a job goes: its subject and its consumer's name.
-fn route(function: &str, trigger: Option<&str>) -> (String, String) {
+fn route(prefix: &str, function: &str, trigger: Option<&str>) -> (String, String) {
     let f = function_hex(function);
     match trigger {
-        Some(t) => (format!("verge.jobs.{f}.t.{t}"), format!("t_{t}")),
-        None => (format!("verge.jobs.{f}.a"), format!("a_{f}")),
+        Some(t) => (format!("{prefix}verge.jobs.{f}.t.{t}"), format!("t_{t}")),
+        None => (format!("{prefix}verge.jobs.{f}.a"), format!("a_{f}")),
     }
 }
 
@@ -126,7 +126,8 @@ pub struct NatsBus {
     cluster: Arc<Cluster>,
     jobs: jetstream::stream::Stream,
     dlq: jetstream::stream::Stream,
-    ticks: kv::Store,
+    /// Schedule cursors (`None` at an edge: schedules fire on the core).
+    ticks: Option<kv::Store>,
     rt: tokio::runtime::Handle,
     wake: Arc<Notify>,
     /// The consumers' ack wait.
@@ -180,7 +181,7 @@ impl NatsBus {
                 description: Some(
                     "Verge jobs: event deliveries, async invocations, schedule firings".into(),
                 ),
-                subjects: vec!["verge.jobs.>".into()],
+                subjects: vec![cluster.subject("verge.jobs.>")],
                 retention: jetstream::stream::RetentionPolicy::WorkQueue,
                 // No size of its own (a size is reserved on the servers'
                 // disks up front): bounded by the servers' JetStream storage,
@@ -197,7 +198,7 @@ impl NatsBus {
             .get_or_create_stream(jetstream::stream::Config {
                 name: DLQ_STREAM.into(),
                 description: Some("Verge dead letters".into()),
-                subjects: vec!["verge.dlq.>".into()],
+                subjects: vec![cluster.subject("verge.dlq.>")],
                 max_age: DLQ_KEEP,
                 duplicate_window: Duration::from_secs(600),
                 num_replicas: replicas,
@@ -206,18 +207,25 @@ impl NatsBus {
             })
             .await
             .map_err(|e| created(&format!("{DLQ_STREAM} stream"), e.to_string()))?;
-        let ticks = crate::bucket(
-            js,
-            kv::Config {
-                bucket: TICKS_BUCKET.into(),
-                description: "Verge schedules: the last firing of each".into(),
-                history: 1,
-                num_replicas: replicas,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            },
-        )
-        .await?;
+        // An edge's bucket of the same name would also take the core's
+        // writes, which cross the leaf link.
+        let ticks = match cluster.site() {
+            Some(_) => None,
+            None => Some(
+                crate::bucket(
+                    js,
+                    kv::Config {
+                        bucket: TICKS_BUCKET.into(),
+                        description: "Verge schedules: the last firing of each".into(),
+                        history: 1,
+                        num_replicas: replicas,
+                        storage: jetstream::stream::StorageType::File,
+                        ..Default::default()
+                    },
+                )
+                .await?,
+            ),
+        };
         let bus = Arc::new(NatsBus {
             local,
             cluster,
@@ -451,7 +459,7 @@ impl NatsBus {
         let deadline = std::time::Instant::now() + crate::WRITE_DEADLINE;
         let mut messages = Vec::with_capacity(jobs.len());
         for (job, trigger) in jobs {
-            let (subject, name) = route(&job.function, trigger.as_deref());
+            let (subject, name) = route(&self.cluster.prefix, &job.function, trigger.as_deref());
             self.ensure_consumer(&subject, &name).await?;
             let body = serde_json::to_vec(job).map_err(|e| BusError::Corrupt(e.to_string()))?;
             messages.push((subject, job.id.as_str(), Bytes::from(body)));
@@ -516,7 +524,9 @@ impl NatsBus {
     async fn put_dead(&self, function: &str, entry: &DlqEntry, id: &str) -> Result<(), BusError> {
         let body =
             Bytes::from(serde_json::to_vec(entry).map_err(|e| BusError::Corrupt(e.to_string()))?);
-        let subject = format!("verge.dlq.{}", function_hex(function));
+        let subject = self
+            .cluster
+            .subject(&format!("verge.dlq.{}", function_hex(function)));
         self.put_retrying(subject, id, body).await
     }
 
@@ -758,13 +768,16 @@ impl NatsBus {
         now: i64,
         event: &dyn Fn(&Schedule, i64) -> CloudEvent,
     ) -> Result<Option<Fired>, BusError> {
+        let Some(ticks) = &self.ticks else {
+            return Ok(None);
+        };
         let cron = verge_bus::Cron::parse(&s.cron)?;
         let zone = verge_bus::cron::zone(Some(&s.tz))?;
         let cached = lock(&self.cursors).get(&s.id).copied();
         let (cursor, revision) = match cached {
             Some(c) => c,
             None => {
-                let entry = self.run(self.ticks.entry(&s.id)).map_err(unavailable)?;
+                let entry = self.run(ticks.entry(&s.id)).map_err(unavailable)?;
                 let read = entry
                     .filter(|e| e.operation == kv::Operation::Put)
                     .and_then(|e| {
@@ -778,7 +791,7 @@ impl NatsBus {
                     None => {
                         // A new schedule: its ticks start now.
                         let start = s.next_ms.saturating_sub(1).min(now);
-                        match self.run(self.ticks.create(&s.id, start.to_string().into())) {
+                        match self.run(ticks.create(&s.id, start.to_string().into())) {
                             Ok(rev) => (start, rev),
                             Err(_) => return Ok(None),
                         }
@@ -820,7 +833,7 @@ impl NatsBus {
             }
         }
         // Moved on to now: every tick up to now is fired or skipped.
-        match self.run(self.ticks.update(&s.id, now.to_string().into(), revision)) {
+        match self.run(ticks.update(&s.id, now.to_string().into(), revision)) {
             Ok(rev) => {
                 lock(&self.cursors).insert(s.id.clone(), (now, rev));
                 let next = verge_bus::next_fire(&cron, &zone, now).unwrap_or(i64::MAX);
@@ -874,7 +887,7 @@ impl Bus for NatsBus {
         subject_prefix: Option<&str>,
     ) -> Result<Trigger, BusError> {
         let t = verge_bus::new_trigger(function, alias, ty, source, subject_prefix)?;
-        let (subject, name) = route(function, Some(&t.id));
+        let (subject, name) = route(&self.cluster.prefix, function, Some(&t.id));
         self.run(self.ensure_consumer(&subject, &name))?;
         self.update_subscriptions(function, |subs| {
             subs.triggers.push(t.clone());
@@ -897,7 +910,7 @@ impl Bus for NatsBus {
             }
             Ok(())
         })?;
-        let (subject, name) = route(&function, Some(id));
+        let (subject, name) = route(&self.cluster.prefix, &function, Some(id));
         self.run(self.drop_consumer(&subject, &name));
         Ok(())
     }
@@ -906,13 +919,15 @@ impl Bus for NatsBus {
         let subs = self.update_subscriptions(function, |subs| Ok(std::mem::take(subs)))?;
         self.run(async {
             for t in &subs.triggers {
-                let (subject, name) = route(function, Some(&t.id));
+                let (subject, name) = route(&self.cluster.prefix, function, Some(&t.id));
                 self.drop_consumer(&subject, &name).await;
             }
-            let (subject, name) = route(function, None);
+            let (subject, name) = route(&self.cluster.prefix, function, None);
             self.drop_consumer(&subject, &name).await;
-            for s in &subs.schedules {
-                let _ = self.ticks.delete(&s.id).await;
+            if let Some(ticks) = &self.ticks {
+                for s in &subs.schedules {
+                    let _ = ticks.delete(&s.id).await;
+                }
             }
         });
         self.local.forget_function(function)
@@ -1122,7 +1137,7 @@ impl Bus for NatsBus {
         // trigger may be gone).
         let replay = job.clone();
         self.run(async {
-            let (subject, name) = route(&replay.function, None);
+            let (subject, name) = route(&self.cluster.prefix, &replay.function, None);
             self.ensure_consumer(&subject, &name).await?;
             let body = serde_json::to_vec(&replay).map_err(|e| BusError::Corrupt(e.to_string()))?;
             let id = format!("{}-replay-{}", replay.id, now_ms());
@@ -1204,7 +1219,9 @@ impl Bus for NatsBus {
             }
             Ok(())
         })?;
-        let _ = self.run(self.ticks.delete(id));
+        if let Some(ticks) = &self.ticks {
+            let _ = self.run(ticks.delete(id));
+        }
         lock(&self.cursors).remove(id);
         Ok(())
     }

@@ -32,6 +32,7 @@ use verge_store::{Doc, Store, StoreError};
 
 mod artifacts;
 mod bus;
+mod edge;
 mod kvsync;
 mod usage;
 pub use kvsync::{NEEDED_PAYLOAD, NatsKvTransport};
@@ -109,6 +110,18 @@ pub struct ClusterOptions {
     /// How long a job stays with a node that stopped answering for it
     /// before another node takes it (default [`JOB_LEASE`]).
     pub job_lease: Option<Duration>,
+    /// An edge node's site: `url` is then its leaf server, whose JetStream
+    /// domain is `edge-<site>` ([`edge_domain`]), linked to the hub's
+    /// (domain [`HUB_DOMAIN`]).
+    pub site: Option<String>,
+}
+
+/// The JetStream domain of the core's servers (the hub of the leaf links).
+pub const HUB_DOMAIN: &str = "hub";
+
+/// The JetStream domain of an edge site's leaf server.
+pub fn edge_domain(site: &str) -> String {
+    format!("edge-{site}")
 }
 
 /// How long a job stays with a node that stopped answering for it (the
@@ -140,7 +153,7 @@ pub struct NodeRecord {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-struct FormatDoc {
+pub(crate) struct FormatDoc {
     format: u32,
     registry: String,
 }
@@ -152,9 +165,19 @@ pub struct Cluster {
     /// Stream `VERGE_USAGE` (`usage`).
     usage: jetstream::stream::Stream,
     url: String,
+    /// The registry: the bucket itself on the core, its mirror at an edge
+    /// (read locally; writes go on to the hub's bucket).
     registry: kv::Store,
-    nodes: kv::Store,
+    /// `verge_nodes` (the hub's: at an edge, opened once the link is up).
+    nodes: tokio::sync::OnceCell<kv::Store>,
+    /// The artifact store: at an edge, its mirror.
     objects: jetstream::object_store::ObjectStore,
+    /// At an edge: its site and the hub's JetStream.
+    edge: Option<edge::Edge>,
+    /// Prefix of this node's stream subjects: empty on the core,
+    /// `edge.<site>.` at an edge (its streams must not capture the core's
+    /// messages, which cross the leaf link).
+    prefix: String,
     registry_id: String,
     replicas: usize,
     /// Rehearsals and imports take turns: a rehearsal finds the documents
@@ -170,6 +193,10 @@ pub struct Cluster {
     beat: tokio::sync::Notify,
     /// The follower and the heartbeat.
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn now() -> i64 {
@@ -279,52 +306,71 @@ impl Cluster {
                 }
             }
         }
-        let servers = info.connect_urls.len().max(1);
-        let replicas = opts.replicas.unwrap_or(if servers >= 3 { 3 } else { 1 });
-        let registry = bucket(
-            &js,
-            kv::Config {
-                bucket: REGISTRY_BUCKET.into(),
-                description: "Verge registry: functions, routes, tokens".into(),
-                history: 1,
-                num_replicas: replicas,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            },
-        )
-        .await?;
-        let nodes = bucket(
-            &js,
-            kv::Config {
-                bucket: NODES_BUCKET.into(),
-                description: "Verge nodes: liveness and load".into(),
-                history: 1,
-                max_age: NODE_TTL,
-                num_replicas: replicas,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            },
-        )
-        .await?;
-        let objects = match js.get_object_store(ARTIFACTS_BUCKET).await {
-            Ok(o) => o,
-            Err(_) => js
-                .create_object_store(jetstream::object_store::Config {
-                    bucket: ARTIFACTS_BUCKET.into(),
-                    description: Some("Verge component bytes by sha256".into()),
+        let (registry, nodes, objects, usage, replicas, registry_id, edge, prefix);
+        if let Some(site) = &opts.site {
+            let e = edge::Edge::open(client.clone(), &js, site, &url).await?;
+            // The link's state is known from the start.
+            e.probe().await;
+            registry = e.registry_mirror(&js).await?;
+            objects = e.objects_mirror(&js).await?;
+            prefix = format!("edge.{site}.");
+            usage = usage::ensure_stream(&js, 1, &prefix).await?;
+            registry_id = e.registry_id(&registry).await?;
+            nodes = tokio::sync::OnceCell::new();
+            replicas = 1;
+            edge = Some(e);
+        } else {
+            let servers = info.connect_urls.len().max(1);
+            replicas = opts.replicas.unwrap_or(if servers >= 3 { 3 } else { 1 });
+            registry = bucket(
+                &js,
+                kv::Config {
+                    bucket: REGISTRY_BUCKET.into(),
+                    description: "Verge registry: functions, routes, tokens".into(),
+                    history: 1,
                     num_replicas: replicas,
                     storage: jetstream::stream::StorageType::File,
                     ..Default::default()
-                })
-                .await
-                .map_err(|e| {
-                    ClusterError::Other(format!(
-                        "could not create the {ARTIFACTS_BUCKET} object store: {e}"
-                    ))
-                })?,
-        };
-        let usage = usage::ensure_stream(&js, replicas).await?;
-        let registry_id = registry_format(&registry).await?;
+                },
+            )
+            .await?;
+            nodes = tokio::sync::OnceCell::new_with(Some(
+                bucket(
+                    &js,
+                    kv::Config {
+                        bucket: NODES_BUCKET.into(),
+                        description: "Verge nodes: liveness and load".into(),
+                        history: 1,
+                        max_age: NODE_TTL,
+                        num_replicas: replicas,
+                        storage: jetstream::stream::StorageType::File,
+                        ..Default::default()
+                    },
+                )
+                .await?,
+            ));
+            objects = match js.get_object_store(ARTIFACTS_BUCKET).await {
+                Ok(o) => o,
+                Err(_) => js
+                    .create_object_store(jetstream::object_store::Config {
+                        bucket: ARTIFACTS_BUCKET.into(),
+                        description: Some("Verge component bytes by sha256".into()),
+                        num_replicas: replicas,
+                        storage: jetstream::stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| {
+                        ClusterError::Other(format!(
+                            "could not create the {ARTIFACTS_BUCKET} object store: {e}"
+                        ))
+                    })?,
+            };
+            prefix = String::new();
+            usage = usage::ensure_stream(&js, replicas, &prefix).await?;
+            registry_id = registry_format(&registry).await?;
+            edge = None;
+        }
         let (applied, _) = watch::channel(0);
         let cluster = Arc::new(Cluster {
             client,
@@ -334,6 +380,8 @@ impl Cluster {
             registry,
             nodes,
             objects,
+            edge,
+            prefix,
             registry_id,
             replicas,
             turn: Mutex::new(()),
@@ -360,7 +408,52 @@ impl Cluster {
                 }
             }
         });
+        if cluster.edge.is_some() {
+            let weak = Arc::downgrade(&cluster);
+            let task = tokio::spawn(async move {
+                loop {
+                    let Some(c) = weak.upgrade() else { break };
+                    if let Some(e) = &c.edge
+                        && e.probe().await
+                        && let Err(err) = e.ensure_sourced().await
+                    {
+                        tracing::debug!(error = %err, "the core does not source this edge's records yet");
+                    }
+                    drop(c);
+                    tokio::time::sleep(edge::PROBE).await;
+                }
+            });
+            lock(&cluster.tasks).push(task);
+        }
         Ok(cluster)
+    }
+
+    /// The site of an edge node (`None` on the core).
+    pub fn site(&self) -> Option<&str> {
+        self.edge.as_ref().map(|e| e.site.as_str())
+    }
+
+    /// At an edge: since when its link to the core is cut (`None`: linked,
+    /// and always on the core).
+    pub fn uplink_cut_since(&self) -> Option<SystemTime> {
+        self.edge.as_ref().and_then(edge::Edge::cut_since)
+    }
+
+    /// The subject `name` of this node's streams (prefixed at an edge).
+    pub(crate) fn subject(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// `verge_nodes`: at an edge, the hub's, opened once the link is up.
+    async fn nodes_bucket(&self) -> Result<&kv::Store, ClusterError> {
+        self.nodes
+            .get_or_try_init(|| async {
+                match &self.edge {
+                    Some(e) => e.hub.get_key_value(NODES_BUCKET).await.map_err(unavailable),
+                    None => Err(ClusterError::Other("no nodes bucket".into())),
+                }
+            })
+            .await
     }
 
     fn set_down(&self, down: bool) {
@@ -409,6 +502,15 @@ impl Cluster {
 
     /// `Ok` while the link to NATS is up; else why a write cannot happen.
     pub fn check_link(&self) -> Result<(), ClusterError> {
+        if let Some(t) = self.uplink_cut_since() {
+            let secs = SystemTime::now()
+                .duration_since(t)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            return Err(ClusterError::Unavailable(format!(
+                "this edge's link to the core is cut (for {secs} s); this edge keeps serving from its copies; write at a core node, or retry when the link is back"
+            )));
+        }
         match self.down_since() {
             None => Ok(()),
             Some(t) => {
@@ -690,16 +792,19 @@ impl Cluster {
                 _ = tick.tick() => {}
                 _ = self.beat.notified() => {}
             }
-            if self.down_since().is_some() {
+            if self.down_since().is_some() || self.uplink_cut_since().is_some() {
                 continue;
             }
+            let Ok(nodes) = self.nodes_bucket().await else {
+                continue;
+            };
             let mut r = record();
             r.heartbeat = now();
             r.position = self.applied();
             let Ok(body) = serde_json::to_vec(&r) else {
                 continue;
             };
-            if let Err(e) = self.nodes.put(&r.name, body.into()).await {
+            if let Err(e) = nodes.put(&r.name, body.into()).await {
                 tracing::debug!(error = %e, "could not put this node's heartbeat");
             }
         }
@@ -714,11 +819,12 @@ impl Cluster {
     /// Every node whose record has not expired.
     pub async fn nodes(&self) -> Result<Vec<NodeRecord>, ClusterError> {
         self.check_link()?;
-        let mut keys = self.nodes.keys().await.map_err(unavailable)?;
+        let nodes = self.nodes_bucket().await?;
+        let mut keys = nodes.keys().await.map_err(unavailable)?;
         let mut out = Vec::new();
         while let Some(key) = keys.next().await {
             let key = key.map_err(unavailable)?;
-            if let Some(v) = self.nodes.get(&key).await.map_err(unavailable)?
+            if let Some(v) = nodes.get(&key).await.map_err(unavailable)?
                 && let Ok(r) = serde_json::from_slice::<NodeRecord>(&v)
             {
                 out.push(r);
@@ -730,6 +836,16 @@ impl Cluster {
 
     pub(crate) fn objects(&self) -> &jetstream::object_store::ObjectStore {
         &self.objects
+    }
+
+    /// At an edge, the hub's artifact store (`None` on the core, or while
+    /// the edge's link is cut).
+    pub(crate) async fn hub_objects(&self) -> Option<&jetstream::object_store::ObjectStore> {
+        let e = self.edge.as_ref()?;
+        if e.cut_since().is_some() {
+            return None;
+        }
+        e.hub_objects().await.ok()
     }
 
     /// Waits until the link is up (for tests and for starts that must not
@@ -796,6 +912,12 @@ async fn registry_format(registry: &kv::Store) -> Result<String, ClusterError> {
             "the cluster's {REGISTRY_BUCKET} bucket holds a format document this node cannot read ({e}); is it another program's bucket?"
         ))
     })?;
+    check_format(&doc)?;
+    Ok(doc.registry)
+}
+
+/// Refuses a registry of another layout, naming both.
+pub(crate) fn check_format(doc: &FormatDoc) -> Result<(), ClusterError> {
     if doc.format != FORMAT {
         return Err(ClusterError::Format(format!(
             "the cluster's registry has format {}, and this node reads format {FORMAT}; run nodes of the same Verge release (upgrade {} first)",
@@ -807,7 +929,7 @@ async fn registry_format(registry: &kv::Store) -> Result<String, ClusterError> {
             }
         )));
     }
-    Ok(doc.registry)
+    Ok(())
 }
 
 async fn blocking<T: Send + 'static>(
@@ -824,6 +946,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use crate::testkit::NatsServer;
+    use std::time::Instant;
     use verge_store::{Artifacts, Limits, NewVersion};
 
     fn opts(url: &str, node: &str) -> ClusterOptions {
@@ -834,6 +957,7 @@ mod tests {
             domain: None,
             node: node.into(),
             replicas: None,
+            site: None,
         }
     }
 
@@ -967,6 +1091,107 @@ mod tests {
         );
         let right = format!("nats://verge:secret@127.0.0.1:{}", locked.port);
         Cluster::connect(&opts(&right, "a")).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_edge_reads_from_its_mirrors_through_a_cut_and_catches_up() {
+        use crate::testkit::Proxy;
+        let hub = NatsServer::hub();
+        let proxy = Proxy::start(hub.leaf_addr());
+        let leaf = NatsServer::leaf("edge-ship", proxy.addr);
+        let (core, core_store, _dc) = node(&hub.url(), "core").await;
+        core.write(&core_store, |st| deploy(st, "f", 1))
+            .await
+            .unwrap();
+        let core_art = NatsArtifacts::new(
+            core.clone(),
+            verge_store::LocalArtifacts::new(core_store.clone()),
+        );
+        let bytes = Bytes::from(vec![7u8; 1_500_000]);
+        let sha = core_art.put(bytes.clone()).await.unwrap();
+
+        // The wrong domain is refused with what to do.
+        let mut o = opts(&leaf.url(), "e1");
+        o.site = Some("other".into());
+        let err = Cluster::connect(&o).await.err().unwrap().to_string();
+        assert!(
+            err.contains("\"edge-other\"") && err.contains("\"edge-ship\""),
+            "{err}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let estore = Arc::new(Store::open(dir.path()).unwrap());
+        let mut o = opts(&leaf.url(), "e1");
+        o.site = Some("ship".into());
+        let edge = Cluster::connect(&o).await.unwrap();
+        edge.join(&estore).await.unwrap();
+        assert_eq!(edge.registry_id(), core.registry_id());
+        assert_eq!(
+            estore.function_state("f").unwrap().unwrap().versions.len(),
+            1
+        );
+        let edge_art = NatsArtifacts::new(
+            edge.clone(),
+            verge_store::LocalArtifacts::new(estore.clone()),
+        );
+        assert_eq!(edge_art.get(&sha).await.unwrap(), bytes.to_vec());
+        // Its heartbeat reaches the core.
+        edge.start_heartbeat(|| NodeRecord {
+            name: "e1".into(),
+            role: "edge".into(),
+            ..Default::default()
+        });
+        let until = Instant::now() + Duration::from_secs(10);
+        while !core.nodes().await.unwrap().iter().any(|n| n.name == "e1") {
+            assert!(
+                Instant::now() < until,
+                "the edge's heartbeat never reached the core"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        proxy.cut();
+        let until = Instant::now() + Duration::from_secs(5);
+        while edge.uplink_cut_since().is_none() {
+            assert!(Instant::now() < until, "the edge never saw its link cut");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The core goes on; the edge reads what it had, and its writes are
+        // refused with the reason.
+        core.write(&core_store, |st| deploy(st, "f", 2))
+            .await
+            .unwrap();
+        let err = edge
+            .write(&estore, |st| deploy(st, "g", 1))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("link to the core is cut"), "{err}");
+        assert_eq!(
+            estore.function_state("f").unwrap().unwrap().versions.len(),
+            1
+        );
+        let empty = tempfile::tempdir().unwrap();
+        let fresh = NatsArtifacts::new(
+            edge.clone(),
+            verge_store::LocalArtifacts::new(Arc::new(Store::open(empty.path()).unwrap())),
+        );
+        assert_eq!(
+            fresh.get(&sha).await.unwrap(),
+            bytes.to_vec(),
+            "the mirror serves artifacts while cut"
+        );
+
+        proxy.heal();
+        let until = Instant::now() + Duration::from_secs(10);
+        while estore.function_state("f").unwrap().unwrap().versions.len() < 2 {
+            assert!(
+                Instant::now() < until,
+                "the edge did not catch up after the heal"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        edge.close();
+        core.close();
     }
 
     #[tokio::test(flavor = "multi_thread")]

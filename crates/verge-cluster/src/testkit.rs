@@ -6,7 +6,8 @@
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// A running (or stopped) nats-server.
@@ -17,6 +18,8 @@ pub struct NatsServer {
     config: PathBuf,
     /// The monitoring port, when it has one (`/healthz`).
     monitor: Option<u16>,
+    /// The leaf node listener, on a hub.
+    leaf_port: Option<u16>,
 }
 
 fn binary() -> String {
@@ -34,6 +37,31 @@ impl NatsServer {
     /// A JetStream server.
     pub fn start() -> Self {
         Self::with_config("jetstream { store_dir: \"{dir}/js\", sync_interval: always }\n")
+    }
+
+    /// A hub server for edges: JetStream domain `hub` and a leaf node
+    /// listener that does not advertise the cluster's other servers.
+    pub fn hub() -> Self {
+        let leaf = free_port();
+        let mut s = Self::with_config(&format!(
+            "server_name: hub-{leaf}\njetstream {{ store_dir: \"{{dir}}/js\", domain: hub, sync_interval: always }}\nleafnodes {{ listen: 127.0.0.1:{leaf}, no_advertise: true }}\n"
+        ));
+        s.leaf_port = Some(leaf);
+        s
+    }
+
+    /// A leaf server with its own JetStream domain `domain`, linked to a
+    /// hub's leaf listener at `remote` (`host:port`, e.g. a [`Proxy`]).
+    pub fn leaf(domain: &str, remote: std::net::SocketAddr) -> Self {
+        Self::with_config(&format!(
+            "server_name: {domain}-{}\njetstream {{ store_dir: \"{{dir}}/js\", domain: {domain}, sync_interval: always }}\nleafnodes {{ reconnect: \"1s\", remotes: [{{ urls: [\"nats-leaf://{remote}\"], ignore_discovered_servers: true }}] }}\n",
+            free_port()
+        ))
+    }
+
+    /// The hub's leaf listener (`NatsServer::hub`).
+    pub fn leaf_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.leaf_port.unwrap_or(0)))
     }
 
     /// A server without JetStream.
@@ -70,6 +98,7 @@ impl NatsServer {
             dir,
             config,
             monitor: None,
+            leaf_port: None,
         };
         s.resume();
         s
@@ -195,4 +224,117 @@ impl NatsCluster {
             .collect::<Vec<_>>()
             .join(",")
     }
+}
+
+/// A TCP proxy whose link a test can cut, heal and delay (simulates an
+/// edge's uplink; `tc netem` is not available).
+pub struct Proxy {
+    pub addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
+    conns: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    /// Listens on an ephemeral loopback port and forwards to `target`.
+    pub fn start(target: SocketAddr) -> Self {
+        let listener = match TcpListener::bind("127.0.0.1:0") {
+            Ok(l) => l,
+            Err(e) => panic!("the proxy could not listen: {e}"),
+        };
+        let addr = listener.local_addr().unwrap_or(target);
+        let cut = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let conns: Arc<std::sync::Mutex<Vec<TcpStream>>> = Arc::default();
+        let (c, d, cs) = (cut.clone(), delay_ms.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if c.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(target) else {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                };
+                let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
+                    continue;
+                };
+                if let Ok(mut guard) = cs.lock() {
+                    guard.extend([c2, s2]);
+                }
+                let (Ok(c3), Ok(s3)) = (client.try_clone(), server.try_clone()) else {
+                    continue;
+                };
+                pipe(client, s3, d.clone());
+                pipe(server, c3, d.clone());
+            }
+        });
+        Proxy {
+            addr,
+            cut,
+            delay_ms,
+            conns,
+        }
+    }
+
+    /// `http://` and the proxy's address.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Cuts the link: open connections are closed, new ones refused.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        if let Ok(mut conns) = self.conns.lock() {
+            for s in conns.drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    /// Heals the link.
+    pub fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// Delays every byte by `ms` milliseconds each way (0: none).
+    pub fn delay(&self, ms: u64) {
+        self.delay_ms.store(ms, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to`, each chunk held until its delay has passed (a
+/// latency, not a bandwidth limit: reading goes on meanwhile).
+fn pipe(mut from: TcpStream, mut to: TcpStream, delay_ms: Arc<AtomicU64>) {
+    use std::io::{Read, Write};
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let due =
+                        Instant::now() + Duration::from_millis(delay_ms.load(Ordering::SeqCst));
+                    if tx.send((due, buf[..n].to_vec())).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        while let Ok((due, bytes)) = rx.recv() {
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if to.write_all(&bytes).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Both);
+    });
 }

@@ -30,13 +30,16 @@ const BATCH: usize = 2000;
 /// Bytes of records per message, about.
 const MESSAGE_BYTES: usize = 512 << 10;
 
-fn subject_of(node: &str) -> String {
-    format!("verge.usage.{}", hex::encode(node.as_bytes()))
+fn subject_of(prefix: &str, node: &str) -> String {
+    format!("{prefix}verge.usage.{}", hex::encode(node.as_bytes()))
 }
 
+/// The usage stream: `prefix` is empty on the core, `edge.<site>.` at an
+/// edge (whose stream the core's sources).
 pub(crate) async fn ensure_stream(
     js: &jetstream::Context,
     replicas: usize,
+    prefix: &str,
 ) -> Result<jetstream::stream::Stream, ClusterError> {
     // A stream's size is reserved on the servers' disks when it is created:
     // where 4 GiB cannot be reserved, a smaller bound, said at start.
@@ -46,13 +49,19 @@ pub(crate) async fn ensure_stream(
             .get_or_create_stream(jetstream::stream::Config {
                 name: USAGE_STREAM.into(),
                 description: Some("Verge usage and invocation records of every node".into()),
-                subjects: vec!["verge.usage.>".into()],
+                subjects: vec![format!("{prefix}verge.usage.>")],
                 max_age: USAGE_KEEP,
                 // The oldest go first beyond it: every node keeps its own
                 // records on its disk (`--retain-size`), and a node this far
                 // behind misses the oldest of the others'.
                 max_bytes,
-                discard: jetstream::stream::DiscardPolicy::Old,
+                // At an edge, a full stream refuses: its records wait in the
+                // node's database until the core has sourced room free.
+                discard: if prefix.is_empty() {
+                    jetstream::stream::DiscardPolicy::Old
+                } else {
+                    jetstream::stream::DiscardPolicy::New
+                },
                 num_replicas: replicas,
                 storage: jetstream::stream::StorageType::File,
                 duplicate_window: Duration::from_secs(600),
@@ -107,7 +116,7 @@ impl Cluster {
     }
 
     async fn publish_usage(self: Arc<Self>, store: Arc<Store>, node: String) {
-        let subject = subject_of(&node);
+        let subject = subject_of(&self.prefix, &node);
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
             if self.down_since().is_some() {
@@ -191,7 +200,7 @@ impl Cluster {
     }
 
     async fn import_usage(self: Arc<Self>, store: Arc<Store>, node: String) {
-        let own = subject_of(&node);
+        let own = subject_of(&self.prefix, &node);
         loop {
             let s = store.clone();
             let from = match blocking(move || s.usage_cursor()).await {
@@ -205,7 +214,8 @@ impl Cluster {
             let consumer = match self
                 .usage
                 .create_consumer(OrderedConfig {
-                    filter_subject: "verge.usage.>".into(),
+                    // Everything: the core's stream also holds what it
+                    // sources from edges (`edge.<site>.verge.usage.>`).
                     deliver_policy: DeliverPolicy::ByStartSequence {
                         start_sequence: from,
                     },

@@ -111,7 +111,9 @@ fn link_state(down_since: Option<std::time::SystemTime>) -> String {
     }
 }
 
-/// This node, or every node of its cluster whose heartbeat is fresh.
+/// This node, or every node of its cluster whose heartbeat is fresh, and
+/// the edges whose heartbeat stopped (cut). An edge cut off from the core
+/// lists itself.
 async fn nodes(State(state): State<Arc<AppState>>) -> Result<Json<Vec<NodeInfo>>, ApiError> {
     let me = state.node_record();
     let info = |r: verge_cluster::NodeRecord, link: String, this: bool| NodeInfo {
@@ -120,6 +122,7 @@ async fn nodes(State(state): State<Arc<AppState>>) -> Result<Json<Vec<NodeInfo>>
         role: r.role,
         version: r.version,
         link,
+        lag: 0,
         versions: r.versions,
         ready: r.ready,
         revision: r.position,
@@ -135,17 +138,20 @@ async fn nodes(State(state): State<Arc<AppState>>) -> Result<Json<Vec<NodeInfo>>
         r.heartbeat = r.started.max(now_secs());
         return Ok(Json(vec![info(r, "embedded".into(), true)]));
     };
-    let mut out: Vec<NodeInfo> = cluster
-        .nodes()
-        .await?
+    let own_link = || match cluster.uplink_cut_since() {
+        Some(t) => format!("cut since {}", rfc3339_of(t)),
+        None => link_state(cluster.down_since()),
+    };
+    let records = match cluster.nodes().await {
+        Ok(r) => r,
+        Err(_) if cluster.uplink_cut_since().is_some() => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out: Vec<NodeInfo> = records
         .into_iter()
         .map(|r| {
             let this = r.name == me.name;
-            let link = if this {
-                link_state(cluster.down_since())
-            } else {
-                "connected".into()
-            };
+            let link = if this { own_link() } else { "connected".into() };
             let mut n = info(r, link, this);
             if this {
                 // Fresher than the last heartbeat.
@@ -160,9 +166,35 @@ async fn nodes(State(state): State<Arc<AppState>>) -> Result<Json<Vec<NodeInfo>>
         let mut r = me;
         r.url = state.url.get().cloned().unwrap_or_default();
         r.position = cluster.applied();
-        out.push(info(r, link_state(cluster.down_since()), true));
+        out.push(info(r, own_link(), true));
     }
+    let cut: Vec<verge_cluster::NodeRecord> = state
+        .cut_edges
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .values()
+        .cloned()
+        .collect();
+    for r in cut {
+        if out.iter().all(|n| n.name != r.name) {
+            let since = format!("cut since {}", verge_spec::rfc3339(r.heartbeat));
+            out.push(info(r, since, false));
+        }
+    }
+    let head = out.iter().map(|n| n.revision).max().unwrap_or(0);
+    for n in &mut out {
+        n.lag = head - n.revision;
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Json(out))
+}
+
+fn rfc3339_of(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    verge_spec::rfc3339(secs)
 }
 
 fn now_secs() -> i64 {

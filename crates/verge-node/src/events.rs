@@ -835,6 +835,8 @@ struct Member {
     heartbeat: i64,
     url: String,
     lost: bool,
+    /// Its last record (kept for an edge: `verge nodes` shows it cut).
+    last: verge_cluster::NodeRecord,
 }
 
 /// How often membership is looked at.
@@ -891,6 +893,7 @@ pub(crate) async fn membership(state: Arc<AppState>) {
                             heartbeat: r.heartbeat,
                             url: r.url.clone(),
                             lost: false,
+                            last: (*r).clone(),
                         },
                     );
                 }
@@ -909,13 +912,18 @@ pub(crate) async fn membership(state: Arc<AppState>) {
                         heartbeat: r.heartbeat,
                         url: r.url.clone(),
                         lost: false,
+                        last: (*r).clone(),
                     };
+                    state.cut_edges.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(*name);
                 }
             }
         }
         for (name, m) in known.iter_mut() {
             if !m.lost && !now.contains_key(name.as_str()) {
                 m.lost = true;
+                if m.last.role == "edge" {
+                    state.cut_edges.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.clone(), m.last.clone());
+                }
                 let record = verge_cluster::NodeRecord {
                     name: name.clone(),
                     url: m.url.clone(),
@@ -932,12 +940,16 @@ pub(crate) async fn membership(state: Arc<AppState>) {
             }
         }
         first = false;
-        // The emitter: the first name among the live nodes (this one is
-        // live: it just put its record, or will within a heartbeat).
+        // The emitter: the first name among the live core nodes (this one
+        // is live: it just put its record, or will within a heartbeat).
+        // Not an edge: its bus is its own.
+        if cluster.site().is_some() {
+            continue;
+        }
         let emitter = now
-            .keys()
-            .next()
-            .copied()
+            .iter()
+            .find(|(_, r)| r.role != "edge")
+            .map(|(n, _)| *n)
             .unwrap_or(state.node_name.as_str());
         if changes.is_empty() || emitter != state.node_name {
             continue;

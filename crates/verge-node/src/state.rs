@@ -258,6 +258,9 @@ pub struct AppState {
     pub(crate) peer_urls: Vec<String>,
     /// This node's labels (placement).
     pub(crate) labels: std::collections::BTreeMap<String, String>,
+    /// Edges whose heartbeat stopped, with their last record (`verge
+    /// nodes` shows them cut since it).
+    pub(crate) cut_edges: std::sync::Mutex<std::collections::BTreeMap<String, verge_cluster::NodeRecord>>,
     /// Versions new to the tables, to load ahead of their first request
     /// (a cluster node: `projection::prepare`).
     pub(crate) to_prepare: std::sync::Mutex<Vec<Arc<VersionSlot>>>,
@@ -290,6 +293,7 @@ impl AppState {
             applied: tokio::sync::watch::Sender::new(0),
             applying: tokio::sync::Mutex::new(()),
             preloaded: Default::default(),
+            cut_edges: Default::default(),
             host,
             ledger,
             data_dir: settings.data_dir,
@@ -543,7 +547,10 @@ impl AppState {
         }
         verge_cluster::NodeRecord {
             name: self.node_name.clone(),
-            role: "core".into(),
+            role: match self.cluster.as_ref().and_then(|c| c.site()) {
+                Some(_) => "edge".into(),
+                None => "core".into(),
+            },
             version: env!("CARGO_PKG_VERSION").into(),
             started: self.started,
             versions,

@@ -624,13 +624,19 @@ pub struct Health {
 pub struct NodeInfo {
     pub name: String,
     pub url: String,
-    /// `core` (edges come later).
+    /// `core`, or `edge` (`verge edge`).
     pub role: String,
     pub version: String,
     /// `embedded` (a node on its own), `connected`, or `down since T`
     /// (as this node sees its own link; for other nodes, `connected`
-    /// while their heartbeat is fresh).
+    /// while their heartbeat is fresh); an edge whose link to the core is
+    /// cut: `cut since T` (seen by the edge itself, or by a core node since
+    /// the edge's last heartbeat).
     pub link: String,
+    /// Registry revisions the node's copy is behind the most current node
+    /// of the list (replication lag).
+    #[serde(default)]
+    pub lag: u64,
     /// Versions the node holds, and how many of them have code loaded.
     pub versions: u64,
     pub ready: u64,

@@ -51,129 +51,143 @@ struct Cli {
     command: Command,
 }
 
+/// The options of a node (`verge up`, `verge edge`).
+#[derive(clap::Args)]
+struct UpArgs {
+    /// Address to listen on
+    #[arg(long, default_value = "127.0.0.1:8080", env = "VERGE_LISTEN")]
+    listen: SocketAddr,
+    /// Deploy the bundled example function "hello" on /hello if absent
+    #[arg(long)]
+    example: bool,
+    /// Largest component upload accepted
+    #[arg(long, default_value = "64MiB")]
+    max_upload: String,
+    /// Wall-clock limit of one invocation
+    #[arg(long, default_value = "30s")]
+    timeout: String,
+    /// Linear memory limit of one guest
+    #[arg(long, default_value = "128MiB")]
+    memory: String,
+    /// Instances that may run at once on this node
+    #[arg(long, default_value_t = 1000)]
+    max_instances: u32,
+    /// Requests that may wait for a concurrency slot; beyond that: 503
+    #[arg(long, default_value_t = 1000)]
+    queue_depth: usize,
+    /// Longest a request waits for a slot; beyond that: 503
+    #[arg(long, default_value = "10s")]
+    max_wait: String,
+    /// Largest request body of a function invocation
+    #[arg(long, default_value = "16MiB")]
+    max_request_body: String,
+    /// Largest response body of a function invocation (longer ones are cut)
+    #[arg(long, default_value = "64MiB")]
+    max_response_body: String,
+    /// Bytes of stdout and of stderr kept per invocation (more is truncated and marked)
+    #[arg(long, default_value = "64KiB")]
+    log_limit: String,
+    /// Turn metering off (no usage records): only to measure what it costs
+    #[arg(long, hide = true)]
+    no_metering: bool,
+    /// Versions kept per function, besides those an alias points at or would roll back to
+    #[arg(long, default_value_t = 10)]
+    keep_versions: usize,
+    /// Machine code: auto (components from 1 MiB serve on baseline code at once,
+    /// optimized code replaces it in the background), optimized, or baseline
+    #[arg(long, default_value = "auto", value_parser = ["auto", "optimized", "baseline"])]
+    code: String,
+    /// This node's name, the source of its events (/verge/nodes/NAME) [default: the host name]
+    #[arg(long)]
+    node_name: Option<String>,
+    /// First retry delay of a failed asynchronous job (doubles per attempt)
+    #[arg(long, default_value = "1s")]
+    retry_base: String,
+    /// Another node to replicate the key-value store to (repeatable), for example http://core:8080
+    #[arg(long = "peer", value_name = "URL")]
+    peers: Vec<String>,
+    /// The token the peers accept (their admin token)
+    #[arg(long, env = "VERGE_PEER_TOKEN", hide_env_values = true)]
+    peer_token: Option<String>,
+    /// CPU time after which an invocation continues on lower-priority threads,
+    /// so that long-running guests cannot starve short requests ("off": never)
+    #[arg(long, default_value = "20ms")]
+    demote_after: String,
+    /// How long a key-value delete waits for a silent replica: after it, the
+    /// tombstone is collected and the replica must re-bootstrap (e.g. 7d, 12h, 90s)
+    #[arg(long, default_value = "7d")]
+    kv_grace: String,
+    /// Longest a client may take to send a request's head; then the connection is closed
+    #[arg(long, default_value = "10s")]
+    header_timeout: String,
+    /// Longest a request body may send nothing; then it is cut and its invocation ends
+    #[arg(long, default_value = "10s")]
+    body_timeout: String,
+    /// Instances one function may hold at once unless its version sets --concurrency
+    /// (a fair share, so that a flood on one route leaves the others answering)
+    /// [default: a quarter of what the node can run at once: --max-instances, or
+    /// --memory-budget / --memory if fewer]
+    #[arg(long)]
+    function_concurrency: Option<u32>,
+    /// How long invocation records (with their output), finished jobs and dead
+    /// letters are kept; usage is rolled up per minute before records go
+    #[arg(long, default_value = "7d")]
+    retain: String,
+    /// Most bytes the invocation records, and the finished jobs and dead letters,
+    /// may each take on disk; beyond, the oldest go first
+    #[arg(long, default_value = "1GiB")]
+    retain_size: String,
+    /// Memory the guest instances may hold at once: each running invocation holds its
+    /// memory limit of it; beyond, requests queue, then get 503
+    /// [default: half the machine's memory]
+    #[arg(long)]
+    memory_budget: Option<String>,
+    /// Join a cluster: its NATS JetStream server(s), nats://HOST:PORT (comma-separated
+    /// for several); the registry, artifacts and tokens then live there, and every node
+    /// on it serves every function [default: this machine on its own]
+    #[arg(long, env = "VERGE_NATS", value_name = "URL")]
+    nats: Option<String>,
+    /// NATS credentials file (.creds) for --nats
+    #[arg(long, value_name = "FILE", requires = "nats")]
+    nats_creds: Option<PathBuf>,
+    /// JetStream domain for --nats (a leaf server's own domain)
+    #[arg(long, value_name = "DOMAIN", requires = "nats")]
+    nats_domain: Option<String>,
+    /// Replicas of each bucket when this node creates them [default: 3 when the NATS
+    /// cluster has 3 or more servers, else 1]
+    #[arg(long, value_name = "N", requires = "nats", value_parser = clap::value_parser!(u8).range(1..=5))]
+    nats_replicas: Option<u8>,
+    /// A label of this node, key=value (repeatable), for example site=ship-7 or
+    /// region=eu: a version deployed with --place runs only on nodes with its labels
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// How long an event delivery or async job stays with a node that stopped
+    /// answering (killed, cut off) before another node of the cluster runs it
+    #[arg(
+        long,
+        value_name = "DURATION",
+        requires = "nats",
+        default_value = "30s"
+    )]
+    job_lease: String,
+}
+
 // Parsed once per process: the size of the largest variant (`up`'s flags)
 // costs nothing worth a box.
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Start a node: the control API and user routes on one address
-    Up {
-        /// Address to listen on
-        #[arg(long, default_value = "127.0.0.1:8080", env = "VERGE_LISTEN")]
-        listen: SocketAddr,
-        /// Deploy the bundled example function "hello" on /hello if absent
+    Up(UpArgs),
+    /// Start an edge node: beside its site's NATS leaf server, serving from local
+    /// copies of the registry and components, also while its link to the core is cut
+    Edge {
+        /// The edge's site (its leaf server's JetStream domain is edge-SITE); also
+        /// the node's label site=SITE
         #[arg(long)]
-        example: bool,
-        /// Largest component upload accepted
-        #[arg(long, default_value = "64MiB")]
-        max_upload: String,
-        /// Wall-clock limit of one invocation
-        #[arg(long, default_value = "30s")]
-        timeout: String,
-        /// Linear memory limit of one guest
-        #[arg(long, default_value = "128MiB")]
-        memory: String,
-        /// Instances that may run at once on this node
-        #[arg(long, default_value_t = 1000)]
-        max_instances: u32,
-        /// Requests that may wait for a concurrency slot; beyond that: 503
-        #[arg(long, default_value_t = 1000)]
-        queue_depth: usize,
-        /// Longest a request waits for a slot; beyond that: 503
-        #[arg(long, default_value = "10s")]
-        max_wait: String,
-        /// Largest request body of a function invocation
-        #[arg(long, default_value = "16MiB")]
-        max_request_body: String,
-        /// Largest response body of a function invocation (longer ones are cut)
-        #[arg(long, default_value = "64MiB")]
-        max_response_body: String,
-        /// Bytes of stdout and of stderr kept per invocation (more is truncated and marked)
-        #[arg(long, default_value = "64KiB")]
-        log_limit: String,
-        /// Turn metering off (no usage records): only to measure what it costs
-        #[arg(long, hide = true)]
-        no_metering: bool,
-        /// Versions kept per function, besides those an alias points at or would roll back to
-        #[arg(long, default_value_t = 10)]
-        keep_versions: usize,
-        /// Machine code: auto (components from 1 MiB serve on baseline code at once,
-        /// optimized code replaces it in the background), optimized, or baseline
-        #[arg(long, default_value = "auto", value_parser = ["auto", "optimized", "baseline"])]
-        code: String,
-        /// This node's name, the source of its events (/verge/nodes/NAME) [default: the host name]
-        #[arg(long)]
-        node_name: Option<String>,
-        /// First retry delay of a failed asynchronous job (doubles per attempt)
-        #[arg(long, default_value = "1s")]
-        retry_base: String,
-        /// Another node to replicate the key-value store to (repeatable), for example http://core:8080
-        #[arg(long = "peer", value_name = "URL")]
-        peers: Vec<String>,
-        /// The token the peers accept (their admin token)
-        #[arg(long, env = "VERGE_PEER_TOKEN", hide_env_values = true)]
-        peer_token: Option<String>,
-        /// CPU time after which an invocation continues on lower-priority threads,
-        /// so that long-running guests cannot starve short requests ("off": never)
-        #[arg(long, default_value = "20ms")]
-        demote_after: String,
-        /// How long a key-value delete waits for a silent replica: after it, the
-        /// tombstone is collected and the replica must re-bootstrap (e.g. 7d, 12h, 90s)
-        #[arg(long, default_value = "7d")]
-        kv_grace: String,
-        /// Longest a client may take to send a request's head; then the connection is closed
-        #[arg(long, default_value = "10s")]
-        header_timeout: String,
-        /// Longest a request body may send nothing; then it is cut and its invocation ends
-        #[arg(long, default_value = "10s")]
-        body_timeout: String,
-        /// Instances one function may hold at once unless its version sets --concurrency
-        /// (a fair share, so that a flood on one route leaves the others answering)
-        /// [default: a quarter of what the node can run at once: --max-instances, or
-        /// --memory-budget / --memory if fewer]
-        #[arg(long)]
-        function_concurrency: Option<u32>,
-        /// How long invocation records (with their output), finished jobs and dead
-        /// letters are kept; usage is rolled up per minute before records go
-        #[arg(long, default_value = "7d")]
-        retain: String,
-        /// Most bytes the invocation records, and the finished jobs and dead letters,
-        /// may each take on disk; beyond, the oldest go first
-        #[arg(long, default_value = "1GiB")]
-        retain_size: String,
-        /// Memory the guest instances may hold at once: each running invocation holds its
-        /// memory limit of it; beyond, requests queue, then get 503
-        /// [default: half the machine's memory]
-        #[arg(long)]
-        memory_budget: Option<String>,
-        /// Join a cluster: its NATS JetStream server(s), nats://HOST:PORT (comma-separated
-        /// for several); the registry, artifacts and tokens then live there, and every node
-        /// on it serves every function [default: this machine on its own]
-        #[arg(long, env = "VERGE_NATS", value_name = "URL")]
-        nats: Option<String>,
-        /// NATS credentials file (.creds) for --nats
-        #[arg(long, value_name = "FILE", requires = "nats")]
-        nats_creds: Option<PathBuf>,
-        /// JetStream domain for --nats (a leaf server's own domain)
-        #[arg(long, value_name = "DOMAIN", requires = "nats")]
-        nats_domain: Option<String>,
-        /// Replicas of each bucket when this node creates them [default: 3 when the NATS
-        /// cluster has 3 or more servers, else 1]
-        #[arg(long, value_name = "N", requires = "nats", value_parser = clap::value_parser!(u8).range(1..=5))]
-        nats_replicas: Option<u8>,
-        /// A label of this node, key=value (repeatable), for example site=ship-7 or
-        /// region=eu: a version deployed with --place runs only on nodes with its labels
-        #[arg(long = "label", value_name = "KEY=VALUE")]
-        labels: Vec<String>,
-        /// How long an event delivery or async job stays with a node that stopped
-        /// answering (killed, cut off) before another node of the cluster runs it
-        #[arg(
-            long,
-            value_name = "DURATION",
-            requires = "nats",
-            default_value = "30s"
-        )]
-        job_lease: String,
+        site: String,
+        #[command(flatten)]
+        up: UpArgs,
     },
     /// Deploy a component as a new version of a function and make it live
     Deploy {
@@ -419,7 +433,7 @@ fn main() -> std::process::ExitCode {
         };
     }
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Up { .. }) {
+    if !matches!(cli.command, Command::Up(_) | Command::Edge { .. }) {
         // A client command whose output pipe closes (`verge logs -f | head`)
         // ends quietly, as Unix tools do, instead of panicking on the write.
         // Not for `verge up`: a node must survive a client that goes away.
@@ -450,41 +464,46 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
-    if let Command::Up {
-        listen,
-        example,
-        max_upload,
-        timeout,
-        memory,
-        max_instances,
-        queue_depth,
-        max_wait,
-        no_metering,
-        max_request_body,
-        max_response_body,
-        log_limit,
-        keep_versions,
-        code,
-        node_name,
-        retry_base,
-        peers,
-        peer_token,
-        kv_grace,
-        demote_after,
-        header_timeout,
-        body_timeout,
-        function_concurrency,
-        retain,
-        retain_size,
-        memory_budget,
-        nats,
-        nats_creds,
-        nats_domain,
-        nats_replicas,
-        job_lease,
-        labels,
-    } = &cli.command
-    {
+    let node_args = match &cli.command {
+        Command::Up(args) => Some((args, None)),
+        Command::Edge { site, up } => Some((up, Some(site.clone()))),
+        _ => None,
+    };
+    if let Some((args, site)) = node_args {
+        let UpArgs {
+            listen,
+            example,
+            max_upload,
+            timeout,
+            memory,
+            max_instances,
+            queue_depth,
+            max_wait,
+            no_metering,
+            max_request_body,
+            max_response_body,
+            log_limit,
+            keep_versions,
+            code,
+            node_name,
+            retry_base,
+            peers,
+            peer_token,
+            kv_grace,
+            demote_after,
+            header_timeout,
+            body_timeout,
+            function_concurrency,
+            retain,
+            retain_size,
+            memory_budget,
+            nats,
+            nats_creds,
+            nats_domain,
+            nats_replicas,
+            job_lease,
+            labels,
+        } = args;
         if !peers.is_empty() && peer_token.is_none() {
             bail!("--peer needs --peer-token (or VERGE_PEER_TOKEN): the token the peer accepts");
         }
@@ -555,6 +574,15 @@ async fn run(cli: Cli) -> Result<()> {
             "baseline" => Tiering::BaselineOnly,
             _ => Tiering::default(),
         };
+        if let Some(site) = &site {
+            let (_, v) = verge_spec::parse_label(&format!("site={site}")).context("--site")?;
+            config.labels.insert("site".into(), v);
+            if nats.is_none() {
+                bail!(
+                    "verge edge needs --nats nats://HOST:PORT: its site's leaf server (JetStream domain edge-{site}, linked to the core's servers; see deploy/nats/leaf.conf)"
+                );
+            }
+        }
         if let Some(url) = nats {
             if !url.split(',').all(|u| {
                 let u = u.trim();
@@ -573,6 +601,7 @@ async fn run(cli: Cli) -> Result<()> {
                 node: config.node_name.clone(),
                 replicas: nats_replicas.map(usize::from),
                 job_lease: Some(parse_duration(job_lease).context("--job-lease")?),
+                site: site.clone(),
             });
         }
         return up(config, *example).await;
@@ -580,7 +609,7 @@ async fn run(cli: Cli) -> Result<()> {
     let client = Client::discover(cli.server.clone(), cli.token.clone(), &data_dir)?;
     let json = cli.json;
     match cli.command {
-        Command::Up { .. } => unreachable!("handled above"),
+        Command::Up(_) | Command::Edge { .. } => unreachable!("handled above"),
         Command::Deploy {
             file,
             name,
@@ -850,6 +879,9 @@ async fn wait_ready(
     let key = format!("{}@{}", r.function, r.version);
     let started = Instant::now();
     let mut ready: std::collections::BTreeMap<String, f64> = Default::default();
+    // Edges cut off from the core get the version when their link returns:
+    // not waited for, named.
+    let mut cut: std::collections::BTreeMap<String, String> = Default::default();
     loop {
         let nodes: Vec<verge_spec::NodeInfo> = client.get("/v1/nodes").await?;
         let placed: Vec<&verge_spec::NodeInfo> = nodes
@@ -864,13 +896,18 @@ async fn wait_ready(
             );
         }
         for n in &placed {
+            if n.link.starts_with("cut") {
+                cut.insert(n.name.clone(), n.link.clone());
+                continue;
+            }
+            cut.remove(&n.name);
             if n.loaded.contains(&key) && !ready.contains_key(&n.name) {
                 ready.insert(n.name.clone(), started.elapsed().as_secs_f64() * 1000.0);
             }
         }
         let waiting: Vec<&str> = placed
             .iter()
-            .filter(|n| !ready.contains_key(&n.name))
+            .filter(|n| !ready.contains_key(&n.name) && !cut.contains_key(&n.name))
             .map(|n| n.name.as_str())
             .collect();
         if waiting.is_empty() {
@@ -885,11 +922,19 @@ async fn wait_ready(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if json {
-        return print_json(&serde_json::json!({ "deploy": r, "ready_ms": ready }));
+        return print_json(
+            &serde_json::json!({ "deploy": r, "ready_ms": ready, "not_waited_for": cut }),
+        );
     }
     let rows: Vec<Vec<String>> = ready
         .iter()
         .map(|(n, ms)| vec![n.clone(), format!("{ms:.0} ms")])
+        .chain(cut.iter().map(|(n, link)| {
+            vec![
+                n.clone(),
+                format!("not waited for: {link}; it loads the version when its link returns"),
+            ]
+        }))
         .collect();
     print!("{}", table::render(&["NODE", "READY AFTER"], &rows));
     println!("{key} ready on {} node(s)", ready.len());
@@ -924,6 +969,7 @@ async fn nodes(client: &Client, json: bool) -> Result<()> {
                 n.link.clone(),
                 format!("{}/{}", n.ready, n.versions),
                 n.revision.to_string(),
+                n.lag.to_string(),
                 n.heartbeat.clone(),
             ]
         })
@@ -936,9 +982,10 @@ async fn nodes(client: &Client, json: bool) -> Result<()> {
                 "URL",
                 "ROLE",
                 "LABELS",
-                "NATS",
+                "LINK",
                 "READY/VERSIONS",
                 "REVISION",
+                "LAG",
                 "HEARTBEAT"
             ],
             &rows

@@ -158,7 +158,7 @@ fn two_nodes_on_one_jetstream_serve_as_one_platform() {
     assert!(nodes.iter().all(|n| n["link"] == "connected"), "{nodes:?}");
     assert!(nodes.iter().any(|n| n["this"] == true && n["name"] == "b"));
     let table = a.cli_ok(&["nodes"]);
-    assert!(table.contains("NATS") && table.contains(&b.url), "{table}");
+    assert!(table.contains("LINK") && table.contains(&b.url), "{table}");
 
     // Key-value writes on both nodes converge through NATS (no --peer):
     // counters add up, a value larger than NATS's default 1 MiB payload
