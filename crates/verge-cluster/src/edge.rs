@@ -21,8 +21,8 @@ use std::time::{Duration, Instant, SystemTime};
 use async_nats::jetstream::{self, kv, stream};
 
 use crate::{
-    ARTIFACTS_BUCKET, ClusterError, FormatDoc, HUB_DOMAIN, REGISTRY_BUCKET, USAGE_STREAM,
-    edge_domain, unavailable,
+    ARTIFACTS_BUCKET, ClusterError, FormatDoc, HUB_DOMAIN, NODE_TTL, NODES_BUCKET,
+    REGISTRY_BUCKET, USAGE_STREAM, edge_domain, unavailable,
 };
 
 /// How often an edge checks its link to the hub.
@@ -108,6 +108,32 @@ impl Edge {
                 "could not create the mirror of {REGISTRY_BUCKET}: {e}"
             ))
         })
+    }
+
+    /// The node records' mirror (made on the first start): an edge lists
+    /// the cluster's nodes from it, also while cut (as last seen).
+    pub(crate) async fn nodes_mirror(
+        &self,
+        js: &jetstream::Context,
+    ) -> Result<kv::Store, ClusterError> {
+        if let Ok(kv) = js.get_key_value(NODES_BUCKET).await {
+            return Ok(kv);
+        }
+        js.create_key_value(kv::Config {
+            bucket: NODES_BUCKET.into(),
+            description: "Verge nodes: mirror of the core's".into(),
+            history: 1,
+            max_age: NODE_TTL,
+            storage: stream::StorageType::Memory,
+            mirror: Some(stream::Source {
+                name: NODES_BUCKET.into(),
+                external: Some(hub_api()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| other(format!("could not create the mirror of {NODES_BUCKET}: {e}")))
     }
 
     /// The artifact store's mirror (made on the first start).

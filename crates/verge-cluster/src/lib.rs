@@ -170,6 +170,8 @@ pub struct Cluster {
     registry: kv::Store,
     /// `verge_nodes` (the hub's: at an edge, opened once the link is up).
     nodes: tokio::sync::OnceCell<kv::Store>,
+    /// At an edge, the mirror of `verge_nodes` it lists nodes from.
+    nodes_mirror: Option<kv::Store>,
     /// The artifact store: at an edge, its mirror.
     objects: jetstream::object_store::ObjectStore,
     /// At an edge: its site and the hub's JetStream.
@@ -306,13 +308,14 @@ impl Cluster {
                 }
             }
         }
-        let (registry, nodes, objects, usage, replicas, registry_id, edge, prefix);
+        let (registry, nodes, objects, usage, replicas, registry_id, edge, prefix, nodes_mirror);
         if let Some(site) = &opts.site {
             let e = edge::Edge::open(client.clone(), &js, site, &url).await?;
             // The link's state is known from the start.
             e.probe().await;
             registry = e.registry_mirror(&js).await?;
             objects = e.objects_mirror(&js).await?;
+            nodes_mirror = Some(e.nodes_mirror(&js).await?);
             prefix = format!("edge.{site}.");
             usage = usage::ensure_stream(&js, 1, &prefix).await?;
             registry_id = e.registry_id(&registry).await?;
@@ -370,6 +373,7 @@ impl Cluster {
             usage = usage::ensure_stream(&js, replicas, &prefix).await?;
             registry_id = registry_format(&registry).await?;
             edge = None;
+            nodes_mirror = None;
         }
         let (applied, _) = watch::channel(0);
         let cluster = Arc::new(Cluster {
@@ -379,6 +383,7 @@ impl Cluster {
             url: opts.url.clone(),
             registry,
             nodes,
+            nodes_mirror,
             objects,
             edge,
             prefix,
@@ -818,8 +823,13 @@ impl Cluster {
 
     /// Every node whose record has not expired.
     pub async fn nodes(&self) -> Result<Vec<NodeRecord>, ClusterError> {
-        self.check_link()?;
-        let nodes = self.nodes_bucket().await?;
+        let nodes = match &self.nodes_mirror {
+            Some(m) => m,
+            None => {
+                self.check_link()?;
+                self.nodes_bucket().await?
+            }
+        };
         let mut keys = nodes.keys().await.map_err(unavailable)?;
         let mut out = Vec::new();
         while let Some(key) = keys.next().await {

@@ -9,12 +9,12 @@ use verge_cluster::testkit::NatsServer;
 
 use crate::kit::{TestNode, curl, eventually, fixture};
 
-fn cluster_node(nats: &NatsServer, name: &str) -> TestNode {
+pub(crate) fn cluster_node(nats: &NatsServer, name: &str) -> TestNode {
     TestNode::start_with(&["--nats", &nats.url(), "--node-name", name])
 }
 
 /// Status and `verge-version` header of GET `path` on `node`.
-fn get(node: &TestNode, path: &str) -> (u16, Option<u64>) {
+pub(crate) fn get(node: &TestNode, path: &str) -> (u16, Option<u64>) {
     let (status, headers, _) = curl(&[&format!("{}{path}", node.url)]);
     let version = headers
         .lines()
@@ -24,7 +24,7 @@ fn get(node: &TestNode, path: &str) -> (u16, Option<u64>) {
 }
 
 /// GET `path` on each node, one client thread per node, until stopped.
-struct RequestLoop {
+pub(crate) struct RequestLoop {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
@@ -32,7 +32,7 @@ struct RequestLoop {
 }
 
 impl RequestLoop {
-    fn start(nodes: &[&TestNode], path: &str) -> Self {
+    pub(crate) fn start(nodes: &[&TestNode], path: &str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let threads = nodes
@@ -60,7 +60,7 @@ impl RequestLoop {
     }
 
     /// Stops the loop: requests answered 200, and the others.
-    fn stop(self) -> (u64, u64) {
+    pub(crate) fn stop(self) -> (u64, u64) {
         self.stop.store(true, Ordering::SeqCst);
         for t in self.threads {
             t.join().unwrap();
@@ -592,7 +592,7 @@ fn a_nats_server_killed_in_a_3_server_cluster_loses_no_request_and_no_acknowledg
 
 /// Invocation records of `function` with their output, as `node` lists
 /// them (the cluster's).
-fn records(node: &TestNode, function: &str) -> Vec<serde_json::Value> {
+pub(crate) fn records(node: &TestNode, function: &str) -> Vec<serde_json::Value> {
     let out = node.cli_ok(&["logs", function, "--json"]);
     out.lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -893,7 +893,7 @@ fn a_node_joining_dying_and_returning_triggers_functions() {
 }
 
 /// (event id, event type) of what the relay received, from its output.
-fn received_types(records: &[serde_json::Value]) -> Vec<(String, String)> {
+pub(crate) fn received_types(records: &[serde_json::Value]) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for r in records {
         for line in r["stdout"].as_str().unwrap_or("").lines() {

@@ -44,19 +44,31 @@ impl TestNode {
 
     /// A node with a fresh data directory and extra `verge up` arguments.
     pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_command("up", extra)
+    }
+
+    /// An edge node (`verge edge` with `extra`).
+    pub fn start_edge(extra: &[&str]) -> Self {
+        Self::start_command("edge", extra)
+    }
+
+    fn start_command(command: &str, extra: &[&str]) -> Self {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_path_buf();
-        let mut node = Self::spawn(dir, extra.iter().map(|s| s.to_string()).collect());
+        let mut args = vec![command.to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut node = Self::spawn(dir, args);
         node._tmp = Some(tmp);
         node
     }
 
+    /// `extra`: the subcommand (`up`, `edge`), then its arguments.
     fn spawn(data_dir: PathBuf, extra: Vec<String>) -> Self {
         let mut child = Command::new(VERGE)
-            .arg("up")
+            .arg(&extra[0])
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&data_dir)
-            .args(&extra)
+            .args(&extra[1..])
             .env("VERGE_LOG", "info")
             .env_remove("VERGE_SERVER")
             .env_remove("VERGE_TOKEN")

@@ -8,6 +8,7 @@ mod kit;
 mod auth;
 mod bad_input;
 mod cluster;
+mod edge;
 mod events;
 mod hostile;
 mod kv;

@@ -1,0 +1,187 @@
+//! Edge nodes (`verge edge`): a core node on a hub server (JetStream domain
+//! `hub`), and edges beside their own leaf servers (domain `edge-<site>`)
+//! linked to the hub through the kit's proxy, which cuts, heals and delays
+//! the link. Real `nats-server` and `verge` processes.
+
+use verge_cluster::testkit::{NatsServer, Proxy};
+
+use crate::cluster::{RequestLoop, cluster_node, get, received_types, records};
+use crate::kit::{TestNode, eventually, fixture};
+
+/// A site: its leaf server, the proxy between it and the hub, its edge node.
+struct Site {
+    proxy: Proxy,
+    _leaf: NatsServer,
+    node: TestNode,
+}
+
+fn site(hub: &NatsServer, name: &str, token: String) -> Site {
+    let proxy = Proxy::start(hub.leaf_addr());
+    let leaf = NatsServer::leaf(&format!("edge-{name}"), proxy.addr);
+    let node = TestNode::start_edge(&[
+        "--nats",
+        &leaf.url(),
+        "--site",
+        name,
+        "--node-name",
+        &format!("edge-{name}"),
+    ])
+    .with_token(token);
+    Site {
+        proxy,
+        _leaf: leaf,
+        node,
+    }
+}
+
+fn nodes(node: &TestNode) -> Vec<serde_json::Value> {
+    serde_json::from_str(&node.cli_ok(&["nodes", "--json"])).unwrap()
+}
+
+fn link_of(node: &TestNode, name: &str) -> String {
+    nodes(node)
+        .iter()
+        .find(|n| n["name"] == name)
+        .map(|n| n["link"].as_str().unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
+fn invocations(node: &TestNode, function: &str) -> Option<u64> {
+    let out = node.cli_ok(&["usage", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == function)
+        .map(|r| r["invocations"].as_u64().unwrap())
+}
+
+#[test]
+fn an_edge_serves_through_a_cut_link_restarts_cut_off_and_catches_up() {
+    let hub = NatsServer::hub();
+    let core = cluster_node(&hub, "core");
+    let relay = fixture("rust-relay");
+    core.cli_ok(&["deploy", relay.to_str().unwrap(), "--name", "watch"]);
+    core.cli_ok(&["trigger", "add", "watch", "--on", "dev.verge.node.*"]);
+    let one = site(&hub, "one", core.token());
+    let two = site(&hub, "two", core.token());
+
+    // 1. Deployed at the core, served by both edges; --wait reports each
+    // node ready with its time.
+    let hello = fixture("rust-hello");
+    let out = core.cli_ok(&[
+        "deploy",
+        hello.to_str().unwrap(),
+        "--name",
+        "hello",
+        "--route",
+        "/hello",
+        "--wait",
+    ]);
+    for n in ["core", "edge-one", "edge-two"] {
+        assert!(out.contains(n), "--wait names {n}: {out}");
+    }
+    assert!(out.contains(" ms"), "{out}");
+    assert_eq!(get(&one.node, "/hello"), (200, Some(1)));
+    assert_eq!(get(&two.node, "/hello"), (200, Some(1)));
+    // A version placed on site one only: counted below, records from the
+    // edge alone.
+    let out = core.cli_ok(&[
+        "deploy",
+        hello.to_str().unwrap(),
+        "--name",
+        "counted",
+        "--route",
+        "/counted",
+        "--place",
+        "site=one",
+        "--wait",
+    ]);
+    assert!(out.contains("edge-one") && !out.contains("edge-two"), "{out}");
+    let listed = nodes(&core);
+    let e1 = listed.iter().find(|n| n["name"] == "edge-one").unwrap();
+    assert_eq!(e1["role"], "edge", "{e1}");
+    assert_eq!(e1["labels"]["site"], "one", "{e1}");
+    assert_eq!(e1["link"], "connected", "{e1}");
+    let table = core.cli_ok(&["nodes"]);
+    assert!(table.contains("LAG") && table.contains("site=one"), "{table}");
+
+    // 2. The link is cut: the edge serves under a request loop with no
+    // failure, from what it had.
+    one.proxy.cut();
+    eventually("edge-one sees its link cut", || {
+        link_of(&one.node, "edge-one")
+            .starts_with("cut since")
+            .then_some(())
+    });
+    let requests = RequestLoop::start(&[&one.node], "/hello");
+    let mut counted = 0;
+    for _ in 0..25 {
+        assert_eq!(get(&one.node, "/counted").0, 200);
+        counted += 1;
+    }
+    // A v2 at the core meanwhile: the other edge gets it, the cut one not.
+    let out = core.cli_ok(&[
+        "deploy",
+        hello.to_str().unwrap(),
+        "--name",
+        "hello",
+        "--env",
+        "V=2",
+    ]);
+    assert!(out.contains("version 2"), "{out}");
+    eventually("edge-two serves v2", || {
+        (get(&two.node, "/hello").1 == Some(2)).then_some(())
+    });
+    assert_eq!(get(&one.node, "/hello"), (200, Some(1)));
+    // A write at the cut edge is refused with the reason.
+    let err = one.node.cli_err(&["alias", "set", "hello", "beta", "1"]);
+    assert!(err.contains("link to the core is cut"), "{err}");
+    // The core sees the edge cut (no heartbeat) and emits node.lost.
+    eventually("the core shows edge-one cut", || {
+        link_of(&core, "edge-one")
+            .starts_with("cut since")
+            .then_some(())
+    });
+    let lost = |ty: &str| {
+        received_types(&records(&core, "watch"))
+            .iter()
+            .any(|(id, t)| t == ty && id.starts_with("edge-one-"))
+            .then_some(())
+    };
+    eventually("dev.verge.node.lost for edge-one", || {
+        lost("dev.verge.node.lost")
+    });
+    let (ok, failed) = requests.stop();
+    assert!(ok > 0, "the loop ran");
+    assert_eq!(failed, 0, "{failed} of {} requests failed at the cut edge", ok + failed);
+
+    // 3. kill -9 while cut: it starts again from its mirrors, without the core.
+    let restarted = one.node.kill9_and_restart();
+    assert_eq!(get(&restarted, "/hello"), (200, Some(1)));
+    for _ in 0..5 {
+        assert_eq!(get(&restarted, "/counted").0, 200);
+        counted += 1;
+    }
+
+    // Heal: v2 arrives, the edge's records from the cut reach the core
+    // once each, and the core sees it return.
+    one.proxy.heal();
+    eventually("edge-one serves v2 after the heal", || {
+        (get(&restarted, "/hello").1 == Some(2)).then_some(())
+    });
+    eventually("edge-one's invocations of counted reach the core, once each", || {
+        (invocations(&core, "counted") == Some(counted)).then_some(())
+    });
+    assert_eq!(invocations(&restarted, "counted"), Some(counted));
+    eventually("dev.verge.node.returned for edge-one", || {
+        lost("dev.verge.node.returned")
+    });
+    eventually("the core shows edge-one connected", || {
+        (link_of(&core, "edge-one") == "connected").then_some(())
+    });
+    // Still exactly once a moment later (sourcing does not repeat).
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(invocations(&core, "counted"), Some(counted));
+}
