@@ -21,8 +21,8 @@ use std::time::{Duration, Instant, SystemTime};
 use async_nats::jetstream::{self, kv, stream};
 
 use crate::{
-    ARTIFACTS_BUCKET, ClusterError, FormatDoc, HUB_DOMAIN, NODE_TTL, NODES_BUCKET,
-    REGISTRY_BUCKET, USAGE_STREAM, edge_domain, unavailable,
+    ARTIFACTS_BUCKET, ClusterError, FormatDoc, HUB_DOMAIN, NODE_TTL, NODES_BUCKET, REGISTRY_BUCKET,
+    USAGE_STREAM, edge_domain, unavailable,
 };
 
 /// How often an edge checks its link to the hub.
@@ -133,7 +133,11 @@ impl Edge {
             ..Default::default()
         })
         .await
-        .map_err(|e| other(format!("could not create the mirror of {NODES_BUCKET}: {e}")))
+        .map_err(|e| {
+            other(format!(
+                "could not create the mirror of {NODES_BUCKET}: {e}"
+            ))
+        })
     }
 
     /// The artifact store's mirror (made on the first start).

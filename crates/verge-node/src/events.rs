@@ -914,7 +914,11 @@ pub(crate) async fn membership(state: Arc<AppState>) {
                         lost: false,
                         last: (*r).clone(),
                     };
-                    state.cut_edges.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(*name);
+                    state
+                        .cut_edges
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(*name);
                 }
             }
         }
@@ -922,7 +926,11 @@ pub(crate) async fn membership(state: Arc<AppState>) {
             if !m.lost && !now.contains_key(name.as_str()) {
                 m.lost = true;
                 if m.last.role == "edge" {
-                    state.cut_edges.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.clone(), m.last.clone());
+                    state
+                        .cut_edges
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(name.clone(), m.last.clone());
                 }
                 let record = verge_cluster::NodeRecord {
                     name: name.clone(),

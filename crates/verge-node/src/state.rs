@@ -260,7 +260,8 @@ pub struct AppState {
     pub(crate) labels: std::collections::BTreeMap<String, String>,
     /// Edges whose heartbeat stopped, with their last record (`verge
     /// nodes` shows them cut since it).
-    pub(crate) cut_edges: std::sync::Mutex<std::collections::BTreeMap<String, verge_cluster::NodeRecord>>,
+    pub(crate) cut_edges:
+        std::sync::Mutex<std::collections::BTreeMap<String, verge_cluster::NodeRecord>>,
     /// Versions new to the tables, to load ahead of their first request
     /// (a cluster node: `projection::prepare`).
     pub(crate) to_prepare: std::sync::Mutex<Vec<Arc<VersionSlot>>>,

@@ -57,6 +57,13 @@ fn invocations(node: &TestNode, function: &str) -> Option<u64> {
         .map(|r| r["invocations"].as_u64().unwrap())
 }
 
+fn kv_get(node: &TestNode, key: &str) -> Option<String> {
+    let out = node.cli(&["kv", "get", "shop", key]);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 #[test]
 fn an_edge_serves_through_a_cut_link_restarts_cut_off_and_catches_up() {
     let hub = NatsServer::hub();
@@ -98,14 +105,20 @@ fn an_edge_serves_through_a_cut_link_restarts_cut_off_and_catches_up() {
         "site=one",
         "--wait",
     ]);
-    assert!(out.contains("edge-one") && !out.contains("edge-two"), "{out}");
+    assert!(
+        out.contains("edge-one") && !out.contains("edge-two"),
+        "{out}"
+    );
     let listed = nodes(&core);
     let e1 = listed.iter().find(|n| n["name"] == "edge-one").unwrap();
     assert_eq!(e1["role"], "edge", "{e1}");
     assert_eq!(e1["labels"]["site"], "one", "{e1}");
     assert_eq!(e1["link"], "connected", "{e1}");
     let table = core.cli_ok(&["nodes"]);
-    assert!(table.contains("LAG") && table.contains("site=one"), "{table}");
+    assert!(
+        table.contains("LAG") && table.contains("site=one"),
+        "{table}"
+    );
 
     // 2. The link is cut: the edge serves under a request loop with no
     // failure, from what it had.
@@ -116,6 +129,20 @@ fn an_edge_serves_through_a_cut_link_restarts_cut_off_and_catches_up() {
             .then_some(())
     });
     let requests = RequestLoop::start(&[&one.node], "/hello");
+    // Key-value writes on both sides of the cut, on the same keys.
+    core.cli_ok(&["kv", "incr", "shop", "hits", "2"]);
+    core.cli_ok(&["kv", "set", "shop", "colour", "red"]);
+    core.cli_ok(&["kv", "set", "shop", "gone", "x"]);
+    one.node.cli_ok(&["kv", "incr", "shop", "hits", "5"]);
+    one.node.cli_ok(&["kv", "incr", "shop", "hits", "-1"]);
+    one.node.cli_ok(&["kv", "set", "shop", "from-edge", "e1"]);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    one.node.cli_ok(&["kv", "set", "shop", "colour", "blue"]);
+    assert_eq!(
+        kv_get(&one.node, "hits").as_deref(),
+        Some("4"),
+        "the edge counts locally"
+    );
     let mut counted = 0;
     for _ in 0..25 {
         assert_eq!(get(&one.node, "/counted").0, 200);
@@ -155,7 +182,12 @@ fn an_edge_serves_through_a_cut_link_restarts_cut_off_and_catches_up() {
     });
     let (ok, failed) = requests.stop();
     assert!(ok > 0, "the loop ran");
-    assert_eq!(failed, 0, "{failed} of {} requests failed at the cut edge", ok + failed);
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed at the cut edge",
+        ok + failed
+    );
 
     // 3. kill -9 while cut: it starts again from its mirrors, without the core.
     let restarted = one.node.kill9_and_restart();
@@ -171,13 +203,25 @@ fn an_edge_serves_through_a_cut_link_restarts_cut_off_and_catches_up() {
     eventually("edge-one serves v2 after the heal", || {
         (get(&restarted, "/hello").1 == Some(2)).then_some(())
     });
-    eventually("edge-one's invocations of counted reach the core, once each", || {
-        (invocations(&core, "counted") == Some(counted)).then_some(())
-    });
+    eventually(
+        "edge-one's invocations of counted reach the core, once each",
+        || (invocations(&core, "counted") == Some(counted)).then_some(()),
+    );
     assert_eq!(invocations(&restarted, "counted"), Some(counted));
     eventually("dev.verge.node.returned for edge-one", || {
         lost("dev.verge.node.returned")
     });
+    // Key-value: identical everywhere, counters exact, the later write wins.
+    core.cli_ok(&["kv", "del", "shop", "gone"]);
+    for n in [&core, &restarted, &two.node] {
+        eventually("the key-value store converges on every node", || {
+            (kv_get(n, "hits").as_deref() == Some("6")
+                && kv_get(n, "colour").as_deref() == Some("blue")
+                && kv_get(n, "from-edge").as_deref() == Some("e1")
+                && kv_get(n, "gone").is_none())
+            .then_some(())
+        });
+    }
     eventually("the core shows edge-one connected", || {
         (link_of(&core, "edge-one") == "connected").then_some(())
     });
