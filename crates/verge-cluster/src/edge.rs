@@ -26,9 +26,11 @@ use crate::{
 };
 
 /// How often an edge checks its link to the hub.
-pub const PROBE: Duration = Duration::from_secs(1);
-/// How long a first start waits for the mirror to receive the registry.
-const FIRST_SYNC: Duration = Duration::from_secs(4);
+pub const PROBE: Duration = Duration::from_millis(500);
+/// How long a first start waits for the mirror to receive the registry (a
+/// mirror whose origin was unreachable when it was made tries again after
+/// some seconds).
+pub(crate) const FIRST_SYNC: Duration = Duration::from_secs(30);
 
 pub(crate) struct Edge {
     pub(crate) site: String,
@@ -40,6 +42,10 @@ pub(crate) struct Edge {
     sourced: std::sync::atomic::AtomicBool,
     /// The hub's artifact store (opened when first needed).
     hub_objects: tokio::sync::OnceCell<jetstream::object_store::ObjectStore>,
+    /// The hub's registry bucket (opened when first needed).
+    hub_registry: tokio::sync::OnceCell<kv::Store>,
+    /// Told when the link is cut or comes back.
+    pub(crate) link_changed: tokio::sync::Notify,
 }
 
 /// The hub's JetStream API, as a mirror's or source's origin.
@@ -79,6 +85,8 @@ impl Edge {
             cut_since: Mutex::new(Some(SystemTime::now())),
             sourced: Default::default(),
             hub_objects: Default::default(),
+            hub_registry: Default::default(),
+            link_changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -172,6 +180,7 @@ impl Edge {
     /// waits a moment for the mirror to receive it.
     pub(crate) async fn registry_id(&self, registry: &kv::Store) -> Result<String, ClusterError> {
         let until = Instant::now() + FIRST_SYNC;
+        let mut said = false;
         loop {
             if let Some(body) = registry.get("format").await.map_err(unavailable)? {
                 let doc: FormatDoc = serde_json::from_slice(&body).map_err(|e| {
@@ -181,6 +190,10 @@ impl Edge {
                 })?;
                 crate::check_format(&doc)?;
                 return Ok(doc.registry);
+            }
+            if !said {
+                tracing::info!("waiting for the leaf server to receive the core's registry (a first start)");
+                said = true;
             }
             if Instant::now() > until {
                 return Err(ClusterError::Unavailable(format!(
@@ -206,6 +219,20 @@ impl Edge {
             .await
     }
 
+    /// The hub's registry bucket: a linked edge follows it directly (its
+    /// mirror resumes only after the server's retry backoff, up to minutes
+    /// after a long cut); the mirror keeps the edge's copy for its starts.
+    pub(crate) async fn hub_registry(&self) -> Result<&kv::Store, ClusterError> {
+        self.hub_registry
+            .get_or_try_init(|| async {
+                self.hub
+                    .get_key_value(REGISTRY_BUCKET)
+                    .await
+                    .map_err(unavailable)
+            })
+            .await
+    }
+
     /// Since when the link to the hub is cut.
     pub(crate) fn cut_since(&self) -> Option<SystemTime> {
         *self
@@ -223,10 +250,12 @@ impl Edge {
             (true, false) => {
                 tracing::warn!(site = %self.site, "the link to the core is cut; serving from this edge's copies");
                 *c = Some(SystemTime::now());
+                self.link_changed.notify_waiters();
             }
             (false, true) => {
                 tracing::info!(site = %self.site, "linked to the core again");
                 *c = None;
+                self.link_changed.notify_waiters();
             }
             _ => {}
         }

@@ -222,7 +222,12 @@ impl Cluster {
     /// the cluster's replicas) and checks the registry's layout: an error
     /// within [`CONNECT_TIMEOUT`] rather than a hang.
     pub async fn connect(opts: &ClusterOptions) -> Result<Arc<Cluster>, ClusterError> {
-        match tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(opts)).await {
+        // An edge's first start also waits for its mirrors' first sync.
+        let limit = match opts.site {
+            Some(_) => CONNECT_TIMEOUT + edge::FIRST_SYNC,
+            None => CONNECT_TIMEOUT,
+        };
+        match tokio::time::timeout(limit, Self::connect_inner(opts)).await {
             Ok(r) => r,
             Err(_) => Err(ClusterError::Connect {
                 url: opts.url.clone(),
@@ -533,9 +538,20 @@ impl Cluster {
 
     /// The registry's latest revision, asked of the server.
     async fn head(&self) -> Result<u64, ClusterError> {
-        let mut stream = self.registry.stream.clone();
-        let info = stream.info().await.map_err(unavailable)?;
-        Ok(info.state.last_sequence)
+        let (source, _) = self.registry_source().await;
+        head_of(source).await
+    }
+
+    /// Where the registry is read from: the bucket on the core; at an edge,
+    /// the hub's bucket while linked (`true`), else the local mirror.
+    async fn registry_source(&self) -> (&kv::Store, bool) {
+        if let Some(e) = &self.edge
+            && e.cut_since().is_none()
+            && let Ok(hub) = e.hub_registry().await
+        {
+            return (hub, true);
+        }
+        (&self.registry, false)
     }
 
     /// Makes `store` a replica of this cluster's registry and starts
@@ -611,7 +627,8 @@ impl Cluster {
         let mut backoff = Duration::from_millis(100);
         loop {
             let from = self.applied() + 1;
-            match self.registry.watch_all_from_revision(from).await {
+            let (source, direct) = self.registry_source().await;
+            match source.watch_all_from_revision(from).await {
                 Ok(mut watch) => {
                     backoff = Duration::from_millis(100);
                     // A watch can also stall without an error (its server
@@ -634,8 +651,18 @@ impl Cluster {
                                     break;
                                 }
                             }
+                            // An edge whose link changed reads from the other source.
+                            _ = link_changed(&self.edge), if self.edge.is_some() => {
+                                if self.uplink_cut_since().is_none() != direct {
+                                    tracing::debug!(direct, "the registry's source changes with the link; reopening");
+                                    break;
+                                }
+                            }
                             _ = check.tick() => {
-                                let Ok(head) = self.head().await else { continue };
+                                if self.edge.is_some() && self.uplink_cut_since().is_none() != direct {
+                                    break;
+                                }
+                                let Ok(head) = head_of(source).await else { continue };
                                 let applied = self.applied();
                                 if head <= applied {
                                     behind_at = None;
@@ -736,10 +763,12 @@ impl Cluster {
     }
 
     async fn store_docs(&self, docs: Vec<(Doc, u64)>) -> Result<Stored, ClusterError> {
+        // At an edge: the hub's bucket (never the mirror, whose writes go
+        // on to its origin only while it can reach it).
+        let (registry, _) = self.registry_source().await;
         for (doc, rev) in docs {
             let result = match (&doc.value, rev) {
-                (Some(v), 0) => self
-                    .registry
+                (Some(v), 0) => registry
                     .create(&doc.key, Bytes::from(v.clone()))
                     .await
                     .map(|_| ())
@@ -747,8 +776,7 @@ impl Cluster {
                         kv::CreateErrorKind::AlreadyExists => None,
                         _ => Some(e.to_string()),
                     }),
-                (Some(v), rev) => self
-                    .registry
+                (Some(v), rev) => registry
                     .update(&doc.key, Bytes::from(v.clone()), rev)
                     .await
                     .map(|_| ())
@@ -758,8 +786,7 @@ impl Cluster {
                     }),
                 // Never stored: nothing to delete.
                 (None, 0) => Ok(()),
-                (None, rev) => self
-                    .registry
+                (None, rev) => registry
                     .delete_expect_revision(&doc.key, Some(rev))
                     .await
                     .map_err(|e| {
@@ -887,6 +914,21 @@ fn order(mut docs: Vec<(Doc, u64)>) -> Vec<(Doc, u64)> {
         (true, false) => 2,
     });
     docs
+}
+
+/// The latest revision of `registry`, asked of its server.
+async fn head_of(registry: &kv::Store) -> Result<u64, ClusterError> {
+    let mut stream = registry.stream.clone();
+    let info = stream.info().await.map_err(unavailable)?;
+    Ok(info.state.last_sequence)
+}
+
+/// Resolves when an edge's link is cut or comes back (never on the core).
+async fn link_changed(edge: &Option<edge::Edge>) {
+    match edge {
+        Some(e) => e.link_changed.notified().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, ClusterError> {

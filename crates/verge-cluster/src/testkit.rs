@@ -237,6 +237,8 @@ pub struct Proxy {
 
 impl Proxy {
     /// Listens on an ephemeral loopback port and forwards to `target`.
+    /// While cut, the port refuses connections (as a host that is gone
+    /// would), so a NATS leaf does not count a link that closes at once.
     pub fn start(target: SocketAddr) -> Self {
         let listener = match TcpListener::bind("127.0.0.1:0") {
             Ok(l) => l,
@@ -248,12 +250,26 @@ impl Proxy {
         let conns: Arc<std::sync::Mutex<Vec<TcpStream>>> = Arc::default();
         let (c, d, cs) = (cut.clone(), delay_ms.clone(), conns.clone());
         std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
+            let mut listening = Some(listener);
+            loop {
                 if c.load(Ordering::SeqCst) {
-                    let _ = client.shutdown(std::net::Shutdown::Both);
-                    continue;
+                    listening = None;
+                } else if listening.is_none() {
+                    listening = TcpListener::bind(addr).ok();
                 }
+                let Some(l) = &listening else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = l.set_nonblocking(true);
+                let client = match l.accept() {
+                    Ok((client, _)) => client,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                let _ = client.set_nonblocking(false);
                 let Ok(server) = TcpStream::connect(target) else {
                     let _ = client.shutdown(std::net::Shutdown::Both);
                     continue;
