@@ -157,6 +157,7 @@ async fn nodes(State(state): State<Arc<AppState>>) -> Result<Json<Vec<NodeInfo>>
                 // Fresher than the last heartbeat.
                 n.versions = me.versions;
                 n.ready = me.ready;
+                n.loaded = me.loaded.clone();
                 n.revision = cluster.applied();
             }
             n
