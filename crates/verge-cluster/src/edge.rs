@@ -192,7 +192,9 @@ impl Edge {
                 return Ok(doc.registry);
             }
             if !said {
-                tracing::info!("waiting for the leaf server to receive the core's registry (a first start)");
+                tracing::info!(
+                    "waiting for the leaf server to receive the core's registry (a first start)"
+                );
                 said = true;
             }
             if Instant::now() > until {

@@ -33,6 +33,10 @@ use verge_store::{Doc, Store, StoreError};
 mod artifacts;
 mod bus;
 mod edge;
+mod forward;
+pub use forward::{
+    BodyStream, CHUNK, ForwardAnswer, ForwardHandler, ForwardHead, MAX_FORWARDED_BODY,
+};
 mod kvsync;
 mod usage;
 pub use kvsync::{NEEDED_PAYLOAD, NatsKvTransport};

@@ -374,6 +374,10 @@ where
             stdout: None,
             stderr: None,
             error: None,
+            forwarded_from: request
+                .extensions()
+                .get::<verge_spec::ForwardedFrom>()
+                .map(|f| f.0.clone()),
             hops,
             will_retry: request
                 .extensions()

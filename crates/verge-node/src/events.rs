@@ -866,6 +866,10 @@ pub(crate) async fn membership(state: Arc<AppState>) {
             }
         };
 
+        *state
+            .live_nodes
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = records.clone();
         let now: std::collections::BTreeMap<&str, &verge_cluster::NodeRecord> =
             records.iter().map(|r| (r.name.as_str(), r)).collect();
         // On the first look, the nodes that started within a minute of this

@@ -187,6 +187,16 @@ pub(crate) async fn serve_user_route(
     State(state): State<Arc<AppState>>,
     request: Request,
 ) -> Response {
+    route_request(state, request, true).await
+}
+
+/// A user request to its function; one for a version placed on other nodes
+/// is forwarded to one of them when `may_forward` (never twice).
+pub(crate) async fn route_request(
+    state: Arc<AppState>,
+    request: Request,
+    may_forward: bool,
+) -> Response {
     if let Err(e) = crate::error::one_host(request.headers()) {
         return e.into_response();
     }
@@ -223,6 +233,20 @@ pub(crate) async fn serve_user_route(
         Some(v) => Selector::Version(v),
         None => Selector::Alias(&route.alias),
     };
+    if may_forward
+        && let Some(cluster) = &state.cluster
+        && let Ok(slot) = state.resolve(
+            &route.function,
+            match pinned {
+                Some(v) => Selector::Version(v),
+                None => Selector::Alias(&route.alias),
+            },
+            |t| sticky_key(request.headers(), t),
+        )
+        && !verge_spec::placed_on(&slot.stored.placement, &state.labels)
+    {
+        return crate::forward::forward(&state, cluster, &slot, request).await;
+    }
     match resolve(&state, &route.function, selector, request.headers()).await {
         Ok((slot, function)) => run(&state, &slot, &function, request, true).await,
         Err(ApiError::NotFound(why)) => {

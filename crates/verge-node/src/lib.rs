@@ -7,6 +7,7 @@ mod auth;
 mod deploy;
 mod error;
 mod events;
+mod forward;
 mod front;
 mod kv;
 mod projection;
@@ -529,6 +530,7 @@ impl Node {
             tasks.push(tokio::spawn(events::membership(s.clone())));
             tasks.push(tokio::spawn(projection::prepare(s.clone())));
             c.share_usage(s.store.clone(), &s.node_name);
+            c.serve_forwarded(&s.node_name, forward::handler(Arc::downgrade(s)));
             let (state, url) = (Arc::downgrade(s), self.url());
             c.start_heartbeat(move || {
                 let mut r = state.upgrade().map(|s| s.node_record()).unwrap_or_default();

@@ -260,6 +260,9 @@ pub struct AppState {
     pub(crate) labels: std::collections::BTreeMap<String, String>,
     /// Edges whose heartbeat stopped, with their last record (`verge
     /// nodes` shows them cut since it).
+    /// The cluster's live nodes as last read (membership, every second):
+    /// where a request for a version placed elsewhere goes.
+    pub(crate) live_nodes: RwLock<Vec<verge_cluster::NodeRecord>>,
     pub(crate) cut_edges:
         std::sync::Mutex<std::collections::BTreeMap<String, verge_cluster::NodeRecord>>,
     /// Versions new to the tables, to load ahead of their first request
@@ -295,6 +298,7 @@ impl AppState {
             applying: tokio::sync::Mutex::new(()),
             preloaded: Default::default(),
             cut_edges: Default::default(),
+            live_nodes: Default::default(),
             host,
             ledger,
             data_dir: settings.data_dir,

@@ -796,6 +796,10 @@ pub struct UsageRecord {
     /// route sees only the invocation id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The node that forwarded the request here (it does not run the
+    /// version: placement), when it was forwarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarded_from: Option<String>,
     /// Functions the event chain went through before this invocation (from
     /// the request's `ce-vergehops`); not kept in the ledger.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -844,6 +848,11 @@ pub struct UsageReport {
     pub rows: Vec<UsageRow>,
     pub total: UsageRow,
 }
+
+/// A request extension: the request was forwarded by this node (its
+/// invocation record says so).
+#[derive(Debug, Clone)]
+pub struct ForwardedFrom(pub String);
 
 /// The response header that carries an invocation's id.
 pub const INVOCATION_ID_HEADER: &str = "verge-invocation-id";

@@ -236,8 +236,8 @@ fn insert(conn: &mut Connection, batch: &[UsageRecord]) -> Result<(), rusqlite::
     tx.commit()
 }
 
-/// The node a record came from (NULL: this one), on a cluster: added to
-/// databases from before it.
+/// The node a record came from (NULL: this one), on a cluster, and the
+/// node that forwarded its request: added to databases from before them.
 pub(crate) fn add_node_column(conn: &Connection) -> Result<(), rusqlite::Error> {
     let has_node: i64 = conn.query_row(
         "SELECT COUNT(*) FROM pragma_table_info('invocations') WHERE name = 'node'",
@@ -246,6 +246,14 @@ pub(crate) fn add_node_column(conn: &Connection) -> Result<(), rusqlite::Error> 
     )?;
     if has_node == 0 {
         conn.execute_batch("ALTER TABLE invocations ADD COLUMN node TEXT")?;
+    }
+    let has_forwarded: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('invocations') WHERE name = 'forwarded_from'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_forwarded == 0 {
+        conn.execute_batch("ALTER TABLE invocations ADD COLUMN forwarded_from TEXT")?;
     }
     Ok(())
 }
@@ -259,8 +267,9 @@ pub(crate) fn insert_records<'a>(
 ) -> Result<usize, rusqlite::Error> {
     let mut stmt = tx.prepare_cached(
         "INSERT OR IGNORE INTO invocations (id, function, version, started_at_ms, wall_us, cpu_us,
-         peak_memory, memory_limit, request_bytes, response_bytes, status, outcome, cold, stdout, stderr, error, node)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+         peak_memory, memory_limit, request_bytes, response_bytes, status, outcome, cold, stdout, stderr, error, node,
+         forwarded_from)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
     )?;
     let mut added = 0;
     for (node, r) in records {
@@ -281,7 +290,8 @@ pub(crate) fn insert_records<'a>(
             r.stdout,
             r.stderr,
             r.error,
-            node
+            node,
+            r.forwarded_from
         ])?;
     }
     Ok(added)

@@ -1381,7 +1381,7 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT id, function, version, started_at_ms, wall_us, cpu_us, peak_memory, memory_limit,
-                    request_bytes, response_bytes, status, outcome, cold, error
+                    request_bytes, response_bytes, status, outcome, cold, error, forwarded_from
              FROM invocations
              WHERE (?1 IS NULL OR function = ?1) AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR id = ?3)
              ORDER BY started_at_ms DESC, id LIMIT ?4",
@@ -1404,6 +1404,7 @@ impl Store {
                 stdout: None,
                 stderr: None,
                 error: r.get(13)?,
+                forwarded_from: r.get(14)?,
                 hops: 0,
                 will_retry: false,
             })
@@ -1424,7 +1425,8 @@ impl Store {
         let (after_ms, after_id) = after.unwrap_or((i64::MIN, ""));
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id, function, version, started_at_ms, status, outcome, stdout, stderr, error
+            "SELECT id, function, version, started_at_ms, status, outcome, stdout, stderr, error,
+                    forwarded_from
              FROM invocations
              WHERE (?1 IS NULL OR function = ?1) AND (?2 IS NULL OR id = ?2)
                AND (stdout IS NOT NULL OR stderr IS NOT NULL OR error IS NOT NULL OR ?2 IS NOT NULL)
@@ -1451,6 +1453,7 @@ impl Store {
                     stdout: r.get(6)?,
                     stderr: r.get(7)?,
                     error: r.get(8)?,
+                    forwarded_from: r.get(9)?,
                     hops: 0,
                     will_retry: false,
                 })
@@ -1809,6 +1812,7 @@ mod tests {
             stdout: None,
             stderr: None,
             error: None,
+            forwarded_from: None,
             hops: 0,
             will_retry: false,
         }

@@ -48,7 +48,8 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT rowid, id, function, version, started_at_ms, wall_us, cpu_us, peak_memory, memory_limit,
-                    request_bytes, response_bytes, status, outcome, cold, stdout, stderr, error
+                    request_bytes, response_bytes, status, outcome, cold, stdout, stderr, error,
+                    forwarded_from
              FROM invocations WHERE rowid > ?1 AND node IS NULL ORDER BY rowid LIMIT ?2",
         )?;
         let rows = stmt.query_map(
@@ -73,6 +74,7 @@ impl Store {
                         stdout: r.get(14)?,
                         stderr: r.get(15)?,
                         error: r.get(16)?,
+                        forwarded_from: r.get(17)?,
                         hops: 0,
                         will_retry: false,
                     },
@@ -139,6 +141,7 @@ mod tests {
             stdout: Some("out".into()),
             stderr: None,
             error: None,
+            forwarded_from: None,
             hops: 0,
             will_retry: false,
         }

@@ -109,6 +109,56 @@ fn an_edge_serves_through_a_cut_link_restarts_cut_off_and_catches_up() {
         out.contains("edge-one") && !out.contains("edge-two"),
         "{out}"
     );
+    // 6. A request at edge-one for a function placed on site two only is
+    // forwarded there (body and headers both ways, 1 MiB byte for byte), and
+    // the record says so.
+    let echo = fixture("rust-echo");
+    core.cli_ok(&[
+        "deploy",
+        echo.to_str().unwrap(),
+        "--name",
+        "far",
+        "--route",
+        "/far",
+        "--place",
+        "site=two",
+        "--wait",
+    ]);
+    let sent = crate::kit::noise(1 << 20, 7);
+    let r = eventually("edge-one forwards /far to edge-two", || {
+        let r = one
+            .node
+            .http()
+            .post(format!("{}/far/x?q=1", one.node.url))
+            .header("x-trace", "abc")
+            .body(sent.clone())
+            .send()
+            .ok()?;
+        (r.status() == 200).then_some(r)
+    });
+    assert_eq!(r.headers()["x-echo-path"], "/far/x?q=1");
+    assert_eq!(r.headers()["x-trace"], "abc");
+    let id = r.headers()["verge-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        r.bytes().unwrap().as_ref(),
+        &sent[..],
+        "the body came back whole"
+    );
+    let logged = eventually("edge-two records the forwarded invocation", || {
+        let out = two
+            .node
+            .cli(&["logs", "far", "--invocation", &id, "--json"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.contains(&id).then_some(text)
+    });
+    assert!(
+        logged.contains("\"forwarded_from\":\"edge-one\""),
+        "{logged}"
+    );
+
     let listed = nodes(&core);
     let e1 = listed.iter().find(|n| n["name"] == "edge-one").unwrap();
     assert_eq!(e1["role"], "edge", "{e1}");
@@ -162,6 +212,11 @@ fn an_edge_serves_through_a_cut_link_restarts_cut_off_and_catches_up() {
         (get(&two.node, "/hello").1 == Some(2)).then_some(())
     });
     assert_eq!(get(&one.node, "/hello"), (200, Some(1)));
+    // A request forwarded from the cut edge: 503, and why.
+    let (status, _, body) = crate::kit::curl(&[&format!("{}/far", one.node.url)]);
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("link to the core is cut"), "{body}");
     // A write at the cut edge is refused with the reason.
     let err = one.node.cli_err(&["alias", "set", "hello", "beta", "1"]);
     assert!(err.contains("link to the core is cut"), "{err}");
