@@ -180,6 +180,10 @@ pub struct Cluster {
     objects: jetstream::object_store::ObjectStore,
     /// At an edge: its site and the hub's JetStream.
     edge: Option<edge::Edge>,
+    /// The JetStream API prefix of `js` (`$JS.API`, or a domain's).
+    api_prefix: String,
+    /// The registry bucket takes atomic batches (multi-document writes).
+    atomic: bool,
     /// Prefix of this node's stream subjects: empty on the core,
     /// `edge.<site>.` at an edge (its streams must not capture the core's
     /// messages, which cross the leaf link).
@@ -318,6 +322,7 @@ impl Cluster {
             }
         }
         let (registry, nodes, objects, usage, replicas, registry_id, edge, prefix, nodes_mirror);
+        let atomic;
         if let Some(site) = &opts.site {
             let e = edge::Edge::open(client.clone(), &js, site, &url).await?;
             // The link's state is known from the start.
@@ -330,6 +335,8 @@ impl Cluster {
             registry_id = e.registry_id(&registry).await?;
             nodes = tokio::sync::OnceCell::new();
             replicas = 1;
+            // The core's nodes made the hub's bucket take them.
+            atomic = true;
             edge = Some(e);
         } else {
             let servers = info.connect_urls.len().max(1);
@@ -379,6 +386,7 @@ impl Cluster {
                     })?,
             };
             prefix = String::new();
+            atomic = allow_atomic(&js, &registry).await;
             usage = usage::ensure_stream(&js, replicas, &prefix).await?;
             registry_id = registry_format(&registry).await?;
             edge = None;
@@ -395,6 +403,11 @@ impl Cluster {
             nodes_mirror,
             objects,
             edge,
+            api_prefix: match &opts.domain {
+                Some(d) => format!("$JS.{d}.API"),
+                None => "$JS.API".to_string(),
+            },
+            atomic,
             prefix,
             registry_id,
             replicas,
@@ -769,8 +782,12 @@ impl Cluster {
     async fn store_docs(&self, docs: Vec<(Doc, u64)>) -> Result<Stored, ClusterError> {
         // At an edge: the hub's bucket (never the mirror, whose writes go
         // on to its origin only while it can reach it).
-        let (registry, _) = self.registry_source().await;
-        for (doc, rev) in docs {
+        let (registry, direct) = self.registry_source().await;
+        if docs.len() > 1 && self.atomic {
+            return self.store_batch(registry, direct, docs).await;
+        }
+        let n = docs.len();
+        for (i, (doc, rev)) in docs.into_iter().enumerate() {
             let result = match (&doc.value, rev) {
                 (Some(v), 0) => registry
                     .create(&doc.key, Bytes::from(v.clone()))
@@ -799,10 +816,90 @@ impl Cluster {
                     }),
             };
             match result {
+                Ok(()) if i + 1 < n => crash_point(&self.client).await,
                 Ok(()) => {}
                 Err(None) => return Ok(Stored::Stale(doc.key)),
                 Err(Some(e)) => return Err(ClusterError::Unavailable(e)),
             }
+        }
+        Ok(Stored::All)
+    }
+
+    /// Stores several documents as one atomic batch (NATS 2.12): every
+    /// compare-and-set holds or none is stored, so a node killed in the
+    /// middle of a write leaves all of it or nothing (a deploy writes its
+    /// function and the routes).
+    async fn store_batch(
+        &self,
+        registry: &kv::Store,
+        direct: bool,
+        docs: Vec<(Doc, u64)>,
+    ) -> Result<Stored, ClusterError> {
+        use async_nats::header;
+        let (js, api) = match (&self.edge, direct) {
+            (Some(e), true) => (&e.hub, format!("$JS.{HUB_DOMAIN}.API")),
+            _ => (&self.js, self.api_prefix.clone()),
+        };
+        let batch = random_id();
+        let n = docs.len();
+        for (i, (doc, rev)) in docs.iter().enumerate() {
+            let mut expected = *rev;
+            if expected == 0 {
+                // A key deleted before keeps its delete marker: expect that.
+                match registry.entry(&doc.key).await.map_err(unavailable)? {
+                    Some(e) if e.operation == kv::Operation::Put => {
+                        return Ok(Stored::Stale(doc.key.clone()));
+                    }
+                    Some(e) => expected = e.revision,
+                    None => {}
+                }
+            }
+            let mut subject = String::new();
+            if registry.use_jetstream_prefix {
+                subject.push_str(&api);
+                subject.push('.');
+            }
+            subject.push_str(registry.put_prefix.as_ref().unwrap_or(&registry.prefix));
+            subject.push_str(&doc.key);
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(header::NATS_BATCH_ID, batch.as_str());
+            h.insert(header::NATS_BATCH_SEQUENCE, (i + 1).to_string().as_str());
+            h.insert(
+                header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                expected.to_string().as_str(),
+            );
+            let payload = match &doc.value {
+                Some(v) => Bytes::from(v.clone()),
+                None => {
+                    h.insert("KV-Operation", "DEL");
+                    Bytes::new()
+                }
+            };
+            if i + 1 < n {
+                self.client
+                    .publish_with_headers(subject, h, payload)
+                    .await
+                    .map_err(unavailable)?;
+                crash_point(&self.client).await;
+                continue;
+            }
+            h.insert(header::NATS_BATCH_COMMIT, "1");
+            let ack = js
+                .publish_with_headers(subject, h, payload)
+                .await
+                .map_err(unavailable)?
+                .await;
+            return match ack {
+                Ok(_) => Ok(Stored::All),
+                Err(e) => {
+                    let s = e.to_string();
+                    if s.contains("wrong last sequence") {
+                        Ok(Stored::Stale(doc.key.clone()))
+                    } else {
+                        Err(ClusterError::Unavailable(s))
+                    }
+                }
+            };
         }
         Ok(Stored::All)
     }
@@ -918,6 +1015,39 @@ fn order(mut docs: Vec<(Doc, u64)>) -> Vec<(Doc, u64)> {
         (true, false) => 2,
     });
     docs
+}
+
+/// For tests: with `VERGE_TEST_CRASH_MID_WRITE` set, the process dies
+/// (abort, as kill -9 would) after the first document of a write reached
+/// the servers.
+async fn crash_point(client: &async_nats::Client) {
+    if std::env::var_os("VERGE_TEST_CRASH_MID_WRITE").is_some() {
+        let _ = client.flush().await;
+        tracing::error!("VERGE_TEST_CRASH_MID_WRITE: dying in the middle of a registry write");
+        std::process::abort();
+    }
+}
+
+/// Makes the registry bucket take atomic batches (servers from 2.12);
+/// `false` (with a warning) where it cannot: writes of several documents
+/// then go one by one.
+async fn allow_atomic(js: &jetstream::Context, registry: &kv::Store) -> bool {
+    let mut stream = registry.stream.clone();
+    let Ok(info) = stream.info().await else {
+        return false;
+    };
+    if info.config.allow_atomic_publish {
+        return true;
+    }
+    let mut config = info.config.clone();
+    config.allow_atomic_publish = true;
+    match js.update_stream(&config).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "the registry bucket does not take atomic batches (NATS 2.12 or later does): a write of several documents (a deploy: its function and the routes) is not atomic");
+            false
+        }
+    }
 }
 
 /// The latest revision of `registry`, asked of its server.
@@ -1147,6 +1277,68 @@ mod tests {
         );
         let right = format!("nats://verge:secret@127.0.0.1:{}", locked.port);
         Cluster::connect(&opts(&right, "a")).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_write_of_several_documents_stores_all_of_them_or_none() {
+        let nats = NatsServer::start();
+        let (c, _store, _dir) = node(&nats.url(), "a").await;
+        assert!(c.atomic, "nats-server 2.15 takes atomic batches");
+        let doc = |key: &str, v: &str| Doc {
+            key: key.into(),
+            value: Some(format!("{{\"v\":\"{v}\"}}").into_bytes()),
+        };
+        let (registry, direct) = c.registry_source().await;
+        // One compare-and-set of the batch fails: nothing of it is stored.
+        let stored = c
+            .store_batch(
+                registry,
+                direct,
+                vec![(doc("fn.x", "1"), 0), (doc("routes", "1"), 999)],
+            )
+            .await
+            .unwrap();
+        assert!(matches!(stored, Stored::Stale(_)));
+        assert!(
+            registry.get("fn.x").await.unwrap().is_none(),
+            "half a batch was stored"
+        );
+        // All hold: all stored; a deleted key is written again.
+        let stored = c
+            .store_batch(
+                registry,
+                direct,
+                vec![(doc("fn.x", "1"), 0), (doc("fn.y", "1"), 0)],
+            )
+            .await
+            .unwrap();
+        assert!(matches!(stored, Stored::All));
+        let rev = registry.entry("fn.y").await.unwrap().unwrap().revision;
+        registry.delete("fn.x").await.unwrap();
+        let stored = c
+            .store_batch(
+                registry,
+                direct,
+                vec![
+                    (doc("fn.x", "2"), 0),
+                    (
+                        Doc {
+                            key: "fn.y".into(),
+                            value: None,
+                        },
+                        rev,
+                    ),
+                ],
+            )
+            .await
+            .unwrap();
+        assert!(matches!(stored, Stored::All));
+        assert_eq!(
+            registry.get("fn.x").await.unwrap().unwrap().as_ref(),
+            br#"{"v":"2"}"#
+        );
+        assert!(registry.get("fn.y").await.unwrap().is_none());
+        c.close();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -937,13 +937,41 @@ fn a_version_placed_by_labels_runs_only_on_nodes_that_have_them() {
     eventually("A serves the version placed on it", || {
         (get(&a, "/placed").0 == 200).then_some(())
     });
-    // B holds the version (it deployed it) but does not run it.
-    let (status, _, body) = curl(&[&format!("{}/placed", b.url)]);
-    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    // B holds the version (it deployed it) but does not run it: it forwards
+    // the request to A, which records it so.
+    let id = eventually("B forwards the request to A", || {
+        let (status, headers, _) = curl(&[&format!("{}/placed", b.url)]);
+        (status == 200).then(|| {
+            headers
+                .lines()
+                .find_map(|l| l.strip_prefix("verge-invocation-id:"))
+                .unwrap()
+                .trim()
+                .to_string()
+        })
+    });
+    let record = eventually("A records the forwarded invocation", || {
+        let out = a.cli_ok(&["invocations", "--id", &id, "--json"]);
+        out.contains(&id).then_some(out)
+    });
+    assert!(record.contains("\"forwarded_from\": \"b\""), "{record}");
+    // Placed where no node is: 503, and why.
+    b.cli_ok(&[
+        "deploy",
+        file.to_str().unwrap(),
+        "--name",
+        "nowhere",
+        "--route",
+        "/nowhere",
+        "--place",
+        "site=mars",
+    ]);
+    let (status, _, body) = curl(&[&format!("{}/nowhere", a.url)]);
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 503, "{body}");
     assert!(
-        b.log().contains("placed on nodes labelled site=ship-7"),
-        "{}",
-        b.log()
+        body.contains("runs on nodes labelled site=mars") && body.contains("no such node is live"),
+        "{body}"
     );
     let show: serde_json::Value =
         serde_json::from_str(&a.cli_ok(&["show", "placed", "--json"])).unwrap();

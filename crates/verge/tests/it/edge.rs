@@ -284,3 +284,81 @@ fn an_edge_serves_through_a_cut_link_restarts_cut_off_and_catches_up() {
     std::thread::sleep(std::time::Duration::from_secs(2));
     assert_eq!(invocations(&core, "counted"), Some(counted));
 }
+
+/// Functions (with their live version) and routes (path -> function) as
+/// `node` lists them.
+fn deployed(node: &TestNode) -> (Vec<String>, Vec<(String, String)>) {
+    let ls: serde_json::Value = serde_json::from_str(&node.cli_ok(&["ls", "--json"])).unwrap();
+    let functions = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_string())
+        .collect();
+    let routes: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&["routes", "--json"])).unwrap();
+    let routes = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["path"].as_str().unwrap().to_string(),
+                r["function"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    (functions, routes)
+}
+
+#[test]
+fn a_core_node_killed_in_the_middle_of_a_deploy_leaves_it_whole_or_absent() {
+    let hub = NatsServer::hub();
+    let core = TestNode::start_with_env(
+        &["--nats", &hub.url(), "--node-name", "core"],
+        &[("VERGE_TEST_CRASH_MID_WRITE", "1")],
+    );
+    let one = site(&hub, "one", core.token());
+    // The deploy writes its function and its route: the node dies (abort,
+    // as kill -9) once the first of them reached the servers.
+    let hello = fixture("rust-hello");
+    let out = core.cli(&[
+        "deploy",
+        hello.to_str().unwrap(),
+        "--name",
+        "half",
+        "--route",
+        "/half",
+    ]);
+    assert!(!out.status.success(), "the deploy was to die with its node");
+    let core = core.kill9_and_restart();
+    let whole = |node: &TestNode| {
+        let (functions, routes) = deployed(node);
+        for f in &functions {
+            assert!(
+                routes
+                    .iter()
+                    .any(|(p, rf)| rf == f && *p == format!("/{f}")),
+                "{f} has no route: half a deploy ({routes:?})"
+            );
+        }
+        for (p, f) in &routes {
+            assert!(
+                functions.contains(f),
+                "route {p} names {f}, which is not deployed"
+            );
+        }
+        functions
+    };
+    assert!(
+        whole(&core).is_empty(),
+        "nothing of the deploy was acknowledged or stored"
+    );
+    assert!(whole(&one.node).is_empty());
+    // The node and the cluster take the same deploy again.
+    core.deploy("rust-hello", "half", "/half");
+    eventually("the edge serves the deploy made again", || {
+        (get(&one.node, "/half").0 == 200).then_some(())
+    });
+    assert_eq!(whole(&one.node), vec!["half".to_string()]);
+}

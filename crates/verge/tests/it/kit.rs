@@ -53,18 +53,33 @@ impl TestNode {
     }
 
     fn start_command(command: &str, extra: &[&str]) -> Self {
+        Self::start_command_env(command, extra, &[])
+    }
+
+    /// `verge up` with `extra` and, for this start only, environment `env`
+    /// (a restart does without it).
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_command_env("up", extra, env)
+    }
+
+    fn start_command_env(command: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_path_buf();
         let mut args = vec![command.to_string()];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut node = Self::spawn(dir, args);
+        let mut node = Self::spawn_env(dir, args, env);
         node._tmp = Some(tmp);
         node
     }
 
     /// `extra`: the subcommand (`up`, `edge`), then its arguments.
     fn spawn(data_dir: PathBuf, extra: Vec<String>) -> Self {
+        Self::spawn_env(data_dir, extra, &[])
+    }
+
+    fn spawn_env(data_dir: PathBuf, extra: Vec<String>, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(VERGE)
+            .envs(env.iter().copied())
             .arg(&extra[0])
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&data_dir)
