@@ -123,7 +123,7 @@ pub struct NatsBus {
     /// This node's bus database: the subscriptions' copy, the index of jobs
     /// it ran and of every dead letter.
     local: SqliteBus,
-    cluster: Arc<Cluster>,
+    pub(crate) cluster: Arc<Cluster>,
     jobs: jetstream::stream::Stream,
     dlq: jetstream::stream::Stream,
     /// Schedule cursors (`None` at an edge: schedules fire on the core).
@@ -243,12 +243,17 @@ impl NatsBus {
         let from = bus.load_subscriptions().await?;
         // The index keeps finished jobs; the unfinished are the cluster's.
         bus.local.drop_unfinished().map_err(bus_err)?;
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(bus.clone().follow_subscriptions(from)),
             tokio::spawn(bus.clone().compete()),
             tokio::spawn(bus.clone().extend_leases()),
             tokio::spawn(bus.clone().follow_dead_letters()),
         ];
+        // Events emitted at edges: kept there, published on the core.
+        let edge_events = crate::edge_events::ensure_stream(&bus.cluster).await?;
+        if bus.cluster.site().is_none() {
+            tasks.push(tokio::spawn(bus.clone().import_edge_events(edge_events)));
+        }
         // Stopped with the cluster's other tasks (`Cluster::close`); the
         // jobs this node held go to the others when their leases run out.
         lock(&bus.cluster.tasks).extend(tasks);
@@ -258,7 +263,7 @@ impl NatsBus {
     /// Runs `fut` to its end from a synchronous call (the `Bus` methods run
     /// on blocking threads; at shutdown on a runtime thread, which is
     /// handed over first).
-    fn run<T>(&self, fut: impl Future<Output = T>) -> T {
+    pub(crate) fn run<T>(&self, fut: impl Future<Output = T>) -> T {
         tokio::task::block_in_place(|| self.rt.block_on(fut))
     }
 
@@ -945,6 +950,9 @@ impl Bus for NatsBus {
     }
 
     fn publish(&self, events: &[CloudEvent]) -> Result<Published, BusError> {
+        if self.cluster.site().is_some() {
+            return self.publish_at_edge(events);
+        }
         let triggers = self.local.triggers(None)?;
         let mut out = Published::default();
         let mut queued = Vec::new();

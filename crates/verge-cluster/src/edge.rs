@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream::{self, kv, stream};
 
+use crate::edge_events::{EDGE_EVENTS_STREAM, FROM_EDGES_STREAM};
 use crate::{
     ARTIFACTS_BUCKET, ClusterError, FormatDoc, HUB_DOMAIN, NODE_TTL, NODES_BUCKET, REGISTRY_BUCKET,
     USAGE_STREAM, edge_domain, unavailable,
@@ -273,33 +274,40 @@ impl Edge {
         ok
     }
 
-    /// Makes the hub's usage stream source this edge's (once per run; the
-    /// stream keeps the source, and sourcing resumes where it stopped).
+    /// Makes the hub's streams source this edge's: its usage records and
+    /// the events emitted here (once per run; a stream keeps its sources,
+    /// and sourcing resumes where it stopped).
     pub(crate) async fn ensure_sourced(&self) -> Result<(), ClusterError> {
         use std::sync::atomic::Ordering;
         if self.sourced.load(Ordering::SeqCst) {
             return Ok(());
         }
+        for (hub_stream, edge_stream) in [
+            (USAGE_STREAM, USAGE_STREAM),
+            (FROM_EDGES_STREAM, EDGE_EVENTS_STREAM),
+        ] {
+            self.source_into(hub_stream, edge_stream).await?;
+        }
+        self.sourced.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn source_into(&self, hub_stream: &str, edge_stream: &str) -> Result<(), ClusterError> {
         let api = format!("$JS.{}.API", edge_domain(&self.site));
         // Two edges may add themselves at once: read, add, write, and read
         // again until this edge's source is there.
         for _ in 0..20 {
-            let mut s = self
-                .hub
-                .get_stream(USAGE_STREAM)
-                .await
-                .map_err(unavailable)?;
+            let mut s = self.hub.get_stream(hub_stream).await.map_err(unavailable)?;
             let mut config = s.info().await.map_err(unavailable)?.config.clone();
             let sources = config.sources.get_or_insert_with(Vec::new);
             if sources.iter().any(|src| {
-                src.name == USAGE_STREAM
+                src.name == edge_stream
                     && src.external.as_ref().is_some_and(|x| x.api_prefix == api)
             }) {
-                self.sourced.store(true, Ordering::SeqCst);
                 return Ok(());
             }
             sources.push(stream::Source {
-                name: USAGE_STREAM.into(),
+                name: edge_stream.into(),
                 external: Some(stream::External {
                     api_prefix: api.clone(),
                     delivery_prefix: None,
@@ -307,13 +315,13 @@ impl Edge {
                 ..Default::default()
             });
             if let Err(e) = self.hub.update_stream(&config).await {
-                tracing::debug!(error = %e, "could not add this edge to the core's usage stream; trying again");
+                tracing::debug!(error = %e, stream = hub_stream, "could not add this edge to a stream of the core; trying again");
             }
             let ms = rand::random_range(50..300);
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
         Err(ClusterError::Contended(format!(
-            "the sources of the core's {USAGE_STREAM}"
+            "the sources of the core's {hub_stream}"
         )))
     }
 }

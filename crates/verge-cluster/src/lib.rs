@@ -33,6 +33,8 @@ use verge_store::{Doc, Store, StoreError};
 mod artifacts;
 mod bus;
 mod edge;
+mod edge_events;
+pub use edge_events::{EDGE_EVENTS_STREAM, FROM_EDGES_STREAM};
 mod forward;
 pub use forward::{
     BodyStream, CHUNK, ForwardAnswer, ForwardHandler, ForwardHead, MAX_FORWARDED_BODY,

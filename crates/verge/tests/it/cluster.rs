@@ -600,7 +600,7 @@ pub(crate) fn records(node: &TestNode, function: &str) -> Vec<serde_json::Value>
 }
 
 /// What the relay fixture printed it received (`received <id> ...`), per id.
-fn received(records: &[serde_json::Value]) -> std::collections::BTreeMap<String, u32> {
+pub(crate) fn received(records: &[serde_json::Value]) -> std::collections::BTreeMap<String, u32> {
     let mut seen = std::collections::BTreeMap::new();
     for r in records {
         if r["status"] != 200 {
@@ -619,7 +619,7 @@ fn received(records: &[serde_json::Value]) -> std::collections::BTreeMap<String,
 }
 
 /// POSTs `n` events of type `ty` (ids `<prefix><i>`) to `node` in one batch.
-fn post_events(node: &TestNode, ty: &str, prefix: &str, n: usize) {
+pub(crate) fn post_events(node: &TestNode, ty: &str, prefix: &str, n: usize) {
     let batch: Vec<serde_json::Value> = (0..n)
         .map(|i| {
             serde_json::json!({

@@ -5,7 +5,9 @@
 
 use verge_cluster::testkit::{NatsServer, Proxy};
 
-use crate::cluster::{RequestLoop, cluster_node, get, received_types, records};
+use crate::cluster::{
+    RequestLoop, cluster_node, get, post_events, received, received_types, records,
+};
 use crate::kit::{TestNode, eventually, fixture};
 
 /// A site: its leaf server, the proxy between it and the hub, its edge node.
@@ -71,6 +73,7 @@ fn an_edge_serves_through_a_cut_link_restarts_cut_off_and_catches_up() {
     let relay = fixture("rust-relay");
     core.cli_ok(&["deploy", relay.to_str().unwrap(), "--name", "watch"]);
     core.cli_ok(&["trigger", "add", "watch", "--on", "dev.verge.node.*"]);
+    core.cli_ok(&["trigger", "add", "watch", "--on", "com.shop.sale"]);
     let one = site(&hub, "one", core.token());
     let two = site(&hub, "two", core.token());
 
@@ -179,6 +182,8 @@ fn an_edge_serves_through_a_cut_link_restarts_cut_off_and_catches_up() {
             .then_some(())
     });
     let requests = RequestLoop::start(&[&one.node], "/hello");
+    // Events emitted at the cut edge are kept there (the POST is accepted).
+    post_events(&one.node, "com.shop.sale", "sale-", 5);
     // Key-value writes on both sides of the cut, on the same keys.
     core.cli_ok(&["kv", "incr", "shop", "hits", "2"]);
     core.cli_ok(&["kv", "set", "shop", "colour", "red"]);
@@ -280,9 +285,21 @@ fn an_edge_serves_through_a_cut_link_restarts_cut_off_and_catches_up() {
     eventually("the core shows edge-one connected", || {
         (link_of(&core, "edge-one") == "connected").then_some(())
     });
+    // The events emitted at the edge during the cut triggered the core's
+    // function, each once.
+    let sales = |node: &TestNode| {
+        received(&records(node, "watch"))
+            .into_iter()
+            .filter(|(id, _)| id.starts_with("sale-"))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    eventually("the edge's events reach the core", || {
+        (sales(&core).len() == 5).then_some(())
+    });
     // Still exactly once a moment later (sourcing does not repeat).
     std::thread::sleep(std::time::Duration::from_secs(2));
     assert_eq!(invocations(&core, "counted"), Some(counted));
+    assert!(sales(&core).values().all(|n| *n == 1), "{:?}", sales(&core));
 }
 
 /// Functions (with their live version) and routes (path -> function) as
