@@ -43,6 +43,7 @@ class Link:
 
 async def pump(link, reader, writer, peer):
     queue = asyncio.Queue()
+    held = [0]  # chunks queued or being delayed, not written yet
 
     async def send():
         while True:
@@ -54,6 +55,7 @@ async def pump(link, reader, writer, peer):
                 await asyncio.sleep(wait)
             writer.write(data)
             await writer.drain()
+            held[0] -= 1
 
     sender = asyncio.ensure_future(send())
     try:
@@ -61,6 +63,12 @@ async def pump(link, reader, writer, peer):
             data = await reader.read(65536)
             if not data:
                 break
+            if link.delay == 0 and held[0] == 0:
+                # No delay: straight through (what was queued went first).
+                writer.write(data)
+                await writer.drain()
+                continue
+            held[0] += 1
             await queue.put((time.monotonic() + link.delay, data))
         await queue.put((0, None))
         await sender

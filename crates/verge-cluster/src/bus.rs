@@ -253,6 +253,12 @@ impl NatsBus {
         let edge_events = crate::edge_events::ensure_stream(&bus.cluster).await?;
         if bus.cluster.site().is_none() {
             tasks.push(tokio::spawn(bus.clone().import_edge_events(edge_events)));
+        } else {
+            tasks.push(tokio::spawn(crate::edge::push_to_core(
+                Arc::downgrade(&bus.cluster),
+                edge_events,
+                Some(crate::edge_events::FROM_EDGES_SUBJECT.into()),
+            )));
         }
         // Stopped with the cluster's other tasks (`Cluster::close`); the
         // jobs this node held go to the others when their leases run out.

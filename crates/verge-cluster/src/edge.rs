@@ -7,9 +7,11 @@
 //!   from them, also after a restart while cut off. Registry writes made at
 //!   an edge (a deploy there) go on to the hub's bucket and fail while cut.
 //! - The edge's own records (usage and invocation logs) go to its local
-//!   `VERGE_USAGE` stream (subjects `edge.<site>.verge.usage.>`), which
-//!   the hub's `VERGE_USAGE` sources: what the edge kept through a cut
-//!   arrives once the link is back, each record once (ids).
+//!   `VERGE_USAGE` stream (subjects `edge.<site>.verge.usage.>`), which it
+//!   sends on to the hub's `VERGE_USAGE` whenever the link is up
+//!   ([`push_to_core`]; a server's sourcing would resume after a long cut
+//!   only on its retry backoff, up to minutes): what the edge kept through
+//!   a cut arrives once the link is back, each record once (ids).
 //! - Its job queue and dead letters are its own (`edge.<site>.verge.jobs.>`):
 //!   events emitted at an edge run there. Schedules fire on the core only.
 //! - Its heartbeat goes to the hub's `verge_nodes`; the link's state is
@@ -20,10 +22,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream::{self, kv, stream};
 
-use crate::edge_events::{EDGE_EVENTS_STREAM, FROM_EDGES_STREAM};
 use crate::{
     ARTIFACTS_BUCKET, ClusterError, FormatDoc, HUB_DOMAIN, NODE_TTL, NODES_BUCKET, REGISTRY_BUCKET,
-    USAGE_STREAM, edge_domain, unavailable,
+    edge_domain, unavailable,
 };
 
 /// How often an edge checks its link to the hub.
@@ -39,8 +40,6 @@ pub(crate) struct Edge {
     pub(crate) hub: jetstream::Context,
     /// Since when the link to the hub is cut (`None`: linked).
     cut_since: Mutex<Option<SystemTime>>,
-    /// The hub's usage stream sources this edge's.
-    sourced: std::sync::atomic::AtomicBool,
     /// The hub's artifact store (opened when first needed).
     hub_objects: tokio::sync::OnceCell<jetstream::object_store::ObjectStore>,
     /// The hub's registry bucket (opened when first needed).
@@ -84,7 +83,6 @@ impl Edge {
             site: site.to_string(),
             hub: jetstream::with_domain(client, HUB_DOMAIN),
             cut_since: Mutex::new(Some(SystemTime::now())),
-            sourced: Default::default(),
             hub_objects: Default::default(),
             hub_registry: Default::default(),
             link_changed: tokio::sync::Notify::new(),
@@ -273,55 +271,108 @@ impl Edge {
         self.set_cut(!ok);
         ok
     }
+}
 
-    /// Makes the hub's streams source this edge's: its usage records and
-    /// the events emitted here (once per run; a stream keeps its sources,
-    /// and sourcing resumes where it stopped).
-    pub(crate) async fn ensure_sourced(&self) -> Result<(), ClusterError> {
-        use std::sync::atomic::Ordering;
-        if self.sourced.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        for (hub_stream, edge_stream) in [
-            (USAGE_STREAM, USAGE_STREAM),
-            (FROM_EDGES_STREAM, EDGE_EVENTS_STREAM),
-        ] {
-            self.source_into(hub_stream, edge_stream).await?;
-        }
-        self.sourced.store(true, Ordering::SeqCst);
-        Ok(())
-    }
-
-    async fn source_into(&self, hub_stream: &str, edge_stream: &str) -> Result<(), ClusterError> {
-        let api = format!("$JS.{}.API", edge_domain(&self.site));
-        // Two edges may add themselves at once: read, add, write, and read
-        // again until this edge's source is there.
-        for _ in 0..20 {
-            let mut s = self.hub.get_stream(hub_stream).await.map_err(unavailable)?;
-            let mut config = s.info().await.map_err(unavailable)?.config.clone();
-            let sources = config.sources.get_or_insert_with(Vec::new);
-            if sources.iter().any(|src| {
-                src.name == edge_stream
-                    && src.external.as_ref().is_some_and(|x| x.api_prefix == api)
-            }) {
-                return Ok(());
+/// Sends what an edge's stream `local` holds on to the core, oldest first,
+/// each message to `subject` (which a stream of the core's takes; `None`:
+/// its own subject without the edge's `edge.<site>.` prefix) with its
+/// `Nats-Msg-Id`, then acknowledges it locally (durable consumer
+/// `to-core`): what the edge kept through a cut goes on as soon as the
+/// link is back. A message sent again (a crash between the two) is dropped
+/// by the core's stream within its duplicate window, and by ids after it.
+pub(crate) async fn push_to_core(
+    cluster: std::sync::Weak<crate::Cluster>,
+    local: jetstream::stream::Stream,
+    subject: Option<String>,
+) {
+    use futures::StreamExt;
+    use jetstream::consumer::pull;
+    let consumer = loop {
+        match local
+            .get_or_create_consumer(
+                "to-core",
+                pull::Config {
+                    durable_name: Some("to-core".into()),
+                    ack_wait: Duration::from_secs(30),
+                    ..Default::default()
+                },
+            )
+            .await
+        {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not follow this edge's stream; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            sources.push(stream::Source {
-                name: edge_stream.into(),
-                external: Some(stream::External {
-                    api_prefix: api.clone(),
-                    delivery_prefix: None,
-                }),
-                ..Default::default()
-            });
-            if let Err(e) = self.hub.update_stream(&config).await {
-                tracing::debug!(error = %e, stream = hub_stream, "could not add this edge to a stream of the core; trying again");
-            }
-            let ms = rand::random_range(50..300);
-            tokio::time::sleep(Duration::from_millis(ms)).await;
         }
-        Err(ClusterError::Contended(format!(
-            "the sources of the core's {hub_stream}"
-        )))
+    };
+    loop {
+        let Some(c) = cluster.upgrade() else { return };
+        let prefix = c.prefix.clone();
+        let hub = match &c.edge {
+            Some(e) if e.cut_since().is_none() => e.hub.clone(),
+            _ => {
+                drop(c);
+                tokio::time::sleep(PROBE).await;
+                continue;
+            }
+        };
+        drop(c);
+        let batch = match consumer
+            .fetch()
+            .max_messages(100)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read this edge's stream; retrying");
+                tokio::time::sleep(PROBE).await;
+                continue;
+            }
+        };
+        let messages: Vec<_> = batch.collect().await;
+        for m in messages {
+            let Ok(m) = m else { break };
+            let mut headers = async_nats::HeaderMap::new();
+            if let Some(id) = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            {
+                headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+            }
+            let to = match &subject {
+                Some(s) => s.clone(),
+                None => m
+                    .subject
+                    .as_str()
+                    .strip_prefix(prefix.as_str())
+                    .unwrap_or(m.subject.as_str())
+                    .to_string(),
+            };
+            let sent = match hub
+                .publish_with_headers(to, headers, m.payload.clone())
+                .await
+            {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match sent {
+                Ok(()) => {
+                    let _ = m.double_ack().await;
+                }
+                Err(e) => {
+                    // Sent again after the ack wait, or at once when the
+                    // link is back (this loop waits for it).
+                    tracing::debug!(error = %e, "the core did not take an entry of this edge's stream yet");
+                    let _ = m
+                        .ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(500))))
+                        .await;
+                    break;
+                }
+            }
+        }
     }
 }

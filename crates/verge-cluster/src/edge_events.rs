@@ -7,9 +7,9 @@
 //!   at once, whether or not the link is up. Kept 7 days (the longest
 //!   outage an edge rides out); a full stream refuses new events (503)
 //!   rather than drop stored ones.
-//! - The core's stream `VERGE_EDGE_EVENTS` sources every edge's (each edge
-//!   adds itself, as for its usage records). Core nodes share one durable
-//!   consumer of it: a message is published to the core's bus (triggers
+//! - The edge sends them on to the core's stream `VERGE_EDGE_EVENTS`
+//!   (`edge::push_to_core`) whenever its link is up. Core nodes share one
+//!   durable consumer of it: a message is published to the core's bus (triggers
 //!   matched there, jobs on `VERGE_JOBS`), then acknowledged. A message
 //!   delivered again (a node died between the two) makes the same jobs
 //!   again, which the job stream drops (their ids derive from trigger,
@@ -30,8 +30,10 @@ use crate::{Cluster, ClusterError};
 
 /// An edge's stream of the events emitted there.
 pub const EDGE_EVENTS_STREAM: &str = "VERGE_EVENTS";
-/// The core's stream sourcing every edge's.
+/// The core's stream of every edge's events.
 pub const FROM_EDGES_STREAM: &str = "VERGE_EDGE_EVENTS";
+/// Its subject, which edges send their events to.
+pub(crate) const FROM_EDGES_SUBJECT: &str = "verge.edge-events";
 /// How long an edge keeps events the core has not taken.
 const KEEP: Duration = Duration::from_secs(7 * 86_400);
 const CONSUMER: &str = "import";
@@ -54,10 +56,10 @@ pub(crate) async fn ensure_stream(
         },
         None => stream::Config {
             name: FROM_EDGES_STREAM.into(),
-            description: Some("Verge events emitted at edges (sourced from each)".into()),
-            // Its own subject only: what it holds comes from its sources.
-            subjects: vec!["verge.edge-events".into()],
+            description: Some("Verge events emitted at edges".into()),
+            subjects: vec![FROM_EDGES_SUBJECT.into()],
             max_age: KEEP,
+            duplicate_window: Duration::from_secs(600),
             num_replicas: cluster.replicas,
             storage: stream::StorageType::File,
             ..Default::default()

@@ -149,12 +149,12 @@ impl Cluster {
         body: Bytes,
         first_byte: Duration,
     ) -> Result<(ForwardAnswer, BodyStream), ClusterError> {
-        let inbox = self.client.new_inbox();
-        let mut sub = self
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(crate::unavailable)?;
+        let replies = self
+            .replies
+            .get_or_try_init(|| Replies::start(self))
+            .await?
+            .clone();
+        let (inbox, mut sub) = replies.wait();
         let mut headers = async_nats::HeaderMap::new();
         let json = serde_json::to_string(head).map_err(|e| ClusterError::Other(e.to_string()))?;
         headers.insert(HEAD, json.as_str());
@@ -231,8 +231,165 @@ impl Cluster {
     }
 }
 
+/// The answers to this node's forwarded requests: one subscription to
+/// `<inbox>.*` for all of them (a subscription per request would send its
+/// interest across every route and leaf link, twice per request), each
+/// request's messages handed to it by its token.
+pub(crate) struct Replies {
+    prefix: String,
+    waiting: std::sync::Mutex<
+        std::collections::HashMap<String, tokio::sync::mpsc::UnboundedSender<async_nats::Message>>,
+    >,
+}
+
+impl Replies {
+    async fn start(cluster: &Cluster) -> Result<Arc<Replies>, ClusterError> {
+        let prefix = cluster.client.new_inbox();
+        let mut sub = cluster
+            .client
+            .subscribe(format!("{prefix}.*"))
+            .await
+            .map_err(crate::unavailable)?;
+        let replies = Arc::new(Replies {
+            prefix,
+            waiting: Default::default(),
+        });
+        let r = Arc::downgrade(&replies);
+        let task = tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                let Some(r) = r.upgrade() else { break };
+                let token = m
+                    .subject
+                    .as_str()
+                    .strip_prefix(r.prefix.as_str())
+                    .and_then(|t| t.strip_prefix('.'))
+                    .unwrap_or_default()
+                    .to_string();
+                if let Some(tx) = crate::lock(&r.waiting).get(&token) {
+                    let _ = tx.send(m);
+                }
+            }
+        });
+        crate::lock(&cluster.tasks).push(task);
+        Ok(replies)
+    }
+
+    /// A reply subject, and what arrives on it until the waiter is dropped.
+    fn wait(self: &Arc<Self>) -> (String, Waiter) {
+        let token = crate::random_id();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        crate::lock(&self.waiting).insert(token.clone(), tx);
+        (
+            format!("{}.{token}", self.prefix),
+            Waiter {
+                replies: self.clone(),
+                token,
+                rx,
+            },
+        )
+    }
+}
+
+/// One forwarded request's answer messages.
+pub(crate) struct Waiter {
+    replies: Arc<Replies>,
+    token: String,
+    rx: tokio::sync::mpsc::UnboundedReceiver<async_nats::Message>,
+}
+
+impl Waiter {
+    async fn next(&mut self) -> Option<async_nats::Message> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        crate::lock(&self.replies.waiting).remove(&self.token);
+    }
+}
+
 /// `Some(Ok)`: the last message; `Some(Err)`: the last, the body cut.
 fn end_of(m: &async_nats::Message) -> Option<Result<(), String>> {
     let end = m.headers.as_ref()?.get(END)?.as_str().to_string();
     Some(if end == "ok" { Ok(()) } else { Err(end) })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::testkit::NatsServer;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_forwarded_request_streams_its_answer_back_in_order() {
+        let nats = NatsServer::start();
+        let opts = |node: &str| crate::ClusterOptions {
+            url: nats.url(),
+            creds: None,
+            domain: None,
+            node: node.into(),
+            replicas: None,
+            job_lease: None,
+            site: None,
+        };
+        let a = Cluster::connect(&opts("a")).await.unwrap();
+        let b = Cluster::connect(&opts("b")).await.unwrap();
+        b.serve_forwarded(
+            "b",
+            Arc::new(|head: ForwardHead, body: Bytes| {
+                Box::pin(async move {
+                    let chunks: Vec<Result<Bytes, String>> = vec![
+                        Ok(Bytes::from(format!(
+                            "{} {} from {}:",
+                            head.method, head.uri, head.from
+                        ))),
+                        Ok(body),
+                        Ok(Bytes::from(vec![b'x'; 600 << 10])),
+                    ];
+                    (
+                        ForwardAnswer {
+                            status: 201,
+                            headers: vec![("x-a".into(), "1".into())],
+                        },
+                        Box::pin(futures::stream::iter(chunks)) as BodyStream,
+                    )
+                })
+            }),
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let head = ForwardHead {
+            method: "POST".into(),
+            uri: "/f?q".into(),
+            headers: vec![],
+            from: "a".into(),
+        };
+        for i in 0..20 {
+            let (answer, body) = a
+                .forward(
+                    "b",
+                    &head,
+                    Bytes::from(format!("body{i}")),
+                    Duration::from_secs(5),
+                )
+                .await
+                .unwrap();
+            let parts: Vec<Bytes> = body.map(|c| c.unwrap()).collect().await;
+            // 600 KiB came as several messages, in order.
+            assert!(parts.len() >= 3, "{}", parts.len());
+            assert_eq!(answer.status, 201);
+            assert_eq!(answer.headers, vec![("x-a".to_string(), "1".to_string())]);
+            let all: Vec<u8> = parts.concat();
+            let expect = format!("POST /f?q from a:body{i}");
+            assert_eq!(&all[..expect.len()], expect.as_bytes());
+            assert_eq!(all.len(), expect.len() + (600 << 10));
+        }
+        // Nobody serves "c": an error at once, not a hang.
+        let err = a
+            .forward("c", &head, Bytes::new(), Duration::from_secs(5))
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("cannot be reached"), "{err}");
+    }
 }

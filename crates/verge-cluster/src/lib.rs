@@ -177,11 +177,15 @@ pub struct Cluster {
     /// `verge_nodes` (the hub's: at an edge, opened once the link is up).
     nodes: tokio::sync::OnceCell<kv::Store>,
     /// At an edge, the mirror of `verge_nodes` it lists nodes from.
-    nodes_mirror: Option<kv::Store>,
+    /// (made again when the link returns: a mirror resumes only after the
+    /// server's retry backoff, and node records expire in 10 s).
+    nodes_mirror: std::sync::RwLock<Option<kv::Store>>,
     /// The artifact store: at an edge, its mirror.
     objects: jetstream::object_store::ObjectStore,
     /// At an edge: its site and the hub's JetStream.
     edge: Option<edge::Edge>,
+    /// Where the answers to this node's forwarded requests arrive.
+    replies: tokio::sync::OnceCell<Arc<forward::Replies>>,
     /// The JetStream API prefix of `js` (`$JS.API`, or a domain's).
     api_prefix: String,
     /// The registry bucket takes atomic batches (multi-document writes).
@@ -402,9 +406,10 @@ impl Cluster {
             url: opts.url.clone(),
             registry,
             nodes,
-            nodes_mirror,
+            nodes_mirror: std::sync::RwLock::new(nodes_mirror),
             objects,
             edge,
+            replies: Default::default(),
             api_prefix: match &opts.domain {
                 Some(d) => format!("$JS.{d}.API"),
                 None => "$JS.API".to_string(),
@@ -440,21 +445,49 @@ impl Cluster {
         if cluster.edge.is_some() {
             let weak = Arc::downgrade(&cluster);
             let task = tokio::spawn(async move {
+                // Made again at start too: the leaf server may have kept a mirror
+                // that waits out a retry backoff.
+                let mut was_linked = false;
                 loop {
                     let Some(c) = weak.upgrade() else { break };
-                    if let Some(e) = &c.edge
-                        && e.probe().await
-                        && let Err(err) = e.ensure_sourced().await
-                    {
-                        tracing::debug!(error = %err, "the core does not source this edge's records yet");
+                    if let Some(e) = &c.edge {
+                        let linked = e.probe().await;
+                        if linked && !was_linked {
+                            c.renew_nodes_mirror(e).await;
+                        }
+                        was_linked = linked;
                     }
                     drop(c);
                     tokio::time::sleep(edge::PROBE).await;
                 }
             });
             lock(&cluster.tasks).push(task);
+            // Its records go on to the core's usage stream.
+            let task = tokio::spawn(edge::push_to_core(
+                Arc::downgrade(&cluster),
+                cluster.usage.clone(),
+                None,
+            ));
+            lock(&cluster.tasks).push(task);
         }
         Ok(cluster)
+    }
+
+    /// At an edge whose link came back: the node records' mirror is made
+    /// again, so that it follows the core at once.
+    async fn renew_nodes_mirror(&self, e: &edge::Edge) {
+        let _ = self.js.delete_stream(format!("KV_{NODES_BUCKET}")).await;
+        match e.nodes_mirror(&self.js).await {
+            Ok(m) => {
+                *self
+                    .nodes_mirror
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(m);
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "could not make the node records' mirror again")
+            }
+        }
     }
 
     /// The site of an edge node (`None` on the core).
@@ -953,7 +986,12 @@ impl Cluster {
 
     /// Every node whose record has not expired.
     pub async fn nodes(&self) -> Result<Vec<NodeRecord>, ClusterError> {
-        let nodes = match &self.nodes_mirror {
+        let mirror = self
+            .nodes_mirror
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let nodes = match &mirror {
             Some(m) => m,
             None => {
                 self.check_link()?;

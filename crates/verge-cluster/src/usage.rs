@@ -35,7 +35,7 @@ fn subject_of(prefix: &str, node: &str) -> String {
 }
 
 /// The usage stream: `prefix` is empty on the core, `edge.<site>.` at an
-/// edge (whose stream the core's sources).
+/// edge (whose stream it sends on to the core's).
 pub(crate) async fn ensure_stream(
     js: &jetstream::Context,
     replicas: usize,
@@ -56,7 +56,7 @@ pub(crate) async fn ensure_stream(
                 // behind misses the oldest of the others'.
                 max_bytes,
                 // At an edge, a full stream refuses: its records wait in the
-                // node's database until the core has sourced room free.
+                // node's database until old ones age out.
                 discard: if prefix.is_empty() {
                     jetstream::stream::DiscardPolicy::Old
                 } else {
@@ -214,8 +214,8 @@ impl Cluster {
             let consumer = match self
                 .usage
                 .create_consumer(OrderedConfig {
-                    // Everything: the core's stream also holds what it
-                    // sources from edges (`edge.<site>.verge.usage.>`).
+                    // Everything under `verge.usage.>`, edges' records too
+                    // (they send them on to the core's stream).
                     deliver_policy: DeliverPolicy::ByStartSequence {
                         start_sequence: from,
                     },

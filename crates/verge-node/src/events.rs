@@ -45,6 +45,7 @@ pub(crate) mod types {
     pub const SCHEDULE_FIRED: &str = "dev.verge.schedule.fired";
     pub const KV_CHANGED: &str = "dev.verge.kv.changed";
     pub const KV_REBOOTSTRAPPED: &str = "dev.verge.kv.rebootstrapped";
+    pub const EDGE_OUTAGE_LIMIT: &str = "dev.verge.edge.outage_limit";
 }
 
 fn random_id() -> String {
@@ -827,6 +828,42 @@ fn emit_destination(state: &AppState, ty: &str, job: &Job, error: Option<&str>) 
     e.time = Some(verge_spec::rfc3339_ms(verge_bus::now_ms()));
     e.set_hops(verge_spec::next_hop(job.hops));
     state.outbox.push(e);
+}
+
+/// How long an edge's link may be cut before it warns that the oldest of
+/// what it keeps for the core (records, events: 7 days) nears its end.
+const OUTAGE_WARNING: Duration = Duration::from_secs(6 * 86_400);
+
+/// At an edge: an error in the log and `dev.verge.edge.outage_limit` (once
+/// a day) while its link has been cut for longer than [`OUTAGE_WARNING`].
+pub(crate) async fn outage_limit(state: Arc<AppState>) {
+    let Some(cluster) = state.cluster.clone() else {
+        return;
+    };
+    let mut warned: Option<std::time::Instant> = None;
+    loop {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let Some(since) = cluster.uplink_cut_since() else {
+            warned = None;
+            continue;
+        };
+        let cut = since.elapsed().unwrap_or_default();
+        if cut < OUTAGE_WARNING || warned.is_some_and(|w| w.elapsed() < Duration::from_secs(86_400))
+        {
+            continue;
+        }
+        warned = Some(std::time::Instant::now());
+        let days = cut.as_secs() / 86_400;
+        tracing::error!(
+            days,
+            "this edge's link to the core has been cut for {days} days: records and events older than 7 days that the core has not taken are dropped; restore the link"
+        );
+        state.emit(
+            types::EDGE_OUTAGE_LIMIT,
+            &state.node_name,
+            json!({ "node": state.node_name, "cut_seconds": cut.as_secs(), "keeps_days": 7 }),
+        );
+    }
 }
 
 /// What one node knows of another (membership).

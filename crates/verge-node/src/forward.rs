@@ -20,7 +20,8 @@ use verge_spec::VERSION_HEADER;
 use crate::error::ApiError;
 use crate::state::{AppState, VersionSlot};
 
-/// Headers of one connection, never passed on.
+/// Headers of one connection, never passed on. (`content-length` is: a
+/// forwarded body arrives whole.)
 const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
@@ -29,7 +30,6 @@ const HOP_BY_HOP: &[&str] = &[
     "trailer",
     "transfer-encoding",
     "upgrade",
-    "content-length",
 ];
 
 /// Time to wait for a forwarded answer's head beyond the version's limit.

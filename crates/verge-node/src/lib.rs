@@ -529,6 +529,9 @@ impl Node {
             tasks.push(tokio::spawn(kv::mesh(s.clone())));
             tasks.push(tokio::spawn(events::membership(s.clone())));
             tasks.push(tokio::spawn(projection::prepare(s.clone())));
+            if c.site().is_some() {
+                tasks.push(tokio::spawn(events::outage_limit(s.clone())));
+            }
             c.share_usage(s.store.clone(), &s.node_name);
             c.serve_forwarded(&s.node_name, forward::handler(Arc::downgrade(s)));
             let (state, url) = (Arc::downgrade(s), self.url());
