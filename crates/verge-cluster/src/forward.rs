@@ -1,9 +1,12 @@
 //! Requests forwarded between nodes over NATS request/reply: a node that
 //! does not run a version (placement) sends the request to one that does.
 //!
-//! - Each node serves subject `verge.fwd.<hex of its name>`. A request is
-//!   one message: header `Verge-Head` (JSON: method, URI, headers, the
-//!   forwarding node) and the body.
+//! - Each node serves subjects `verge.fwd.<hex of its name>.>` with one
+//!   subscription (so that a request's messages arrive in order). A request
+//!   starts with a message to `.h`: header `Verge-Head` (JSON: method, URI,
+//!   headers, the forwarding node) and the body when it is whole and small;
+//!   otherwise also `Verge-Body: <token>`, and its body follows as it comes
+//!   in messages to `.b.<token>`, the last one with `Verge-End`.
 //! - The answer streams back to the request's reply subject as messages in
 //!   order: the first carries `Verge-Head` (status and headers) and the
 //!   first bytes of the body, the next ones more of it, and the last one
@@ -25,11 +28,16 @@ use crate::{Cluster, ClusterError};
 
 /// Bytes of a response body per message.
 pub const CHUNK: usize = 256 << 10;
-/// Largest request body a forwarded request carries (one message, below
-/// the servers' `max_payload` of 16 MB that `deploy/nats/` sets).
-pub const MAX_FORWARDED_BODY: usize = 8 << 20;
+/// A forwarded request's body: whole (small, known), or streamed.
+pub enum ForwardBody {
+    Whole(Bytes),
+    Stream(BodyStream),
+}
 
 const HEAD: &str = "Verge-Head";
+const BODY: &str = "Verge-Body";
+/// How long a streamed request body may wait for its next message.
+const BODY_IDLE: Duration = Duration::from_secs(30);
 const END: &str = "Verge-End";
 
 /// A forwarded request's head.
@@ -56,14 +64,28 @@ pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
 
 /// What a node does with a request forwarded to it.
 pub type ForwardHandler = Arc<
-    dyn Fn(ForwardHead, Bytes) -> Pin<Box<dyn Future<Output = (ForwardAnswer, BodyStream)> + Send>>
+    dyn Fn(
+            ForwardHead,
+            BodyStream,
+        ) -> Pin<Box<dyn Future<Output = (ForwardAnswer, BodyStream)> + Send>>
         + Send
         + Sync,
 >;
 
+/// The subjects of node `node`: `<this>.h` for heads, `<this>.b.<token>`
+/// for bodies.
 fn subject_of(node: &str) -> String {
     format!("verge.fwd.{}", hex::encode(node.as_bytes()))
 }
+
+/// Request bodies being received, by token, with when they started.
+type Incoming = std::collections::HashMap<
+    String,
+    (
+        std::time::Instant,
+        tokio::sync::mpsc::UnboundedSender<Result<Bytes, String>>,
+    ),
+>;
 
 impl Cluster {
     /// Serves requests forwarded to node `node` with `handler` until
@@ -72,7 +94,7 @@ impl Cluster {
         let (c, subject) = (self.clone(), subject_of(node));
         let task = tokio::spawn(async move {
             loop {
-                let mut sub = match c.client.subscribe(subject.clone()).await {
+                let mut sub = match c.client.subscribe(format!("{subject}.>")).await {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::debug!(error = %e, "could not serve forwarded requests; retrying");
@@ -80,7 +102,28 @@ impl Cluster {
                         continue;
                     }
                 };
+                let bodies_at = format!("{subject}.b.");
+                let mut incoming = Incoming::new();
                 while let Some(msg) = sub.next().await {
+                    if let Some(token) = msg.subject.as_str().strip_prefix(bodies_at.as_str()) {
+                        let Some((_, tx)) = incoming.get(token) else {
+                            continue;
+                        };
+                        let end = end_of(&msg);
+                        let mut gone = !msg.payload.is_empty() && tx.send(Ok(msg.payload)).is_err();
+                        match end {
+                            Some(Err(e)) => {
+                                let _ = tx.send(Err(e));
+                                gone = true;
+                            }
+                            Some(Ok(())) => gone = true,
+                            None => {}
+                        }
+                        if gone {
+                            incoming.remove(token);
+                        }
+                        continue;
+                    }
                     let (Some(reply), Some(head)) = (
                         msg.reply.clone(),
                         msg.headers
@@ -90,9 +133,39 @@ impl Cluster {
                     ) else {
                         continue;
                     };
+                    let token = msg
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(BODY))
+                        .map(|v| v.as_str().to_string());
+                    let request_body: BodyStream = match token {
+                        None => Box::pin(futures::stream::once(std::future::ready(Ok(msg
+                            .payload
+                            .clone())))),
+                        Some(token) => {
+                            // A body whose sender went away is given up after a
+                            // while (its stream ends with an error before).
+                            incoming.retain(|_, (at, _)| at.elapsed() < Duration::from_secs(900));
+                            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                            if !msg.payload.is_empty() {
+                                let _ = tx.send(Ok(msg.payload.clone()));
+                            }
+                            incoming.insert(token, (std::time::Instant::now(), tx));
+                            Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+                                match tokio::time::timeout(BODY_IDLE, rx.recv()).await {
+                                    Ok(Some(item)) => Some((item, rx)),
+                                    Ok(None) => None,
+                                    Err(_) => Some((
+                                        Err("the forwarded request body stopped coming".into()),
+                                        rx,
+                                    )),
+                                }
+                            }))
+                        }
+                    };
                     let (client, handler) = (c.client.clone(), handler.clone());
                     tokio::spawn(async move {
-                        let (answer, mut body) = handler(head, msg.payload).await;
+                        let (answer, mut body) = handler(head, request_body).await;
                         let mut headers = async_nats::HeaderMap::new();
                         let Ok(json) = serde_json::to_string(&answer) else {
                             return;
@@ -146,7 +219,7 @@ impl Cluster {
         &self,
         node: &str,
         head: &ForwardHead,
-        body: Bytes,
+        body: ForwardBody,
         first_byte: Duration,
     ) -> Result<(ForwardAnswer, BodyStream), ClusterError> {
         let replies = self
@@ -158,10 +231,53 @@ impl Cluster {
         let mut headers = async_nats::HeaderMap::new();
         let json = serde_json::to_string(head).map_err(|e| ClusterError::Other(e.to_string()))?;
         headers.insert(HEAD, json.as_str());
+        let (first, rest) = match body {
+            ForwardBody::Whole(b) => (b, None),
+            ForwardBody::Stream(s) => {
+                let token = crate::random_id();
+                headers.insert(BODY, token.as_str());
+                (Bytes::new(), Some((token, s)))
+            }
+        };
+        let to = subject_of(node);
         self.client
-            .publish_with_reply_and_headers(subject_of(node), inbox, headers, body)
+            .publish_with_reply_and_headers(format!("{to}.h"), inbox, headers, first)
             .await
             .map_err(crate::unavailable)?;
+        if let Some((token, mut stream)) = rest {
+            // The body goes on as it comes, while the answer is awaited
+            // (a guest may answer before it read all of it).
+            let (client, subject) = (self.client.clone(), format!("{to}.b.{token}"));
+            tokio::spawn(async move {
+                let mut end = String::from("ok");
+                while let Some(chunk) = stream.next().await {
+                    match chunk {
+                        Ok(bytes) => {
+                            for part in bytes.chunks(CHUNK) {
+                                if client
+                                    .publish(subject.clone(), bytes.slice_ref(part))
+                                    .await
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            end = if e.is_empty() {
+                                "the request body failed".into()
+                            } else {
+                                e
+                            };
+                            break;
+                        }
+                    }
+                }
+                let mut h = async_nats::HeaderMap::new();
+                h.insert(END, end.as_str());
+                let _ = client.publish_with_headers(subject, h, Bytes::new()).await;
+            });
+        }
         let first = match tokio::time::timeout(first_byte, sub.next()).await {
             Ok(Some(m)) => m,
             Ok(None) => {
@@ -322,7 +438,7 @@ mod tests {
     use crate::testkit::NatsServer;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_forwarded_request_streams_its_answer_back_in_order() {
+    async fn a_forwarded_request_streams_both_bodies_in_order() {
         let nats = NatsServer::start();
         let opts = |node: &str| crate::ClusterOptions {
             url: nats.url(),
@@ -337,8 +453,14 @@ mod tests {
         let b = Cluster::connect(&opts("b")).await.unwrap();
         b.serve_forwarded(
             "b",
-            Arc::new(|head: ForwardHead, body: Bytes| {
+            Arc::new(|head: ForwardHead, body: BodyStream| {
                 Box::pin(async move {
+                    // The request body, streamed or whole, read to its end.
+                    let parts: Vec<Result<Bytes, String>> = body.collect().await;
+                    let body: Bytes = match parts.into_iter().collect::<Result<Vec<_>, _>>() {
+                        Ok(p) => p.concat().into(),
+                        Err(e) => Bytes::from(format!("cut: {e}")),
+                    };
                     let chunks: Vec<Result<Bytes, String>> = vec![
                         Ok(Bytes::from(format!(
                             "{} {} from {}:",
@@ -365,13 +487,23 @@ mod tests {
             from: "a".into(),
         };
         for i in 0..20 {
+            // Every other request streams a body of 1 MiB in pieces.
+            let sent: Vec<u8> = if i % 2 == 0 {
+                format!("body{i}").into_bytes()
+            } else {
+                (0..(1 << 20)).map(|j| (j % 251) as u8).collect()
+            };
+            let request_body = if i % 2 == 0 {
+                ForwardBody::Whole(Bytes::from(sent.clone()))
+            } else {
+                let pieces: Vec<Result<Bytes, String>> = sent
+                    .chunks(100_000)
+                    .map(|c| Ok(Bytes::copy_from_slice(c)))
+                    .collect();
+                ForwardBody::Stream(Box::pin(futures::stream::iter(pieces)))
+            };
             let (answer, body) = a
-                .forward(
-                    "b",
-                    &head,
-                    Bytes::from(format!("body{i}")),
-                    Duration::from_secs(5),
-                )
+                .forward("b", &head, request_body, Duration::from_secs(5))
                 .await
                 .unwrap();
             let parts: Vec<Bytes> = body.map(|c| c.unwrap()).collect().await;
@@ -380,13 +512,19 @@ mod tests {
             assert_eq!(answer.status, 201);
             assert_eq!(answer.headers, vec![("x-a".to_string(), "1".to_string())]);
             let all: Vec<u8> = parts.concat();
-            let expect = format!("POST /f?q from a:body{i}");
-            assert_eq!(&all[..expect.len()], expect.as_bytes());
+            let mut expect = b"POST /f?q from a:".to_vec();
+            expect.extend_from_slice(&sent);
+            assert_eq!(&all[..expect.len()], &expect[..], "request {i}");
             assert_eq!(all.len(), expect.len() + (600 << 10));
         }
         // Nobody serves "c": an error at once, not a hang.
         let err = a
-            .forward("c", &head, Bytes::new(), Duration::from_secs(5))
+            .forward(
+                "c",
+                &head,
+                ForwardBody::Whole(Bytes::new()),
+                Duration::from_secs(5),
+            )
             .await
             .err()
             .unwrap();

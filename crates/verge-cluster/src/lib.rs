@@ -36,9 +36,7 @@ mod edge;
 mod edge_events;
 pub use edge_events::{EDGE_EVENTS_STREAM, FROM_EDGES_STREAM};
 mod forward;
-pub use forward::{
-    BodyStream, CHUNK, ForwardAnswer, ForwardHandler, ForwardHead, MAX_FORWARDED_BODY,
-};
+pub use forward::{BodyStream, CHUNK, ForwardAnswer, ForwardBody, ForwardHandler, ForwardHead};
 mod kvsync;
 mod usage;
 pub use kvsync::{NEEDED_PAYLOAD, NatsKvTransport};

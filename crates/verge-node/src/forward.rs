@@ -1,7 +1,8 @@
 //! A request for a version this node does not run (placed on nodes with
 //! other labels) goes to a live node that runs it, over the cluster's
 //! request/reply (`verge_cluster::Cluster::forward`); the answer streams
-//! back. The node that runs it records the invocation with the forwarding
+//! back, and a request body streams there as it comes. The node that runs
+//! it records the invocation with the forwarding
 //! node's name (`forwarded_from`). A forwarded request is never forwarded
 //! again. An edge cut off from the core answers 503 and says why.
 
@@ -14,14 +15,14 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::StreamExt;
 use http_body_util::BodyExt;
-use verge_cluster::{Cluster, ForwardAnswer, ForwardHandler, ForwardHead, MAX_FORWARDED_BODY};
+use verge_cluster::{CHUNK, Cluster, ForwardAnswer, ForwardBody, ForwardHandler, ForwardHead};
 use verge_spec::VERSION_HEADER;
 
 use crate::error::ApiError;
 use crate::state::{AppState, VersionSlot};
 
-/// Headers of one connection, never passed on. (`content-length` is: a
-/// forwarded body arrives whole.)
+/// Headers of one connection, never passed on (`content-length` is: the
+/// body arrives whole, streamed or not).
 const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
@@ -85,15 +86,27 @@ pub(crate) async fn forward(
         ))
         .into_response();
     };
-    let limit = slot.bodies.request.min(MAX_FORWARDED_BODY);
     let (parts, body) = request.into_parts();
-    let body = match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return ApiError::TooLarge(format!(
-                "the request body is larger than the {limit} bytes a request forwarded to another node may carry"
+    // A small body of known size goes with the head; any other streams on
+    // as it comes (the node that runs the version applies its limit).
+    let body = match http_body::Body::size_hint(&body).exact() {
+        Some(n) if n <= CHUNK as u64 => match body.collect().await {
+            Ok(b) => ForwardBody::Whole(b.to_bytes()),
+            Err(e) => {
+                return ApiError::BadRequest(format!("the request body could not be read: {e}"))
+                    .into_response();
+            }
+        },
+        _ => {
+            let stalling = crate::server::Stalling::new(body, state.body_timeout);
+            ForwardBody::Stream(Box::pin(
+                http_body_util::BodyStream::new(stalling).filter_map(|frame| async move {
+                    match frame {
+                        Ok(f) => f.into_data().ok().map(Ok),
+                        Err(e) => Some(Err(e.to_string())),
+                    }
+                }),
             ))
-            .into_response();
         }
     };
     let mut headers: Vec<(String, String)> = parts
@@ -152,13 +165,15 @@ pub(crate) async fn forward(
 /// Runs requests other nodes forward here, as user requests that are not
 /// forwarded again.
 pub(crate) fn handler(state: Weak<AppState>) -> ForwardHandler {
-    Arc::new(move |head: ForwardHead, body: Bytes| {
+    Arc::new(move |head: ForwardHead, body: verge_cluster::BodyStream| {
         let state = state.clone();
         Box::pin(async move {
             let Some(state) = state.upgrade() else {
                 return refused(503, "the node is stopping");
             };
-            let mut request = Request::new(Body::from(body));
+            let mut request = Request::new(Body::from_stream(body.map(|c| {
+                c.map_err(|e| std::io::Error::other(format!("forwarded body cut: {e}")))
+            })));
             *request.method_mut() = match http::Method::from_bytes(head.method.as_bytes()) {
                 Ok(m) => m,
                 Err(_) => return refused(400, "a forwarded request had no valid method"),
