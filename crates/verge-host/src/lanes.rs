@@ -111,6 +111,11 @@ pub(crate) struct Moved {
     waker: futures::task::AtomicWaker,
     /// Epoch ticks at which the guest was interrupted while computing.
     epochs: AtomicU32,
+    /// The invocation's task on the slow lane, once it is there: the
+    /// caller's cutoff aborts it at once (aborting the caller's task
+    /// reaches it only when that task is dropped, and the lane may run the
+    /// guest meanwhile).
+    slow_task: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl Moved {
@@ -128,6 +133,26 @@ impl Moved {
     pub(crate) fn set(&self) {
         self.flag.store(true, Ordering::Release);
         self.waker.wake();
+    }
+
+    fn on_slow_lane(&self, task: tokio::task::AbortHandle) {
+        *self
+            .slow_task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
+    }
+
+    /// Aborts the invocation's task on the slow lane, if it is there: a
+    /// task waiting for its turn is dropped without running again.
+    pub(crate) fn abort_slow(&self) {
+        if let Some(t) = self
+            .slow_task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
+            t.abort();
+        }
     }
 
     /// Has the invocation moved? If not, `cx` is woken when it does.
@@ -264,6 +289,9 @@ where
         if self.started_slow {
             moved.set();
         }
+        if let Place::Slow(h) = &self.lane {
+            moved.on_slow_lane(h.abort_handle());
+        }
         self.moved = Some(moved);
         self
     }
@@ -339,7 +367,11 @@ where
                         m.set();
                     }
                     this.slow.demoted.fetch_add(1, Ordering::Relaxed);
-                    this.lane = Place::Slow(this.slow.handle.spawn(f));
+                    let h = this.slow.handle.spawn(f);
+                    if let Some(m) = &this.moved {
+                        m.on_slow_lane(h.abort_handle());
+                    }
+                    this.lane = Place::Slow(h);
                 }
                 Place::Slow(h) => {
                     return match Pin::new(h).poll(cx) {
