@@ -48,7 +48,28 @@ pub(crate) struct Edge {
     pub(crate) link_changed: tokio::sync::Notify,
 }
 
-/// The hub's JetStream API, as a mirror's or source's origin.
+/// The mirror of the hub's bucket of the same name (`config` without its
+/// mirror), made if it is not there yet.
+async fn kv_mirror(
+    js: &jetstream::Context,
+    mut config: kv::Config,
+) -> Result<kv::Store, ClusterError> {
+    let bucket = config.bucket.clone();
+    if let Ok(kv) = js.get_key_value(bucket.as_str()).await {
+        return Ok(kv);
+    }
+    config.history = 1;
+    config.mirror = Some(stream::Source {
+        name: bucket.clone(),
+        external: Some(hub_api()),
+        ..Default::default()
+    });
+    js.create_key_value(config)
+        .await
+        .map_err(|e| other(format!("could not create the mirror of {bucket}: {e}")))
+}
+
+/// The hub's JetStream API, as a mirror's origin.
 fn hub_api() -> stream::External {
     stream::External {
         api_prefix: format!("$JS.{HUB_DOMAIN}.API"),
@@ -94,27 +115,16 @@ impl Edge {
         &self,
         js: &jetstream::Context,
     ) -> Result<kv::Store, ClusterError> {
-        if let Ok(kv) = js.get_key_value(REGISTRY_BUCKET).await {
-            return Ok(kv);
-        }
-        js.create_key_value(kv::Config {
-            bucket: REGISTRY_BUCKET.into(),
-            description: "Verge registry: mirror of the core's".into(),
-            history: 1,
-            storage: stream::StorageType::File,
-            mirror: Some(stream::Source {
-                name: REGISTRY_BUCKET.into(),
-                external: Some(hub_api()),
+        kv_mirror(
+            js,
+            kv::Config {
+                bucket: REGISTRY_BUCKET.into(),
+                description: "Verge registry: mirror of the core's".into(),
+                storage: stream::StorageType::File,
                 ..Default::default()
-            }),
-            ..Default::default()
-        })
+            },
+        )
         .await
-        .map_err(|e| {
-            other(format!(
-                "could not create the mirror of {REGISTRY_BUCKET}: {e}"
-            ))
-        })
     }
 
     /// The node records' mirror (made on the first start): an edge lists
@@ -123,28 +133,17 @@ impl Edge {
         &self,
         js: &jetstream::Context,
     ) -> Result<kv::Store, ClusterError> {
-        if let Ok(kv) = js.get_key_value(NODES_BUCKET).await {
-            return Ok(kv);
-        }
-        js.create_key_value(kv::Config {
-            bucket: NODES_BUCKET.into(),
-            description: "Verge nodes: mirror of the core's".into(),
-            history: 1,
-            max_age: NODE_TTL,
-            storage: stream::StorageType::Memory,
-            mirror: Some(stream::Source {
-                name: NODES_BUCKET.into(),
-                external: Some(hub_api()),
+        kv_mirror(
+            js,
+            kv::Config {
+                bucket: NODES_BUCKET.into(),
+                description: "Verge nodes: mirror of the core's".into(),
+                max_age: NODE_TTL,
+                storage: stream::StorageType::Memory,
                 ..Default::default()
-            }),
-            ..Default::default()
-        })
+            },
+        )
         .await
-        .map_err(|e| {
-            other(format!(
-                "could not create the mirror of {NODES_BUCKET}: {e}"
-            ))
-        })
     }
 
     /// The artifact store's mirror (made on the first start).

@@ -479,13 +479,27 @@ mod tests {
                 })
             }),
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
         let head = ForwardHead {
             method: "POST".into(),
             uri: "/f?q".into(),
             headers: vec![],
             from: "a".into(),
         };
+        // B serves once its subscription reached the server.
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while a
+            .forward(
+                "b",
+                &head,
+                ForwardBody::Whole(Bytes::new()),
+                Duration::from_secs(5),
+            )
+            .await
+            .is_err()
+        {
+            assert!(std::time::Instant::now() < until, "b never served");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         for i in 0..20 {
             // Every other request streams a body of 1 MiB in pieces.
             let sent: Vec<u8> = if i % 2 == 0 {
