@@ -5,8 +5,8 @@
 //!   stream `VERGE_EVENTS` (subject `edge.<site>.verge.events`, one message
 //!   per call, `Nats-Msg-Id` from the events' sources and ids): on its disk
 //!   at once, whether or not the link is up. Kept 7 days (the longest
-//!   outage an edge rides out); a full stream refuses new events (503)
-//!   rather than drop stored ones.
+//!   outage an edge rides out), at most 256 MiB: a full stream refuses new
+//!   events (503) rather than drop stored ones.
 //! - The edge sends them on to the core's stream `VERGE_EDGE_EVENTS`
 //!   (`edge::push_to_core`) whenever its link is up. Core nodes share one
 //!   durable consumer of it: a message is published to the core's bus (triggers
@@ -36,6 +36,9 @@ pub const FROM_EDGES_STREAM: &str = "VERGE_EDGE_EVENTS";
 pub(crate) const FROM_EDGES_SUBJECT: &str = "verge.edge-events";
 /// How long an edge keeps events the core has not taken.
 const KEEP: Duration = Duration::from_secs(7 * 86_400);
+/// How many bytes of events an edge keeps: beyond, new events are refused
+/// (503), stored ones never dropped for room.
+const EDGE_MAX_BYTES: i64 = 256 << 20;
 const CONSUMER: &str = "import";
 
 /// The edge's stream (at an edge) or the core's (on the core).
@@ -49,6 +52,7 @@ pub(crate) async fn ensure_stream(
             description: Some("Verge events emitted at this edge, for the core".into()),
             subjects: vec![cluster.subject("verge.events")],
             max_age: KEEP,
+            max_bytes: EDGE_MAX_BYTES,
             discard: stream::DiscardPolicy::New,
             duplicate_window: Duration::from_secs(600),
             storage: stream::StorageType::File,
