@@ -29,6 +29,28 @@ core=http://127.0.0.1:8081 e1=http://127.0.0.1:8181 e2=http://127.0.0.1:8182
 wasm=target/guests/rust-hello.wasm
 auth=(-H "Authorization: Bearer $token")
 
+# forwarded_latency LOCAL_URL FORWARDING_URL PATH LOCAL_NAME FORWARDING_NAME:
+# one client, 400 sequential GETs of PATH at each; p50 and p99 of both.
+forwarded_latency() {
+  python3 - "$@" <<'PY'
+import http.client, sys, time, urllib.parse
+local_url, fwd_url, path, local_name, fwd_name = sys.argv[1:6]
+def lat(url, n=400):
+    u = urllib.parse.urlparse(url)
+    c, xs = http.client.HTTPConnection(u.hostname, u.port, timeout=30), []
+    for _ in range(n):
+        t = time.perf_counter()
+        c.request("GET", path); r = c.getresponse(); r.read()
+        assert r.status == 200, r.status
+        xs.append((time.perf_counter() - t) * 1e6)
+    xs.sort()
+    return xs[len(xs) // 2], xs[int(len(xs) * 0.99)]
+local, fwd = lat(local_url), lat(fwd_url)
+print(f"one client, sequential: at {local_name} p50 {local[0]:.0f} us p99 {local[1]:.0f} us; "
+      f"{fwd_name} forwards p50 {fwd[0]:.0f} us p99 {fwd[1]:.0f} us; added p50 {fwd[0] - local[0]:.0f} us")
+PY
+}
+
 echo "== deploy propagation, core -> edge-1 ($n deploys, loopback)"
 python3 bench/cluster.py "$core" "$e1" "$token" "$wasm" "$n"
 
@@ -55,24 +77,7 @@ read -r rps p50 p99 < <(wrk_run "$e2/far" "$duration" 8)
 echo "at edge-2        $rps req/s  p50 $p50  p99 $p99"
 read -r rps p50 p99 < <(wrk_run "$e1/far" "$duration" 8)
 echo "edge-1 forwards  $rps req/s  p50 $p50  p99 $p99"
-python3 - "$e1" "$e2" <<'PY'
-import http.client, sys, time, urllib.parse
-def conn(url):
-    u = urllib.parse.urlparse(url)
-    return http.client.HTTPConnection(u.hostname, u.port, timeout=30)
-def lat(url, n=400):
-    c, xs = conn(url), []
-    for _ in range(n):
-        t = time.perf_counter()
-        c.request("GET", "/far"); r = c.getresponse(); r.read()
-        assert r.status == 200, r.status
-        xs.append((time.perf_counter() - t) * 1e6)
-    xs.sort()
-    return xs[len(xs) // 2], xs[int(len(xs) * 0.99)]
-local, fwd = lat(sys.argv[2]), lat(sys.argv[1])
-print(f"one client, sequential: at edge-2 p50 {local[0]:.0f} us p99 {local[1]:.0f} us; "
-      f"forwarded p50 {fwd[0]:.0f} us p99 {fwd[1]:.0f} us; added p50 {fwd[0] - local[0]:.0f} us")
-PY
+forwarded_latency "$e2" "$e1" /far edge-2 edge-1
 
 echo "== the same between two core nodes (no proxy on the path)"
 start_node "$VERGE_CLUSTER_DIR/node-b" 18190 --nats "$(cat "$VERGE_CLUSTER_DIR/nats-url")" --node-name node-b --label tier=b
@@ -81,24 +86,7 @@ trap 'kill $pids_extra 2>/dev/null || true; scripts/cluster down --wipe >/dev/nu
 nb=http://127.0.0.1:18190
 curl -fs "${auth[@]}" -X POST --data-binary @"$wasm" "$core/v1/functions/near/versions?route=/near&place=tier%3Db" >/dev/null
 until curl -fs "$core/near" >/dev/null; do sleep 0.05; done
-python3 - "$core" "$nb" <<'PY'
-import http.client, sys, time, urllib.parse
-def conn(url):
-    u = urllib.parse.urlparse(url)
-    return http.client.HTTPConnection(u.hostname, u.port, timeout=30)
-def lat(url, n=400):
-    c, xs = conn(url), []
-    for _ in range(n):
-        t = time.perf_counter()
-        c.request("GET", "/near"); r = c.getresponse(); r.read()
-        assert r.status == 200, r.status
-        xs.append((time.perf_counter() - t) * 1e6)
-    xs.sort()
-    return xs[len(xs) // 2], xs[int(len(xs) * 0.99)]
-local, fwd = lat(sys.argv[2]), lat(sys.argv[1])
-print(f"one client, sequential: at node-b p50 {local[0]:.0f} us p99 {local[1]:.0f} us; "
-      f"node-1 forwards p50 {fwd[0]:.0f} us p99 {fwd[1]:.0f} us; added p50 {fwd[0] - local[0]:.0f} us")
-PY
+forwarded_latency "$nb" "$core" /near node-b node-1
 
 echo "== convergence after a ${cut} s cut with key-value writes on both sides"
 scripts/cluster cut 1 >/dev/null

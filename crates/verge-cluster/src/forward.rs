@@ -165,45 +165,13 @@ impl Cluster {
                     };
                     let (client, handler) = (c.client.clone(), handler.clone());
                     tokio::spawn(async move {
-                        let (answer, mut body) = handler(head, request_body).await;
-                        let mut headers = async_nats::HeaderMap::new();
+                        let (answer, body) = handler(head, request_body).await;
                         let Ok(json) = serde_json::to_string(&answer) else {
                             return;
                         };
+                        let mut headers = async_nats::HeaderMap::new();
                         headers.insert(HEAD, json.as_str());
-                        let mut pending = Some(headers);
-                        let mut end = String::new();
-                        while let Some(chunk) = body.next().await {
-                            match chunk {
-                                Ok(bytes) => {
-                                    for part in bytes.chunks(CHUNK) {
-                                        let data = bytes.slice_ref(part);
-                                        let sent = match pending.take() {
-                                            Some(h) => {
-                                                client
-                                                    .publish_with_headers(reply.clone(), h, data)
-                                                    .await
-                                            }
-                                            None => client.publish(reply.clone(), data).await,
-                                        };
-                                        if sent.is_err() {
-                                            return;
-                                        }
-                                    }
-                                }
-                                Err(e) => {
-                                    end = if e.is_empty() {
-                                        "the body failed".into()
-                                    } else {
-                                        e
-                                    };
-                                    break;
-                                }
-                            }
-                        }
-                        let mut last = pending.unwrap_or_default();
-                        last.insert(END, if end.is_empty() { "ok" } else { end.as_str() });
-                        let _ = client.publish_with_headers(reply, last, Bytes::new()).await;
+                        send_body(&client, reply, Some(headers), body).await;
                         let _ = client.flush().await;
                     });
                 }
@@ -244,39 +212,11 @@ impl Cluster {
             .publish_with_reply_and_headers(format!("{to}.h"), inbox, headers, first)
             .await
             .map_err(crate::unavailable)?;
-        if let Some((token, mut stream)) = rest {
+        if let Some((token, stream)) = rest {
             // The body goes on as it comes, while the answer is awaited
             // (a guest may answer before it read all of it).
             let (client, subject) = (self.client.clone(), format!("{to}.b.{token}"));
-            tokio::spawn(async move {
-                let mut end = String::from("ok");
-                while let Some(chunk) = stream.next().await {
-                    match chunk {
-                        Ok(bytes) => {
-                            for part in bytes.chunks(CHUNK) {
-                                if client
-                                    .publish(subject.clone(), bytes.slice_ref(part))
-                                    .await
-                                    .is_err()
-                                {
-                                    return;
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            end = if e.is_empty() {
-                                "the request body failed".into()
-                            } else {
-                                e
-                            };
-                            break;
-                        }
-                    }
-                }
-                let mut h = async_nats::HeaderMap::new();
-                h.insert(END, end.as_str());
-                let _ = client.publish_with_headers(subject, h, Bytes::new()).await;
-            });
+            tokio::spawn(async move { send_body(&client, subject.into(), None, stream).await });
         }
         let first = match tokio::time::timeout(first_byte, sub.next()).await {
             Ok(Some(m)) => m,
@@ -423,6 +363,47 @@ impl Drop for Waiter {
     fn drop(&mut self) {
         crate::lock(&self.replies.waiting).remove(&self.token);
     }
+}
+
+/// Sends `body` to `subject` in messages of at most [`CHUNK`] bytes, the
+/// first with `headers` (if any), then a last one with `Verge-End` (`ok`,
+/// or why the body was cut). Stops quietly when NATS refuses a message.
+async fn send_body(
+    client: &async_nats::Client,
+    subject: async_nats::Subject,
+    mut headers: Option<async_nats::HeaderMap>,
+    mut body: BodyStream,
+) {
+    let mut end = String::from("ok");
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(bytes) => {
+                for part in bytes.chunks(CHUNK) {
+                    let data = bytes.slice_ref(part);
+                    let sent = match headers.take() {
+                        Some(h) => client.publish_with_headers(subject.clone(), h, data).await,
+                        None => client.publish(subject.clone(), data).await,
+                    };
+                    if sent.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                end = if e.is_empty() {
+                    "the body failed".into()
+                } else {
+                    e
+                };
+                break;
+            }
+        }
+    }
+    let mut last = headers.unwrap_or_default();
+    last.insert(END, end.as_str());
+    let _ = client
+        .publish_with_headers(subject, last, Bytes::new())
+        .await;
 }
 
 /// `Some(Ok)`: the last message; `Some(Err)`: the last, the body cut.

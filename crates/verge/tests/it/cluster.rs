@@ -13,6 +13,18 @@ pub(crate) fn cluster_node(nats: &NatsServer, name: &str) -> TestNode {
     TestNode::start_with(&["--nats", &nats.url(), "--node-name", name])
 }
 
+/// Invocations of `function` that `node`'s `verge usage` counts.
+pub(crate) fn invocations(node: &TestNode, function: &str) -> Option<u64> {
+    let out = node.cli_ok(&["usage", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == function)
+        .map(|r| r["invocations"].as_u64().unwrap())
+}
+
 /// Status and `verge-version` header of GET `path` on `node`.
 pub(crate) fn get(node: &TestNode, path: &str) -> (u16, Option<u64>) {
     let (status, headers, _) = curl(&[&format!("{}{path}", node.url)]);
@@ -209,16 +221,7 @@ fn two_nodes_on_one_jetstream_serve_as_one_platform() {
     for _ in 0..6 {
         assert_eq!(get(&b, "/counted").0, 200);
     }
-    let counted = |node: &TestNode| {
-        let out = node.cli_ok(&["usage", "--json"]);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v["rows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["key"] == "counted")
-            .map(|r| r["invocations"].as_u64().unwrap())
-    };
+    let counted = |node: &TestNode| invocations(node, "counted");
     // 4 on A, 1 + 6 on B (the first from the wait above).
     eventually("both nodes count 11 invocations of counted", || {
         (counted(&a) == Some(11) && counted(&b) == Some(11)).then_some(())

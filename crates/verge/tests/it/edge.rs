@@ -6,7 +6,7 @@
 use verge_cluster::testkit::{NatsServer, Proxy};
 
 use crate::cluster::{
-    RequestLoop, cluster_node, get, post_events, received, received_types, records,
+    RequestLoop, cluster_node, get, invocations, post_events, received, received_types, records,
 };
 use crate::kit::{TestNode, eventually, fixture};
 
@@ -46,17 +46,6 @@ fn link_of(node: &TestNode, name: &str) -> String {
         .find(|n| n["name"] == name)
         .map(|n| n["link"].as_str().unwrap_or("").to_string())
         .unwrap_or_default()
-}
-
-fn invocations(node: &TestNode, function: &str) -> Option<u64> {
-    let out = node.cli_ok(&["usage", "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["key"] == function)
-        .map(|r| r["invocations"].as_u64().unwrap())
 }
 
 fn kv_get(node: &TestNode, key: &str) -> Option<String> {
