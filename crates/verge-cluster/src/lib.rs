@@ -1205,6 +1205,7 @@ mod tests {
                 buckets: &[],
                 tenant: "default",
                 placement: &[],
+                grants: &verge_spec::NO_GRANTS,
                 routes: &[],
                 deployed_by: "admin",
                 promote: true,

@@ -27,13 +27,24 @@ pub(crate) struct GuestState {
     hooks: Outbound,
     limits: GuestLimits,
     kv: crate::keyvalue::KvCtx,
+    /// The version's `--config` values and granted secrets, as of the
+    /// invocation's start.
+    config: Arc<wasmtime_wasi_config::WasiConfigVariables>,
 }
 
 impl GuestState {
     pub(crate) fn kv_view(&mut self) -> crate::keyvalue::KvView<'_> {
         crate::keyvalue::KvView::new(&self.kv, &mut self.table)
     }
+
+    pub(crate) fn config_view(&mut self) -> wasmtime_wasi_config::WasiConfig<'_> {
+        wasmtime_wasi_config::WasiConfig::new(&self.config)
+    }
 }
+
+/// No configuration: what most invocations share.
+static NO_CONFIG: std::sync::LazyLock<Arc<wasmtime_wasi_config::WasiConfigVariables>> =
+    std::sync::LazyLock::new(Arc::default);
 
 /// Memory accounting of one instance: refuses growth past the limit (the
 /// guest sees a failed `memory.grow`), remembers that it did, and tracks the
@@ -96,16 +107,23 @@ impl WasiHttpView for GuestState {
     }
 }
 
-/// Outbound HTTP of a guest: requests to the events URL are events, handled
-/// in-process (no network); anything else is refused until an allowlist
-/// exists: the guest gets `HTTP-request-denied` and a line on its stderr.
+/// Outbound HTTP of a guest: requests to the events URL are events, and
+/// requests to `NAME.fn.verge.internal` calls of function NAME, both handled
+/// in process (no network); anything else goes out only as its version's
+/// grants allow (`outbound`).
 struct Outbound {
     stderr: Capture,
     function: String,
     version: u64,
+    invocation_id: String,
     /// Hops of the event chain this invocation belongs to.
     hops: u32,
     events: Option<EventSink>,
+    calls: Option<crate::CallSink>,
+    policy: Arc<crate::outbound::OutboundPolicy>,
+    settings: Arc<crate::outbound::OutboundSettings>,
+    usage: Arc<crate::outbound::OutboundUsage>,
+    deadline: Instant,
 }
 
 type SendResult = wasmtime_wasi_http::Result<(
@@ -141,11 +159,58 @@ fn parse_events(parts: &http::request::Parts, body: &[u8]) -> Result<Vec<CloudEv
     CloudEvent::from_http(ct, headers, body).map_err(|e| e.to_string())
 }
 
+impl Outbound {
+    /// A call of function `target` in process, if this version may make it.
+    fn call(
+        &self,
+        target: String,
+        request: http::Request<WasiBody>,
+    ) -> impl Future<Output = SendResult> + Send + 'static {
+        let refused = if !self.policy.calls.contains(&target) {
+            Some(format!(
+                "verge: call to function {target:?} denied: deploy {:?} with --allow-call {target}\n",
+                self.function
+            ))
+        } else if self.calls.is_none() {
+            Some(format!(
+                "verge: call to function {target:?} refused: this node runs no calls between functions\n"
+            ))
+        } else {
+            None
+        };
+        if let Some(line) = &refused {
+            tracing::info!(function = %self.function, callee = %target, "call between functions denied");
+            use wasmtime_wasi::p2::OutputStream;
+            let _ = self.stderr.clone().write(Bytes::from(line.clone()));
+        }
+        let sink = self.calls.clone();
+        let call = crate::CallRequest {
+            function: target,
+            caller: self.function.clone(),
+            parent_id: self.invocation_id.clone(),
+            hops: self.hops,
+            request: request.map(|b| b.map_err(|e| BodyError(e.to_string())).boxed_unsync()),
+        };
+        async move {
+            let Some(sink) = sink.filter(|_| refused.is_none()) else {
+                return Err(wasmtime_wasi_http::Error::HttpRequestDenied);
+            };
+            let response = sink(call).await.map(|b| {
+                b.map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e.0)))
+                    .boxed_unsync()
+            });
+            let done: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send> =
+                Box::new(async { Ok(()) });
+            Ok((response, done))
+        }
+    }
+}
+
 impl WasiHttpHooks for Outbound {
     fn send_request(
         &mut self,
         request: http::Request<WasiBody>,
-        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
         _fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
     ) -> Box<dyn Future<Output = SendResult> + Send> {
         if request.uri().host() == Some(crate::EVENTS_HOST)
@@ -186,15 +251,22 @@ impl WasiHttpHooks for Outbound {
                 }
             });
         }
-        let line = format!(
-            "verge: outbound HTTP request to {} denied: function {:?} has no allowed outbound hosts\n",
-            request.uri(),
-            self.function
-        );
-        tracing::info!(function = %self.function, uri = %request.uri(), "outbound HTTP denied");
-        use wasmtime_wasi::p2::OutputStream;
-        let _ = self.stderr.clone().write(Bytes::from(line));
-        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+        if let Some(target) = request
+            .uri()
+            .host()
+            .and_then(|h| h.strip_suffix(crate::CALL_HOST_SUFFIX))
+        {
+            return Box::new(self.call(target.to_ascii_lowercase(), request));
+        }
+        let sender = crate::outbound::Sender {
+            policy: self.policy.clone(),
+            settings: self.settings.clone(),
+            usage: self.usage.clone(),
+            deadline: self.deadline,
+            stderr: self.stderr.clone(),
+            function: self.function.clone(),
+        };
+        Box::new(sender.send(request, options))
     }
 }
 
@@ -214,6 +286,7 @@ struct Watch {
     stderr: Capture,
     peak: Arc<AtomicU64>,
     lane: Arc<crate::lanes::Moved>,
+    outbound: Arc<crate::outbound::OutboundUsage>,
 }
 
 impl Watch {
@@ -223,6 +296,7 @@ impl Watch {
             stderr: Capture::new(log_limit),
             peak: Arc::default(),
             lane: Arc::default(),
+            outbound: Arc::default(),
         }
     }
 
@@ -232,6 +306,7 @@ impl Watch {
         r.stdout = (!out.is_empty()).then_some(out);
         r.stderr = (!err.is_empty()).then_some(err);
         r.peak_memory_bytes = self.peak.load(Ordering::Relaxed);
+        self.outbound.record(r);
     }
 }
 
@@ -244,6 +319,7 @@ fn new_store(
     watch: &Watch,
     deadline: Instant,
     hops: u32,
+    invocation_id: &str,
 ) -> Store<GuestState> {
     let (stdout, stderr) = (&watch.stdout, &watch.stderr);
     let cfg = host.config();
@@ -263,8 +339,18 @@ fn new_store(
             stderr: stderr.clone(),
             function: function.name.clone(),
             version: function.version,
+            invocation_id: invocation_id.to_string(),
             hops,
             events: host.event_sink.clone(),
+            calls: host.call_sink.clone(),
+            policy: function.policy.clone(),
+            settings: cfg.outbound.clone(),
+            usage: watch.outbound.clone(),
+            deadline,
+        },
+        config: match function.config_now() {
+            None => NO_CONFIG.clone(),
+            Some(values) => Arc::new(values.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()),
         },
         kv: crate::keyvalue::KvCtx {
             kv: host.kv.clone(),
@@ -306,7 +392,7 @@ pub(crate) async fn instantiate_only(host: &Host, function: &Function) -> Result
         .checked_add(function.timeout.unwrap_or(host.config().timeout))
         .unwrap_or(now + Duration::from_secs(86_400));
     let code = function.component.code();
-    let mut store = new_store(host, &code.engine, function, &watch, deadline, 0);
+    let mut store = new_store(host, &code.engine, function, &watch, deadline, 0, "");
     let result = code.pre.instantiate_async(&mut store).await.map(drop);
     drop(store);
     result.map_err(|e| {
@@ -346,7 +432,15 @@ where
             .map(verge_spec::parse_hops)
             .unwrap_or(verge_spec::HOPS_INVALID),
     };
-    let mut store = new_store(host, &code.engine, function, &watch, deadline, hops);
+    let mut store = new_store(
+        host,
+        &code.engine,
+        function,
+        &watch,
+        deadline,
+        hops,
+        invocation_id,
+    );
 
     let meter = Meter::new(
         if cfg.metering {
@@ -383,6 +477,11 @@ where
                 .extensions()
                 .get::<verge_spec::RetriedOnFailure>()
                 .is_some(),
+            parent_id: request
+                .extensions()
+                .get::<verge_spec::ParentInvocation>()
+                .map(|p| p.0.clone()),
+            ..UsageRecord::default()
         },
     );
 

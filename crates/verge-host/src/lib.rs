@@ -18,6 +18,7 @@ mod incremental;
 mod keyvalue;
 mod lanes;
 mod meter;
+mod outbound;
 mod shared;
 
 use std::collections::hash_map::DefaultHasher;
@@ -62,6 +63,41 @@ pub type EventSink = Arc<
 >;
 use guest::GuestState;
 pub use meter::UsageSink;
+pub use outbound::{GrantError, OutboundPolicy, OutboundSettings, check_ca};
+
+/// Host names under this suffix are functions: a guest's request to
+/// `http://NAME.fn.verge.internal/...` calls function NAME in process.
+pub const CALL_HOST_SUFFIX: &str = ".fn.verge.internal";
+
+/// A guest's call of another function (`http://NAME.fn.verge.internal/`),
+/// allowed by its version's `--allow-call`.
+pub struct CallRequest {
+    /// The function called.
+    pub function: String,
+    /// The function calling, and its invocation (the callee's parent).
+    pub caller: String,
+    pub parent_id: String,
+    /// Hops of the caller's chain (the callee runs at the next one).
+    pub hops: u32,
+    pub request: http::Request<UnsyncBoxBody<Bytes, BodyError>>,
+}
+
+/// Runs calls between functions: the node routes them like requests on a
+/// route (the callee's live alias, admission, limits, its own record) and
+/// answers as it would answer a client, errors included.
+pub type CallSink = Arc<
+    dyn Fn(
+            CallRequest,
+        )
+            -> std::pin::Pin<Box<dyn Future<Output = http::Response<ResponseBody>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// The current `--config` values and granted secrets of a version (read at
+/// each invocation's start, so that a rotated secret takes effect on the
+/// next request).
+pub type ConfigSource = Arc<dyn Fn() -> Arc<Vec<(String, String)>> + Send + Sync>;
 
 /// Settings of the host, fixed for the life of the process.
 #[derive(Debug, Clone)]
@@ -85,6 +121,9 @@ pub struct HostConfig {
     /// of lower-priority threads, so that it cannot starve short requests
     /// (`None`: never).
     pub demote_after: Option<Duration>,
+    /// Outbound HTTP of guests: name overrides, the node's own ports,
+    /// response and concurrency limits.
+    pub outbound: Arc<OutboundSettings>,
 }
 
 /// Which compiler makes a component's machine code.
@@ -141,6 +180,7 @@ impl HostConfig {
             metering: true,
             tiering: Tiering::default(),
             demote_after: Some(Duration::from_millis(20)),
+            outbound: Arc::default(),
         }
     }
 }
@@ -177,7 +217,7 @@ pub enum DeployError {
     )]
     MissingExport { found: String },
     #[error(
-        "the component imports {}, which Verge does not provide; Verge provides WASI 0.2 (cli, clocks, io, random, filesystem, sockets), wasi:http and wasi:keyvalue@0.2.0-draft",
+        "the component imports {}, which Verge does not provide; Verge provides WASI 0.2 (cli, clocks, io, random, filesystem, sockets), wasi:http, wasi:keyvalue@0.2.0-draft and wasi:config@0.2.0-rc.1",
         .0.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
     )]
     UnsupportedImport(Vec<String>),
@@ -220,7 +260,7 @@ pub enum InvokeError {
 /// An error while streaming a guest's response body.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct BodyError(String);
+pub struct BodyError(pub String);
 
 /// The body of a guest's response, streamed as the guest writes it.
 pub type ResponseBody = UnsyncBoxBody<Bytes, BodyError>;
@@ -321,6 +361,10 @@ pub struct Function {
     /// The bucket a guest gets for the identifier `""` (what `wasmtime
     /// serve -Skeyvalue` offers): the function's own, named after it.
     kv_default: Arc<str>,
+    /// What its outbound requests may reach, and the functions it may call.
+    pub(crate) policy: Arc<OutboundPolicy>,
+    /// Its configuration values and secrets, when it has any.
+    config: Option<ConfigSource>,
 }
 
 impl Function {
@@ -343,7 +387,27 @@ impl Function {
             log_limit: None,
             kv_buckets: Arc::new(Vec::new()),
             kv_tenant: Arc::from(verge_kv::DEFAULT_TENANT),
+            policy: Arc::default(),
+            config: None,
         }
+    }
+
+    /// Grants outbound hosts and calls (`OutboundPolicy::new` parses them).
+    pub fn with_policy(mut self, policy: OutboundPolicy) -> Self {
+        self.policy = Arc::new(policy);
+        self
+    }
+
+    /// Gives the guest `wasi:config` values, read from `source` at each
+    /// invocation's start.
+    pub fn with_config(mut self, source: ConfigSource) -> Self {
+        self.config = Some(source);
+        self
+    }
+
+    /// The configuration values for an invocation starting now.
+    pub(crate) fn config_now(&self) -> Option<Arc<Vec<(String, String)>>> {
+        self.config.as_ref().map(|c| c())
     }
 
     /// Grants key-value buckets of a tenant.
@@ -424,6 +488,8 @@ impl Compiler {
             .map_err(|e| HostError::Engine(format!("{e:#}")))?;
         keyvalue::add_to_linker(&mut linker, GuestState::kv_view)
             .map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        wasmtime_wasi_config::add_to_linker(&mut linker, GuestState::config_view)
+            .map_err(|e| HostError::Engine(format!("{e:#}")))?;
         let mut hasher = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let key = format!("{:016x}", hasher.finish());
@@ -449,6 +515,7 @@ pub struct Host {
     optimized: AtomicU64,
     usage_sink: Option<UsageSink>,
     event_sink: Option<EventSink>,
+    call_sink: Option<CallSink>,
     kv: Option<Arc<verge_kv::Kv>>,
     /// Where invocations past `demote_after` of CPU time continue.
     slow_lane: Option<lanes::SlowLane>,
@@ -530,6 +597,7 @@ impl Host {
             optimized: AtomicU64::new(0),
             usage_sink: None,
             event_sink: None,
+            call_sink: None,
             kv: None,
             slow_lane,
             demoted: Arc::new(AtomicU64::new(0)),
@@ -563,6 +631,12 @@ impl Host {
     /// one, such requests are refused like any outbound request.
     pub fn set_event_sink(&mut self, sink: EventSink) {
         self.event_sink = Some(sink);
+    }
+
+    /// Runs guests' calls of other functions through `sink`; without one,
+    /// such calls are refused.
+    pub fn set_call_sink(&mut self, sink: CallSink) {
+        self.call_sink = Some(sink);
     }
 
     /// Gives guests `wasi:keyvalue` on this replica (each version only the
@@ -1093,6 +1167,9 @@ impl Host {
 fn is_provided_import(name: &str) -> bool {
     if name.starts_with("wasi:keyvalue/") {
         return name.ends_with("@0.2.0-draft");
+    }
+    if name.starts_with("wasi:config/") {
+        return name.ends_with("@0.2.0-rc.1");
     }
     const PACKAGES: [&str; 7] = [
         "wasi:cli/",

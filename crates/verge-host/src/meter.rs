@@ -158,9 +158,7 @@ pub(crate) mod tests {
                 stdout: None,
                 stderr: None,
                 error: None,
-                forwarded_from: None,
-                hops: 0,
-                will_retry: false,
+                ..UsageRecord::default()
             },
         )
     }

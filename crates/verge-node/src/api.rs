@@ -74,6 +74,9 @@ api_routes! {
     GET "/v1/tokens" => crate::auth::list_tokens,
     POST "/v1/tokens" => crate::auth::create_token,
     DELETE "/v1/tokens/{name}" => crate::auth::delete_token,
+    GET "/v1/secrets" => crate::secrets::list,
+    PUT "/v1/secrets/{name}" => crate::secrets::put,
+    DELETE "/v1/secrets/{name}" => crate::secrets::delete,
     GET "/v1/kv" => crate::kv::buckets,
     GET "/v1/kv/{bucket}" => crate::kv::keys,
     GET "/v1/kv/{bucket}/{key}" => crate::kv::get,
@@ -424,6 +427,19 @@ impl DeployOptions {
                     verge_spec::parse_label(&v)?;
                     opts.placement.push(v.into_owned());
                 }
+                "allow_outbound" => opts.grants.allow_outbound.push(v.into_owned()),
+                "allow_private" => opts.grants.allow_private.push(v.into_owned()),
+                "allow_call" => opts.grants.allow_call.push(v.into_owned()),
+                "outbound_ca" => opts.grants.outbound_ca = Some(v.into_owned()),
+                "secret" => opts.grants.secrets.push(v.into_owned()),
+                "config" => {
+                    let (k, val) = v.split_once('=').ok_or_else(|| {
+                        ApiError::BadRequest(format!(
+                            "invalid config entry {v:?}: write it as KEY=VALUE"
+                        ))
+                    })?;
+                    opts.grants.config.insert(k.to_string(), val.to_string());
+                }
                 "kv_bucket" => {
                     verge_kv::validate_bucket(&v)
                         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -450,7 +466,7 @@ impl DeployOptions {
                 }
                 other => {
                     return Err(ApiError::BadRequest(format!(
-                        "unknown query parameter {other:?}; accepted: route, host, env, timeout, memory, concurrency, max_request_body, max_response_body, log_limit, promote, kv_bucket, tenant, place"
+                        "unknown query parameter {other:?}; accepted: route, host, env, timeout, memory, concurrency, max_request_body, max_response_body, log_limit, promote, kv_bucket, tenant, place, allow_outbound, allow_private, allow_call, outbound_ca, config, secret"
                     )));
                 }
             }
@@ -925,6 +941,14 @@ mod tests {
                 env: [(s(), s())].into(),
                 kv_buckets: vec![s()],
                 placement: vec![s()],
+                grants: verge_spec::Grants {
+                    allow_outbound: vec![s()],
+                    allow_private: vec![s()],
+                    outbound_ca: Some(s()),
+                    allow_call: vec![s()],
+                    config: [(s(), s())].into(),
+                    secrets: vec![s()],
+                },
                 tenant: s(),
                 created_at: s(),
                 deployed_by: s(),
@@ -943,6 +967,11 @@ mod tests {
                 error: Some(s()),
                 hops: 3,
                 will_retry: true,
+                parent_id: Some(s()),
+                outbound_requests: 1,
+                outbound_sent_bytes: 1,
+                outbound_received_bytes: 1,
+                outbound_wait_us: 1,
                 ..UsageRecord::default()
             },
         );
@@ -963,6 +992,9 @@ mod tests {
             gb_seconds_configured: 1.0,
             cpu_seconds: 1.0,
             bytes_out: 1,
+            outbound_requests: 1,
+            outbound_bytes: 1,
+            outbound_wait_seconds: 1.0,
             cost: 1.0,
         };
         check(&doc, "UsageRow", &row);

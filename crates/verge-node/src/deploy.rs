@@ -27,6 +27,8 @@ pub(crate) struct DeployOptions {
     pub tenant: String,
     /// Node labels it needs (`k=v`); empty: every node.
     pub placement: Vec<String>,
+    /// What it may reach: outbound hosts, functions, config, secrets.
+    pub grants: verge_spec::Grants,
     /// Point `live` at the new version (the first version always is).
     pub promote: bool,
     /// Name of the token that deploys.
@@ -42,6 +44,7 @@ impl Default for DeployOptions {
             buckets: Vec::new(),
             tenant: verge_spec::DEFAULT_TENANT.to_string(),
             placement: Vec::new(),
+            grants: verge_spec::Grants::default(),
             promote: true,
             deployed_by: "admin".into(),
         }
@@ -60,6 +63,12 @@ pub(crate) async fn deploy(
     let mut steps = Steps::new();
     validate_function_name(name)?;
     check_limits(state, &opts.limits)?;
+    opts.grants
+        .validate()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if let Some(pem) = &opts.grants.outbound_ca {
+        verge_host::check_ca(pem).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    }
     Host::check_bytes(&bytes)?;
     // An early refusal from the node's route table (no database call on
     // this thread); the store checks again in the deploy's transaction.
@@ -86,6 +95,7 @@ pub(crate) async fn deploy(
 
     let _guard = state.deploy_lock.lock().await;
     let placement = opts.placement.clone();
+    let grants = opts.grants.clone();
     let (fname, env, routes, limits, by, promote, buckets, tenant) = (
         name.to_string(),
         opts.env.clone(),
@@ -118,6 +128,7 @@ pub(crate) async fn deploy(
                 buckets: &buckets,
                 tenant: &tenant,
                 placement: &placement,
+                grants: &grants,
                 routes: &routes,
                 deployed_by: &by,
                 promote,

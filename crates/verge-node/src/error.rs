@@ -51,6 +51,9 @@ pub enum ApiError {
     /// The cluster's backends cannot take a write now (503).
     #[error("{0}")]
     Unavailable(String),
+    /// A chain of calls between functions went past the hop limit (508).
+    #[error("{0}")]
+    LoopDetected(String),
 }
 
 impl From<verge_cluster::ClusterError> for ApiError {
@@ -133,6 +136,7 @@ impl ApiError {
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
             ApiError::DiskFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "insufficient storage"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "cluster unavailable"),
+            ApiError::LoopDetected(_) => (StatusCode::LOOP_DETECTED, "loop detected"),
         }
     }
 }

@@ -369,6 +369,63 @@ pub(crate) async fn run(
     }
 }
 
+/// The answer of a call as the calling guest reads it.
+fn call_response(response: Response) -> http::Response<verge_host::ResponseBody> {
+    use http_body_util::BodyExt;
+    response.map(|b| {
+        b.map_err(|e| verge_host::BodyError(e.to_string()))
+            .boxed_unsync()
+    })
+}
+
+/// A guest's call of another function (`http://NAME.fn.verge.internal/`):
+/// the callee's live alias on this node, through its admission and limits,
+/// metered as its own invocation with the caller's as its parent. Each call
+/// is a hop: a chain of calls (and events) stops at the node's hop limit.
+pub(crate) async fn call(
+    state: Arc<AppState>,
+    call: verge_host::CallRequest,
+) -> http::Response<verge_host::ResponseBody> {
+    let hops = verge_spec::next_hop(call.hops);
+    if hops > state.hop_limit {
+        tracing::info!(caller = %call.caller, callee = %call.function, hops, "a call stopped at the hop limit");
+        return call_response(
+            ApiError::LoopDetected(format!(
+                "call from {:?} to {:?} refused: the chain went through {hops} functions (limit {}); a call loop?",
+                call.caller, call.function, state.hop_limit
+            ))
+            .into_response(),
+        );
+    }
+    let (mut parts, body) = call.request.into_parts();
+    let resolved = resolve(
+        &state,
+        &call.function,
+        Selector::Alias(verge_spec::LIVE_ALIAS),
+        &parts.headers,
+    )
+    .await;
+    let (slot, function) = match resolved {
+        Ok(r) => r,
+        Err(e) => return call_response(e.into_response()),
+    };
+    parts
+        .extensions
+        .insert(verge_spec::ParentInvocation(call.parent_id));
+    // The count is the node's, whatever the caller's guest wrote.
+    parts
+        .headers
+        .insert("ce-vergehops", HeaderValue::from(hops));
+    parts.headers.remove(VERSION_HEADER);
+    let request = Request::from_parts(parts, Body::new(body));
+    call_response(run(&state, &slot, &function, request, false).await)
+}
+
+/// A call made before the node's state exists (never, once it serves).
+pub(crate) fn unavailable_call() -> http::Response<verge_host::ResponseBody> {
+    call_response(ApiError::Unavailable("the node is starting; retry".into()).into_response())
+}
+
 #[cfg(test)]
 mod tests {
     use super::strip_port;

@@ -12,6 +12,7 @@ mod front;
 mod kv;
 mod projection;
 mod reserve;
+mod secrets;
 mod server;
 mod state;
 
@@ -112,6 +113,12 @@ pub struct NodeConfig {
     pub memory_budget: Option<u64>,
     /// The cluster to join (`None`: the embedded registry on this machine).
     pub cluster: Option<verge_cluster::ClusterOptions>,
+    /// The key that seals secrets (`None`: `secret.key` in the data
+    /// directory, made at the first start).
+    pub secret_key_file: Option<PathBuf>,
+    /// Guests' outbound HTTP: names resolved without DNS, limits. The
+    /// node's own ports are added at start.
+    pub outbound: verge_host::OutboundSettings,
 }
 
 impl NodeConfig {
@@ -146,6 +153,8 @@ impl NodeConfig {
             prune_every: Duration::from_secs(5),
             memory_budget: None,
             cluster: None,
+            secret_key_file: None,
+            outbound: verge_host::OutboundSettings::default(),
         }
     }
 
@@ -250,7 +259,25 @@ impl Node {
             ..StartReport::default()
         };
         let ledger = Arc::new(Ledger::open(&data_dir)?);
+        let secrets = Arc::new(match &config.secret_key_file {
+            Some(path) => secrets::Secrets::open(path, false),
+            None => secrets::Secrets::open(&data_dir.join("secret.key"), true),
+        }.map_err(|e| NodeError::Other(e.to_string()))?);
+        // Bound before the host is made: a guest may never reach the
+        // node's own port, so the host must know it.
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| NodeError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let mut outbound = config.outbound.clone();
+        if let Ok(addr) = listener.local_addr() {
+            outbound.own_ports.push(addr.port());
+        }
         let mut host = Host::new(HostConfig {
+            outbound: Arc::new(outbound),
             cache_dir: data_dir.join("cache"),
             max_instances: config.max_instances,
             memory_limit: config.memory_limit,
@@ -361,6 +388,19 @@ impl Node {
                 Ok(())
             })
         }));
+        // Calls between functions run through the node's state, which
+        // holds the host: the sink finds it once it exists.
+        let this: Arc<std::sync::OnceLock<std::sync::Weak<AppState>>> = Arc::default();
+        let found = this.clone();
+        host.set_call_sink(Arc::new(move |call| {
+            let state = found.get().and_then(std::sync::Weak::upgrade);
+            Box::pin(async move {
+                match state {
+                    Some(state) => front::call(state, call).await,
+                    None => front::unavailable_call(),
+                }
+            })
+        }));
         let local = verge_store::LocalArtifacts::new(store.clone());
         let artifacts: Arc<dyn verge_store::Artifacts> = match &cluster {
             None => Arc::new(local),
@@ -382,6 +422,8 @@ impl Node {
                 cluster,
                 data_dir: data_dir.clone(),
                 max_upload: config.max_upload,
+                secrets,
+                hop_limit: config.hop_limit,
                 ceilings: Ceilings {
                     timeout: config.timeout,
                     memory: config.memory_limit,
@@ -408,17 +450,11 @@ impl Node {
             },
         ));
 
+        let _ = this.set(Arc::downgrade(&state));
         state.reload_all().await?;
         report.functions = state.function_count();
         report.load_time = started.elapsed();
 
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| NodeError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
         Ok(Node {
             state,
             listener,

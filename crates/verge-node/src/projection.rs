@@ -69,8 +69,20 @@ impl AppState {
         }
         self.set_routes(routes);
         self.set_token_hashes(tokens);
+        self.reload_secrets().await?;
         self.applied.send_replace(head);
         Ok(head)
+    }
+
+    /// The sealed secrets as the registry (this node's database or replica)
+    /// has them.
+    async fn reload_secrets(&self) -> Result<(), StoreError> {
+        let store = self.store.clone();
+        let rows = tokio::task::spawn_blocking(move || store.secrets())
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("reading the secrets: {e}")))??;
+        self.secrets.reload(rows);
+        Ok(())
     }
 
     /// Applies every change after the revision applied so far, up to the
@@ -119,6 +131,7 @@ impl AppState {
                         let tokens = self.registry.token_hashes().await?;
                         self.set_token_hashes(tokens);
                     }
+                    Subject::Secrets => self.reload_secrets().await?,
                 }
             }
             self.applied.send_replace(last);
@@ -176,7 +189,7 @@ impl AppState {
                         .unwrap_or_else(PoisonError::into_inner)
                         .get(&v.sha256)
                         .cloned()
-                        .map(|c| crate::state::function_of(&v, c));
+                        .map(|c| self.function_of(&v, c));
                     let slot = self.slot(v.clone(), loaded);
                     // On a cluster, a version placed here is loaded before
                     // its first request, so that the node can say it is
@@ -385,6 +398,7 @@ mod tests {
                 buckets: &[],
                 tenant: "default",
                 placement: &[],
+                grants: &verge_spec::NO_GRANTS,
                 routes: &[],
                 deployed_by: "test",
                 promote: true,

@@ -192,6 +192,10 @@ pub(crate) struct Settings {
     pub cluster: Option<Arc<verge_cluster::Cluster>>,
     pub data_dir: PathBuf,
     pub max_upload: usize,
+    /// The node's key and the sealed secrets.
+    pub secrets: Arc<crate::secrets::Secrets>,
+    /// Functions a chain of events or calls may go through.
+    pub hop_limit: u32,
     pub ceilings: Ceilings,
     pub prices: Prices,
     pub admission: Admission,
@@ -230,6 +234,8 @@ pub struct AppState {
     pub(crate) ledger: Arc<Ledger>,
     pub(crate) data_dir: PathBuf,
     pub(crate) max_upload: usize,
+    pub(crate) secrets: Arc<crate::secrets::Secrets>,
+    pub(crate) hop_limit: u32,
     pub(crate) token_hashes: RwLock<Vec<verge_store::TokenHash>>,
     pub(crate) deploy_lock: tokio::sync::Mutex<()>,
     pub(crate) ceilings: Ceilings,
@@ -303,6 +309,8 @@ impl AppState {
             ledger,
             data_dir: settings.data_dir,
             max_upload: settings.max_upload,
+            secrets: settings.secrets,
+            hop_limit: settings.hop_limit,
             token_hashes: RwLock::default(),
             deploy_lock: tokio::sync::Mutex::new(()),
             ceilings: settings.ceilings,
@@ -433,7 +441,7 @@ impl AppState {
                     v.function, v.version
                 ))
             })?;
-        Ok(function_of(v, Arc::new(component)))
+        Ok(self.function_of(v, Arc::new(component)))
     }
 
     pub(crate) fn slot(&self, stored: StoredVersion, loaded: Option<Function>) -> Arc<VersionSlot> {
@@ -619,19 +627,32 @@ impl AppState {
     }
 }
 
-/// The function of a stored version on loaded code.
-pub(crate) fn function_of(v: &StoredVersion, component: Arc<LoadedComponent>) -> Function {
-    let mut env = v.env.clone();
-    if !env.iter().any(|(k, _)| k == "VERGE_EVENTS_URL") {
-        env.push(("VERGE_EVENTS_URL".into(), verge_host::EVENTS_URL.into()));
+impl AppState {
+    /// The function of a stored version on loaded code, with its grants.
+    pub(crate) fn function_of(&self, v: &StoredVersion, component: Arc<LoadedComponent>) -> Function {
+        let mut env = v.env.clone();
+        if !env.iter().any(|(k, _)| k == "VERGE_EVENTS_URL") {
+            env.push(("VERGE_EVENTS_URL".into(), verge_host::EVENTS_URL.into()));
+        }
+        let policy = verge_host::OutboundPolicy::new(&v.grants).unwrap_or_else(|e| {
+            // Checked at deploy: only a registry written by something else
+            // gets here. Nothing is granted then.
+            tracing::error!(function = %v.function, version = v.version, error = %e, "the version's grants do not parse; it may reach nothing");
+            verge_host::OutboundPolicy::default()
+        });
+        let mut f = Function::new(component, v.function.clone(), v.version, env)
+            .with_limits(
+                v.limits.timeout_ms.map(Duration::from_millis),
+                v.limits.memory_bytes.map(|m| m as usize),
+                v.limits.log_bytes.map(|m| m as usize),
+            )
+            .with_buckets(v.buckets.clone(), &v.tenant)
+            .with_policy(policy);
+        if let Some(source) = crate::secrets::config_source(v, &self.secrets) {
+            f = f.with_config(source);
+        }
+        f
     }
-    Function::new(component, v.function.clone(), v.version, env)
-        .with_limits(
-            v.limits.timeout_ms.map(Duration::from_millis),
-            v.limits.memory_bytes.map(|m| m as usize),
-            v.limits.log_bytes.map(|m| m as usize),
-        )
-        .with_buckets(v.buckets.clone(), &v.tenant)
 }
 
 /// The version an alias sends a request to: the canary's with its weight in

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 
 mod events;
 pub use events::*;
+mod grants;
+pub use grants::*;
 
 /// The longest function name accepted.
 pub const MAX_FUNCTION_NAME: usize = 63;
@@ -495,6 +497,10 @@ pub struct VersionInfo {
     /// Node labels it runs on (`--place`); empty: every node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub placement: Vec<String>,
+    /// What it may reach: outbound hosts, other functions, configuration
+    /// values and the names of its secrets (never their values).
+    #[serde(default, skip_serializing_if = "Grants::is_empty")]
+    pub grants: Grants,
     /// Creation time, RFC 3339 UTC.
     pub created_at: String,
     /// Name of the token that deployed it.
@@ -800,6 +806,24 @@ pub struct UsageRecord {
     /// version: placement), when it was forwarded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forwarded_from: Option<String>,
+    /// The invocation that called this one in process
+    /// (`http://NAME.fn.verge.internal/`), when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    /// Outbound HTTP requests the guest sent (events and calls to other
+    /// functions not counted).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub outbound_requests: u32,
+    /// Bytes of outbound request bodies sent.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub outbound_sent_bytes: u64,
+    /// Bytes of outbound response bodies received.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub outbound_received_bytes: u64,
+    /// Time outbound requests spent waiting for their answers (from the
+    /// send to the response's head; overlapping requests each count), µs.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub outbound_wait_us: u64,
     /// Functions the event chain went through before this invocation (from
     /// the request's `ce-vergehops`); not kept in the ledger.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -820,6 +844,10 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
+}
+
 /// One row of `GET /v1/usage`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageRow {
@@ -832,6 +860,15 @@ pub struct UsageRow {
     pub gb_seconds_configured: f64,
     pub cpu_seconds: f64,
     pub bytes_out: u64,
+    /// Outbound HTTP requests the guests sent.
+    #[serde(default)]
+    pub outbound_requests: u64,
+    /// Bytes sent and received by those requests.
+    #[serde(default)]
+    pub outbound_bytes: u64,
+    /// Time those requests waited for their answers, seconds.
+    #[serde(default)]
+    pub outbound_wait_seconds: f64,
     /// Requests and configured GB-seconds priced by the node's price table.
     pub cost: f64,
 }
@@ -848,6 +885,11 @@ pub struct UsageReport {
     pub rows: Vec<UsageRow>,
     pub total: UsageRow,
 }
+
+/// A request extension: the request is a call from this invocation of
+/// another function (its record names it as the parent).
+#[derive(Debug, Clone)]
+pub struct ParentInvocation(pub String);
 
 /// A request extension: the request was forwarded by this node (its
 /// invocation record says so).

@@ -56,6 +56,12 @@ CREATE TRIGGER IF NOT EXISTS log_token_update AFTER UPDATE ON tokens
     BEGIN INSERT INTO registry_log (subject) VALUES ('tokens'); END;
 CREATE TRIGGER IF NOT EXISTS log_token_delete AFTER DELETE ON tokens
     BEGIN INSERT INTO registry_log (subject) VALUES ('tokens'); END;
+CREATE TRIGGER IF NOT EXISTS log_secret_insert AFTER INSERT ON secrets
+    BEGIN INSERT INTO registry_log (subject) VALUES ('secrets'); END;
+CREATE TRIGGER IF NOT EXISTS log_secret_update AFTER UPDATE ON secrets
+    BEGIN INSERT INTO registry_log (subject) VALUES ('secrets'); END;
+CREATE TRIGGER IF NOT EXISTS log_secret_delete AFTER DELETE ON secrets
+    BEGIN INSERT INTO registry_log (subject) VALUES ('secrets'); END;
 CREATE TRIGGER IF NOT EXISTS log_bounded AFTER INSERT ON registry_log
     BEGIN DELETE FROM registry_log WHERE revision <= NEW.revision - 10000; END;
 ";
@@ -69,6 +75,8 @@ pub enum Subject {
     Routes,
     /// The token hashes.
     Tokens,
+    /// The sealed secrets.
+    Secrets,
 }
 
 impl Subject {
@@ -76,6 +84,7 @@ impl Subject {
         match s {
             "routes" => Some(Self::Routes),
             "tokens" => Some(Self::Tokens),
+            "secrets" => Some(Self::Secrets),
             _ => s
                 .strip_prefix("function:")
                 .map(|n| Self::Function(n.to_string())),
@@ -328,6 +337,7 @@ mod tests {
                 buckets: &[],
                 tenant: "default",
                 placement: &[],
+                grants: &verge_spec::NO_GRANTS,
                 routes: &[(None, "/f".to_string())],
                 deployed_by: "test",
                 promote: true,

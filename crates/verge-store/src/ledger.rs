@@ -247,13 +247,25 @@ pub(crate) fn add_node_column(conn: &Connection) -> Result<(), rusqlite::Error> 
     if has_node == 0 {
         conn.execute_batch("ALTER TABLE invocations ADD COLUMN node TEXT")?;
     }
-    let has_forwarded: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('invocations') WHERE name = 'forwarded_from'",
-        [],
-        |r| r.get(0),
-    )?;
-    if has_forwarded == 0 {
-        conn.execute_batch("ALTER TABLE invocations ADD COLUMN forwarded_from TEXT")?;
+    for (table, column, def) in [
+        ("invocations", "forwarded_from", "TEXT"),
+        ("invocations", "parent_id", "TEXT"),
+        ("invocations", "outbound_requests", "INTEGER NOT NULL DEFAULT 0"),
+        ("invocations", "outbound_sent", "INTEGER NOT NULL DEFAULT 0"),
+        ("invocations", "outbound_received", "INTEGER NOT NULL DEFAULT 0"),
+        ("invocations", "outbound_wait_us", "INTEGER NOT NULL DEFAULT 0"),
+        ("usage_minutes", "outbound_requests", "INTEGER NOT NULL DEFAULT 0"),
+        ("usage_minutes", "outbound_bytes", "INTEGER NOT NULL DEFAULT 0"),
+        ("usage_minutes", "outbound_wait_us", "INTEGER NOT NULL DEFAULT 0"),
+    ] {
+        let has: i64 = conn.query_row(
+            &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
+            params![column],
+            |r| r.get(0),
+        )?;
+        if has == 0 {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))?;
+        }
     }
     Ok(())
 }
@@ -268,8 +280,9 @@ pub(crate) fn insert_records<'a>(
     let mut stmt = tx.prepare_cached(
         "INSERT OR IGNORE INTO invocations (id, function, version, started_at_ms, wall_us, cpu_us,
          peak_memory, memory_limit, request_bytes, response_bytes, status, outcome, cold, stdout, stderr, error, node,
-         forwarded_from)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+         forwarded_from, parent_id, outbound_requests, outbound_sent, outbound_received, outbound_wait_us)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+                 ?19, ?20, ?21, ?22, ?23)",
     )?;
     let mut added = 0;
     for (node, r) in records {
@@ -291,7 +304,12 @@ pub(crate) fn insert_records<'a>(
             r.stderr,
             r.error,
             node,
-            r.forwarded_from
+            r.forwarded_from,
+            r.parent_id,
+            r.outbound_requests,
+            r.outbound_sent_bytes,
+            r.outbound_received_bytes,
+            r.outbound_wait_us
         ])?;
     }
     Ok(added)

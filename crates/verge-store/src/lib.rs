@@ -134,6 +134,21 @@ pub struct StoredVersion {
     /// Where it runs: the node labels it needs (`k=v`, all of them); empty:
     /// every node.
     pub placement: Vec<String>,
+    /// What it may reach (outbound hosts, functions, config, secrets).
+    pub grants: verge_spec::Grants,
+}
+
+/// A secret as stored: its value sealed by the node that set it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedSecret {
+    pub name: String,
+    /// `function:NAME` or `tenant:NAME`.
+    pub scope: String,
+    /// Nonce and ciphertext, base64.
+    pub sealed: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub updated_at: i64,
 }
 
 /// What a deploy asks the store to record.
@@ -150,6 +165,8 @@ pub struct NewVersion<'a> {
     pub tenant: &'a str,
     /// Node labels it needs (`k=v`); empty: every node.
     pub placement: &'a [String],
+    /// What it may reach (outbound hosts, functions, config, secrets).
+    pub grants: &'a verge_spec::Grants,
     /// Routes to bind to the function's `live` alias.
     pub routes: &'a [(Option<String>, String)],
     /// Name of the token that deploys it.
@@ -246,6 +263,16 @@ CREATE TABLE IF NOT EXISTS tokens (
     created_at INTEGER NOT NULL,
     tenant TEXT
 );
+-- Secrets, sealed by the node (AEAD; `verge_node::secrets`): the store
+-- never sees a value. Scope `function:NAME` or `tenant:NAME`.
+CREATE TABLE IF NOT EXISTS secrets (
+    name TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    sealed TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (name, scope)
+);
 CREATE TABLE IF NOT EXISTS functions (
     name TEXT PRIMARY KEY,
     created_at INTEGER NOT NULL,
@@ -269,6 +296,7 @@ CREATE TABLE IF NOT EXISTS versions (
     buckets TEXT NOT NULL DEFAULT '[]',
     tenant TEXT NOT NULL DEFAULT 'default',
     placement TEXT NOT NULL DEFAULT '[]',
+    grants TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (function, number)
 );
 CREATE TABLE IF NOT EXISTS routes (
@@ -358,6 +386,7 @@ impl Store {
         for (table, column, def) in [
             ("versions", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
             ("versions", "placement", "TEXT NOT NULL DEFAULT '[]'"),
+            ("versions", "grants", "TEXT NOT NULL DEFAULT '{}'"),
             ("tokens", "tenant", "TEXT"),
             ("tokens", "scope", "TEXT"),
         ] {
@@ -478,6 +507,56 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Stores a sealed secret (a new one, or a new value of one); true when
+    /// it is new.
+    pub fn set_secret(&self, name: &str, scope: &str, sealed: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let t = now();
+        let existed: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM secrets WHERE name = ?1 AND scope = ?2",
+            params![name, scope],
+            |r| r.get(0),
+        )?;
+        tx.execute(
+            "INSERT INTO secrets (name, scope, sealed, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4)
+             ON CONFLICT (name, scope) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at",
+            params![name, scope, sealed, t],
+        )?;
+        self.finish(tx)?;
+        Ok(existed == 0)
+    }
+
+    /// Deletes a secret; false when there was none.
+    pub fn delete_secret(&self, name: &str, scope: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "DELETE FROM secrets WHERE name = ?1 AND scope = ?2",
+            params![name, scope],
+        )?;
+        self.finish(tx)?;
+        Ok(n == 1)
+    }
+
+    /// Every secret, sealed, by name and scope.
+    pub fn secrets(&self) -> Result<Vec<SealedSecret>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT name, scope, sealed, created_at, updated_at FROM secrets ORDER BY name, scope",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(SealedSecret {
+                name: r.get(0)?,
+                scope: r.get(1)?,
+                sealed: r.get(2)?,
+                created_at: r.get(3)?,
+                updated_at: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Deletes a token; false when there was none of that name.
     pub fn delete_token(&self, name: &str) -> Result<bool, StoreError> {
         let mut conn = self.conn();
@@ -586,9 +665,15 @@ impl Store {
             l.log_bytes,
             new.tenant
         );
-        // Placed everywhere keeps the key it always had.
+        // Placed everywhere keeps the key it always had; so do no grants.
         if !placement.is_empty() {
             key.push_str(&format!("|{placement_json}"));
+        }
+        let grants = new.grants.clone().normalized();
+        let grants_json =
+            serde_json::to_string(&grants).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if !grants.is_empty() {
+            key.push_str(&format!("|grants{grants_json}"));
         }
         let config_key = sha256_hex(key.as_bytes());
         let mut conn = self.conn();
@@ -619,8 +704,8 @@ impl Store {
                 )?;
                 tx.execute(
                     &format!(
-                        "INSERT INTO versions (function, number, sha256, size, env, created_at, deployed_by, config_key, {LIMIT_COLUMNS}, buckets, tenant, placement)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+                        "INSERT INTO versions (function, number, sha256, size, env, created_at, deployed_by, config_key, {LIMIT_COLUMNS}, buckets, tenant, placement, grants)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
                     ),
                     params![
                         function,
@@ -639,7 +724,8 @@ impl Store {
                         l.log_bytes,
                         buckets_json,
                         new.tenant,
-                        placement_json
+                        placement_json,
+                        grants_json
                     ],
                 )?;
                 next
@@ -964,7 +1050,7 @@ impl Store {
     ) -> Result<Vec<(StoredVersion, u64, i64, String)>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
-            "SELECT function, number, sha256, env, size, created_at, deployed_by, {LIMIT_COLUMNS}, buckets, tenant, placement
+            "SELECT function, number, sha256, env, size, created_at, deployed_by, {LIMIT_COLUMNS}, buckets, tenant, placement, grants
              FROM versions WHERE (?1 IS NULL OR function = ?1) AND (?2 IS NULL OR number = ?2)
              ORDER BY function, number DESC"
         ))?;
@@ -981,6 +1067,7 @@ impl Store {
                 r.get::<_, String>(13)?,
                 r.get::<_, String>(14)?,
                 r.get::<_, String>(15)?,
+                r.get::<_, String>(16)?,
             ))
         })?;
         let mut out = Vec::new();
@@ -997,6 +1084,7 @@ impl Store {
                 buckets,
                 tenant,
                 placement,
+                grants,
             ) = row?;
             out.push((
                 StoredVersion {
@@ -1010,6 +1098,8 @@ impl Store {
                     tenant,
                     placement: serde_json::from_str(&placement)
                         .map_err(|e| StoreError::Corrupt(format!("version placement: {e}")))?,
+                    grants: serde_json::from_str(&grants)
+                        .map_err(|e| StoreError::Corrupt(format!("version grants: {e}")))?,
                 },
                 size,
                 created,
@@ -1063,6 +1153,7 @@ impl Store {
                 env: v.env.into_iter().collect(),
                 kv_buckets: v.buckets,
                 placement: v.placement,
+                grants: v.grants,
                 tenant: v.tenant,
                 created_at: rfc3339(created),
                 deployed_by: by,
@@ -1381,7 +1472,8 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT id, function, version, started_at_ms, wall_us, cpu_us, peak_memory, memory_limit,
-                    request_bytes, response_bytes, status, outcome, cold, error, forwarded_from
+                    request_bytes, response_bytes, status, outcome, cold, error, forwarded_from,
+                    parent_id, outbound_requests, outbound_sent, outbound_received, outbound_wait_us
              FROM invocations
              WHERE (?1 IS NULL OR function = ?1) AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR id = ?3)
              ORDER BY started_at_ms DESC, id LIMIT ?4",
@@ -1405,6 +1497,11 @@ impl Store {
                 stderr: None,
                 error: r.get(13)?,
                 forwarded_from: r.get(14)?,
+                parent_id: r.get(15)?,
+                outbound_requests: r.get(16)?,
+                outbound_sent_bytes: r.get(17)?,
+                outbound_received_bytes: r.get(18)?,
+                outbound_wait_us: r.get(19)?,
                 hops: 0,
                 will_retry: false,
             })
@@ -1454,8 +1551,7 @@ impl Store {
                     stderr: r.get(7)?,
                     error: r.get(8)?,
                     forwarded_from: r.get(9)?,
-                    hops: 0,
-                    will_retry: false,
+                    ..UsageRecord::default()
                 })
             },
         )?;
@@ -1472,18 +1568,22 @@ impl Store {
         // granularity, and a coarser query granularity uses the nearest of
         // them at or below it.
         let sql = format!(
-            "SELECT k, SUM(n), SUM(peak), SUM(billed), SUM(cpu), SUM(bytes) FROM (
+            "SELECT k, SUM(n), SUM(peak), SUM(billed), SUM(cpu), SUM(bytes), SUM(oreq), SUM(obytes),
+                    SUM(owait) FROM (
                 SELECT {key} AS k, COUNT(*) AS n,
                        SUM(CAST(peak_memory AS REAL) * wall_us) AS peak,
                        SUM(CAST(memory_limit AS REAL) * (((wall_us + ?3 - 1) / ?3) * ?3)) AS billed,
-                       SUM(cpu_us) AS cpu, SUM(response_bytes) AS bytes
+                       SUM(cpu_us) AS cpu, SUM(response_bytes) AS bytes,
+                       SUM(outbound_requests) AS oreq, SUM(outbound_sent + outbound_received) AS obytes,
+                       SUM(outbound_wait_us) AS owait
                 FROM invocations
                 WHERE (?1 IS NULL OR started_at_ms >= ?1) AND (?2 IS NULL OR started_at_ms < ?2)
                 GROUP BY k
                 UNION ALL
                 SELECT {key} AS k, SUM(invocations), SUM(peak_wall),
                        SUM(CASE WHEN ?3 >= 1000000 THEN billed_1s WHEN ?3 >= 100000 THEN billed_100ms ELSE billed_1ms END),
-                       SUM(cpu_us), SUM(response_bytes)
+                       SUM(cpu_us), SUM(response_bytes), SUM(outbound_requests),
+                       SUM(outbound_bytes), SUM(outbound_wait_us)
                 FROM usage_minutes
                 WHERE (?1 IS NULL OR started_at_ms >= ?1) AND (?2 IS NULL OR started_at_ms < ?2)
                 GROUP BY k
@@ -1504,6 +1604,11 @@ impl Store {
                 r.get::<_, f64>(3)?,
                 r.get::<_, u64>(4)?,
                 r.get::<_, u64>(5)?,
+                (
+                    r.get::<_, u64>(6)?,
+                    r.get::<_, u64>(7)?,
+                    r.get::<_, u64>(8)?,
+                ),
             ))
         })?;
         let mut out = Vec::new();
@@ -1514,10 +1619,13 @@ impl Store {
             gb_seconds_configured: 0.0,
             cpu_seconds: 0.0,
             bytes_out: 0,
+            outbound_requests: 0,
+            outbound_bytes: 0,
+            outbound_wait_seconds: 0.0,
             cost: 0.0,
         };
         for row in rows {
-            let (key, n, peak, configured, cpu, bytes) = row?;
+            let (key, n, peak, configured, cpu, bytes, (oreq, obytes, owait)) = row?;
             let mut u = UsageRow {
                 key,
                 invocations: n,
@@ -1525,6 +1633,9 @@ impl Store {
                 gb_seconds_configured: configured / GIB / 1e6,
                 cpu_seconds: cpu as f64 / 1e6,
                 bytes_out: bytes,
+                outbound_requests: oreq,
+                outbound_bytes: obytes,
+                outbound_wait_seconds: owait as f64 / 1e6,
                 cost: 0.0,
             };
             u.cost = u.invocations as f64 / 1e6 * q.price_per_million_requests
@@ -1534,6 +1645,9 @@ impl Store {
             total.gb_seconds_configured += u.gb_seconds_configured;
             total.cpu_seconds += u.cpu_seconds;
             total.bytes_out += u.bytes_out;
+            total.outbound_requests += u.outbound_requests;
+            total.outbound_bytes += u.outbound_bytes;
+            total.outbound_wait_seconds += u.outbound_wait_seconds;
             total.cost += u.cost;
             out.push(u);
         }
@@ -1603,6 +1717,7 @@ mod tests {
             buckets: &[],
             tenant: "default",
             placement: &[],
+            grants: &verge_spec::NO_GRANTS,
             routes,
             deployed_by: "admin",
             promote: true,
@@ -1813,8 +1928,7 @@ mod tests {
             stderr: None,
             error: None,
             forwarded_from: None,
-            hops: 0,
-            will_retry: false,
+            ..UsageRecord::default()
         }
     }
 

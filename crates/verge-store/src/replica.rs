@@ -89,6 +89,7 @@ fn key_of(subject: &Subject) -> String {
         Subject::Function(name) => format!("{FUNCTION_PREFIX}{name}"),
         Subject::Routes => "routes".to_string(),
         Subject::Tokens => "tokens".to_string(),
+        Subject::Secrets => "secrets".to_string(),
     }
 }
 
@@ -226,6 +227,12 @@ fn export(conn: &rusqlite::Connection, subject: &Subject) -> Result<Doc, StoreEr
                 Value::Array(rows(conn, "tokens", None, &[])?),
             );
         }
+        Subject::Secrets => {
+            doc.insert(
+                "secrets".into(),
+                Value::Array(rows(conn, "secrets", None, &[])?),
+            );
+        }
     }
     Ok(Doc {
         key: key_of(subject),
@@ -347,7 +354,7 @@ impl Store {
         tx.execute_batch(
             "DELETE FROM routes; DELETE FROM alias_history; DELETE FROM aliases;
              DELETE FROM versions; DELETE FROM functions; DELETE FROM tokens;
-             DELETE FROM replica_keys; DELETE FROM replica_meta;",
+             DELETE FROM secrets; DELETE FROM replica_keys; DELETE FROM replica_meta;",
         )?;
         tx.execute(
             "INSERT INTO replica_meta (id, registry, position) VALUES (1, ?1, 0)",
@@ -441,6 +448,9 @@ impl Store {
         } else if doc.key == "tokens" {
             tx.execute("DELETE FROM tokens", [])?;
             insert_rows(&tx, "tokens", table("tokens"), |_| true)?;
+        } else if doc.key == "secrets" {
+            tx.execute("DELETE FROM secrets", [])?;
+            insert_rows(&tx, "secrets", table("secrets"), |_| true)?;
         }
         tx.execute(
             "INSERT INTO replica_keys (key, revision) VALUES (?1, ?2)
@@ -470,6 +480,7 @@ impl Store {
         }
         out.push(export(&conn, &Subject::Routes)?);
         out.push(export(&conn, &Subject::Tokens)?);
+        out.push(export(&conn, &Subject::Secrets)?);
         Ok(out)
     }
 }
@@ -499,6 +510,7 @@ mod tests {
             buckets: &[],
             tenant: "default",
             placement: &[],
+            grants: &verge_spec::NO_GRANTS,
             routes,
             deployed_by: "admin",
             promote: true,

@@ -119,13 +119,15 @@ impl Pruner {
         tx.execute(
             &format!(
                 "INSERT INTO usage_minutes (started_at_ms, function, version, invocations, peak_wall,
-                     billed_1ms, billed_100ms, billed_1s, cpu_us, response_bytes)
+                     billed_1ms, billed_100ms, billed_1s, cpu_us, response_bytes,
+                     outbound_requests, outbound_bytes, outbound_wait_us)
                  SELECT (started_at_ms / 60000) * 60000, function, version, COUNT(*),
                      SUM(CAST(peak_memory AS REAL) * wall_us),
                      SUM(CAST(memory_limit AS REAL) * (((wall_us + 999) / 1000) * 1000)),
                      SUM(CAST(memory_limit AS REAL) * (((wall_us + 99999) / 100000) * 100000)),
                      SUM(CAST(memory_limit AS REAL) * (((wall_us + 999999) / 1000000) * 1000000)),
-                     SUM(cpu_us), SUM(response_bytes)
+                     SUM(cpu_us), SUM(response_bytes), SUM(outbound_requests),
+                     SUM(outbound_sent + outbound_received), SUM(outbound_wait_us)
                  FROM invocations WHERE rowid IN ({oldest})
                  GROUP BY 1, 2, 3
                  ON CONFLICT (started_at_ms, function, version) DO UPDATE SET
@@ -135,7 +137,10 @@ impl Pruner {
                      billed_100ms = billed_100ms + excluded.billed_100ms,
                      billed_1s = billed_1s + excluded.billed_1s,
                      cpu_us = cpu_us + excluded.cpu_us,
-                     response_bytes = response_bytes + excluded.response_bytes"
+                     response_bytes = response_bytes + excluded.response_bytes,
+                     outbound_requests = outbound_requests + excluded.outbound_requests,
+                     outbound_bytes = outbound_bytes + excluded.outbound_bytes,
+                     outbound_wait_us = outbound_wait_us + excluded.outbound_wait_us"
             ),
             params![cutoff, BATCH],
         )?;

@@ -49,7 +49,8 @@ impl Store {
         let mut stmt = conn.prepare_cached(
             "SELECT rowid, id, function, version, started_at_ms, wall_us, cpu_us, peak_memory, memory_limit,
                     request_bytes, response_bytes, status, outcome, cold, stdout, stderr, error,
-                    forwarded_from
+                    forwarded_from, parent_id, outbound_requests, outbound_sent, outbound_received,
+                    outbound_wait_us
              FROM invocations WHERE rowid > ?1 AND node IS NULL ORDER BY rowid LIMIT ?2",
         )?;
         let rows = stmt.query_map(
@@ -75,6 +76,11 @@ impl Store {
                         stderr: r.get(15)?,
                         error: r.get(16)?,
                         forwarded_from: r.get(17)?,
+                        parent_id: r.get(18)?,
+                        outbound_requests: r.get(19)?,
+                        outbound_sent_bytes: r.get(20)?,
+                        outbound_received_bytes: r.get(21)?,
+                        outbound_wait_us: r.get(22)?,
                         hops: 0,
                         will_retry: false,
                     },
@@ -142,8 +148,7 @@ mod tests {
             stderr: None,
             error: None,
             forwarded_from: None,
-            hops: 0,
-            will_retry: false,
+            ..UsageRecord::default()
         }
     }
 

@@ -3,6 +3,7 @@
 
 mod client;
 mod events;
+mod grants;
 mod kv;
 mod table;
 mod versions;
@@ -161,6 +162,20 @@ struct UpArgs {
     /// region=eu: a version deployed with --place runs only on nodes with its labels
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
+    /// The key that seals secrets (64 hex digits; give every node of a cluster the
+    /// same one) [default: secret.key in the data directory, made at the first start]
+    #[arg(long, value_name = "FILE", env = "VERGE_SECRET_KEY_FILE")]
+    secret_key_file: Option<PathBuf>,
+    /// Resolve NAME to ADDR for guests' outbound requests without DNS, like curl's
+    /// --resolve (repeatable); the address is still checked like any other
+    #[arg(long = "outbound-resolve", value_name = "NAME=ADDR")]
+    outbound_resolve: Vec<String>,
+    /// Largest response body a guest's outbound request may receive
+    #[arg(long, default_value = "64MiB")]
+    outbound_max_response: String,
+    /// Outbound requests one invocation may have open at once
+    #[arg(long, default_value_t = 16)]
+    outbound_concurrency: usize,
     /// How long an event delivery or async job stays with a node that stopped
     /// answering (killed, cut off) before another node of the cluster runs it
     #[arg(
@@ -236,6 +251,8 @@ enum Command {
         /// them), for example --place site=ship-7 or --place region=eu [default: every node]
         #[arg(long = "place", value_name = "KEY=VALUE")]
         place: Vec<String>,
+        #[command(flatten)]
+        grants: grants::GrantArgs,
         /// Wait until every node the version is placed on has it ready (its code
         /// loaded), and print how long each took (at most 60 s)
         #[arg(long)]
@@ -388,6 +405,11 @@ enum Command {
         #[command(subcommand)]
         action: kv::TokenAction,
     },
+    /// Secrets functions read through wasi:config: set (from standard input), ls, rm
+    Secret {
+        #[command(subcommand)]
+        action: grants::SecretAction,
+    },
     /// List routes, or add and remove them
     Routes {
         #[command(subcommand)]
@@ -503,6 +525,10 @@ async fn run(cli: Cli) -> Result<()> {
             nats_replicas,
             job_lease,
             labels,
+            secret_key_file,
+            outbound_resolve,
+            outbound_max_response,
+            outbound_concurrency,
         } = args;
         if !peers.is_empty() && peer_token.is_none() {
             bail!("--peer needs --peer-token (or VERGE_PEER_TOKEN): the token the peer accepts");
@@ -542,6 +568,22 @@ async fn run(cli: Cli) -> Result<()> {
             config.labels.insert(k, v);
         }
         config.peers = peers;
+        config.secret_key_file = secret_key_file.clone();
+        for entry in outbound_resolve {
+            let (name, addr) = entry
+                .split_once('=')
+                .and_then(|(n, a)| Some((n.trim().to_ascii_lowercase(), a.trim().parse().ok()?)))
+                .with_context(|| {
+                    format!("--outbound-resolve {entry:?}: write NAME=ADDR, for example api.internal=10.0.0.7")
+                })?;
+            config.outbound.resolve.entry(name).or_default().push(addr);
+        }
+        config.outbound.response_limit =
+            parse_size(outbound_max_response).context("--outbound-max-response")?;
+        if *outbound_concurrency == 0 {
+            bail!("--outbound-concurrency must be at least 1");
+        }
+        config.outbound.max_concurrent = *outbound_concurrency;
         config.kv_grace = parse_duration(kv_grace).context("--kv-grace")?;
         let hour = Duration::from_secs(3600);
         config.read_timeouts = verge_node::ReadTimeouts {
@@ -626,8 +668,10 @@ async fn run(cli: Cli) -> Result<()> {
             kv_buckets,
             tenant,
             place,
+            grants,
             wait,
         } => {
+            let granted = grants.query()?;
             let concurrency = concurrency.map(|c| c.to_string());
             let mut extra = Vec::new();
             for (key, flag, value) in [
@@ -667,6 +711,9 @@ async fn run(cli: Cli) -> Result<()> {
             for p in &place {
                 verge_spec::parse_label(p).context("--place")?;
                 extra.push(("place", p.as_str()));
+            }
+            for (k, v) in &granted {
+                extra.push((k, v.as_str()));
             }
             // With --json --wait, one document: the deploy and the times.
             let quiet = json && wait;
@@ -841,6 +888,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Trigger { action } => events::trigger(&client, json, action).await,
         Command::Kv { tenant, action } => kv::kv(&client, json, tenant.as_deref(), action).await,
         Command::Token { action } => kv::token(&client, json, action).await,
+        Command::Secret { action } => grants::secret(&client, json, action).await,
         Command::Dlq { action } => events::dlq(&client, json, action).await,
         Command::Schedule { action } => events::schedule(&client, json, action).await,
         Command::Async {
