@@ -114,7 +114,9 @@ fn guests(root: &Path, only: &[&str]) -> Result<()> {
     Ok(())
 }
 
-const RUST_GUESTS: [&str; 7] = ["hello", "echo", "trap", "sandbox", "hostile", "relay", "kv"];
+const RUST_GUESTS: [&str; 8] = [
+    "hello", "echo", "trap", "sandbox", "hostile", "relay", "kv", "fetch",
+];
 
 fn rust_guests(root: &Path, out: &Path) -> Result<()> {
     let installed =
@@ -206,7 +208,7 @@ fn c_guests(root: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-const PY_GUESTS: [&str; 3] = ["hello", "echo", "kv"];
+const PY_GUESTS: [&str; 4] = ["hello", "echo", "kv", "fetch"];
 
 fn python_guests(root: &Path, out: &Path) -> Result<()> {
     require(
@@ -221,8 +223,9 @@ fn python_guests(root: &Path, out: &Path) -> Result<()> {
         if fresh(&dest, &[&dir, &wit]) {
             continue;
         }
-        // The kv guest also imports wasi:keyvalue: Verge's `function` world.
-        let world = if g == "kv" {
+        // The kv and fetch guests also import wasi:keyvalue and wasi:config:
+        // Verge's `function` world.
+        let world = if g == "kv" || g == "fetch" {
             "wasmtime:wasi-http/function"
         } else {
             "wasi:http/proxy@0.2.12"
@@ -238,7 +241,7 @@ fn python_guests(root: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-const JS_GUESTS: [&str; 3] = ["hello", "echo", "relay"];
+const JS_GUESTS: [&str; 4] = ["hello", "echo", "relay", "fetch"];
 
 fn js_guests(root: &Path, out: &Path) -> Result<()> {
     let dir = root.join("guests/js");

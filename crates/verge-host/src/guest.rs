@@ -350,7 +350,12 @@ fn new_store(
         },
         config: match function.config_now() {
             None => NO_CONFIG.clone(),
-            Some(values) => Arc::new(values.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()),
+            Some(values) => Arc::new(
+                values
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect(),
+            ),
         },
         kv: crate::keyvalue::KvCtx {
             kv: host.kv.clone(),

@@ -88,8 +88,7 @@ pub struct CallRequest {
 pub type CallSink = Arc<
     dyn Fn(
             CallRequest,
-        )
-            -> std::pin::Pin<Box<dyn Future<Output = http::Response<ResponseBody>> + Send>>
+        ) -> std::pin::Pin<Box<dyn Future<Output = http::Response<ResponseBody>> + Send>>
         + Send
         + Sync,
 >;

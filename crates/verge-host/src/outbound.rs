@@ -313,7 +313,9 @@ impl Sender {
         let open = Open(self.usage.clone());
         self.usage.requests.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let result = self.connect_and_send(&t, &shown, request, options, open).await;
+        let result = self
+            .connect_and_send(&t, &shown, request, options, open)
+            .await;
         self.usage.wait_us.fetch_add(
             u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
@@ -334,7 +336,10 @@ impl Sender {
                 Ok(Err(e)) => {
                     return self
                         .refuse(
-                            format!("outbound request to {shown} failed: {} does not resolve ({e})", t.host),
+                            format!(
+                                "outbound request to {shown} failed: {} does not resolve ({e})",
+                                t.host
+                            ),
                             Error::DnsError {
                                 rcode: Some(e.to_string()),
                                 info_code: None,
@@ -464,8 +469,7 @@ impl Sender {
                 handshake(Box::new(stream)).await
             }
         };
-        let (mut sender, conn) = match tokio::time::timeout_at(connect_by.into(), handshake).await
-        {
+        let (mut sender, conn) = match tokio::time::timeout_at(connect_by.into(), handshake).await {
             Ok(r) => r?,
             Err(_) => return Err(Error::ConnectionTimeout),
         };

@@ -259,10 +259,13 @@ impl Node {
             ..StartReport::default()
         };
         let ledger = Arc::new(Ledger::open(&data_dir)?);
-        let secrets = Arc::new(match &config.secret_key_file {
-            Some(path) => secrets::Secrets::open(path, false),
-            None => secrets::Secrets::open(&data_dir.join("secret.key"), true),
-        }.map_err(|e| NodeError::Other(e.to_string()))?);
+        let secrets = Arc::new(
+            match &config.secret_key_file {
+                Some(path) => secrets::Secrets::open(path, false),
+                None => secrets::Secrets::open(&data_dir.join("secret.key"), true),
+            }
+            .map_err(|e| NodeError::Other(e.to_string()))?,
+        );
         // Bound before the host is made: a guest may never reach the
         // node's own port, so the host must know it.
         let listener =

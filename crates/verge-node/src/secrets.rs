@@ -76,7 +76,12 @@ impl Secrets {
                 })?;
                 key.to_vec()
             }
-            Err(source) => return Err(KeyError::Read { path: shown, source }),
+            Err(source) => {
+                return Err(KeyError::Read {
+                    path: shown,
+                    source,
+                });
+            }
         };
         let key = UnboundKey::new(&CHACHA20_POLY1305, &bytes).map_err(|_| KeyError::Format {
             path: shown.clone(),
@@ -121,7 +126,8 @@ impl Secrets {
             return Err("its stored form is damaged");
         }
         let (nonce, data) = raw.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| "its stored form is damaged")?;
+        let nonce =
+            Nonce::try_assume_unique_for_key(nonce).map_err(|_| "its stored form is damaged")?;
         let mut data = data.to_vec();
         let plain = self
             .key
@@ -157,8 +163,9 @@ impl Secrets {
         for scope in [format!("function:{function}"), format!("tenant:{tenant}")] {
             if let Some(s) = sealed.get(&(name.to_string(), scope.clone())) {
                 return Some(
-                    self.unseal(name, &scope, s)
-                        .map_err(|why| format!("secret {name:?} ({scope}) cannot be opened: {why}")),
+                    self.unseal(name, &scope, s).map_err(|why| {
+                        format!("secret {name:?} ({scope}) cannot be opened: {why}")
+                    }),
                 );
             }
         }
@@ -180,6 +187,9 @@ fn write_key(path: &Path, key: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// Configuration values as a guest reads them.
+type Values = Arc<Vec<(String, String)>>;
+
 /// The `wasi:config` values of a version: its `--config` values and, read
 /// again whenever a secret changed, its granted secrets.
 pub(crate) fn config_source(
@@ -197,7 +207,7 @@ pub(crate) fn config_source(
     }
     let (names, function, tenant) = (g.secrets.clone(), v.function.clone(), v.tenant.clone());
     let secrets = secrets.clone();
-    let cache: Mutex<Option<(u64, Arc<Vec<(String, String)>>)>> = Mutex::new(None);
+    let cache: Mutex<Option<(u64, Values)>> = Mutex::new(None);
     Some(Arc::new(move || {
         let generation = secrets.generation();
         let mut cached = cache.lock().unwrap_or_else(PoisonError::into_inner);
@@ -237,12 +247,18 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let sealed = s.seal("API_KEY", "function:a", b"hunter2").unwrap();
         assert!(!sealed.contains("hunter2"));
-        assert_eq!(s.unseal("API_KEY", "function:a", &sealed).unwrap(), "hunter2");
+        assert_eq!(
+            s.unseal("API_KEY", "function:a", &sealed).unwrap(),
+            "hunter2"
+        );
         assert!(s.unseal("OTHER", "function:a", &sealed).is_err());
         assert!(s.unseal("API_KEY", "function:b", &sealed).is_err());
         // The same key file opens it again; another key does not.
         let again = Secrets::open(&path, false).unwrap();
-        assert_eq!(again.unseal("API_KEY", "function:a", &sealed).unwrap(), "hunter2");
+        assert_eq!(
+            again.unseal("API_KEY", "function:a", &sealed).unwrap(),
+            "hunter2"
+        );
         let other = Secrets::open(&dir.path().join("other.key"), true).unwrap();
         let e = other.unseal("API_KEY", "function:a", &sealed).unwrap_err();
         assert!(e.contains("another key"), "{e}");
@@ -346,7 +362,9 @@ pub(crate) async fn put(
         .seal(&name, &scope, &value)
         .map_err(ApiError::Internal)?;
     let (n, s) = (name.clone(), scope.clone());
-    let created = state.write(move |st| st.set_secret(&n, &s, &sealed)).await?;
+    let created = state
+        .write(move |st| st.set_secret(&n, &s, &sealed))
+        .await?;
     tracing::info!(secret = %name, %scope, created, "secret set");
     Ok((
         if created {

@@ -629,7 +629,11 @@ impl AppState {
 
 impl AppState {
     /// The function of a stored version on loaded code, with its grants.
-    pub(crate) fn function_of(&self, v: &StoredVersion, component: Arc<LoadedComponent>) -> Function {
+    pub(crate) fn function_of(
+        &self,
+        v: &StoredVersion,
+        component: Arc<LoadedComponent>,
+    ) -> Function {
         let mut env = v.env.clone();
         if !env.iter().any(|(k, _)| k == "VERGE_EVENTS_URL") {
             env.push(("VERGE_EVENTS_URL".into(), verge_host::EVENTS_URL.into()));

@@ -60,8 +60,7 @@ impl Grants {
             Cidr::parse(c)?;
         }
         for f in &self.allow_call {
-            crate::validate_function_name(f)
-                .map_err(|_| GrantError::Call(f.clone()))?;
+            crate::validate_function_name(f).map_err(|_| GrantError::Call(f.clone()))?;
         }
         for (k, v) in &self.config {
             validate_config_key(k)?;
@@ -127,8 +126,7 @@ pub enum GrantError {
 
 fn valid_key(k: &str) -> bool {
     (1..=128).contains(&k.len())
-        && k
-            .bytes()
+        && k.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
@@ -293,8 +291,7 @@ fn path_under(path: &str, prefix: &str) -> bool {
     if prefix.ends_with('/') {
         return path.starts_with(prefix);
     }
-    path == prefix
-        || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
+    path == prefix || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
 }
 
 fn valid_host_name(h: &str) -> bool {
@@ -342,7 +339,9 @@ impl Cidr {
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.bits)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.bits))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -510,7 +509,11 @@ mod tests {
         assert!(!c.contains("127.0.0.2".parse().unwrap()));
         let c = Cidr::parse("fd00::/8").unwrap();
         assert!(c.contains("fd12::1".parse().unwrap()));
-        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
         for bad in ["10.0.0.0/33", "x", "::/129", "10.0.0.0/"] {
             assert!(Cidr::parse(bad).is_err(), "{bad}");
         }
@@ -528,7 +531,10 @@ mod tests {
         g.config.insert("region".into(), "eu".into());
         assert_eq!(g.validate(), Ok(()));
         g.secrets.push("region".into());
-        assert!(matches!(g.validate(), Err(GrantError::SecretShadowsConfig(_))));
+        assert!(matches!(
+            g.validate(),
+            Err(GrantError::SecretShadowsConfig(_))
+        ));
         g.secrets.pop();
         g.allow_call.push("Bad Name".into());
         assert!(matches!(g.validate(), Err(GrantError::Call(_))));

@@ -250,13 +250,37 @@ pub(crate) fn add_node_column(conn: &Connection) -> Result<(), rusqlite::Error> 
     for (table, column, def) in [
         ("invocations", "forwarded_from", "TEXT"),
         ("invocations", "parent_id", "TEXT"),
-        ("invocations", "outbound_requests", "INTEGER NOT NULL DEFAULT 0"),
+        (
+            "invocations",
+            "outbound_requests",
+            "INTEGER NOT NULL DEFAULT 0",
+        ),
         ("invocations", "outbound_sent", "INTEGER NOT NULL DEFAULT 0"),
-        ("invocations", "outbound_received", "INTEGER NOT NULL DEFAULT 0"),
-        ("invocations", "outbound_wait_us", "INTEGER NOT NULL DEFAULT 0"),
-        ("usage_minutes", "outbound_requests", "INTEGER NOT NULL DEFAULT 0"),
-        ("usage_minutes", "outbound_bytes", "INTEGER NOT NULL DEFAULT 0"),
-        ("usage_minutes", "outbound_wait_us", "INTEGER NOT NULL DEFAULT 0"),
+        (
+            "invocations",
+            "outbound_received",
+            "INTEGER NOT NULL DEFAULT 0",
+        ),
+        (
+            "invocations",
+            "outbound_wait_us",
+            "INTEGER NOT NULL DEFAULT 0",
+        ),
+        (
+            "usage_minutes",
+            "outbound_requests",
+            "INTEGER NOT NULL DEFAULT 0",
+        ),
+        (
+            "usage_minutes",
+            "outbound_bytes",
+            "INTEGER NOT NULL DEFAULT 0",
+        ),
+        (
+            "usage_minutes",
+            "outbound_wait_us",
+            "INTEGER NOT NULL DEFAULT 0",
+        ),
     ] {
         let has: i64 = conn.query_row(
             &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"),

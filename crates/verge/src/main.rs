@@ -104,6 +104,10 @@ struct UpArgs {
     /// First retry delay of a failed asynchronous job (doubles per attempt)
     #[arg(long, default_value = "1s")]
     retry_base: String,
+    /// Functions a chain of events or of calls between functions may go through
+    /// before it is stopped (a loop)
+    #[arg(long, default_value_t = 16)]
+    hop_limit: u32,
     /// Another node to replicate the key-value store to (repeatable), for example http://core:8080
     #[arg(long = "peer", value_name = "URL")]
     peers: Vec<String>,
@@ -509,6 +513,7 @@ async fn run(cli: Cli) -> Result<()> {
             code,
             node_name,
             retry_base,
+            hop_limit,
             peers,
             peer_token,
             kv_grace,
@@ -563,6 +568,7 @@ async fn run(cli: Cli) -> Result<()> {
             config.node_name = n.clone();
         }
         config.retry_base = parse_duration(retry_base).context("--retry-base")?;
+        config.hop_limit = *hop_limit;
         for l in labels {
             let (k, v) = verge_spec::parse_label(l).context("--label")?;
             config.labels.insert(k, v);
@@ -852,6 +858,35 @@ async fn run(cli: Cli) -> Result<()> {
                     &rows
                 )
             );
+            for v in &f.versions {
+                let g = &v.grants;
+                let mut lines = Vec::new();
+                let list = |l: &[String]| l.join(" ");
+                if !g.allow_outbound.is_empty() {
+                    lines.push(format!("outbound  {}", list(&g.allow_outbound)));
+                }
+                if !g.allow_private.is_empty() {
+                    lines.push(format!("private   {}", list(&g.allow_private)));
+                }
+                if g.outbound_ca.is_some() {
+                    lines.push("ca        its own (--outbound-ca) and the platform's roots".into());
+                }
+                if !g.allow_call.is_empty() {
+                    lines.push(format!("calls     {}", list(&g.allow_call)));
+                }
+                for (k, val) in &g.config {
+                    lines.push(format!("config    {k}={val}"));
+                }
+                if !g.secrets.is_empty() {
+                    lines.push(format!("secrets   {}", list(&g.secrets)));
+                }
+                if !lines.is_empty() {
+                    println!("\nversion {} may reach:", v.version);
+                    for l in lines {
+                        println!("  {l}");
+                    }
+                }
+            }
             Ok(())
         }
         Command::Rm { name } => {
@@ -1481,6 +1516,8 @@ async fn usage(
         "GB-S (CONFIGURED)",
         "CPU-S",
         "BYTES OUT",
+        "OUTBOUND",
+        "OUTBOUND BYTES",
         "COST",
     ];
     let row = |u: &verge_spec::UsageRow| {
@@ -1491,6 +1528,8 @@ async fn usage(
             format!("{:.6}", u.gb_seconds_configured),
             format!("{:.6}", u.cpu_seconds),
             u.bytes_out.to_string(),
+            u.outbound_requests.to_string(),
+            u.outbound_bytes.to_string(),
             format!("{:.8}", u.cost),
         ]
     };

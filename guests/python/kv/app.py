@@ -3,7 +3,8 @@ counter on wasi:keyvalue. `GET /count/<page>` increments the page's counter
 in bucket `views` and answers `views <n>`; `GET /get/<page>` reads it."""
 
 from wit_world import exports
-from wit_world.imports import atomics, store
+from wit_world.imports import atomics
+from wit_world.imports import wasi_keyvalue_store as store
 from wit_world.imports.types import (
     Fields,
     IncomingRequest,

@@ -13,5 +13,6 @@ mod events;
 mod hostile;
 mod kv;
 mod metering;
+mod outbound;
 mod serving;
 mod versions;
