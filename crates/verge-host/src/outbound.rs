@@ -254,7 +254,7 @@ fn target(uri: &http::Uri) -> Option<Target> {
 impl Sender {
     /// A line on the guest's stderr (what its owner reads in `verge logs`)
     /// and one in the node's log.
-    fn refuse(&self, line: String, error: Error) -> wasmtime_wasi_http::Result<Sent> {
+    fn refuse<T>(&self, line: String, error: Error) -> wasmtime_wasi_http::Result<T> {
         tracing::info!(function = %self.function, "{line}");
         use wasmtime_wasi::p2::OutputStream;
         let _ = self
@@ -334,18 +334,16 @@ impl Sender {
             match tokio::time::timeout_at(self.connect_deadline().into(), lookup).await {
                 Err(_) => return Err(Error::DnsTimeout),
                 Ok(Err(e)) => {
-                    return self
-                        .refuse(
-                            format!(
-                                "outbound request to {shown} failed: {} does not resolve ({e})",
-                                t.host
-                            ),
-                            Error::DnsError {
-                                rcode: Some(e.to_string()),
-                                info_code: None,
-                            },
-                        )
-                        .map(|_| Vec::new());
+                    return self.refuse(
+                        format!(
+                            "outbound request to {shown} failed: {} does not resolve ({e})",
+                            t.host
+                        ),
+                        Error::DnsError {
+                            rcode: Some(e.to_string()),
+                            info_code: None,
+                        },
+                    );
                 }
                 Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
             }
@@ -356,15 +354,13 @@ impl Sender {
         for ip in &addrs {
             let ip = verge_spec::canonical(*ip);
             if self.settings.own_ports.contains(&t.port) && is_local(ip) {
-                return self
-                    .refuse(
-                        format!(
-                            "outbound request to {shown} refused: {ip} port {} is this node's own listener, which no guest may reach",
-                            t.port
-                        ),
-                        Error::DestinationIpProhibited,
-                    )
-                    .map(|_| Vec::new());
+                return self.refuse(
+                    format!(
+                        "outbound request to {shown} refused: {ip} port {} is this node's own listener, which no guest may reach",
+                        t.port
+                    ),
+                    Error::DestinationIpProhibited,
+                );
             }
             if let Some(why) = verge_spec::forbidden_reason(ip)
                 && !self.policy.private.iter().any(|c| c.contains(ip))
@@ -374,15 +370,13 @@ impl Sender {
                 } else {
                     format!(" ({} resolves to it)", t.host)
                 };
-                return self
-                    .refuse(
-                        format!(
-                            "outbound request to {shown} refused: {ip} is a {why} address{via}; if the function is meant to reach it, deploy it with --allow-private {ip}/{}",
-                            if ip.is_ipv4() { 32 } else { 128 }
-                        ),
-                        Error::DestinationIpProhibited,
-                    )
-                    .map(|_| Vec::new());
+                return self.refuse(
+                    format!(
+                        "outbound request to {shown} refused: {ip} is a {why} address{via}; if the function is meant to reach it, deploy it with --allow-private {ip}/{}",
+                        if ip.is_ipv4() { 32 } else { 128 }
+                    ),
+                    Error::DestinationIpProhibited,
+                );
             }
         }
         Ok(addrs)

@@ -305,7 +305,7 @@ fn guests_get_no_ambient_authority() {
     assert!(fetch.contains("HttpRequestDenied"), "{fetch}");
     node.wait_for_output(
         "sandbox",
-        "outbound HTTP request to http://127.0.0.1:9/ denied",
+        "outbound request to http://127.0.0.1:9/ denied",
     );
 
     // Output is captured per invocation, bounded and marked as truncated;

@@ -11,7 +11,8 @@
 //!   `ok=<n> errors=<codes>`.
 //! - `/config/KEY`: the value of KEY from `wasi:config/store` (404 when absent).
 //! - `/chain`: answers its `NAME` (environment), after the answer of
-//!   `http://NEXT.fn.verge.internal/chain` when `NEXT` is set: `a>b>c`.
+//!   `http://NEXT.fn.verge.internal/chain` when `NEXT` is set: `a>b>c`
+//!   (`NEXT_URL` instead, when set).
 
 use wasip2::exports::http::incoming_handler::Guest;
 use wasip2::http::outgoing_handler;
@@ -208,7 +209,9 @@ fn chain() -> (u16, String) {
     let Some(next) = env("NEXT") else {
         return (200, name);
     };
-    let url = format!("http://{next}.fn.verge.internal/chain");
+    // NEXT_URL: the same call through an HTTP route (the benchmark's
+    // comparison).
+    let url = env("NEXT_URL").unwrap_or_else(|| format!("http://{next}.fn.verge.internal/chain"));
     match start(&url, Method::Get, &[], &[]).and_then(wait) {
         Ok(r) => {
             let status = r.status();
