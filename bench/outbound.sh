@@ -2,8 +2,9 @@
 # Figures of guests' outbound HTTP and of calls between functions
 # (docs/outbound.md), one client sending sequential requests:
 #   1. an outbound request against the same request from a native client: GET
-#      /hello on an upstream node (127.0.0.2), made by Python's http.client and
-#      by the fetch guest on another node; the guest's own cost without the
+#      /hello on an upstream node (127.0.0.2), made by Python's http.client (on a
+#      new connection per request, as a guest's request is, and on a kept one)
+#      and by the fetch guest on another node; the guest's own cost without the
 #      request (its /config path) is subtracted from the latter;
 #   2. a call between two functions in process (a -> b at
 #      http://b.fn.verge.internal/) against the same call through an HTTP
@@ -40,11 +41,13 @@ deploy "$tmp/main" "$M" la rust-fetch "env=NAME=a&env=NEXT=b&env=NEXT_URL=http:/
 python3 - "$U" "$M" "$n" <<'PY'
 import http.client, sys, time, urllib.parse
 up, main, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-def lat(base, path, method="GET", headers={}, want=(200,)):
+def lat(base, path, method="GET", headers={}, want=(200,), fresh=False):
     u = urllib.parse.urlparse(base)
     c, xs = http.client.HTTPConnection(u.hostname, u.port, timeout=30), []
     for i in range(n + 100):
         t = time.perf_counter()
+        if fresh:  # a new connection per request, as a guest's request makes
+            c.close(); c = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
         c.request(method, path, headers=headers); r = c.getresponse(); body = r.read()
         assert r.status in want, (path, r.status, body[:200])
         if i >= 100:  # warm-up
@@ -54,12 +57,13 @@ def lat(base, path, method="GET", headers={}, want=(200,)):
 def show(name, v):
     print(f"  {name:<44} p50 {v[0]:7.0f} us   p99 {v[1]:7.0f} us")
 print(f"== outbound request ({n} sequential requests each)")
-native = lat(up, "/hello"); show("native client -> upstream /hello", native)
+native = lat(up, "/hello", fresh=True); show("native client -> upstream /hello (new conn.)", native)
+kept = lat(up, "/hello"); show("native client -> upstream /hello (kept conn.)", kept)
 guest = lat(main, "/f/fetch", "POST", {"x-fetch-url": f"{up}/hello"}); show("client -> fetch guest -> upstream /hello", guest)
 noop = lat(main, "/f/config/none", want=(404,)); show("client -> fetch guest, no request", noop)
 added = guest[0] - noop[0]
-print(f"  the guest's request costs p50 {added:.0f} us; the native client's {native[0]:.0f} us: "
-      f"{added - native[0]:+.0f} us through Verge")
+print(f"  the guest's request costs p50 {added:.0f} us; the native client's {native[0]:.0f} us "
+      f"on a new connection: {added - native[0]:+.0f} us through Verge")
 print(f"== call between functions ({n} sequential requests each)")
 alone = lat(main, "/b/chain"); show("b alone", alone)
 inproc = lat(main, "/a/chain"); show("a -> b in process", inproc)

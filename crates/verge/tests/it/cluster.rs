@@ -1047,3 +1047,63 @@ fn a_version_placed_by_labels_runs_only_on_nodes_that_have_them() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--label"), "{err}");
 }
+
+#[test]
+fn secrets_are_the_clusters_for_nodes_that_share_the_key() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("secret.key");
+    std::fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
+    let key = key.to_str().unwrap();
+    let a = TestNode::start_with(&[
+        "--nats",
+        &nats.url(),
+        "--node-name",
+        "a",
+        "--secret-key-file",
+        key,
+    ]);
+    let b = TestNode::start_with(&[
+        "--nats",
+        &nats.url(),
+        "--node-name",
+        "b",
+        "--secret-key-file",
+        key,
+    ])
+    .with_token(a.token());
+    // A node with a key of its own cannot open the cluster's secrets.
+    let c = cluster_node(&nats, "c").with_token(a.token());
+    let file = fixture("rust-fetch");
+    a.cli_ok(&[
+        "deploy",
+        file.to_str().unwrap(),
+        "--name",
+        "cfg",
+        "--route",
+        "/cfg",
+        "--secret",
+        "TOKEN",
+    ]);
+    let mut set = std::process::Command::new(crate::kit::VERGE)
+        .args(["secret", "set", "TOKEN", "--function", "cfg"])
+        .env("VERGE_SERVER", &b.url)
+        .env("VERGE_TOKEN", b.token())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut set.stdin.take().unwrap(), b"cluster-wide-7d1e").unwrap();
+    assert!(set.wait().unwrap().success());
+    for node in [&a, &b] {
+        eventually("the secret reaches the node's guests", || {
+            let (status, _, body) = curl(&[&format!("{}/cfg/config/TOKEN", node.url)]);
+            (status == 200 && body == b"cluster-wide-7d1e").then_some(())
+        });
+    }
+    eventually("the node with another key says why", || {
+        let (status, _, _) = curl(&[&format!("{}/cfg/config/TOKEN", c.url)]);
+        (status == 404 && c.log().contains("sealed with another key")).then_some(())
+    });
+    assert!(!c.log().contains("cluster-wide-7d1e"));
+}
