@@ -303,10 +303,7 @@ fn guests_get_no_ambient_authority() {
     assert!(fs.contains("read(/etc/passwd) denied"), "{fs}");
     let fetch = get("/fetch");
     assert!(fetch.contains("HttpRequestDenied"), "{fetch}");
-    node.wait_for_output(
-        "sandbox",
-        "outbound request to http://127.0.0.1:9/ denied",
-    );
+    node.wait_for_output("sandbox", "outbound request to http://127.0.0.1:9/ denied");
 
     // Output is captured per invocation, bounded and marked as truncated;
     // it goes to the invocation record, never to the node's log.
