@@ -21,7 +21,7 @@ stop_node() { kill "$NODE_PID" 2>/dev/null || true; wait "$NODE_PID" 2>/dev/null
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 # wrk_run URL DURATION CONNS: prints "rps p50 p99"
 wrk_run() {
-  local out; out=$(wrk -t2 -c"$3" -d"$2" --latency "$1")
+  local out; out=$(wrk -t"$(( $3 < 2 ? $3 : 2 ))" -c"$3" -d"$2" --latency "$1")
   printf '%s %s %s\n' "$(awk '/Requests\/sec/ {print $2}' <<<"$out")" \
     "$(awk '$1=="50%" {print $2}' <<<"$out")" "$(awk '$1=="99%" {print $2}' <<<"$out")"
 }

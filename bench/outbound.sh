@@ -71,3 +71,10 @@ loop = lat(main, "/la/chain"); show("a -> b through a loopback HTTP route", loop
 print(f"  a call adds p50 {inproc[0] - alone[0]:.0f} us in process (a's own run included), "
       f"{loop[0] - alone[0]:.0f} us through loopback HTTP")
 PY
+if command -v wrk >/dev/null; then
+  echo "== the same with wrk, one connection, 5 s each (p50 latency, requests/s)"
+  for p in /b/chain /a/chain /la/chain; do
+    read -r rps p50 _ < <(wrk_run "$M$p" 5s 1)
+    printf '  %-12s p50 %8s  %8s req/s\n' "$p" "$p50" "$rps"
+  done
+fi

@@ -430,6 +430,10 @@ where
     // optimized code replaces it meanwhile.
     let code = function.component.code();
     // A count that does not parse is past any limit, never 0.
+    let inline = request
+        .extensions()
+        .get::<verge_spec::ParentInvocation>()
+        .is_some();
     let hops = match request.headers().get("ce-vergehops") {
         None => 0,
         Some(v) => v
@@ -578,41 +582,78 @@ where
         (result, memory_hit)
     };
     let moved = watch.lane.clone();
-    let task = match (cfg.metering, host.slow_lane()) {
-        (true, Some(lane)) => tokio::spawn(
-            crate::lanes::Demoting::metered(
-                Metered::new(work, meter.clone()),
-                lane,
-                meter.clone(),
-                function.component.reputation.clone(),
-            )
-            .signalling(moved.clone()),
-        ),
-        (true, None) => tokio::spawn(Metered::new(work, meter.clone())),
-        (false, Some(lane)) => tokio::spawn(
-            crate::lanes::Demoting::new(work, lane, function.component.reputation.clone())
+    let work: Pin<Box<dyn Future<Output = (Result<(), RunError>, bool)> + Send>> =
+        match (cfg.metering, host.slow_lane()) {
+            (true, Some(lane)) => Box::pin(
+                crate::lanes::Demoting::metered(
+                    Metered::new(work, meter.clone()),
+                    lane,
+                    meter.clone(),
+                    function.component.reputation.clone(),
+                )
                 .signalling(moved.clone()),
-        ),
-        (false, None) => tokio::spawn(work),
+            ),
+            (true, None) => Box::pin(Metered::new(work, meter.clone())),
+            (false, Some(lane)) => Box::pin(
+                crate::lanes::Demoting::new(work, lane, function.component.reputation.clone())
+                    .signalling(moved.clone()),
+            ),
+            (false, None) => Box::pin(work),
+        };
+    // A call from another guest runs in the caller's task until its
+    // response head is there (or it ends, or it moves to the slow lane):
+    // a task of its own would cost two wake-ups of another worker thread
+    // per call. What remains of it (a body still being written) gets a
+    // task then. Any other request gets its task at once, so that a client
+    // that goes away never cancels a guest midway.
+    let mut early = None;
+    let task = if inline {
+        let mut work = work;
+        let ended = std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = work.as_mut().poll(cx) {
+                return Poll::Ready(Some(out));
+            }
+            if let Poll::Ready(answer) = Pin::new(&mut rx).poll(cx) {
+                early = Some(answer);
+                return Poll::Ready(None);
+            }
+            if moved.poll_moved(cx) {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await;
+        match ended {
+            Some(out) => Running::Ended(out),
+            None => Running::Task(tokio::spawn(work)),
+        }
+    } else {
+        Running::Task(tokio::spawn(work))
     };
 
     // No timer on the fast lane: the task ends by the deadline (see
     // `until`), and with it the store that holds the response's sender. An
     // invocation moved to the slow lane gets one (`answer_by`).
-    let Some(answer) = answer_by(deadline, &mut rx, &moved).await else {
+    let answer = match early {
+        Some(a) => Some(a),
+        None => answer_by(deadline, &mut rx, &moved).await,
+    };
+    let Some(answer) = answer else {
         // Past the deadline on a crowded slow lane: the caller stops the
         // guest and writes its record now. Aborted, a guest waiting for
         // its turn on the lane is dropped without running again; one that
         // is running stops at its next epoch tick. Its own ending (which
         // would write the same) never runs.
-        cut_off(
-            &task,
-            &moved,
-            &meter,
-            &watch,
-            started,
-            &function.component.reputation,
-        );
+        if let Running::Task(task) = &task {
+            cut_off(
+                task,
+                &moved,
+                &meter,
+                &watch,
+                started,
+                &function.component.reputation,
+            );
+        }
         return Err(InvokeError::Timeout(timeout));
     };
     match answer {
@@ -651,7 +692,10 @@ where
         Err(_) => {
             // The guest finished, died or ran out of time without setting a
             // response.
-            let result = task.await;
+            let result = match task {
+                Running::Task(task) => task.await,
+                Running::Ended(out) => Ok(out),
+            };
             let err = watch.stderr.text();
             match result {
                 Ok((Ok(()), _)) => Err(InvokeError::NoResponse { stderr: err }),
@@ -666,6 +710,14 @@ where
             }
         }
     }
+}
+
+/// Where an invocation's guest runs once its caller has the answer.
+enum Running<T> {
+    /// In a task of its own.
+    Task(tokio::task::JoinHandle<T>),
+    /// It ended in the caller's task; this is how.
+    Ended(T),
 }
 
 /// How long past its deadline a moved invocation's caller waits for the
