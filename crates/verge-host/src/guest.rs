@@ -582,24 +582,23 @@ where
         (result, memory_hit)
     };
     let moved = watch.lane.clone();
-    let work: Pin<Box<dyn Future<Output = (Result<(), RunError>, bool)> + Send>> =
-        match (cfg.metering, host.slow_lane()) {
-            (true, Some(lane)) => Box::pin(
-                crate::lanes::Demoting::metered(
-                    Metered::new(work, meter.clone()),
-                    lane,
-                    meter.clone(),
-                    function.component.reputation.clone(),
-                )
+    let work: Pin<Box<dyn Future<Output = Ended> + Send>> = match (cfg.metering, host.slow_lane()) {
+        (true, Some(lane)) => Box::pin(
+            crate::lanes::Demoting::metered(
+                Metered::new(work, meter.clone()),
+                lane,
+                meter.clone(),
+                function.component.reputation.clone(),
+            )
+            .signalling(moved.clone()),
+        ),
+        (true, None) => Box::pin(Metered::new(work, meter.clone())),
+        (false, Some(lane)) => Box::pin(
+            crate::lanes::Demoting::new(work, lane, function.component.reputation.clone())
                 .signalling(moved.clone()),
-            ),
-            (true, None) => Box::pin(Metered::new(work, meter.clone())),
-            (false, Some(lane)) => Box::pin(
-                crate::lanes::Demoting::new(work, lane, function.component.reputation.clone())
-                    .signalling(moved.clone()),
-            ),
-            (false, None) => Box::pin(work),
-        };
+        ),
+        (false, None) => Box::pin(work),
+    };
     // A call from another guest runs in the caller's task until its
     // response head is there (or it ends, or it moves to the slow lane):
     // a task of its own would cost two wake-ups of another worker thread
@@ -711,6 +710,9 @@ where
         }
     }
 }
+
+/// How a guest's run ended, and whether it hit its memory limit.
+type Ended = (Result<(), RunError>, bool);
 
 /// Where an invocation's guest runs once its caller has the answer.
 enum Running<T> {
