@@ -527,6 +527,30 @@ pub struct Host {
     functions: Option<Arc<incremental::FunctionCache>>,
     /// Held while a deploy gets its shared libraries, and by a sweep.
     library_lock: Mutex<()>,
+    /// Where background optimization compiles: threads of their own at the
+    /// lowest priority, so that a deploy's compile (on rayon's global pool,
+    /// at normal priority) and requests always come first.
+    background: rayon::ThreadPool,
+}
+
+/// The pool background optimization compiles on: as many threads as cores,
+/// each at the lowest scheduling priority (nice 19). A deploy's compile runs
+/// on rayon's global pool at normal priority, so it never queues behind the
+/// thousands of function compiles of a runtime's optimized code, and the
+/// kernel gives the CPU to it and to requests first.
+fn background_pool() -> Result<rayon::ThreadPool, HostError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .thread_name(|i| format!("verge-optimize-{i}"))
+        .start_handler(|_| {
+            // Per thread on Linux: the thread's own id names it.
+            let tid = rustix::thread::gettid();
+            if let Err(e) = rustix::process::setpriority_process(Some(tid), 19) {
+                tracing::warn!(error = %e, "could not lower the priority of a background compile thread");
+            }
+        })
+        .build()
+        .map_err(|e| HostError::Engine(format!("could not start the background compile threads: {e}")))
 }
 
 /// Interval of the epoch ticker: the granularity of timeouts and of yields of
@@ -607,6 +631,7 @@ impl Host {
             libraries_reused: AtomicU64::new(0),
             functions,
             library_lock: Mutex::new(()),
+            background: background_pool()?,
         })
     }
 
@@ -834,13 +859,19 @@ impl Host {
         {
             return Ok(false);
         }
-        let result = (|| {
-            if let Some(code) = self.load_cached(&self.optimizing, &component.sha256)? {
-                return Ok(code);
-            }
-            let bytes = bytes().map_err(DeployError::Read)?;
-            self.compile(&self.optimizing, &component.sha256, &bytes)
-        })();
+        // The bytes are read on the caller's thread (it may wait for the
+        // artifact store there); the work runs on the background pool.
+        let result = match self
+            .background
+            .install(|| self.load_cached(&self.optimizing, &component.sha256))
+        {
+            Ok(Some(code)) => Ok(code),
+            Ok(None) => bytes().map_err(DeployError::Read).and_then(|bytes| {
+                self.background
+                    .install(|| self.compile(&self.optimizing, &component.sha256, &bytes))
+            }),
+            Err(e) => Err(e),
+        };
         let outcome = match result {
             Ok(code) => {
                 *component
@@ -1261,6 +1292,32 @@ mod tests {
         assert!(!is_provided_import("wasi:keyvalue/store@0.2.0"));
         assert!(!is_provided_import("wasi:http/types@0.3.0"));
         assert!(!is_provided_import("acme:thing/x@1.0.0"));
+    }
+
+    #[test]
+    fn background_optimization_compiles_on_threads_of_the_lowest_priority() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host::new(HostConfig::new(dir.path())).unwrap();
+        // A pool thread's own view of its priority (the pool's threads start
+        // with their handler before they run anything).
+        let nice = host
+            .background
+            .install(|| rustix::process::getpriority_process(None).unwrap());
+        assert_eq!(nice, 19);
+        let name = host
+            .background
+            .install(|| std::thread::current().name().map(str::to_string));
+        assert!(name.unwrap().starts_with("verge-optimize-"));
+        // The caller's own priority is untouched.
+        assert_eq!(rustix::process::getpriority_process(None).unwrap(), 0);
+    }
+
+    #[test]
+    fn provided_imports_include_wasi_config() {
+        assert!(is_provided_import("wasi:config/store@0.2.0-rc.1"));
+        assert!(!is_provided_import(
+            "wasi:config/store@0.2.0-draft-2024-09-27"
+        ));
     }
 
     #[test]
