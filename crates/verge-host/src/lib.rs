@@ -531,6 +531,18 @@ pub struct Host {
     /// lowest priority, so that a deploy's compile (on rayon's global pool,
     /// at normal priority) and requests always come first.
     background: rayon::ThreadPool,
+    /// Components loaded now, by sha256: versions with the same bytes (the
+    /// same component deployed under several names, or again) share one
+    /// loaded component, its code and its `InstancePre`.
+    live: Mutex<LiveComponents>,
+}
+
+/// Weak references to the loaded components, pruned as they die.
+#[derive(Default)]
+struct LiveComponents {
+    by_sha: HashMap<String, std::sync::Weak<LoadedComponent>>,
+    /// Size at which dead entries are pruned next.
+    prune_at: usize,
 }
 
 /// The pool background optimization compiles on: as many threads as cores,
@@ -632,6 +644,7 @@ impl Host {
             functions,
             library_lock: Mutex::new(()),
             background: background_pool()?,
+            live: Mutex::default(),
         })
     }
 
@@ -787,6 +800,34 @@ impl Host {
             }
         }
         removed
+    }
+
+    /// [`Host::load`], but a component already loaded (for another version
+    /// with the same bytes) is shared instead of loaded again.
+    pub fn load_shared(
+        &self,
+        sha256: &str,
+        bytes: impl FnOnce() -> std::io::Result<Vec<u8>>,
+    ) -> Result<Arc<LoadedComponent>, DeployError> {
+        if let Some(c) = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_sha
+            .get(sha256)
+            .and_then(std::sync::Weak::upgrade)
+        {
+            return Ok(c);
+        }
+        let loaded = Arc::new(self.load(sha256, bytes)?);
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        if live.by_sha.len() >= live.prune_at {
+            live.by_sha.retain(|_, w| w.strong_count() > 0);
+            live.prune_at = (live.by_sha.len() * 2).max(64);
+        }
+        live.by_sha
+            .insert(sha256.to_string(), Arc::downgrade(&loaded));
+        Ok(loaded)
     }
 
     /// Validates, compiles (or loads from the cache) and pre-instantiates a

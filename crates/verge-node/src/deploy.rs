@@ -87,7 +87,7 @@ pub(crate) async fn deploy(
     let loaded = {
         let sha = sha.clone();
         let bytes = bytes.clone();
-        blocking(move || Ok(s.host.load(&sha, || Ok(bytes.to_vec()))?)).await?
+        blocking(move || Ok(s.host.load_shared(&sha, || Ok(bytes.to_vec()))?)).await?
     };
     let compile_ms = steps.done("compile");
     let code = loaded.source.as_str().to_string();
@@ -111,7 +111,6 @@ pub(crate) async fn deploy(
     debug_assert_eq!(stored, sha);
     // The projection gives the new version's slot this code (see
     // `AppState::preloaded`), once it reads the version from the registry.
-    let loaded = Arc::new(loaded);
     state
         .preloaded
         .lock()

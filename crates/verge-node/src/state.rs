@@ -434,14 +434,14 @@ impl AppState {
     fn load_version(&self, v: &StoredVersion) -> Result<Function, ApiError> {
         let component = self
             .host
-            .load(&v.sha256, || self.artifact_bytes(&v.sha256))
+            .load_shared(&v.sha256, || self.artifact_bytes(&v.sha256))
             .map_err(|e| {
                 ApiError::Internal(format!(
                     "could not load function {:?} version {}: {e}",
                     v.function, v.version
                 ))
             })?;
-        Ok(self.function_of(v, Arc::new(component)))
+        Ok(self.function_of(v, component))
     }
 
     pub(crate) fn slot(&self, stored: StoredVersion, loaded: Option<Function>) -> Arc<VersionSlot> {

@@ -152,3 +152,33 @@ async fn a_full_disk_refuses_writes_clearly_and_deletes_still_work() {
     assert_eq!(n.get("/second").await.status, 200);
     drop(n);
 }
+
+/// Versions with the same bytes share one loaded component: the second
+/// function's first request loads nothing (no compile, no cache read), and
+/// each function still runs and is metered as its own.
+#[tokio::test]
+async fn identical_components_are_loaded_once() {
+    let node = TestNode::start().await;
+    let loads =
+        |h: &serde_json::Value| h["compiled"].as_u64().unwrap() + h["cache_hits"].as_u64().unwrap();
+    node.deployed("one", wat::hello(), "route=/one").await;
+    assert_eq!(node.get("/one").await.status, 200);
+    let before = loads(&node.api(Method::GET, "/v1/health", None).await.json());
+    for i in 0..20 {
+        node.deployed(
+            &format!("copy{i}"),
+            wat::hello(),
+            &format!("route=/copy{i}"),
+        )
+        .await;
+        assert_eq!(node.get(&format!("/copy{i}")).await.status, 200);
+    }
+    let after = loads(&node.api(Method::GET, "/v1/health", None).await.json());
+    assert_eq!(
+        after, before,
+        "20 copies of a loaded component loaded again"
+    );
+    let a = node.get("/copy7").await;
+    let record = node.invocation(&invocation_id(&a)).await;
+    assert_eq!(record["function"], "copy7");
+}
