@@ -29,7 +29,7 @@ for n in $counts; do
   rss=$(rss_kib "$NODE_PID")
   first=$(curl -fs -o /dev/null -w '%{time_total}' "http://127.0.0.1:18120/f$n")
   for i in $(seq "$n"); do echo "url = \"http://127.0.0.1:18120/f$i\""; echo "output = /dev/null"; done >"$d.urls"
-  curl -fs --parallel --parallel-max 8 -K "$d.urls"
+  curl -fs --no-progress-meter --parallel --parallel-max 8 -K "$d.urls" 2>/dev/null
   sleep 1
   called=$(rss_kib "$NODE_PID")
   stop_node
