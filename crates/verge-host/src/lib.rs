@@ -269,7 +269,8 @@ pub type ResponseBody = UnsyncBoxBody<Bytes, BodyError>;
 pub enum CodeSource {
     /// Compiled by this process (and written to the cache).
     Compiled,
-    /// Deserialized from the on-disk cache.
+    /// Deserialized from the on-disk cache, or already loaded for another
+    /// version with the same bytes.
     Cached,
 }
 
@@ -803,12 +804,13 @@ impl Host {
     }
 
     /// [`Host::load`], but a component already loaded (for another version
-    /// with the same bytes) is shared instead of loaded again.
+    /// with the same bytes) is shared instead of loaded again. Also says
+    /// where the code came from now: [`CodeSource::Cached`] for a shared one.
     pub fn load_shared(
         &self,
         sha256: &str,
         bytes: impl FnOnce() -> std::io::Result<Vec<u8>>,
-    ) -> Result<Arc<LoadedComponent>, DeployError> {
+    ) -> Result<(Arc<LoadedComponent>, CodeSource), DeployError> {
         if let Some(c) = self
             .live
             .lock()
@@ -817,7 +819,7 @@ impl Host {
             .get(sha256)
             .and_then(std::sync::Weak::upgrade)
         {
-            return Ok(c);
+            return Ok((c, CodeSource::Cached));
         }
         let loaded = Arc::new(self.load(sha256, bytes)?);
         let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
@@ -827,7 +829,8 @@ impl Host {
         }
         live.by_sha
             .insert(sha256.to_string(), Arc::downgrade(&loaded));
-        Ok(loaded)
+        let source = loaded.source;
+        Ok((loaded, source))
     }
 
     /// Validates, compiles (or loads from the cache) and pre-instantiates a

@@ -90,7 +90,8 @@ pub(crate) async fn deploy(
         blocking(move || Ok(s.host.load_shared(&sha, || Ok(bytes.to_vec()))?)).await?
     };
     let compile_ms = steps.done("compile");
-    let code = loaded.source.as_str().to_string();
+    let (loaded, source) = loaded;
+    let code = source.as_str().to_string();
     let tier = loaded.tier().as_str().to_string();
 
     let _guard = state.deploy_lock.lock().await;

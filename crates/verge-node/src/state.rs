@@ -435,6 +435,7 @@ impl AppState {
         let component = self
             .host
             .load_shared(&v.sha256, || self.artifact_bytes(&v.sha256))
+            .map(|(component, _)| component)
             .map_err(|e| {
                 ApiError::Internal(format!(
                     "could not load function {:?} version {}: {e}",

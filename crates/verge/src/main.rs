@@ -61,6 +61,10 @@ struct UpArgs {
     /// Deploy the bundled example function "hello" on /hello if absent
     #[arg(long)]
     example: bool,
+    /// The node's log on standard error: lines for people, or JSON objects, one
+    /// per line, with each event's fields (function, version, invocation, ...)
+    #[arg(long, value_enum, default_value = "text", env = "VERGE_LOG_FORMAT")]
+    log_format: LogFormat,
     /// Largest component upload accepted
     #[arg(long, default_value = "64MiB")]
     max_upload: String,
@@ -499,6 +503,7 @@ async fn run(cli: Cli) -> Result<()> {
         let UpArgs {
             listen,
             example,
+            log_format,
             max_upload,
             timeout,
             memory,
@@ -652,7 +657,7 @@ async fn run(cli: Cli) -> Result<()> {
                 site: site.clone(),
             });
         }
-        return up(config, *example).await;
+        return up(config, *example, *log_format).await;
     }
     let client = Client::discover(cli.server.clone(), cli.token.clone(), &data_dir)?;
     let json = cli.json;
@@ -1094,15 +1099,26 @@ fn routes_label(routes: &[Route]) -> String {
         .join(", ")
 }
 
+/// How the node writes its log.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 /// `verge up`: starts a node with the settings from the command line.
-async fn up(config: verge_node::NodeConfig, example: bool) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VERGE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+async fn up(config: verge_node::NodeConfig, example: bool, log_format: LogFormat) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VERGE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log_format {
+        LogFormat::Text => logs.init(),
+        // One object per line: timestamp, level, target, and the event's
+        // fields at the top level (`message`, `function`, `invocation`...).
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let data_dir = config.data_dir.clone();
     let cluster = config.cluster.clone();
     let limits = format!(

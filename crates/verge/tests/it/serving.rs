@@ -428,3 +428,26 @@ fn deploy_output_for_people_and_for_scripts() {
     let err = node.cli_err(&["deploy", file.to_str().unwrap(), "--name", "Bad_Name"]);
     assert!(err.contains("invalid function name"), "{err}");
 }
+
+#[test]
+fn the_node_writes_its_log_as_json_lines_when_asked() {
+    let node = TestNode::start_with(&["--log-format", "json"]);
+    node.deploy("rust-hello", "hello", "/hello");
+    node.wait_for_log("version deployed");
+    let log = node.log();
+    // Whole lines only: the last one may still be being written.
+    let whole = log.rsplit_once('\n').map_or("", |(done, _)| done);
+    let lines: Vec<serde_json::Value> = whole
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let deployed = lines
+        .iter()
+        .find(|v| v["message"] == "version deployed")
+        .expect("the deploy's line");
+    assert_eq!(deployed["function"], "hello", "{deployed}");
+    assert_eq!(deployed["version"], 1, "{deployed}");
+    assert_eq!(deployed["level"], "INFO", "{deployed}");
+    assert!(deployed["timestamp"].is_string(), "{deployed}");
+}
