@@ -95,7 +95,7 @@ impl Ledger {
         conn.pragma_update(None, "journal_size_limit", 64i64 << 20)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        add_node_column(&conn)?;
+        add_ledger_columns(&conn)?;
         let shared = Arc::new(Shared {
             pending: Mutex::new(Vec::with_capacity(BATCH_MAX)),
             wal: dir.join("verge.db-wal"),
@@ -236,18 +236,12 @@ fn insert(conn: &mut Connection, batch: &[UsageRecord]) -> Result<(), rusqlite::
     tx.commit()
 }
 
-/// The node a record came from (NULL: this one), on a cluster, and the
-/// node that forwarded its request: added to databases from before them.
-pub(crate) fn add_node_column(conn: &Connection) -> Result<(), rusqlite::Error> {
-    let has_node: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('invocations') WHERE name = 'node'",
-        [],
-        |r| r.get(0),
-    )?;
-    if has_node == 0 {
-        conn.execute_batch("ALTER TABLE invocations ADD COLUMN node TEXT")?;
-    }
-    for (table, column, def) in [
+/// The columns of records added after the first schema (the node a record
+/// came from, forwarding, calls, outbound traffic), added to databases from
+/// before them.
+pub(crate) fn add_ledger_columns(conn: &Connection) -> Result<(), rusqlite::Error> {
+    const COLUMNS: &[(&str, &str, &str)] = &[
+        ("invocations", "node", "TEXT"),
         ("invocations", "forwarded_from", "TEXT"),
         ("invocations", "parent_id", "TEXT"),
         (
@@ -281,7 +275,16 @@ pub(crate) fn add_node_column(conn: &Connection) -> Result<(), rusqlite::Error> 
             "outbound_wait_us",
             "INTEGER NOT NULL DEFAULT 0",
         ),
-    ] {
+    ];
+    add_columns(conn, COLUMNS)
+}
+
+/// Adds each `(table, column, definition)` a database from before it lacks.
+pub(crate) fn add_columns(
+    conn: &Connection,
+    columns: &[(&str, &str, &str)],
+) -> Result<(), rusqlite::Error> {
+    for (table, column, def) in columns {
         let has: i64 = conn.query_row(
             &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
             params![column],

@@ -383,22 +383,16 @@ impl Store {
                 "ALTER TABLE versions ADD COLUMN buckets TEXT NOT NULL DEFAULT '[]'",
             )?;
         }
-        for (table, column, def) in [
-            ("versions", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
-            ("versions", "placement", "TEXT NOT NULL DEFAULT '[]'"),
-            ("versions", "grants", "TEXT NOT NULL DEFAULT '{}'"),
-            ("tokens", "tenant", "TEXT"),
-            ("tokens", "scope", "TEXT"),
-        ] {
-            let has: i64 = conn.query_row(
-                &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
-                params![column],
-                |r| r.get(0),
-            )?;
-            if has == 0 {
-                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))?;
-            }
-        }
+        ledger::add_columns(
+            &conn,
+            &[
+                ("versions", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
+                ("versions", "placement", "TEXT NOT NULL DEFAULT '[]'"),
+                ("versions", "grants", "TEXT NOT NULL DEFAULT '{}'"),
+                ("tokens", "tenant", "TEXT"),
+                ("tokens", "scope", "TEXT"),
+            ],
+        )?;
         conn.execute_batch(INDEXES)?;
         conn.execute_batch(feed::SCHEMA)?;
         conn.execute_batch(replica::SCHEMA)?;
@@ -412,7 +406,7 @@ impl Store {
         if has_error == 0 {
             conn.execute_batch("ALTER TABLE invocations ADD COLUMN error TEXT")?;
         }
-        ledger::add_node_column(&conn)?;
+        ledger::add_ledger_columns(&conn)?;
         conn.execute_batch(usage_feed::SCHEMA)?;
         let commits = tokio::sync::watch::Sender::new(0u64);
         let signal = commits.clone();

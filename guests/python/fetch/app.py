@@ -28,8 +28,12 @@ from componentize_py_types import Err, Ok
 
 
 def read_body(request: IncomingRequest) -> bytes:
+    return read_all(request.consume())
+
+
+def read_all(body) -> bytes:
+    """An incoming body (of a request or a response), whole."""
     chunks = []
-    body = request.consume()
     stream = body.stream()
     while True:
         try:
@@ -107,17 +111,7 @@ def fetch(request: IncomingRequest):
         for k, v in response.headers().entries()
         if k.startswith("x-") or k == "content-type"
     ]
-    incoming = response.consume()
-    stream = incoming.stream()
-    chunks = []
-    while True:
-        try:
-            chunks.append(stream.blocking_read(65536))
-        except Err:
-            break
-    stream.__exit__(None, None, None)
-    incoming.__exit__(None, None, None)
-    return response.status(), kept, b"".join(chunks)
+    return response.status(), kept, read_all(response.consume())
 
 
 class IncomingHandler(exports.IncomingHandler):
