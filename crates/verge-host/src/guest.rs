@@ -118,6 +118,10 @@ struct Outbound {
     invocation_id: String,
     /// Hops of the event chain this invocation belongs to.
     hops: u32,
+    /// This invocation's span: the parent of the events it emits, the
+    /// calls and the outbound requests it makes (`traceparent`, unless the
+    /// guest wrote its own).
+    trace: Option<verge_spec::SpanContext>,
     events: Option<EventSink>,
     calls: Option<crate::CallSink>,
     policy: Arc<crate::outbound::OutboundPolicy>,
@@ -189,6 +193,7 @@ impl Outbound {
             caller: self.function.clone(),
             parent_id: self.invocation_id.clone(),
             hops: self.hops,
+            trace: self.trace,
             request: request.map(|b| b.map_err(|e| BodyError(e.to_string())).boxed_unsync()),
         };
         async move {
@@ -217,6 +222,7 @@ impl WasiHttpHooks for Outbound {
             && let Some(sink) = self.events.clone()
         {
             let (function, version, hops) = (self.function.clone(), self.version, self.hops);
+            let trace = self.trace.map(|t| t.traceparent());
             return Box::new(async move {
                 let (parts, body) = request.into_parts();
                 let body = match http_body_util::Limited::new(body, MAX_EVENT_BODY)
@@ -240,6 +246,12 @@ impl WasiHttpHooks for Outbound {
                 for e in &mut events {
                     e.source = format!("/verge/functions/{function}");
                     e.set_hops(verge_spec::next_hop(hops));
+                    // The CloudEvents distributed-tracing extension: the
+                    // emitting invocation is the parent of what the event
+                    // triggers, unless the guest traced it itself.
+                    if let Some(t) = &trace {
+                        e.trace_parent_or(t);
+                    }
                     if e.time.is_none() {
                         e.time = Some(verge_spec::rfc3339_ms(verge_spec_now_ms()));
                     }
@@ -257,6 +269,13 @@ impl WasiHttpHooks for Outbound {
             .and_then(|h| h.strip_suffix(crate::CALL_HOST_SUFFIX))
         {
             return Box::new(self.call(target.to_ascii_lowercase(), request));
+        }
+        let mut request = request;
+        if let Some(t) = &self.trace
+            && !request.headers().contains_key(verge_spec::TRACEPARENT)
+            && let Ok(v) = http::HeaderValue::try_from(t.traceparent())
+        {
+            request.headers_mut().insert(verge_spec::TRACEPARENT, v);
         }
         let sender = crate::outbound::Sender {
             policy: self.policy.clone(),
@@ -306,6 +325,7 @@ impl Watch {
         r.stdout = (!out.is_empty()).then_some(out);
         r.stderr = (!err.is_empty()).then_some(err);
         r.peak_memory_bytes = self.peak.load(Ordering::Relaxed);
+        r.demoted = self.lane.was_moved();
         self.outbound.record(r);
     }
 }
@@ -320,6 +340,7 @@ fn new_store(
     deadline: Instant,
     hops: u32,
     invocation_id: &str,
+    trace: Option<verge_spec::SpanContext>,
 ) -> Store<GuestState> {
     let (stdout, stderr) = (&watch.stdout, &watch.stderr);
     let cfg = host.config();
@@ -341,6 +362,7 @@ fn new_store(
             version: function.version,
             invocation_id: invocation_id.to_string(),
             hops,
+            trace,
             events: host.event_sink.clone(),
             calls: host.call_sink.clone(),
             policy: function.policy.clone(),
@@ -397,7 +419,7 @@ pub(crate) async fn instantiate_only(host: &Host, function: &Function) -> Result
         .checked_add(function.timeout.unwrap_or(host.config().timeout))
         .unwrap_or(now + Duration::from_secs(86_400));
     let code = function.component.code();
-    let mut store = new_store(host, &code.engine, function, &watch, deadline, 0, "");
+    let mut store = new_store(host, &code.engine, function, &watch, deadline, 0, "", None);
     let result = code.pre.instantiate_async(&mut store).await.map(drop);
     drop(store);
     result.map_err(|e| {
@@ -441,6 +463,10 @@ where
             .map(verge_spec::parse_hops)
             .unwrap_or(verge_spec::HOPS_INVALID),
     };
+    let context = request
+        .extensions()
+        .get::<verge_spec::InvocationContext>()
+        .copied();
     let mut store = new_store(
         host,
         &code.engine,
@@ -449,6 +475,7 @@ where
         deadline,
         hops,
         invocation_id,
+        context.map(|c| c.trace.context()),
     );
 
     let meter = Meter::new(
@@ -490,6 +517,8 @@ where
                 .extensions()
                 .get::<verge_spec::ParentInvocation>()
                 .map(|p| p.0.clone()),
+            trace: context.map(|c| c.trace),
+            timings: context.map(|c| c.timings).unwrap_or_default(),
             ..UsageRecord::default()
         },
     );

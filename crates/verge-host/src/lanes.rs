@@ -130,6 +130,11 @@ impl Moved {
         self.epochs.load(Ordering::Relaxed)
     }
 
+    /// Whether the invocation was moved to the slow lane.
+    pub(crate) fn was_moved(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
     pub(crate) fn set(&self) {
         self.flag.store(true, Ordering::Release);
         self.waker.wake();

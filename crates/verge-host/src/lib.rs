@@ -79,6 +79,8 @@ pub struct CallRequest {
     pub parent_id: String,
     /// Hops of the caller's chain (the callee runs at the next one).
     pub hops: u32,
+    /// The caller's span: the callee's parent (none: it has no trace).
+    pub trace: Option<verge_spec::SpanContext>,
     pub request: http::Request<UnsyncBoxBody<Bytes, BodyError>>,
 }
 

@@ -93,6 +93,7 @@ api_routes! {
     GET "/v1/replication/status" => crate::kv::status,
     GET "/v1/replication/stale" => crate::kv::stale,
     GET "/v1/nodes" => nodes,
+    GET "/v1/metrics" => crate::telemetry::handler,
     GET "/v1/routes" => list_routes,
     PUT "/v1/routes" => put_route,
     DELETE "/v1/routes" => delete_route,
@@ -566,6 +567,7 @@ async fn list_invocations(
     RawQuery(query): RawQuery,
 ) -> Result<Json<Vec<UsageRecord>>, ApiError> {
     let (mut function, mut status, mut id, mut limit) = (None, None, None, 50u32);
+    let mut trace = None;
     for (k, v) in query_pairs(query.as_deref()) {
         match k.as_str() {
             "function" => {
@@ -578,6 +580,14 @@ async fn list_invocations(
                 })?)
             }
             "id" => id = Some(v),
+            "trace" => {
+                if !verge_spec::is_trace_id(&v) {
+                    return Err(ApiError::BadRequest(format!(
+                        "trace {v:?} is not a trace id: 32 lowercase hex digits, as in the traceparent response header (00-TRACE-SPAN-01)"
+                    )));
+                }
+                trace = Some(v)
+            }
             "limit" => {
                 limit = v
                     .parse::<u32>()
@@ -587,7 +597,7 @@ async fn list_invocations(
             }
             other => {
                 return Err(ApiError::BadRequest(format!(
-                    "unknown query parameter {other:?}; accepted: function, status, id, limit"
+                    "unknown query parameter {other:?}; accepted: function, status, id, trace, limit"
                 )));
             }
         }
@@ -595,8 +605,13 @@ async fn list_invocations(
     let s = state.clone();
     Ok(Json(
         blocking(move || {
-            Ok(s.store
-                .invocations(function.as_deref(), status, id.as_deref(), limit)?)
+            Ok(s.store.invocations(
+                function.as_deref(),
+                status,
+                id.as_deref(),
+                trace.as_deref(),
+                limit,
+            )?)
         })
         .await?,
     ))
@@ -796,6 +811,7 @@ async fn invoke_with(
             path,
             &parts.headers,
             body,
+            0,
         )
         .await?;
         return Ok((status, job).into_response());
@@ -804,16 +820,17 @@ async fn invoke_with(
         Some(v) => Selector::Version(v),
         None => Selector::Alias(&alias),
     };
-    let (slot, function) = match front::resolve(&state, &name, selector, &parts.headers).await {
-        Ok(found) => found,
-        Err(e) => {
-            // Say "not deployed" the way the store does for unknown functions.
-            if !state.has_function(&name) {
-                return Err(StoreError::FunctionNotFound(name).into());
+    let (slot, function, load_us) =
+        match front::resolve(&state, &name, selector, &parts.headers).await {
+            Ok(found) => found,
+            Err(e) => {
+                // Say "not deployed" the way the store does for unknown functions.
+                if !state.has_function(&name) {
+                    return Err(StoreError::FunctionNotFound(name).into());
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
-    };
+        };
     let mut builder = http::Request::builder()
         .method(http::Method::POST)
         .uri(format!("http://localhost{path}"))
@@ -827,7 +844,8 @@ async fn invoke_with(
     let request = builder
         .body(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid invocation request: {e}")))?;
-    Ok(front::run(&state, &slot, &function, request, false).await)
+    let cause = front::Cause::http(request.headers(), load_us);
+    Ok(front::run(&state, &slot, &function, request, false, cause).await)
 }
 
 async fn list_routes(State(state): State<Arc<AppState>>) -> Result<Json<Vec<Route>>, ApiError> {

@@ -162,12 +162,24 @@ pub(crate) async fn require_token(
     let Some(caller) = caller else {
         return ApiError::Unauthorized.into_response();
     };
-    if caller.scope.is_some() && !replication_may_call(request.uri().path()) {
-        return ApiError::Forbidden(format!(
-            "token {:?} is a replication token and may call /v1/replication/... only; use an admin token",
-            caller.name
-        ))
-        .into_response();
+    match caller.scope.as_deref() {
+        None => {}
+        Some(verge_spec::SCOPE_METRICS) if request.uri().path() == "/v1/metrics" => {}
+        Some(verge_spec::SCOPE_METRICS) => {
+            return ApiError::Forbidden(format!(
+                "token {:?} is a metrics token and may call /v1/metrics only; use an admin token",
+                caller.name
+            ))
+            .into_response();
+        }
+        Some(_) if replication_may_call(request.uri().path()) => {}
+        Some(_) => {
+            return ApiError::Forbidden(format!(
+                "token {:?} is a replication token and may call /v1/replication/... only; use an admin token",
+                caller.name
+            ))
+            .into_response();
+        }
     }
     if let Some(t) = &caller.tenant
         && !tenant_may_call(request.uri().path())
@@ -188,7 +200,8 @@ pub(crate) struct NewToken {
     name: String,
     #[serde(default)]
     tenant: Option<String>,
-    /// `replication`: a token for `/v1/replication/...` only.
+    /// `replication`: a token for `/v1/replication/...` only; `metrics`:
+    /// for `/v1/metrics` only.
     #[serde(default)]
     scope: Option<String>,
 }
@@ -223,10 +236,15 @@ pub(crate) async fn create_token(
                     .into(),
             ));
         }
-        Some(verge_spec::SCOPE_REPLICATION) => {}
+        Some(verge_spec::SCOPE_METRICS) if req.tenant.is_some() => {
+            return Err(ApiError::BadRequest(
+                "a metrics token reads the whole node's metrics; create it without a tenant".into(),
+            ));
+        }
+        Some(verge_spec::SCOPE_REPLICATION | verge_spec::SCOPE_METRICS) => {}
         Some(other) => {
             return Err(ApiError::BadRequest(format!(
-                "unknown token scope {other:?}; the one scope is \"replication\" (or none, for a full token)"
+                "unknown token scope {other:?}; the scopes are \"replication\" and \"metrics\" (or none, for a full token)"
             )));
         }
     }

@@ -91,6 +91,10 @@ pub(crate) async fn deploy(
     };
     let compile_ms = steps.done("compile");
     let (loaded, source) = loaded;
+    state.metrics.code_loaded(
+        source.as_str(),
+        std::time::Duration::try_from_secs_f64(compile_ms / 1e3).unwrap_or_default(),
+    );
     let code = source.as_str().to_string();
     let tier = loaded.tier().as_str().to_string();
 

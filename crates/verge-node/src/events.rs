@@ -314,6 +314,7 @@ pub(crate) async fn enqueue_invoke(
     path: String,
     headers: &HeaderMap,
     body: Body,
+    hops: u32,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
     if !state.has_function(name) {
         return Err(verge_store::StoreError::FunctionNotFound(name.to_string()).into());
@@ -341,7 +342,7 @@ pub(crate) async fn enqueue_invoke(
                 headers,
                 body: body.to_vec(),
             },
-            0,
+            hops,
         )?)
     })
     .await?;
@@ -719,17 +720,39 @@ async fn run_job(state: &Arc<AppState>, job: Job) {
         Some(v) => Selector::Version(v),
         None => Selector::Alias(&job.alias),
     };
-    let (headers, path, body) = match &job.payload {
+    // Each attempt is a child of the span that caused the job: the
+    // event's emitter (its distributed-tracing extension), or the request
+    // or call that queued the invocation (its `traceparent`).
+    let (headers, path, body, parent, trigger) = match &job.payload {
         Payload::Event { event } => {
             let (h, b) = event.to_binary();
-            (h, "/".to_string(), b)
+            let trigger = if event.ty == types::SCHEDULE_FIRED {
+                verge_spec::Trigger::Timer
+            } else {
+                verge_spec::Trigger::PubSub
+            };
+            (h, "/".to_string(), b, event.trace_parent(), trigger)
         }
         Payload::Invoke {
             path,
             headers,
             body,
-        } => (headers.clone(), path.clone(), body.clone()),
+        } => {
+            let parent = headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(verge_spec::TRACEPARENT))
+                .and_then(|(_, v)| verge_spec::SpanContext::parse(v));
+            (
+                headers.clone(),
+                path.clone(),
+                body.clone(),
+                parent,
+                verge_spec::Trigger::Other,
+            )
+        }
     };
+    let queue_wait_us =
+        u64::try_from(verge_bus::now_ms().saturating_sub(job.next_ms).max(0)).unwrap_or(0) * 1000;
     let mut map = HeaderMap::new();
     for (k, v) in &headers {
         if let (Ok(k), Ok(v)) = (
@@ -744,7 +767,7 @@ async fn run_job(state: &Arc<AppState>, job: Job) {
     }
     map.insert("verge-attempt", HeaderValue::from(job.attempts));
     let outcome: Result<(), String> = async {
-        let (slot, function) = front::resolve(state, &job.function, selector, &map)
+        let (slot, function, load_us) = front::resolve(state, &job.function, selector, &map)
             .await
             .map_err(|e| e.to_string())?;
         let mut builder = http::Request::builder()
@@ -758,7 +781,13 @@ async fn run_job(state: &Arc<AppState>, job: Job) {
             builder = builder.extension(verge_spec::RetriedOnFailure);
         }
         let request = builder.body(Body::from(body)).map_err(|e| e.to_string())?;
-        let response = front::run(state, &slot, &function, request, false).await;
+        let cause = front::Cause {
+            parent,
+            trigger,
+            load_us,
+            queue_wait_us,
+        };
+        let response = front::run(state, &slot, &function, request, false, cause).await;
         let status = response.status();
         let text = axum::body::to_bytes(response.into_body(), 4096)
             .await
@@ -794,6 +823,7 @@ async fn run_job(state: &Arc<AppState>, job: Job) {
         }
         Ok(Some(failed)) if failed.state == JobState::Dead => {
             tracing::warn!(job = %failed.id, function = %failed.function, attempts = failed.attempts, error = ?failed.last_error, "job dead-lettered");
+            state.metrics.dead_lettered(&failed.function);
             // Retries of one job are one hop: the dead letter's event is
             // one past the job, whatever the number of attempts.
             state.emit_caused(

@@ -64,6 +64,7 @@ fn refuse(
     refused: Refused,
     waited: std::time::Duration,
     public: bool,
+    trace: verge_spec::InvocationTrace,
 ) -> Response {
     let detail = match refused {
         // The internet learns that it should retry, not how the node is
@@ -78,7 +79,7 @@ fn refuse(
             function.name
         ),
     };
-    record_rejection(state, function, &id, Outcome::Capacity, waited);
+    record_rejection(state, function, &id, Outcome::Capacity, waited, trace);
     ApiError::Overloaded { detail, id }.into_response()
 }
 
@@ -90,6 +91,7 @@ fn record_rejection(
     id: &str,
     outcome: Outcome,
     waited: std::time::Duration,
+    trace: verge_spec::InvocationTrace,
 ) {
     state.ledger.record(verge_spec::UsageRecord {
         invocation_id: id.to_string(),
@@ -102,6 +104,7 @@ fn record_rejection(
         wall_us: u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
         status: outcome.status(),
         outcome,
+        trace: Some(trace),
         ..Default::default()
     });
 }
@@ -140,7 +143,7 @@ pub(crate) async fn resolve(
     function: &str,
     selector: Selector<'_>,
     headers: &http::HeaderMap,
-) -> Result<(Arc<VersionSlot>, Function), ApiError> {
+) -> Result<(Arc<VersionSlot>, Function, u64), ApiError> {
     let described = match &selector {
         Selector::Alias(a) => format!("alias {a:?}"),
         Selector::Version(v) => format!("version {v}"),
@@ -178,8 +181,53 @@ pub(crate) async fn resolve(
             }
         )));
     }
+    let loading = slot.loaded.get().is_none();
+    let started = std::time::Instant::now();
     let f = state.load(&slot).await?;
-    Ok((slot, f))
+    let load_us = if loading {
+        u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
+    } else {
+        0
+    };
+    Ok((slot, f, load_us))
+}
+
+/// What caused an invocation: the span it is a child of, its trigger, and
+/// the time it spent before admission (loading code, queued as a job).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Cause {
+    pub parent: Option<verge_spec::SpanContext>,
+    pub trigger: verge_spec::Trigger,
+    pub load_us: u64,
+    pub queue_wait_us: u64,
+}
+
+impl Cause {
+    /// An HTTP request's: its `traceparent` header, if valid (else the
+    /// invocation starts a trace, as W3C asks of an invalid one).
+    pub(crate) fn http(headers: &http::HeaderMap, load_us: u64) -> Cause {
+        Cause {
+            parent: traceparent(headers),
+            trigger: verge_spec::Trigger::Http,
+            load_us,
+            queue_wait_us: 0,
+        }
+    }
+}
+
+/// The span context of a request's `traceparent` header, if valid.
+pub(crate) fn traceparent(headers: &http::HeaderMap) -> Option<verge_spec::SpanContext> {
+    headers
+        .get(verge_spec::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(verge_spec::SpanContext::parse)
+}
+
+/// A new invocation's trace, a child of `parent` (none: a new trace).
+pub(crate) fn start_trace(parent: Option<verge_spec::SpanContext>) -> verge_spec::InvocationTrace {
+    let mut random = [0u8; 24];
+    rand::rng().fill_bytes(&mut random);
+    verge_spec::InvocationTrace::start(parent, random)
 }
 
 /// Fallback handler: every request that is not for the control API.
@@ -248,7 +296,10 @@ pub(crate) async fn route_request(
         return crate::forward::forward(&state, cluster, &slot, request).await;
     }
     match resolve(&state, &route.function, selector, request.headers()).await {
-        Ok((slot, function)) => run(&state, &slot, &function, request, true).await,
+        Ok((slot, function, load_us)) => {
+            let cause = Cause::http(request.headers(), load_us);
+            run(&state, &slot, &function, request, true, cause).await
+        }
         Err(ApiError::NotFound(why)) => {
             tracing::debug!(%path, %why, "a route's function did not resolve");
             ApiError::NotFound(match pinned {
@@ -270,8 +321,10 @@ pub(crate) async fn run(
     function: &Function,
     request: Request,
     public: bool,
+    cause: Cause,
 ) -> Response {
     let id = new_invocation_id();
+    let trace = start_trace(cause.parent);
     let limits = slot.bodies;
     let declared = request
         .headers()
@@ -285,6 +338,7 @@ pub(crate) async fn run(
             &id,
             Outcome::RequestTooLarge,
             Default::default(),
+            trace,
         );
         let detail = if public {
             format!(
@@ -301,14 +355,40 @@ pub(crate) async fn run(
         if let Ok(v) = HeaderValue::from_str(&id) {
             response.headers_mut().insert(INVOCATION_ID_HEADER, v);
         }
+        set_traceparent(response.headers_mut(), &trace);
         return response;
     }
     let waited = std::time::Instant::now();
     let permits = match state.admit(slot).await {
         Ok(p) => p,
-        Err(refused) => return refuse(state, function, id, refused, waited.elapsed(), public),
+        Err(refused) => {
+            let mut response = refuse(
+                state,
+                function,
+                id,
+                refused,
+                waited.elapsed(),
+                public,
+                trace,
+            );
+            set_traceparent(response.headers_mut(), &trace);
+            return response;
+        }
     };
+    let admission_wait_us = u64::try_from(waited.elapsed().as_micros()).unwrap_or(u64::MAX);
     let (mut parts, body) = request.into_parts();
+    // The guest sees its own invocation as the parent: spans it makes, and
+    // requests it passes the header on to, nest under it.
+    set_traceparent(&mut parts.headers, &trace);
+    parts.extensions.insert(verge_spec::InvocationContext {
+        trace,
+        timings: verge_spec::Timings {
+            admission_wait_us,
+            load_us: cause.load_us,
+            queue_wait_us: cause.queue_wait_us,
+            trigger: cause.trigger,
+        },
+    });
     if parts.uri.authority().is_none() {
         let authority = parts
             .headers
@@ -350,6 +430,7 @@ pub(crate) async fn run(
             response
                 .headers_mut()
                 .insert(VERSION_HEADER, HeaderValue::from(function.version));
+            set_traceparent(response.headers_mut(), &trace);
             response
         }
         Err(error) => {
@@ -358,14 +439,23 @@ pub(crate) async fn run(
             if let InvokeError::Trap { message, .. } = &error {
                 tracing::debug!(function = %function.name, version = function.version, invocation = %id, %message, "guest trapped");
             }
-            ApiError::Invoke {
+            let mut response = ApiError::Invoke {
                 error,
                 id,
                 function: function.name.clone(),
                 public,
             }
-            .into_response()
+            .into_response();
+            set_traceparent(response.headers_mut(), &trace);
+            response
         }
+    }
+}
+
+/// `traceparent: ` naming the invocation's span.
+fn set_traceparent(headers: &mut http::HeaderMap, trace: &verge_spec::InvocationTrace) {
+    if let Ok(v) = HeaderValue::try_from(trace.traceparent()) {
+        headers.insert(verge_spec::TRACEPARENT, v);
     }
 }
 
@@ -398,6 +488,9 @@ pub(crate) async fn call(
         );
     }
     let (mut parts, body) = call.request.into_parts();
+    if prefers_async(&parts.headers) {
+        return call_async(&state, call.function, call.trace, hops, parts, body).await;
+    }
     let resolved = resolve(
         &state,
         &call.function,
@@ -405,10 +498,13 @@ pub(crate) async fn call(
         &parts.headers,
     )
     .await;
-    let (slot, function) = match resolved {
+    let (slot, function, load_us) = match resolved {
         Ok(r) => r,
         Err(e) => return call_response(e.into_response()),
     };
+    // A guest that traced the call itself wrote its own traceparent; else
+    // the caller's invocation is the parent.
+    let parent = traceparent(&parts.headers).or(call.trace);
     parts
         .extensions
         .insert(verge_spec::ParentInvocation(call.parent_id));
@@ -418,7 +514,64 @@ pub(crate) async fn call(
         .insert("ce-vergehops", HeaderValue::from(hops));
     parts.headers.remove(VERSION_HEADER);
     let request = Request::from_parts(parts, Body::new(body));
-    call_response(run(&state, &slot, &function, request, false).await)
+    let cause = Cause {
+        parent,
+        load_us,
+        ..Cause::default()
+    };
+    call_response(run(&state, &slot, &function, request, false, cause).await)
+}
+
+/// Whether a request asks to be answered at once and run later
+/// (`Prefer: respond-async`, RFC 7240).
+fn prefers_async(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+}
+
+/// A call with `Prefer: respond-async`: queued as an asynchronous
+/// invocation of the callee's live alias (its retries and dead letters
+/// apply), answered 202 with the job, the caller's span its parent.
+async fn call_async(
+    state: &Arc<AppState>,
+    function: String,
+    trace: Option<verge_spec::SpanContext>,
+    hops: u32,
+    mut parts: http::request::Parts,
+    body: verge_host::ResponseBody,
+) -> http::Response<verge_host::ResponseBody> {
+    if let Some(t) = trace
+        && !parts.headers.contains_key(verge_spec::TRACEPARENT)
+        && let Ok(v) = HeaderValue::try_from(t.traceparent())
+    {
+        parts.headers.insert(verge_spec::TRACEPARENT, v);
+    }
+    parts.headers.remove("prefer");
+    parts.headers.remove("ce-vergehops");
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_string();
+    let queued = crate::events::enqueue_invoke(
+        state,
+        &function,
+        verge_spec::LIVE_ALIAS,
+        None,
+        path,
+        &parts.headers,
+        Body::new(body),
+        hops,
+    )
+    .await;
+    call_response(match queued {
+        Ok(answer) => answer.into_response(),
+        Err(e) => e.into_response(),
+    })
 }
 
 /// A call made before the node's state exists (never, once it serves).

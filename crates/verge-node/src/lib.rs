@@ -10,11 +10,13 @@ mod events;
 mod forward;
 mod front;
 mod kv;
+mod otlp;
 mod projection;
 mod reserve;
 mod secrets;
 mod server;
 mod state;
+mod telemetry;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -119,6 +121,11 @@ pub struct NodeConfig {
     /// Guests' outbound HTTP: names resolved without DNS, limits. The
     /// node's own ports are added at start.
     pub outbound: verge_host::OutboundSettings,
+    /// Where traces go (OTLP over HTTP; `None`: nowhere).
+    pub otlp_endpoint: Option<String>,
+    /// A listener for `GET /metrics` without a token (`None`: metrics
+    /// only at `/v1/metrics` on the main listener, with a token).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl NodeConfig {
@@ -155,6 +162,8 @@ impl NodeConfig {
             cluster: None,
             secret_key_file: None,
             outbound: verge_host::OutboundSettings::default(),
+            otlp_endpoint: None,
+            metrics_listen: None,
         }
     }
 
@@ -221,6 +230,8 @@ pub struct StartReport {
 pub struct Node {
     state: Arc<AppState>,
     listener: TcpListener,
+    /// `--metrics-listen`: `GET /metrics` without a token.
+    metrics_listener: Option<TcpListener>,
     report: StartReport,
     peers: Vec<Peer>,
     /// Keys changed since the last `kv.changed` events went out.
@@ -275,9 +286,19 @@ impl Node {
                     addr: config.listen,
                     source,
                 })?;
+        let metrics_listener = match config.metrics_listen {
+            None => None,
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| {
+                NodeError::Other(format!(
+                    "could not listen on {addr} for metrics (--metrics-listen): {source}; pick another address"
+                ))
+            })?),
+        };
         let mut outbound = config.outbound.clone();
-        if let Ok(addr) = listener.local_addr() {
-            outbound.own_ports.push(addr.port());
+        for l in std::iter::once(&listener).chain(&metrics_listener) {
+            if let Ok(addr) = l.local_addr() {
+                outbound.own_ports.push(addr.port());
+            }
         }
         let mut host = Host::new(HostConfig {
             outbound: Arc::new(outbound),
@@ -334,6 +355,27 @@ impl Node {
             .map_err(|e| NodeError::Other(e.to_string()))?,
             _ => Arc::new(bus),
         };
+        let metrics = Arc::new(telemetry::Metrics::default());
+        let spans = match &config.otlp_endpoint {
+            None => None,
+            Some(endpoint) => {
+                let url = otlp::traces_url(endpoint).map_err(NodeError::Other)?;
+                tracing::info!(%url, "spans are exported with OTLP");
+                Some(Arc::new(otlp::Exporter::start(
+                    url,
+                    config.node_name.clone(),
+                )))
+            }
+        };
+        {
+            let (m, s) = (metrics.clone(), spans.clone());
+            let _ = ledger.observe(Box::new(move |batch| {
+                m.observe(batch);
+                if let Some(s) = &s {
+                    s.observe(batch);
+                }
+            }));
+        }
         let sink = ledger.clone();
         let outbox = Arc::new(events::Outbox::default());
         let (failures, node) = (outbox.clone(), config.node_name.clone());
@@ -426,6 +468,8 @@ impl Node {
                 data_dir: data_dir.clone(),
                 max_upload: config.max_upload,
                 secrets,
+                metrics,
+                spans,
                 hop_limit: config.hop_limit,
                 ceilings: Ceilings {
                     timeout: config.timeout,
@@ -461,6 +505,7 @@ impl Node {
         Ok(Node {
             state,
             listener,
+            metrics_listener,
             report,
             peers: config.peers.clone(),
             kv_changes,
@@ -479,6 +524,13 @@ impl Node {
             Ok(a) => format!("http://{a}"),
             Err(_) => String::new(),
         }
+    }
+
+    /// The address of the metrics listener, if the node has one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The address the node listens on (useful with port 0).
@@ -532,7 +584,17 @@ impl Node {
         }
         let _ = self.state.url.set(self.url());
         let app = router(self.state.clone());
-        let background = self.spawn_background();
+        let mut background = self.spawn_background();
+        if let Some(l) = self.metrics_listener {
+            let app = Router::new()
+                .route("/metrics", axum::routing::get(telemetry::handler))
+                .with_state(self.state.clone());
+            background.0.push(tokio::spawn(async move {
+                if let Err(e) = axum::serve(l, app).await {
+                    tracing::error!(error = %e, "the metrics listener stopped");
+                }
+            }));
+        }
         self.state.emit(
             events::types::NODE_STARTED,
             &self.state.node_name,

@@ -149,6 +149,7 @@ impl AppState {
         let Some(state) = state else {
             if let Some(old) = functions.remove(name) {
                 self.admission.forget(name);
+                self.metrics.forget(name);
                 let gone = old.versions.values().map(|v| v.stored.sha256.clone());
                 let gone = unreferenced(&functions, gone);
                 drop(functions);

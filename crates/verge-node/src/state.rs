@@ -25,7 +25,9 @@ pub(crate) struct VersionSlot {
     /// `--concurrency`, else its function's fair share of the node (shared
     /// by all its versions).
     concurrency: Option<Arc<Semaphore>>,
-    loaded: tokio::sync::OnceCell<Function>,
+    pub(crate) loaded: tokio::sync::OnceCell<Function>,
+    /// Requests waiting for admission to this version right now.
+    pub(crate) waiting: AtomicUsize,
 }
 
 impl VersionSlot {
@@ -194,6 +196,9 @@ pub(crate) struct Settings {
     pub max_upload: usize,
     /// The node's key and the sealed secrets.
     pub secrets: Arc<crate::secrets::Secrets>,
+    /// Metrics made from the ledger's records, and the span exporter.
+    pub metrics: Arc<crate::telemetry::Metrics>,
+    pub spans: Option<Arc<crate::otlp::Exporter>>,
     /// Functions a chain of events or calls may go through.
     pub hop_limit: u32,
     pub ceilings: Ceilings,
@@ -235,6 +240,8 @@ pub struct AppState {
     pub(crate) data_dir: PathBuf,
     pub(crate) max_upload: usize,
     pub(crate) secrets: Arc<crate::secrets::Secrets>,
+    pub(crate) metrics: Arc<crate::telemetry::Metrics>,
+    pub(crate) spans: Option<Arc<crate::otlp::Exporter>>,
     pub(crate) hop_limit: u32,
     pub(crate) token_hashes: RwLock<Vec<verge_store::TokenHash>>,
     pub(crate) deploy_lock: tokio::sync::Mutex<()>,
@@ -310,6 +317,8 @@ impl AppState {
             data_dir: settings.data_dir,
             max_upload: settings.max_upload,
             secrets: settings.secrets,
+            metrics: settings.metrics,
+            spans: settings.spans,
             hop_limit: settings.hop_limit,
             token_hashes: RwLock::default(),
             deploy_lock: tokio::sync::Mutex::new(()),
@@ -432,10 +441,14 @@ impl AppState {
 
     /// Loads a stored version (compiled code from the cache when it is there).
     fn load_version(&self, v: &StoredVersion) -> Result<Function, ApiError> {
+        let started = std::time::Instant::now();
         let component = self
             .host
             .load_shared(&v.sha256, || self.artifact_bytes(&v.sha256))
-            .map(|(component, _)| component)
+            .map(|(component, source)| {
+                self.metrics.code_loaded(source.as_str(), started.elapsed());
+                component
+            })
             .map_err(|e| {
                 ApiError::Internal(format!(
                     "could not load function {:?} version {}: {e}",
@@ -461,6 +474,7 @@ impl AppState {
                 None => self.admission.share_of(&stored.function),
             }),
             loaded: tokio::sync::OnceCell::new_with(loaded),
+            waiting: AtomicUsize::new(0),
             stored,
         })
     }
@@ -514,6 +528,7 @@ impl AppState {
             a.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(Refused::QueueFull(a.queue_depth));
         }
+        version.waiting.fetch_add(1, Ordering::Relaxed);
         let wait = async {
             let function = match slot {
                 Some(s) => Some(s.acquire_owned().await.ok()?),
@@ -529,10 +544,30 @@ impl AppState {
         };
         let result = tokio::time::timeout(a.max_wait, wait).await;
         a.queued.fetch_sub(1, Ordering::AcqRel);
+        version.waiting.fetch_sub(1, Ordering::Relaxed);
         match result {
             Ok(Some(p)) => Ok(p),
             _ => Err(Refused::WaitedTooLong(a.max_wait)),
         }
+    }
+
+    /// Requests waiting for admission, by function and version (those
+    /// with any).
+    pub(crate) fn waiting(&self) -> Vec<(String, u64, usize)> {
+        let functions = self
+            .functions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut out = Vec::new();
+        for (name, entry) in functions.iter() {
+            for (v, slot) in &entry.versions {
+                let n = slot.waiting.load(Ordering::Relaxed);
+                if n > 0 {
+                    out.push((name.clone(), *v, n));
+                }
+            }
+        }
+        out
     }
 
     pub(crate) fn function_count(&self) -> usize {

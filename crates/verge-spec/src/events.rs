@@ -358,6 +358,22 @@ impl CloudEvent {
         self.extensions
             .insert(HOPS_EXTENSION.to_string(), Value::String(hops.to_string()));
     }
+
+    /// The distributed-tracing extension's `traceparent`, if valid.
+    pub fn trace_parent(&self) -> Option<crate::SpanContext> {
+        match self.extensions.get(crate::TRACEPARENT)? {
+            Value::String(s) => crate::SpanContext::parse(s),
+            _ => None,
+        }
+    }
+
+    /// Sets the distributed-tracing extension's `traceparent` unless the
+    /// event has one.
+    pub fn trace_parent_or(&mut self, traceparent: &str) {
+        self.extensions
+            .entry(crate::TRACEPARENT.to_string())
+            .or_insert_with(|| Value::String(traceparent.to_string()));
+    }
 }
 
 fn is_json(content_type: &str) -> bool {

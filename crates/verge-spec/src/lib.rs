@@ -11,6 +11,8 @@ mod events;
 pub use events::*;
 mod grants;
 pub use grants::*;
+mod trace;
+pub use trace::*;
 
 /// The longest function name accepted.
 pub const MAX_FUNCTION_NAME: usize = 63;
@@ -355,6 +357,10 @@ pub struct TokenInfo {
 /// The scope of a token that may call the replication endpoints
 /// (`/v1/replication/...`) and nothing else: what an edge holds.
 pub const SCOPE_REPLICATION: &str = "replication";
+
+/// The scope of a token that may read the node's metrics (`/v1/metrics`)
+/// and nothing else: what a Prometheus server holds.
+pub const SCOPE_METRICS: &str = "metrics";
 
 fn live() -> String {
     LIVE_ALIAS.to_string()
@@ -833,6 +839,18 @@ pub struct UsageRecord {
     /// that a job emits one however many attempts it takes. Not serialized.
     #[serde(skip)]
     pub will_retry: bool,
+    /// The invocation's span in its trace (`trace_id`, `span_id`,
+    /// `parent_span_id`).
+    #[serde(default, flatten)]
+    pub trace: Option<InvocationTrace>,
+    /// Where its time went before the guest ran (for its trace's spans);
+    /// not serialized, not in the ledger.
+    #[serde(skip)]
+    pub timings: Timings,
+    /// It finished on the slow lane (it used up the fast lane's CPU
+    /// budget); not serialized, not in the ledger.
+    #[serde(skip)]
+    pub demoted: bool,
 }
 
 /// A request extension the node's dispatcher puts on a job's attempt when a

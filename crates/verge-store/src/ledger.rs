@@ -71,7 +71,13 @@ struct Shared {
     dropped: AtomicU64,
     /// Bytes of records queued so far (output and an estimate of the rest).
     written: AtomicU64,
+    /// Sees every batch before it is committed, on the writer thread.
+    observer: std::sync::OnceLock<Observer>,
 }
+
+/// Sees the ledger's records in batches, on its writer thread (off every
+/// request's path): metrics and traces are made from them.
+pub type Observer = Box<dyn Fn(&[UsageRecord]) + Send + Sync>;
 
 /// The writer side of the ledger (cheap to share).
 ///
@@ -104,6 +110,7 @@ impl Ledger {
             stop: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            observer: std::sync::OnceLock::new(),
         });
         let s = shared.clone();
         let writer = std::thread::Builder::new()
@@ -145,9 +152,16 @@ impl Ledger {
         }
     }
 
+    /// Sets the observer of every record from now on (once; a second
+    /// observer is refused and returned).
+    pub fn observe(&self, observer: Observer) -> Result<(), Observer> {
+        self.shared.observer.set(observer)
+    }
+
     /// Commits everything queued so far (used at shutdown and by tests).
     pub fn flush(&self) {
         let batch = std::mem::take(&mut *lock(&self.shared.pending));
+        observe(&self.shared, &batch);
         if !batch.is_empty()
             && let Err(e) = commit(&self.shared, &batch)
         {
@@ -177,6 +191,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+fn observe(shared: &Shared, batch: &[UsageRecord]) {
+    if !batch.is_empty()
+        && let Some(o) = shared.observer.get()
+    {
+        o(batch);
+    }
+}
+
 fn write_loop(shared: &Shared) {
     loop {
         let batch = {
@@ -190,9 +212,10 @@ fn write_loop(shared: &Shared) {
             }
             std::mem::take(&mut *pending)
         };
-        if !batch.is_empty()
-            && let Err(e) = commit(shared, &batch)
-        {
+        // Observed once committed: a batch put back after a failed commit
+        // is observed when it goes in.
+        if batch.is_empty() {
+        } else if let Err(e) = commit(shared, &batch) {
             tracing::error!(error = %e, records = batch.len(), "could not commit usage records; retrying");
             // Put them back in front, unless that would exceed the bound.
             let mut pending = lock(&shared.pending);
@@ -202,6 +225,8 @@ fn write_loop(shared: &Shared) {
             }
             drop(pending);
             std::thread::sleep(Duration::from_millis(50));
+        } else {
+            observe(shared, &batch);
         }
         if shared.stop.load(Ordering::Acquire) {
             return;
@@ -275,8 +300,15 @@ pub(crate) fn add_ledger_columns(conn: &Connection) -> Result<(), rusqlite::Erro
             "outbound_wait_us",
             "INTEGER NOT NULL DEFAULT 0",
         ),
+        ("invocations", "trace_id", "TEXT"),
+        ("invocations", "span_id", "TEXT"),
+        ("invocations", "parent_span_id", "TEXT"),
     ];
-    add_columns(conn, COLUMNS)
+    add_columns(conn, COLUMNS)?;
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS invocations_by_trace ON invocations (trace_id)
+         WHERE trace_id IS NOT NULL",
+    )
 }
 
 /// Adds each `(table, column, definition)` a database from before it lacks.
@@ -307,9 +339,10 @@ pub(crate) fn insert_records<'a>(
     let mut stmt = tx.prepare_cached(
         "INSERT OR IGNORE INTO invocations (id, function, version, started_at_ms, wall_us, cpu_us,
          peak_memory, memory_limit, request_bytes, response_bytes, status, outcome, cold, stdout, stderr, error, node,
-         forwarded_from, parent_id, outbound_requests, outbound_sent, outbound_received, outbound_wait_us)
+         forwarded_from, parent_id, outbound_requests, outbound_sent, outbound_received, outbound_wait_us,
+         trace_id, span_id, parent_span_id)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                 ?19, ?20, ?21, ?22, ?23)",
+                 ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)",
     )?;
     let mut added = 0;
     for (node, r) in records {
@@ -336,7 +369,12 @@ pub(crate) fn insert_records<'a>(
             r.outbound_requests,
             r.outbound_sent_bytes,
             r.outbound_received_bytes,
-            r.outbound_wait_us
+            r.outbound_wait_us,
+            r.trace.map(|t| verge_spec::to_hex(&t.trace_id)),
+            r.trace.map(|t| verge_spec::to_hex(&t.span_id)),
+            r.trace
+                .and_then(|t| t.parent)
+                .map(|p| verge_spec::to_hex(&p)),
         ])?;
     }
     Ok(added)

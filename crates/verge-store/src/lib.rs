@@ -1442,6 +1442,20 @@ pub struct UsageQuery {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// The trace stored in columns `i..i + 3` (trace, span, parent span).
+pub(crate) fn trace_at(
+    row: &rusqlite::Row<'_>,
+    i: usize,
+) -> rusqlite::Result<Option<verge_spec::InvocationTrace>> {
+    let (t, s, p): (Option<String>, Option<String>, Option<String>) =
+        (row.get(i)?, row.get(i + 1)?, row.get(i + 2)?);
+    Ok(verge_spec::InvocationTrace::from_hex(
+        t.as_deref(),
+        s.as_deref(),
+        p.as_deref(),
+    ))
+}
+
 /// The outcome stored in column `i`.
 fn outcome_at(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<verge_spec::Outcome> {
     let name: String = row.get(i)?;
@@ -1461,18 +1475,21 @@ impl Store {
         function: Option<&str>,
         status: Option<u16>,
         id: Option<&str>,
+        trace: Option<&str>,
         limit: u32,
     ) -> Result<Vec<UsageRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT id, function, version, started_at_ms, wall_us, cpu_us, peak_memory, memory_limit,
                     request_bytes, response_bytes, status, outcome, cold, error, forwarded_from,
-                    parent_id, outbound_requests, outbound_sent, outbound_received, outbound_wait_us
+                    parent_id, outbound_requests, outbound_sent, outbound_received, outbound_wait_us,
+                    trace_id, span_id, parent_span_id
              FROM invocations
              WHERE (?1 IS NULL OR function = ?1) AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR id = ?3)
+                   AND (?5 IS NULL OR trace_id = ?5)
              ORDER BY started_at_ms DESC, id LIMIT ?4",
         )?;
-        let rows = stmt.query_map(params![function, status, id, limit], |r| {
+        let rows = stmt.query_map(params![function, status, id, limit, trace], |r| {
             Ok(UsageRecord {
                 invocation_id: r.get(0)?,
                 function: r.get(1)?,
@@ -1496,8 +1513,8 @@ impl Store {
                 outbound_sent_bytes: r.get(17)?,
                 outbound_received_bytes: r.get(18)?,
                 outbound_wait_us: r.get(19)?,
-                hops: 0,
-                will_retry: false,
+                trace: trace_at(r, 20)?,
+                ..UsageRecord::default()
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

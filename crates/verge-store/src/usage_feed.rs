@@ -50,7 +50,7 @@ impl Store {
             "SELECT rowid, id, function, version, started_at_ms, wall_us, cpu_us, peak_memory, memory_limit,
                     request_bytes, response_bytes, status, outcome, cold, stdout, stderr, error,
                     forwarded_from, parent_id, outbound_requests, outbound_sent, outbound_received,
-                    outbound_wait_us
+                    outbound_wait_us, trace_id, span_id, parent_span_id
              FROM invocations WHERE rowid > ?1 AND node IS NULL ORDER BY rowid LIMIT ?2",
         )?;
         let rows = stmt.query_map(
@@ -81,8 +81,8 @@ impl Store {
                         outbound_sent_bytes: r.get(20)?,
                         outbound_received_bytes: r.get(21)?,
                         outbound_wait_us: r.get(22)?,
-                        hops: 0,
-                        will_retry: false,
+                        trace: crate::trace_at(r, 23)?,
+                        ..UsageRecord::default()
                     },
                 ))
             },

@@ -69,14 +69,19 @@ fn ago(ms: u64) -> String {
 pub enum TokenAction {
     /// Create a token: an admin token, or with --tenant one that may use only
     /// that tenant's key-value buckets, or with --replication one that may
-    /// only replicate (what a peer or an edge holds). The token is shown once.
+    /// only replicate (what a peer or an edge holds), or with --metrics one
+    /// that may only read /v1/metrics (what Prometheus holds). The token is
+    /// shown once.
     Create {
         name: String,
-        #[arg(long, conflicts_with = "replication")]
+        #[arg(long, conflicts_with_all = ["replication", "metrics"])]
         tenant: Option<String>,
         /// Limit the token to the replication endpoints (/v1/replication/...)
-        #[arg(long)]
+        #[arg(long, conflicts_with = "metrics")]
         replication: bool,
+        /// Limit the token to reading the node's metrics (/v1/metrics)
+        #[arg(long)]
+        metrics: bool,
     },
     /// List tokens (names and tenants; never the tokens)
     Ls,
@@ -90,8 +95,13 @@ pub async fn token(client: &Client, json: bool, action: TokenAction) -> Result<(
             name,
             tenant,
             replication,
+            metrics,
         } => {
-            let scope = replication.then_some(verge_spec::SCOPE_REPLICATION);
+            let scope = if metrics {
+                Some(verge_spec::SCOPE_METRICS)
+            } else {
+                replication.then_some(verge_spec::SCOPE_REPLICATION)
+            };
             let v: Value =
                 client
                     .json(client.request(Method::POST, "/v1/tokens").json(
@@ -102,6 +112,9 @@ pub async fn token(client: &Client, json: bool, action: TokenAction) -> Result<(
                 return print_json(&v);
             }
             match (tenant, replication) {
+                _ if metrics => println!(
+                    "metrics token {name} (/v1/metrics only; for Prometheus' authorization.credentials):"
+                ),
                 (Some(t), _) => println!("token {name} for tenant {t} (key-value API only):"),
                 (None, true) => {
                     println!(

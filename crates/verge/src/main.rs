@@ -8,6 +8,7 @@ mod kv;
 mod table;
 mod versions;
 
+use std::collections::HashMap;
 use std::io::{IsTerminal, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -184,6 +185,14 @@ struct UpArgs {
     /// Outbound requests one invocation may have open at once
     #[arg(long, default_value_t = 16)]
     outbound_concurrency: usize,
+    /// Export traces (a span per invocation) with OTLP over HTTP to this collector,
+    /// for example http://127.0.0.1:4318 (/v1/traces is added to a URL without a path)
+    #[arg(long, value_name = "URL", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Also serve GET /metrics (Prometheus) without a token on this address, for
+    /// example 127.0.0.1:9464 [default: only /v1/metrics, with a metrics or admin token]
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// How long an event delivery or async job stays with a node that stopped
     /// answering (killed, cut off) before another node of the cluster runs it
     #[arg(
@@ -330,6 +339,10 @@ enum Command {
         /// Only this invocation
         #[arg(long)]
         id: Option<String>,
+        /// Every invocation of one trace, as a tree of what caused what (the trace id,
+        /// or the traceparent response header of its first request)
+        #[arg(long, value_name = "ID")]
+        trace: Option<String>,
         /// How many (newest first)
         #[arg(long, default_value_t = 20)]
         limit: u32,
@@ -539,6 +552,8 @@ async fn run(cli: Cli) -> Result<()> {
             outbound_resolve,
             outbound_max_response,
             outbound_concurrency,
+            otlp_endpoint,
+            metrics_listen,
         } = args;
         if !peers.is_empty() && peer_token.is_none() {
             bail!("--peer needs --peer-token (or VERGE_PEER_TOKEN): the token the peer accepts");
@@ -595,6 +610,8 @@ async fn run(cli: Cli) -> Result<()> {
             bail!("--outbound-concurrency must be at least 1");
         }
         config.outbound.max_concurrent = *outbound_concurrency;
+        config.otlp_endpoint = otlp_endpoint.clone().filter(|e| !e.is_empty());
+        config.metrics_listen = *metrics_listen;
         config.kv_grace = parse_duration(kv_grace).context("--kv-grace")?;
         let hour = Duration::from_secs(3600);
         config.read_timeouts = verge_node::ReadTimeouts {
@@ -772,10 +789,14 @@ async fn run(cli: Cli) -> Result<()> {
             csv,
         } => usage(&client, json, since, until, &by, &granularity, csv).await,
         Command::Invocations {
+            trace: Some(trace), ..
+        } => trace_tree(&client, json, &trace).await,
+        Command::Invocations {
             name,
             status,
             id,
             limit,
+            trace: None,
         } => match id {
             Some(id) if id.starts_with("inv_") || id.starts_with("job_") => {
                 events::job(&client, json, &id).await
@@ -1615,6 +1636,107 @@ async fn invocations(
         table::render(
             &[
                 "ID", "FUNCTION", "STATUS", "OUTCOME", "WALL", "CPU", "MEMORY", "START"
+            ],
+            &rows
+        )
+    );
+    Ok(())
+}
+
+/// `verge invocations --trace`: a trace's invocations, each under the one
+/// that caused it, oldest first.
+async fn trace_tree(client: &Client, json: bool, trace: &str) -> Result<()> {
+    let trace = trace.trim();
+    // A whole traceparent value names its trace too.
+    let id = verge_spec::SpanContext::parse(trace)
+        .map(|c| verge_spec::to_hex(&c.trace_id))
+        .unwrap_or_else(|| trace.to_ascii_lowercase());
+    if !verge_spec::is_trace_id(&id) {
+        bail!(
+            "--trace {trace:?} is not a trace id: give the 32 hex digits of one, or a traceparent header value (00-TRACE-SPAN-01)"
+        );
+    }
+    let mut records: Vec<verge_spec::UsageRecord> = client
+        .get(&format!("/v1/invocations?trace={id}&limit=10000"))
+        .await?;
+    records.sort_by(|a, b| {
+        (a.started_at_ms, &a.invocation_id).cmp(&(b.started_at_ms, &b.invocation_id))
+    });
+    if json {
+        return print_json(&records);
+    }
+    if records.is_empty() {
+        println!(
+            "no invocations of trace {id} on this node (records are kept for the --retain-age of `verge up`)"
+        );
+        return Ok(());
+    }
+    let span_of = |r: &verge_spec::UsageRecord| r.trace.map(|t| t.span_id);
+    let spans: std::collections::HashSet<[u8; 8]> = records.iter().filter_map(span_of).collect();
+    // Depth of each record: the number of ancestors found in the trace.
+    let parent_of: HashMap<[u8; 8], [u8; 8]> = records
+        .iter()
+        .filter_map(|r| Some((r.trace?.span_id, r.trace?.parent?)))
+        .collect();
+    let depth = |r: &verge_spec::UsageRecord| {
+        let mut d = 0;
+        let mut at = r.trace.and_then(|t| t.parent);
+        while let Some(p) = at.filter(|p| spans.contains(p)) {
+            d += 1;
+            at = parent_of.get(&p).copied();
+            if d > records.len() {
+                break;
+            }
+        }
+        d
+    };
+    // Children under their parents: a depth-first walk from the roots.
+    let mut order: Vec<(usize, &verge_spec::UsageRecord)> = Vec::new();
+    let mut stack: Vec<&verge_spec::UsageRecord> =
+        records.iter().filter(|r| depth(r) == 0).rev().collect();
+    while let Some(r) = stack.pop() {
+        order.push((depth(r), r));
+        if let Some(span) = span_of(r) {
+            stack.extend(
+                records
+                    .iter()
+                    .filter(|c| c.trace.and_then(|t| t.parent) == Some(span))
+                    .rev(),
+            );
+        }
+        if order.len() > records.len() {
+            break;
+        }
+    }
+    let first = records[0].started_at_ms;
+    let rows: Vec<Vec<String>> = order
+        .iter()
+        .map(|(d, r)| {
+            vec![
+                format!("{}{}", "  ".repeat(*d), r.invocation_id),
+                format!("{}@{}", r.function, r.version),
+                r.status.to_string(),
+                r.outcome.to_string(),
+                format!("+{} ms", r.started_at_ms - first),
+                format!("{:.2} ms", r.wall_us as f64 / 1000.0),
+                r.trace
+                    .map(|t| verge_spec::to_hex(&t.span_id))
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect();
+    println!("trace {id}: {} invocations", records.len());
+    print!(
+        "{}",
+        table::render(
+            &[
+                "INVOCATION",
+                "FUNCTION",
+                "STATUS",
+                "OUTCOME",
+                "AT",
+                "WALL",
+                "SPAN"
             ],
             &rows
         )
