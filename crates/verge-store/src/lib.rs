@@ -1958,7 +1958,13 @@ mod tests {
         ledger.flush();
         let wal = std::fs::metadata(dir.path().join("verge.db-wal")).map_or(0, |m| m.len());
         assert!(wal <= 64 << 20, "the write-ahead log is {} MiB", wal >> 20);
-        assert_eq!(store.invocations(None, None, None, 100).unwrap().len(), 96);
+        assert_eq!(
+            store
+                .invocations(None, None, None, None, 100)
+                .unwrap()
+                .len(),
+            96
+        );
     }
 
     #[test]
@@ -1970,10 +1976,13 @@ mod tests {
         ledger.record(record("b", "f", 150_000)); // 150 ms
         ledger.record(record("c", "g", 1_000_000)); // 1 s
         ledger.flush();
-        assert_eq!(store.invocations(None, None, None, 10).unwrap().len(), 3);
+        assert_eq!(
+            store.invocations(None, None, None, None, 10).unwrap().len(),
+            3
+        );
         assert_eq!(
             store
-                .invocations(Some("f"), Some(200), None, 10)
+                .invocations(Some("f"), Some(200), None, None, 10)
                 .unwrap()
                 .len(),
             2
@@ -2044,7 +2053,10 @@ mod tests {
             .prune(&Retention::default(), 1_795_000_000_000 + 1000)
             .unwrap();
         assert_eq!(kept.deleted, 0);
-        assert_eq!(store.invocations(None, None, None, 10).unwrap().len(), 4);
+        assert_eq!(
+            store.invocations(None, None, None, None, 10).unwrap().len(),
+            4
+        );
         // Past the age: every record goes, its usage stays.
         let policy = Retention {
             age: Duration::from_secs(60),
@@ -2054,7 +2066,12 @@ mod tests {
             .prune(&policy, 1_795_000_000_000 + 3_600_000)
             .unwrap();
         assert_eq!(p.deleted, 4);
-        assert!(store.invocations(None, None, None, 10).unwrap().is_empty());
+        assert!(
+            store
+                .invocations(None, None, None, None, 10)
+                .unwrap()
+                .is_empty()
+        );
         for ((by, g), was) in [("function", 1), ("version,minute", 100), ("hour", 1000)]
             .iter()
             .zip(&before)

@@ -174,7 +174,10 @@ mod tests {
         assert_eq!(store.import_records(&theirs, 8).unwrap(), 0);
         assert_eq!(store.usage_cursor().unwrap(), (own[0].0, 8));
         assert_eq!(
-            store.invocations(Some("f"), None, None, 10).unwrap().len(),
+            store
+                .invocations(Some("f"), None, None, None, 10)
+                .unwrap()
+                .len(),
             3
         );
         // Imported records are not this node's to publish.

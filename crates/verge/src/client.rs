@@ -56,6 +56,11 @@ impl Client {
         })
     }
 
+    /// The node's URL.
+    pub fn base_url(&self) -> &str {
+        &self.server
+    }
+
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
         let mut rb = self.http.request(method, format!("{}{path}", self.server));
         if let Some(t) = &self.token {

@@ -6,6 +6,7 @@ mod events;
 mod grants;
 mod kv;
 mod table;
+mod top;
 mod versions;
 
 use std::collections::HashMap;
@@ -328,6 +329,13 @@ enum Command {
         /// Print CSV for spreadsheets
         #[arg(long)]
         csv: bool,
+    },
+    /// A live view of the node's functions: requests/s, p50/p99, errors, CPU, memory,
+    /// queue, refreshed every second (q quits); --json prints one interval's figures
+    Top {
+        /// Time between refreshes (for example 1s, 500ms)
+        #[arg(long, default_value = "1s")]
+        interval: String,
     },
     /// Recent invocations with their usage
     Invocations {
@@ -788,6 +796,13 @@ async fn run(cli: Cli) -> Result<()> {
             granularity,
             csv,
         } => usage(&client, json, since, until, &by, &granularity, csv).await,
+        Command::Top { interval } => {
+            let every = parse_duration(&interval).context("--interval")?;
+            if every < Duration::from_millis(100) {
+                bail!("--interval must be at least 100ms");
+            }
+            top::run(&client, json, every).await
+        }
         Command::Invocations {
             trace: Some(trace), ..
         } => trace_tree(&client, json, &trace).await,
@@ -1206,6 +1221,9 @@ async fn up(config: verge_node::NodeConfig, example: bool, log_format: LogFormat
             );
         }
         println!("try             curl http://{addr}/hello");
+    }
+    if let Some(m) = node.metrics_addr() {
+        println!("metrics         http://{m}/metrics (Prometheus, no token)");
     }
     println!("verge listening on http://{addr}");
     let shutdown = async {

@@ -13,6 +13,7 @@ mod events;
 mod hostile;
 mod kv;
 mod metering;
+mod observe;
 mod outbound;
 mod serving;
 mod versions;

@@ -5,7 +5,10 @@
 //! `<incoming id>/<EMIT_TYPE>`, the incoming data passed on, and the extension
 //! `nexttype` from `EMIT_NEXT` if set) to its events URL
 //! (`VERGE_EVENTS_URL`), and answers with the status in `STATUS` (default 200),
-//! after `SLEEP_MS` milliseconds if set.
+//! after `SLEEP_MS` milliseconds if set. With `ASYNC_CALL=NAME` it also
+//! queues an asynchronous invocation of function NAME (a call with
+//! `Prefer: respond-async`); with `FAIL_ATTEMPT=N` the Nth attempt of its
+//! job (header `verge-attempt`) answers 500.
 
 use wasip2::exports::http::incoming_handler::Guest;
 use wasip2::http::outgoing_handler;
@@ -33,10 +36,6 @@ fn env(name: &str) -> Option<String> {
 
 /// POSTs a binary-mode event to the events URL; returns the status.
 fn emit(url: &str, id: &str, ty: &str, next: Option<&str>, body: &[u8]) -> Result<u16, String> {
-    let authority = url
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
     let mut list = vec![
         ("ce-specversion".to_string(), b"1.0".to_vec()),
         ("ce-id".to_string(), id.as_bytes().to_vec()),
@@ -47,6 +46,16 @@ fn emit(url: &str, id: &str, ty: &str, next: Option<&str>, body: &[u8]) -> Resul
     if let Some(n) = next {
         list.push(("ce-nexttype".to_string(), n.as_bytes().to_vec()));
     }
+    post(url, list, body)
+}
+
+/// POSTs `body` with `list` to `url` (`http://AUTHORITY[/]`); returns the status.
+fn post(url: &str, mut list: Vec<(String, Vec<u8>)>, body: &[u8]) -> Result<u16, String> {
+    let authority = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    list.push(("content-length".to_string(), body.len().to_string().into_bytes()));
     let headers = Fields::from_list(&list).map_err(|e| format!("{e:?}"))?;
     let request = OutgoingRequest::new(headers);
     request.set_method(&Method::Post).map_err(|_| "method")?;
@@ -106,6 +115,24 @@ impl Guest for Relay {
                     return;
                 }
             }
+        }
+        // ASYNC_CALL=NAME: queue an asynchronous invocation of function NAME
+        // (a call with `Prefer: respond-async`).
+        if let Some(callee) = env("ASYNC_CALL") {
+            let url = format!("http://{callee}.fn.verge.internal");
+            let headers = vec![("prefer".to_string(), b"respond-async".to_vec())];
+            match post(&url, headers, &data) {
+                Ok(status) => message.push_str(&format!("queued {callee}: {status}\n")),
+                Err(e) => {
+                    common::respond(out, 500, &common::text(), format!("async call failed: {e}\n").as_bytes());
+                    return;
+                }
+            }
+        }
+        // FAIL_ATTEMPT=N: the Nth attempt of a job fails (500).
+        if env("FAIL_ATTEMPT").is_some_and(|n| n == header(&request, "verge-attempt")) {
+            common::respond(out, 500, &common::text(), b"failing this attempt\n");
+            return;
         }
         let status = env("STATUS").and_then(|s| s.parse().ok()).unwrap_or(200);
         common::respond(out, status, &common::text(), message.as_bytes());
