@@ -330,6 +330,13 @@ impl Watch {
     }
 }
 
+/// Where an invocation comes from: its chain's hops, its id, its span.
+struct Origin<'a> {
+    hops: u32,
+    invocation_id: &'a str,
+    trace: Option<verge_spec::SpanContext>,
+}
+
 /// A fresh store for one invocation of `function`, with its own captures and
 /// limits, interrupted at `deadline`.
 fn new_store(
@@ -338,10 +345,13 @@ fn new_store(
     function: &Function,
     watch: &Watch,
     deadline: Instant,
-    hops: u32,
-    invocation_id: &str,
-    trace: Option<verge_spec::SpanContext>,
+    origin: Origin<'_>,
 ) -> Store<GuestState> {
+    let Origin {
+        hops,
+        invocation_id,
+        trace,
+    } = origin;
     let (stdout, stderr) = (&watch.stdout, &watch.stderr);
     let cfg = host.config();
     let wasi = WasiCtxBuilder::new()
@@ -419,7 +429,12 @@ pub(crate) async fn instantiate_only(host: &Host, function: &Function) -> Result
         .checked_add(function.timeout.unwrap_or(host.config().timeout))
         .unwrap_or(now + Duration::from_secs(86_400));
     let code = function.component.code();
-    let mut store = new_store(host, &code.engine, function, &watch, deadline, 0, "", None);
+    let origin = Origin {
+        hops: 0,
+        invocation_id: "",
+        trace: None,
+    };
+    let mut store = new_store(host, &code.engine, function, &watch, deadline, origin);
     let result = code.pre.instantiate_async(&mut store).await.map(drop);
     drop(store);
     result.map_err(|e| {
@@ -473,9 +488,11 @@ where
         function,
         &watch,
         deadline,
-        hops,
-        invocation_id,
-        context.map(|c| c.trace.context()),
+        Origin {
+            hops,
+            invocation_id,
+            trace: context.map(|c| c.trace.context()),
+        },
     );
 
     let meter = Meter::new(

@@ -805,13 +805,15 @@ async fn invoke_with(
     if run_async {
         let (status, job) = crate::events::enqueue_invoke(
             &state,
-            &name,
-            &alias,
-            version,
+            crate::events::AsyncTarget {
+                name: &name,
+                alias: &alias,
+                version,
+                hops: 0,
+            },
             path,
             &parts.headers,
             body,
-            0,
         )
         .await?;
         return Ok((status, job).into_response());

@@ -305,17 +305,29 @@ fn function_filter(query: Option<&str>) -> Result<Option<String>, ApiError> {
     Ok(function)
 }
 
+/// What an asynchronous invocation runs: a function's alias (at run
+/// time) or a pinned version, at a hop of its chain.
+pub(crate) struct AsyncTarget<'a> {
+    pub name: &'a str,
+    pub alias: &'a str,
+    pub version: Option<u64>,
+    pub hops: u32,
+}
+
 /// Queues an asynchronous invocation; answers 202 with its id.
 pub(crate) async fn enqueue_invoke(
     state: &Arc<AppState>,
-    name: &str,
-    alias: &str,
-    version: Option<u64>,
+    target: AsyncTarget<'_>,
     path: String,
     headers: &HeaderMap,
     body: Body,
-    hops: u32,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
+    let AsyncTarget {
+        name,
+        alias,
+        version,
+        hops,
+    } = target;
     if !state.has_function(name) {
         return Err(verge_store::StoreError::FunctionNotFound(name.to_string()).into());
     }

@@ -557,17 +557,14 @@ async fn call_async(
         .path_and_query()
         .map_or("/", |pq| pq.as_str())
         .to_string();
-    let queued = crate::events::enqueue_invoke(
-        state,
-        &function,
-        verge_spec::LIVE_ALIAS,
-        None,
-        path,
-        &parts.headers,
-        Body::new(body),
+    let target = crate::events::AsyncTarget {
+        name: &function,
+        alias: verge_spec::LIVE_ALIAS,
+        version: None,
         hops,
-    )
-    .await;
+    };
+    let queued =
+        crate::events::enqueue_invoke(state, target, path, &parts.headers, Body::new(body)).await;
     call_response(match queued {
         Ok(answer) => answer.into_response(),
         Err(e) => e.into_response(),

@@ -706,6 +706,62 @@ pub(crate) fn encode(metrics: Arc<Metrics>, node: NodeSnapshot) -> Result<String
 /// The content type of [`encode`]'s text.
 pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// What the node is doing now, for a scrape (the parts that touch SQLite
+/// on a blocking thread).
+pub(crate) async fn snapshot(state: &Arc<crate::state::AppState>) -> NodeSnapshot {
+    let s = state.clone();
+    let (jobs_depth, kv) =
+        crate::api::blocking(move || Ok((s.bus.depth().ok(), s.kv.stats().ok())))
+            .await
+            .unwrap_or((None, None));
+    let now_ms = verge_bus::now_ms().max(0) as u64;
+    let (replicas, kv_entries) = match kv {
+        Some(k) => (
+            k.replicas
+                .iter()
+                .map(|r| {
+                    (
+                        r.name.clone().unwrap_or_else(|| format!("{:016x}", r.node)),
+                        k.seq.saturating_sub(r.acked_seq),
+                        now_ms.saturating_sub(r.last_seen_ms) as f64 / 1e3,
+                    )
+                })
+                .collect(),
+            Some(k.entries),
+        ),
+        None => (Vec::new(), None),
+    };
+    NodeSnapshot {
+        node: state.node_name.clone(),
+        functions: state.function_count(),
+        running: state.admission.running(),
+        queued: state.admission.queued(),
+        waiting: state.waiting(),
+        host: Some(state.host.stats()),
+        jobs_depth,
+        ledger_dropped: state.ledger.dropped(),
+        replicas,
+        kv_entries,
+        cluster_link_up: state.cluster.as_ref().map(|c| c.down_since().is_none()),
+        spans: state.spans.as_ref().map(|s| s.counts()),
+        process: Process::read(),
+    }
+}
+
+/// `GET /v1/metrics` (a token with the `metrics` scope, or an admin
+/// token), and `GET /metrics` on `--metrics-listen`.
+pub(crate) async fn handler(
+    axum::extract::State(state): axum::extract::State<Arc<crate::state::AppState>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let node = snapshot(&state).await;
+    match encode(state.metrics.clone(), node) {
+        Ok(text) => ([(http::header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+        Err(e) => crate::error::ApiError::Internal(format!("could not encode the metrics: {e}"))
+            .into_response(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -761,61 +817,5 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
-    }
-}
-
-/// What the node is doing now, for a scrape (the parts that touch SQLite
-/// on a blocking thread).
-pub(crate) async fn snapshot(state: &Arc<crate::state::AppState>) -> NodeSnapshot {
-    let s = state.clone();
-    let (jobs_depth, kv) =
-        crate::api::blocking(move || Ok((s.bus.depth().ok(), s.kv.stats().ok())))
-            .await
-            .unwrap_or((None, None));
-    let now_ms = verge_bus::now_ms().max(0) as u64;
-    let (replicas, kv_entries) = match kv {
-        Some(k) => (
-            k.replicas
-                .iter()
-                .map(|r| {
-                    (
-                        r.name.clone().unwrap_or_else(|| format!("{:016x}", r.node)),
-                        k.seq.saturating_sub(r.acked_seq),
-                        now_ms.saturating_sub(r.last_seen_ms) as f64 / 1e3,
-                    )
-                })
-                .collect(),
-            Some(k.entries),
-        ),
-        None => (Vec::new(), None),
-    };
-    NodeSnapshot {
-        node: state.node_name.clone(),
-        functions: state.function_count(),
-        running: state.admission.running(),
-        queued: state.admission.queued(),
-        waiting: state.waiting(),
-        host: Some(state.host.stats()),
-        jobs_depth,
-        ledger_dropped: state.ledger.dropped(),
-        replicas,
-        kv_entries,
-        cluster_link_up: state.cluster.as_ref().map(|c| c.down_since().is_none()),
-        spans: state.spans.as_ref().map(|s| s.counts()),
-        process: Process::read(),
-    }
-}
-
-/// `GET /v1/metrics` (a token with the `metrics` scope, or an admin
-/// token), and `GET /metrics` on `--metrics-listen`.
-pub(crate) async fn handler(
-    axum::extract::State(state): axum::extract::State<Arc<crate::state::AppState>>,
-) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let node = snapshot(&state).await;
-    match encode(state.metrics.clone(), node) {
-        Ok(text) => ([(http::header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
-        Err(e) => crate::error::ApiError::Internal(format!("could not encode the metrics: {e}"))
-            .into_response(),
     }
 }
