@@ -576,6 +576,7 @@ where
     let task_meter = meter.clone();
     let reputation = function.component.reputation.clone();
     let task_watch = watch.clone();
+    let trace = context.map(|c| c.trace);
     let (name, version, id) = (
         function.name.clone(),
         function.version,
@@ -605,10 +606,10 @@ where
         match &result {
             Err(e) => {
                 let outcome = e.summary();
-                tracing::debug!(function = %name, version, invocation = %id, %outcome, stdout = ?out, stderr = ?err, "guest failed");
+                tracing::debug!(function = %name, version, invocation = %id, trace = %trace.map(|t| t.trace_hex()).unwrap_or_default(), %outcome, stdout = ?out, stderr = ?err, "guest failed");
             }
             Ok(()) if !out.is_empty() || !err.is_empty() => {
-                tracing::debug!(function = %name, version, invocation = %id, stdout = ?out, stderr = ?err, "guest output");
+                tracing::debug!(function = %name, version, invocation = %id, trace = %trace.map(|t| t.trace_hex()).unwrap_or_default(), stdout = ?out, stderr = ?err, "guest output");
             }
             Ok(()) => {}
         }

@@ -437,7 +437,7 @@ pub(crate) async fn run(
             // The cause is in the invocation record (`verge logs`); the
             // node's own log only says that it happened.
             if let InvokeError::Trap { message, .. } = &error {
-                tracing::debug!(function = %function.name, version = function.version, invocation = %id, %message, "guest trapped");
+                tracing::debug!(function = %function.name, version = function.version, invocation = %id, trace = %trace.trace_hex(), %message, "guest trapped");
             }
             let mut response = ApiError::Invoke {
                 error,

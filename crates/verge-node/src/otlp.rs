@@ -337,6 +337,40 @@ mod tests {
         assert!(traces_url("c:4318").is_err());
     }
 
+    #[tokio::test]
+    async fn spans_for_a_collector_that_is_gone_are_dropped_and_counted() {
+        // A port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let exporter = Exporter::start(format!("http://127.0.0.1:{port}/v1/traces"), "n".into());
+        let record = UsageRecord {
+            function: "f".into(),
+            trace: Some(verge_spec::InvocationTrace::start(None, [9; 24])),
+            ..UsageRecord::default()
+        };
+        exporter.observe(&vec![record; 10]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while exporter.counts().dropped < 10 {
+            assert!(std::time::Instant::now() < deadline, "never dropped");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(exporter.counts().exported, 0);
+        // Past the queue's bound, spans are dropped at once, never waited for.
+        let many = vec![
+            UsageRecord {
+                function: "f".into(),
+                trace: Some(verge_spec::InvocationTrace::start(None, [9; 24])),
+                ..UsageRecord::default()
+            };
+            QUEUE + 100
+        ];
+        exporter.observe(&many);
+        assert!(exporter.counts().dropped >= 10 + 100);
+    }
+
     #[test]
     fn a_queued_job_has_its_waits_as_children() {
         let parent = verge_spec::SpanContext::parse(
