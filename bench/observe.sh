@@ -6,7 +6,10 @@
 #     "metrics+traces" (--otlp-endpoint to a local OTLP sink, bench/otlp_sink.py);
 #  2. the time of one scrape of /v1/metrics with FUNCTIONS functions deployed
 #     and idle, then after each was called once (every one has series).
-#   bench/observe.sh [DURATION=10s] [CONNS=8] [FUNCTIONS=10000] [RUNS=3]
+#  With BEFORE=path/to/verge (a build of the revision before them), a
+#  fourth node, "before", runs that binary with metering on: the cost of
+#  metrics and trace context together is "metrics" against it.
+#   [BEFORE=...] bench/observe.sh [DURATION=10s] [CONNS=8] [FUNCTIONS=10000] [RUNS=3]
 source "$(dirname "$0")/lib.sh"
 duration=${1:-10s}; conns=${2:-8}; functions=${3:-10000}; runs=${4:-3}
 command -v wrk >/dev/null || { echo "wrk missing: apt-get install -y wrk" >&2; exit 1; }
@@ -17,18 +20,22 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; stop_
 trap cleanup EXIT
 python3 bench/otlp_sink.py 18199 & pids+=($!)
 
-declare -A port=([off]=18191 [metrics]=18192 [traces]=18193)
-declare -A args=([off]="--no-metering" [metrics]="" [traces]="--otlp-endpoint http://127.0.0.1:18199")
-for mode in off metrics traces; do
+declare -A port=([off]=18191 [metrics]=18192 [traces]=18193 [before]=18195)
+declare -A args=([off]="--no-metering" [metrics]="" [traces]="--otlp-endpoint http://127.0.0.1:18199" [before]="")
+modes="off metrics traces"
+[ -z "${BEFORE:-}" ] || modes="off before metrics traces"
+for mode in $modes; do
+  bin=$VERGE
+  [ "$mode" != before ] || bin=$BEFORE
   # shellcheck disable=SC2086
-  start_node "$tmp/$mode" "${port[$mode]}" ${args[$mode]}
+  VERGE=$bin start_node "$tmp/$mode" "${port[$mode]}" ${args[$mode]}
   pids+=("$NODE_PID")
-  $VERGE --data-dir "$tmp/$mode" deploy target/guests/c-hello.wasm --name hello --route / >/dev/null
+  $bin --data-dir "$tmp/$mode" deploy target/guests/c-hello.wasm --name hello --route / >/dev/null
   wrk_run "http://127.0.0.1:${port[$mode]}/" 2s "$conns" >/dev/null  # warm-up
 done
 declare -A results
 for run in $(seq "$runs"); do
-  for mode in off metrics traces; do
+  for mode in $modes; do
     read -r rps p50 p99 < <(wrk_run "http://127.0.0.1:${port[$mode]}/" "$duration" "$conns")
     results[$mode]+="$rps "
     echo "run $run $mode: $rps req/s, p50 $p50, p99 $p99" >&2
@@ -36,14 +43,16 @@ for run in $(seq "$runs"); do
 done
 median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 off=$(median "${results[off]}"); met=$(median "${results[metrics]}"); tra=$(median "${results[traces]}")
+bef=$(median "${results[before]:-0}")
 dropped=$(curl -fs -H "Authorization: Bearer $(cat "$tmp/traces/admin.token")" http://127.0.0.1:18193/v1/metrics \
   | awk '/^verge_trace_spans_dropped_total/ {print $2}')
 exported=$(curl -fs -H "Authorization: Bearer $(cat "$tmp/traces/admin.token")" http://127.0.0.1:18193/v1/metrics \
   | awk '/^verge_trace_spans_exported_total/ {print $2}')
 echo "| C hello, wrk -c$conns -d$duration, median of $runs | req/s | vs off |"
 echo "|---|---|---|"
-awk -v o="$off" -v m="$met" -v t="$tra" 'BEGIN {
+awk -v o="$off" -v m="$met" -v t="$tra" -v b="$bef" 'BEGIN {
   printf "| off (--no-metering) | %.0f | 100%% |\n", o
+  if (b > 0) printf "| before (metering, no metrics, no trace context) | %.0f | %.1f%% |\n", b, 100 * b / o
   printf "| metrics (default) | %.0f | %.1f%% |\n", m, 100 * m / o
   printf "| metrics + traces (OTLP) | %.0f | %.1f%% |\n", t, 100 * t / o }'
 echo "spans exported: $exported, dropped: $dropped"

@@ -19,8 +19,11 @@ use crate::error::ApiError;
 use crate::state::{AppState, Refused, Selector, Unresolved, VersionSlot, sticky_hash};
 
 /// A new invocation id: 48 bits of unix milliseconds then 80 random bits,
-/// hex (32 characters). Time-ordered, so the ledger's index grows at its end.
-pub(crate) fn new_invocation_id() -> String {
+/// hex (32 characters), and its bytes. Time-ordered, so the ledger's index
+/// grows at its end. A trace that starts at an invocation takes its id as
+/// trace id (random where W3C asks for it): the ledger finds such a trace's
+/// root by its primary key and indexes only invocations caused by others.
+pub(crate) fn new_invocation_id() -> (String, [u8; 16]) {
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -28,7 +31,7 @@ pub(crate) fn new_invocation_id() -> String {
     let mut bytes = [0u8; 16];
     bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
     rand::rng().fill_bytes(&mut bytes[6..]);
-    hex::encode(bytes)
+    (hex::encode(bytes), bytes)
 }
 
 fn request_host(request: &Request) -> Option<String> {
@@ -223,11 +226,16 @@ pub(crate) fn traceparent(headers: &http::HeaderMap) -> Option<verge_spec::SpanC
         .and_then(verge_spec::SpanContext::parse)
 }
 
-/// A new invocation's trace, a child of `parent` (none: a new trace).
-pub(crate) fn start_trace(parent: Option<verge_spec::SpanContext>) -> verge_spec::InvocationTrace {
-    let mut random = [0u8; 24];
-    rand::rng().fill_bytes(&mut random);
-    verge_spec::InvocationTrace::start(parent, random)
+/// A new invocation's trace, a child of `parent` (none: a new trace whose
+/// id is the invocation's).
+pub(crate) fn start_trace(
+    parent: Option<verge_spec::SpanContext>,
+    invocation: [u8; 16],
+) -> verge_spec::InvocationTrace {
+    let mut ids = [0u8; 24];
+    ids[..16].copy_from_slice(&invocation);
+    rand::rng().fill_bytes(&mut ids[16..]);
+    verge_spec::InvocationTrace::start(parent, ids)
 }
 
 /// Fallback handler: every request that is not for the control API.
@@ -323,8 +331,8 @@ pub(crate) async fn run(
     public: bool,
     cause: Cause,
 ) -> Response {
-    let id = new_invocation_id();
-    let trace = start_trace(cause.parent);
+    let (id, id_bytes) = new_invocation_id();
+    let trace = start_trace(cause.parent, id_bytes);
     let limits = slot.bodies;
     let declared = request
         .headers()
@@ -454,7 +462,7 @@ pub(crate) async fn run(
 
 /// `traceparent: ` naming the invocation's span.
 fn set_traceparent(headers: &mut http::HeaderMap, trace: &verge_spec::InvocationTrace) {
-    if let Ok(v) = HeaderValue::try_from(trace.traceparent()) {
+    if let Ok(v) = HeaderValue::from_bytes(&trace.context().traceparent_bytes()) {
         headers.insert(verge_spec::TRACEPARENT, v);
     }
 }

@@ -37,9 +37,11 @@ pub(crate) struct SpanCounts {
     pub dropped: u64,
 }
 
-/// The exporter's sending side (the ledger's observer holds it).
+/// The exporter's sending side (the ledger's observer holds it). Spans
+/// travel in the ledger's batches: one wake-up of the export task per
+/// batch, not per span.
 pub(crate) struct Exporter {
-    tx: tokio::sync::mpsc::Sender<Span>,
+    tx: tokio::sync::mpsc::UnboundedSender<Vec<Span>>,
     counts: Arc<Counts>,
     node: String,
 }
@@ -48,6 +50,9 @@ pub(crate) struct Exporter {
 struct Counts {
     exported: AtomicU64,
     dropped: AtomicU64,
+    /// Spans sent to the export task and not yet exported or dropped
+    /// (bounded by [`QUEUE`]).
+    queued: std::sync::atomic::AtomicUsize,
 }
 
 /// The URL spans are posted to: an endpoint without a path gets OTLP's
@@ -72,7 +77,7 @@ pub fn traces_url(endpoint: &str) -> Result<String, String> {
 impl Exporter {
     /// Starts the export task (on the current runtime) posting to `url`.
     pub(crate) fn start(url: String, node: String) -> Exporter {
-        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let counts = Arc::new(Counts::default());
         tokio::spawn(export_loop(url, node.clone(), rx, counts.clone()));
         Exporter { tx, counts, node }
@@ -85,14 +90,33 @@ impl Exporter {
         }
     }
 
-    /// Queues the spans of a batch of records; never waits.
+    /// Queues the spans of a batch of records; never waits. Past
+    /// [`QUEUE`] spans waiting, the rest are dropped (and counted).
     pub(crate) fn observe(&self, batch: &[UsageRecord]) {
+        let room = QUEUE.saturating_sub(self.counts.queued.load(Ordering::Acquire));
+        let mut out = Vec::with_capacity(batch.len().min(room));
+        let mut dropped = 0u64;
         for r in batch {
-            for span in spans(r, &self.node) {
-                if self.tx.try_send(span).is_err() {
-                    self.counts.dropped.fetch_add(1, Ordering::Relaxed);
-                }
+            if out.len() >= room {
+                dropped += spans(r, &self.node).len() as u64;
+                continue;
             }
+            out.extend(spans(r, &self.node));
+        }
+        if out.len() > room {
+            dropped += (out.len() - room) as u64;
+            out.truncate(room);
+        }
+        if !out.is_empty() {
+            let n = out.len();
+            self.counts.queued.fetch_add(n, Ordering::AcqRel);
+            if self.tx.send(out).is_err() {
+                self.counts.queued.fetch_sub(n, Ordering::AcqRel);
+                dropped += n as u64;
+            }
+        }
+        if dropped > 0 {
+            self.counts.dropped.fetch_add(dropped, Ordering::Relaxed);
         }
     }
 }
@@ -259,7 +283,7 @@ fn request(node: &str, spans: Vec<Span>) -> ExportTraceServiceRequest {
 async fn export_loop(
     url: String,
     node: String,
-    mut rx: tokio::sync::mpsc::Receiver<Span>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<Span>>,
     counts: Arc<Counts>,
 ) {
     let client = match reqwest::Client::builder().timeout(EXPORT_TIMEOUT).build() {
@@ -270,19 +294,25 @@ async fn export_loop(
         }
     };
     let mut failures = 0u64;
+    let mut pending: std::collections::VecDeque<Span> = Default::default();
     loop {
-        let Some(first) = rx.recv().await else {
-            return;
-        };
-        let mut batch = vec![first];
+        if pending.is_empty() {
+            let Some(first) = rx.recv().await else {
+                return;
+            };
+            pending.extend(first);
+        }
+        // Wait for a full batch, at most BATCH_DELAY.
         let deadline = tokio::time::Instant::now() + BATCH_DELAY;
-        while batch.len() < BATCH {
+        while pending.len() < BATCH {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(span)) => batch.push(span),
+                Ok(Some(more)) => pending.extend(more),
                 Ok(None) | Err(_) => break,
             }
         }
+        let batch: Vec<Span> = pending.drain(..pending.len().min(BATCH)).collect();
         let n = batch.len() as u64;
+        counts.queued.fetch_sub(batch.len(), Ordering::AcqRel);
         let body = request(&node, batch).encode_to_vec();
         let sent = client
             .post(&url)

@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 pub const TRACEPARENT: &str = "traceparent";
 /// Vendor trace state, passed on as received.
 pub const TRACESTATE: &str = "tracestate";
+/// Length of a version-00 `traceparent` value.
+pub const TRACEPARENT_LEN: usize = 55;
 
 /// A span's identity as `traceparent` carries it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -84,12 +86,32 @@ impl SpanContext {
 
     /// As a `traceparent` value (version 00).
     pub fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            to_hex(&self.trace_id),
-            to_hex(&self.span_id),
-            self.flags
-        )
+        let bytes = self.traceparent_bytes();
+        bytes.iter().map(|b| char::from(*b)).collect()
+    }
+
+    /// As a `traceparent` value (version 00), without allocating.
+    pub fn traceparent_bytes(&self) -> [u8; TRACEPARENT_LEN] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [b'-'; TRACEPARENT_LEN];
+        out[0] = b'0';
+        out[1] = b'0';
+        let mut at = 3;
+        for b in &self.trace_id {
+            out[at] = DIGITS[usize::from(b >> 4)];
+            out[at + 1] = DIGITS[usize::from(b & 15)];
+            at += 2;
+        }
+        at += 1;
+        for b in &self.span_id {
+            out[at] = DIGITS[usize::from(b >> 4)];
+            out[at + 1] = DIGITS[usize::from(b & 15)];
+            at += 2;
+        }
+        at += 1;
+        out[at] = DIGITS[usize::from(self.flags >> 4)];
+        out[at + 1] = DIGITS[usize::from(self.flags & 15)];
+        out
     }
 }
 

@@ -261,6 +261,14 @@ fn insert(conn: &mut Connection, batch: &[UsageRecord]) -> Result<(), rusqlite::
     tx.commit()
 }
 
+/// The trace id as stored: none when it is the invocation's own id (a
+/// trace that started at it: found by its primary key, kept out of the
+/// trace index, whose random keys cost every insert).
+fn stored_trace_id(t: &verge_spec::InvocationTrace, invocation_id: &str) -> Option<String> {
+    let hex = verge_spec::to_hex(&t.trace_id);
+    (hex != invocation_id).then_some(hex)
+}
+
 /// The columns of records added after the first schema (the node a record
 /// came from, forwarding, calls, outbound traffic), added to databases from
 /// before them.
@@ -370,7 +378,7 @@ pub(crate) fn insert_records<'a>(
             r.outbound_sent_bytes,
             r.outbound_received_bytes,
             r.outbound_wait_us,
-            r.trace.map(|t| verge_spec::to_hex(&t.trace_id)),
+            r.trace.and_then(|t| stored_trace_id(&t, &r.invocation_id)),
             r.trace.map(|t| verge_spec::to_hex(&t.span_id)),
             r.trace
                 .and_then(|t| t.parent)

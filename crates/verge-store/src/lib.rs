@@ -1442,15 +1442,17 @@ pub struct UsageQuery {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// The trace stored in columns `i..i + 3` (trace, span, parent span).
+/// The trace stored in columns `i..i + 3` (trace, span, parent span) of a
+/// row whose id is `id`: a trace id not stored is the invocation's own.
 pub(crate) fn trace_at(
     row: &rusqlite::Row<'_>,
     i: usize,
+    id: &str,
 ) -> rusqlite::Result<Option<verge_spec::InvocationTrace>> {
     let (t, s, p): (Option<String>, Option<String>, Option<String>) =
         (row.get(i)?, row.get(i + 1)?, row.get(i + 2)?);
     Ok(verge_spec::InvocationTrace::from_hex(
-        t.as_deref(),
+        Some(t.as_deref().unwrap_or(id)),
         s.as_deref(),
         p.as_deref(),
     ))
@@ -1478,20 +1480,38 @@ impl Store {
         trace: Option<&str>,
         limit: u32,
     ) -> Result<Vec<UsageRecord>, StoreError> {
+        const COLUMNS: &str =
+            "id, function, version, started_at_ms, wall_us, cpu_us, peak_memory, memory_limit,
+             request_bytes, response_bytes, status, outcome, cold, error, forwarded_from,
+             parent_id, outbound_requests, outbound_sent, outbound_received, outbound_wait_us,
+             trace_id, span_id, parent_span_id";
+        const FILTERS: &str = "(?1 IS NULL OR function = ?1) AND (?2 IS NULL OR status = ?2)
+             AND (?3 IS NULL OR id = ?3)";
         let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT id, function, version, started_at_ms, wall_us, cpu_us, peak_memory, memory_limit,
-                    request_bytes, response_bytes, status, outcome, cold, error, forwarded_from,
-                    parent_id, outbound_requests, outbound_sent, outbound_received, outbound_wait_us,
-                    trace_id, span_id, parent_span_id
-             FROM invocations
-             WHERE (?1 IS NULL OR function = ?1) AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR id = ?3)
-                   AND (?5 IS NULL OR trace_id = ?5)
-             ORDER BY started_at_ms DESC, id LIMIT ?4",
-        )?;
-        let rows = stmt.query_map(params![function, status, id, limit, trace], |r| {
+        // A trace: its invocations caused by others through the trace
+        // index, and the one it started at (trace id = invocation id) by
+        // the primary key.
+        let sql = match trace {
+            None => format!(
+                "SELECT {COLUMNS} FROM invocations WHERE {FILTERS}
+                 ORDER BY started_at_ms DESC, id LIMIT ?4"
+            ),
+            Some(_) => format!(
+                "SELECT * FROM (
+                   SELECT {COLUMNS} FROM invocations WHERE trace_id = ?5 AND {FILTERS}
+                   UNION ALL
+                   SELECT {COLUMNS} FROM invocations WHERE id = ?5 AND trace_id IS NULL AND {FILTERS})
+                 ORDER BY started_at_ms DESC, id LIMIT ?4"
+            ),
+        };
+        let mut stmt = conn.prepare(&sql)?;
+        let bound = params![function, status, id, limit, trace];
+        let bound = if trace.is_some() { bound } else { &bound[..4] };
+        let rows = stmt.query_map(bound, |r| {
+            let invocation_id: String = r.get(0)?;
             Ok(UsageRecord {
-                invocation_id: r.get(0)?,
+                trace: trace_at(r, 20, &invocation_id)?,
+                invocation_id,
                 function: r.get(1)?,
                 version: r.get(2)?,
                 started_at_ms: r.get(3)?,
@@ -1513,7 +1533,6 @@ impl Store {
                 outbound_sent_bytes: r.get(17)?,
                 outbound_received_bytes: r.get(18)?,
                 outbound_wait_us: r.get(19)?,
-                trace: trace_at(r, 20)?,
                 ..UsageRecord::default()
             })
         })?;
@@ -1965,6 +1984,66 @@ mod tests {
                 .len(),
             96
         );
+    }
+
+    #[test]
+    fn a_trace_is_found_by_its_root_and_the_invocations_it_caused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let root_id = "0190000000000000000000000000000a";
+        let mut root_trace_id = [0u8; 16];
+        root_trace_id[0] = 0x01;
+        root_trace_id[1] = 0x90;
+        root_trace_id[15] = 0x0a;
+        // The root: its trace id is its own id (a trace started here).
+        let root = verge_spec::InvocationTrace::start(None, {
+            let mut ids = [1u8; 24];
+            ids[..16].copy_from_slice(&root_trace_id);
+            ids
+        });
+        assert_eq!(root.trace_hex(), root_id);
+        let child = verge_spec::InvocationTrace::start(Some(root.context()), [2; 24]);
+        let grandchild = verge_spec::InvocationTrace::start(Some(child.context()), [3; 24]);
+        let other = verge_spec::InvocationTrace::start(None, [4; 24]);
+        for (id, t) in [
+            (root_id, root),
+            ("c1", child),
+            ("c2", grandchild),
+            ("x", other),
+        ] {
+            ledger.record(UsageRecord {
+                trace: Some(t),
+                ..record(id, "f", 10)
+            });
+        }
+        ledger.record(record("untraced", "f", 10));
+        ledger.flush();
+        let found = store
+            .invocations(None, None, None, Some(root_id), 100)
+            .unwrap();
+        let mut ids: Vec<&str> = found.iter().map(|r| r.invocation_id.as_str()).collect();
+        ids.sort();
+        assert_eq!(ids, ["0190000000000000000000000000000a", "c1", "c2"]);
+        for r in &found {
+            assert_eq!(r.trace.unwrap().trace_id, root_trace_id);
+        }
+        let c2 = found.iter().find(|r| r.invocation_id == "c2").unwrap();
+        assert_eq!(c2.trace, Some(grandchild));
+        // The root's trace id is not stored: it is its id.
+        let stored: Option<String> = store
+            .conn()
+            .query_row(
+                "SELECT trace_id FROM invocations WHERE id = ?1",
+                [root_id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(stored, None);
+        let x = store
+            .invocations(None, None, None, Some(&other.trace_hex()), 100)
+            .unwrap();
+        assert_eq!(x.len(), 1);
     }
 
     #[test]

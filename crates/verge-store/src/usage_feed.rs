@@ -81,7 +81,7 @@ impl Store {
                         outbound_sent_bytes: r.get(20)?,
                         outbound_received_bytes: r.get(21)?,
                         outbound_wait_us: r.get(22)?,
-                        trace: crate::trace_at(r, 23)?,
+                        trace: crate::trace_at(r, 23, &r.get::<_, String>(1)?)?,
                         ..UsageRecord::default()
                     },
                 ))

@@ -498,6 +498,21 @@ fn prometheus_scrapes_a_node_and_agrees_with_its_ledger() {
             .or_default() += 1.0;
     }
     assert_eq!(seen, ledger);
+    // And `verge usage` has the same invocations per function.
+    let usage: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&["usage", "--by", "function", "--json"])).unwrap();
+    let per_function = prom.query("sum by (function) (verge_invocations_total)");
+    for (labels, value) in &per_function {
+        let f = &labels["function"];
+        let row = usage["rows"]
+            .as_array()
+            .or_else(|| usage.as_array())
+            .unwrap()
+            .iter()
+            .find(|r| &r["key"] == f)
+            .unwrap_or_else(|| panic!("{f} in {usage}"));
+        assert_eq!(row["invocations"].as_f64().unwrap(), *value, "{f}: {usage}");
+    }
     // The rate by outcome is there for both functions' outcomes.
     // (A rate needs two scrapes of a series: the traps' came last.)
     let rates = eventually("a rate for both outcomes", || {
