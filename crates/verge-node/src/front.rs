@@ -221,7 +221,7 @@ impl Cause {
 /// The span context of a request's `traceparent` header, if valid.
 pub(crate) fn traceparent(headers: &http::HeaderMap) -> Option<verge_spec::SpanContext> {
     headers
-        .get(verge_spec::TRACEPARENT)
+        .get(&TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(verge_spec::SpanContext::parse)
 }
@@ -460,10 +460,14 @@ pub(crate) async fn run(
     }
 }
 
+/// The `traceparent` header's name, made once (a name that is not one of
+/// `http`'s standard ones would be parsed and allocated at every use).
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static(verge_spec::TRACEPARENT);
+
 /// `traceparent: ` naming the invocation's span.
 fn set_traceparent(headers: &mut http::HeaderMap, trace: &verge_spec::InvocationTrace) {
     if let Ok(v) = HeaderValue::from_bytes(&trace.context().traceparent_bytes()) {
-        headers.insert(verge_spec::TRACEPARENT, v);
+        headers.insert(TRACEPARENT, v);
     }
 }
 
