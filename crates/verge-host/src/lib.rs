@@ -328,6 +328,13 @@ impl LoadedComponent {
     }
 
     /// The code requests start on now.
+    /// Bytes of the component's compiled code in memory (its image; shared
+    /// libraries it links are counted apart, once per engine).
+    pub fn code_bytes(&self) -> usize {
+        let range = self.code().pre.instance_pre().component().image_range();
+        (range.end as usize).saturating_sub(range.start as usize)
+    }
+
     pub(crate) fn code(&self) -> Arc<Code> {
         self.code
             .read()

@@ -228,6 +228,10 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
         libraries_compiled: stats.libraries_compiled,
         libraries_reused: stats.libraries_reused,
         functions_reused: stats.functions_reused,
+        versions_loaded: state.loaded_versions() as u64,
+        code_unloads: state
+            .code_unloads
+            .load(std::sync::atomic::Ordering::Relaxed),
         nats: state.cluster.as_ref().map(|c| link_state(c.down_since())),
     })
 }

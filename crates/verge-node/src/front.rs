@@ -184,7 +184,7 @@ pub(crate) async fn resolve(
             }
         )));
     }
-    let loading = slot.loaded.get().is_none();
+    let loading = !slot.is_loaded();
     let started = std::time::Instant::now();
     let f = state.load(&slot).await?;
     let load_us = if loading {

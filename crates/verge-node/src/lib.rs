@@ -126,6 +126,13 @@ pub struct NodeConfig {
     /// A listener for `GET /metrics` without a token (`None`: metrics
     /// only at `/v1/metrics` on the main listener, with a token).
     pub metrics_listen: Option<SocketAddr>,
+    /// Loaded code of a version not called for this long is dropped (it
+    /// loads again from the compile cache on its next request; `None`:
+    /// never).
+    pub unload_after: Option<Duration>,
+    /// Loaded code kept at most, bytes: past it, the least recently used
+    /// versions' code is dropped (`None`: no bound).
+    pub code_memory: Option<u64>,
 }
 
 impl NodeConfig {
@@ -164,6 +171,8 @@ impl NodeConfig {
             outbound: verge_host::OutboundSettings::default(),
             otlp_endpoint: None,
             metrics_listen: None,
+            unload_after: Some(Duration::from_secs(600)),
+            code_memory: Some(1 << 30),
         }
     }
 
@@ -241,6 +250,8 @@ pub struct Node {
     read_timeouts: ReadTimeouts,
     retain: verge_store::Retention,
     prune_every: Duration,
+    /// The unloader's policy: idle time, bytes of loaded code.
+    unload: (Option<Duration>, Option<u64>),
 }
 
 impl Node {
@@ -513,6 +524,7 @@ impl Node {
             read_timeouts: config.read_timeouts,
             retain: config.retain,
             prune_every: config.prune_every,
+            unload: (config.unload_after, config.code_memory),
         })
     }
 
@@ -625,6 +637,7 @@ impl Node {
             tokio::spawn(events::kv_changed(s.clone(), self.kv_changes.clone())),
             tokio::spawn(events::outbox(s.clone(), self.outbox.clone())),
             tokio::spawn(retention(s.clone(), self.retain, self.prune_every)),
+            tokio::spawn(unloader(s.clone(), self.unload.0, self.unload.1)),
         ];
         if let Some(c) = &s.cluster {
             tasks.push(tokio::spawn(kv::mesh(s.clone())));
@@ -729,6 +742,28 @@ fn router(state: Arc<AppState>) -> Router {
             error::problem_bodies,
         ));
     api.fallback(front::serve_user_route).with_state(state)
+}
+
+/// Keeps the loaded code bounded: drops that of versions idle for `idle`,
+/// then of the least recently used past `budget` bytes. Runs every quarter
+/// of `idle` (between 50 ms and 30 s), or every 30 s.
+async fn unloader(state: Arc<AppState>, idle: Option<Duration>, budget: Option<u64>) {
+    if idle.is_none() && budget.is_none() {
+        return;
+    }
+    let every = idle
+        .map_or(Duration::from_secs(30), |d| d / 4)
+        .clamp(Duration::from_millis(50), Duration::from_secs(30));
+    loop {
+        tokio::time::sleep(every).await;
+        let s = state.clone();
+        let n = tokio::task::spawn_blocking(move || s.unload_idle(idle, budget))
+            .await
+            .unwrap_or(0);
+        if n > 0 {
+            tracing::debug!(versions = n, "unloaded the code of idle versions");
+        }
+    }
 }
 
 /// Keeps storage bounded: every `every`, deletes invocation records (rolled

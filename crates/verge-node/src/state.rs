@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -25,7 +25,12 @@ pub(crate) struct VersionSlot {
     /// `--concurrency`, else its function's fair share of the node (shared
     /// by all its versions).
     concurrency: Option<Arc<Semaphore>>,
-    pub(crate) loaded: tokio::sync::OnceCell<Function>,
+    loaded: std::sync::RwLock<Option<Function>>,
+    /// Held while the code loads (one load at a time per version).
+    loading: tokio::sync::Mutex<()>,
+    /// When it was last used, seconds since the node started (written at
+    /// most once a second).
+    last_used: AtomicU64,
     /// Requests waiting for admission to this version right now.
     pub(crate) waiting: AtomicUsize,
 }
@@ -33,8 +38,82 @@ pub(crate) struct VersionSlot {
 impl VersionSlot {
     /// The loaded code's tier, if loaded.
     pub(crate) fn tier(&self) -> Option<&'static str> {
-        self.loaded.get().map(|f| f.tier().as_str())
+        self.loaded().map(|f| f.tier().as_str())
     }
+
+    /// Its function, if its code is loaded.
+    pub(crate) fn loaded(&self) -> Option<Function> {
+        self.loaded
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn is_loaded(&self) -> bool {
+        self.loaded
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// Marks it used at `now` (seconds since the node started).
+    fn touch(&self, now: u64) {
+        if self.last_used.load(Ordering::Relaxed) != now {
+            self.last_used.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Drops its loaded code (invocations running keep theirs); the next
+    /// request loads it again, from the compile cache.
+    fn unload(&self) -> bool {
+        self.loaded
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .is_some()
+    }
+}
+
+/// Loaded code of one component (the versions sharing it), as the unloader
+/// sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct LoadedGroup {
+    pub sha256: String,
+    /// The latest use of any of its versions, seconds since start.
+    pub last_used: u64,
+    pub bytes: u64,
+}
+
+/// Which groups to unload: those idle for `idle_s` or more, then the
+/// least recently used until the rest fit in `budget` bytes.
+pub(crate) fn to_unload(
+    mut groups: Vec<LoadedGroup>,
+    now: u64,
+    idle_s: Option<u64>,
+    budget: Option<u64>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(idle) = idle_s {
+        groups.retain(|g| {
+            let gone = now.saturating_sub(g.last_used) >= idle;
+            if gone {
+                out.push(g.sha256.clone());
+            }
+            !gone
+        });
+    }
+    if let Some(budget) = budget {
+        let mut total: u64 = groups.iter().map(|g| g.bytes).sum();
+        groups.sort_by_key(|g| g.last_used);
+        for g in groups {
+            if total <= budget {
+                break;
+            }
+            total -= g.bytes;
+            out.push(g.sha256);
+        }
+    }
+    out
 }
 
 /// A function's versions and aliases as the request path sees them.
@@ -242,6 +321,10 @@ pub struct AppState {
     pub(crate) secrets: Arc<crate::secrets::Secrets>,
     pub(crate) metrics: Arc<crate::telemetry::Metrics>,
     pub(crate) spans: Option<Arc<crate::otlp::Exporter>>,
+    /// When the node started (the unloader's clock).
+    pub(crate) epoch: std::time::Instant,
+    /// Versions' loaded code dropped by the unloader so far.
+    pub(crate) code_unloads: AtomicU64,
     pub(crate) hop_limit: u32,
     pub(crate) token_hashes: RwLock<Vec<verge_store::TokenHash>>,
     pub(crate) deploy_lock: tokio::sync::Mutex<()>,
@@ -319,6 +402,8 @@ impl AppState {
             secrets: settings.secrets,
             metrics: settings.metrics,
             spans: settings.spans,
+            epoch: std::time::Instant::now(),
+            code_unloads: AtomicU64::new(0),
             hop_limit: settings.hop_limit,
             token_hashes: RwLock::default(),
             deploy_lock: tokio::sync::Mutex::new(()),
@@ -386,19 +471,84 @@ impl AppState {
         self: &Arc<Self>,
         slot: &Arc<VersionSlot>,
     ) -> Result<Function, ApiError> {
-        if let Some(f) = slot.loaded.get() {
-            return Ok(f.clone());
+        let now = self.uptime_s();
+        if let Some(f) = slot.loaded() {
+            slot.touch(now);
+            return Ok(f);
+        }
+        let _loading = slot.loading.lock().await;
+        if let Some(f) = slot.loaded() {
+            slot.touch(now);
+            return Ok(f);
         }
         let (state, s) = (self.clone(), slot.clone());
-        let function = slot
-            .loaded
-            .get_or_try_init(|| async move {
-                crate::api::blocking(move || state.load_version(&s.stored)).await
-            })
-            .await?
-            .clone();
+        let function = crate::api::blocking(move || state.load_version(&s.stored)).await?;
+        *slot.loaded.write().unwrap_or_else(PoisonError::into_inner) = Some(function.clone());
+        slot.touch(self.uptime_s());
         self.optimize_in_background(&function, None);
         Ok(function)
+    }
+
+    /// Seconds since the node started (the unloader's clock).
+    pub(crate) fn uptime_s(&self) -> u64 {
+        self.epoch.elapsed().as_secs()
+    }
+
+    /// Versions whose code is loaded now.
+    pub(crate) fn loaded_versions(&self) -> usize {
+        self.functions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .flat_map(|f| f.versions.values())
+            .filter(|s| s.is_loaded())
+            .count()
+    }
+
+    /// Drops the loaded code of versions idle for `idle` and, past
+    /// `budget` bytes of loaded code, of the least recently used; returns
+    /// how many versions it unloaded. Versions sharing a component go
+    /// together (the code is freed only when none holds it).
+    pub(crate) fn unload_idle(&self, idle: Option<Duration>, budget: Option<u64>) -> usize {
+        let slots: Vec<Arc<VersionSlot>> = self
+            .functions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .flat_map(|f| f.versions.values().cloned())
+            .collect();
+        let mut groups: HashMap<String, LoadedGroup> = HashMap::new();
+        for slot in &slots {
+            let Some(f) = slot.loaded() else { continue };
+            let last = slot.last_used.load(Ordering::Relaxed);
+            let g = groups
+                .entry(slot.stored.sha256.clone())
+                .or_insert_with(|| LoadedGroup {
+                    sha256: slot.stored.sha256.clone(),
+                    last_used: last,
+                    bytes: f.component().code_bytes() as u64,
+                });
+            g.last_used = g.last_used.max(last);
+        }
+        let gone: std::collections::HashSet<String> = to_unload(
+            groups.into_values().collect(),
+            self.uptime_s(),
+            idle.map(|d| d.as_secs().max(1)),
+            budget,
+        )
+        .into_iter()
+        .collect();
+        if gone.is_empty() {
+            return 0;
+        }
+        let mut n = 0;
+        for slot in &slots {
+            if gone.contains(&slot.stored.sha256) && slot.unload() {
+                n += 1;
+            }
+        }
+        self.code_unloads.fetch_add(n as u64, Ordering::Relaxed);
+        n
     }
 
     /// Replaces baseline code by optimized code on a background thread, when
@@ -473,7 +623,9 @@ impl AppState {
                 Some(n) => Arc::new(Semaphore::new(n.max(1) as usize)),
                 None => self.admission.share_of(&stored.function),
             }),
-            loaded: tokio::sync::OnceCell::new_with(loaded),
+            loaded: std::sync::RwLock::new(loaded),
+            loading: tokio::sync::Mutex::new(()),
+            last_used: AtomicU64::new(self.uptime_s()),
             waiting: AtomicUsize::new(0),
             stored,
         })
@@ -589,7 +741,7 @@ impl AppState {
         let mut loaded = Vec::new();
         for slot in slots {
             versions += 1;
-            if slot.loaded.get().is_some() {
+            if slot.is_loaded() {
                 ready += 1;
                 loaded.push(format!("{}@{}", slot.stored.function, slot.stored.version));
             }

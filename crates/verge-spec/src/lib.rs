@@ -625,6 +625,14 @@ pub struct Health {
     /// instead of compiling them.
     #[serde(default)]
     pub functions_reused: u64,
+    /// Versions whose code is loaded now (the others load on their next
+    /// request).
+    #[serde(default)]
+    pub versions_loaded: u64,
+    /// Loaded code dropped since the node started: idle past
+    /// `--unload-after`, or least recently used past `--code-memory`.
+    #[serde(default)]
+    pub code_unloads: u64,
     /// The link to the cluster's NATS: `connected`, `down since T`;
     /// absent on a node that runs on its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -190,6 +190,14 @@ struct UpArgs {
     /// for example http://127.0.0.1:4318 (/v1/traces is added to a URL without a path)
     #[arg(long, value_name = "URL", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// Drop the loaded code of a version not called for this long; its next request
+    /// loads it again from the on-disk compile cache (a few ms) ("off": never)
+    #[arg(long, default_value = "10m")]
+    unload_after: String,
+    /// Loaded code kept at most; past it, the least recently used versions' code is
+    /// dropped ("off": no bound)
+    #[arg(long, default_value = "1GiB")]
+    code_memory: String,
     /// Also serve GET /metrics (Prometheus) without a token on this address, for
     /// example 127.0.0.1:9464 [default: only /v1/metrics, with a metrics or admin token]
     #[arg(long, value_name = "ADDR")]
@@ -562,6 +570,8 @@ async fn run(cli: Cli) -> Result<()> {
             outbound_concurrency,
             otlp_endpoint,
             metrics_listen,
+            unload_after,
+            code_memory,
         } = args;
         if !peers.is_empty() && peer_token.is_none() {
             bail!("--peer needs --peer-token (or VERGE_PEER_TOKEN): the token the peer accepts");
@@ -642,6 +652,14 @@ async fn run(cli: Cli) -> Result<()> {
         config.memory_budget = match memory_budget {
             Some(b) => Some(parse_size(b).context("--memory-budget")?),
             None => None,
+        };
+        config.unload_after = match unload_after.as_str() {
+            "off" => None,
+            d => Some(parse_duration(d).context("--unload-after (or off)")?),
+        };
+        config.code_memory = match code_memory.as_str() {
+            "off" => None,
+            b => Some(parse_size(b).context("--code-memory (or off)")?),
         };
         config.demote_after = match demote_after.as_str() {
             "off" => None,

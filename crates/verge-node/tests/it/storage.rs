@@ -182,3 +182,66 @@ async fn identical_components_are_loaded_once() {
     let record = node.invocation(&invocation_id(&a)).await;
     assert_eq!(record["function"], "copy7");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_code_is_unloaded_and_loads_again_on_the_next_request() {
+    let node = TestNode::with(|c| {
+        c.unload_after = Some(std::time::Duration::from_secs(1));
+        c.code_memory = None;
+    })
+    .await;
+    let health = |h: serde_json::Value| {
+        (
+            h["versions_loaded"].as_u64().unwrap(),
+            h["code_unloads"].as_u64().unwrap(),
+        )
+    };
+    node.deployed("idle", wat::hello(), "route=/idle").await;
+    let first = node.get("/idle").await;
+    assert_eq!(first.status, 200);
+    assert_eq!(
+        health(node.api(Method::GET, "/v1/health", None).await.json()).0,
+        1
+    );
+    // Not called for a second: its code goes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (loaded, unloads) = health(node.api(Method::GET, "/v1/health", None).await.json());
+        if loaded == 0 {
+            assert_eq!(unloads, 1);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never unloaded");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The next request loads it again (from the compile cache) and is cold.
+    let again = node.get("/idle").await;
+    assert_eq!(again.status, 200);
+    let record = node.invocation(&invocation_id(&again)).await;
+    assert_eq!(record["cold"], true);
+    let h = node.api(Method::GET, "/v1/health", None).await.json();
+    assert_eq!(health(h.clone()).0, 1);
+    assert!(h["cache_hits"].as_u64().unwrap() >= 1, "{h}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_code_memory_bound_the_least_recently_used_code_goes() {
+    let node = TestNode::with(|c| {
+        c.unload_after = None;
+        // Less than any component's code: all of it is past the bound.
+        c.code_memory = Some(1);
+    })
+    .await;
+    node.deployed("a", wat::hello(), "route=/a").await;
+    assert_eq!(node.get("/a").await.status, 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let h = node.api(Method::GET, "/v1/health", None).await.json();
+        if h["versions_loaded"] == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never unloaded: {h}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(node.get("/a").await.status, 200);
+}
