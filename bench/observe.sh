@@ -3,7 +3,8 @@
 #  1. C hello requests/s (wrk) on three nodes, interleaved RUNS times:
 #     "off" (--no-metering: no records, hence no metrics and no spans),
 #     "metrics" (the default: records, metrics from them), and
-#     "metrics+traces" (--otlp-endpoint to a local OTLP sink, bench/otlp_sink.py);
+#     "metrics+traces" (--otlp-endpoint to a local OTLP sink, bench/otlp_sink.py),
+#     and the same with --trace-sample 0.1;
 #  2. the time of one scrape of /v1/metrics with FUNCTIONS functions deployed
 #     and idle, then after each was called once (every one has series).
 #  With BEFORE=path/to/verge (a build of the revision before them), a
@@ -20,10 +21,11 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; stop_
 trap cleanup EXIT
 python3 bench/otlp_sink.py 18199 & pids+=($!)
 
-declare -A port=([off]=18191 [metrics]=18192 [traces]=18193 [before]=18195)
-declare -A args=([off]="--no-metering" [metrics]="" [traces]="--otlp-endpoint http://127.0.0.1:18199" [before]="")
-modes="off metrics traces"
-[ -z "${BEFORE:-}" ] || modes="off before metrics traces"
+declare -A port=([off]=18191 [metrics]=18192 [traces]=18193 [before]=18195 [sampled]=18196)
+declare -A args=([off]="--no-metering" [metrics]="" [traces]="--otlp-endpoint http://127.0.0.1:18199" [before]=""
+  [sampled]="--otlp-endpoint http://127.0.0.1:18199 --trace-sample 0.1")
+modes="off metrics traces sampled"
+[ -z "${BEFORE:-}" ] || modes="off before metrics traces sampled"
 for mode in $modes; do
   bin=$VERGE
   [ "$mode" != before ] || bin=$BEFORE
@@ -43,6 +45,7 @@ for run in $(seq "$runs"); do
 done
 median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 off=$(median "${results[off]}"); met=$(median "${results[metrics]}"); tra=$(median "${results[traces]}")
+sam=$(median "${results[sampled]}")
 bef=$(median "${results[before]:-0}")
 dropped=$(curl -fs -H "Authorization: Bearer $(cat "$tmp/traces/admin.token")" http://127.0.0.1:18193/v1/metrics \
   | awk '/^verge_trace_spans_dropped_total/ {print $2}')
@@ -50,11 +53,12 @@ exported=$(curl -fs -H "Authorization: Bearer $(cat "$tmp/traces/admin.token")" 
   | awk '/^verge_trace_spans_exported_total/ {print $2}')
 echo "| C hello, wrk -c$conns -d$duration, median of $runs | req/s | vs off |"
 echo "|---|---|---|"
-awk -v o="$off" -v m="$met" -v t="$tra" -v b="$bef" 'BEGIN {
+awk -v o="$off" -v m="$met" -v t="$tra" -v b="$bef" -v s="$sam" 'BEGIN {
   printf "| off (--no-metering) | %.0f | 100%% |\n", o
   if (b > 0) printf "| before (metering, no metrics, no trace context) | %.0f | %.1f%% |\n", b, 100 * b / o
   printf "| metrics (default) | %.0f | %.1f%% |\n", m, 100 * m / o
-  printf "| metrics + traces (OTLP) | %.0f | %.1f%% |\n", t, 100 * t / o }'
+  printf "| metrics + traces (OTLP) | %.0f | %.1f%% |\n", t, 100 * t / o
+  printf "| metrics + traces, --trace-sample 0.1 | %.0f | %.1f%% |\n", s, 100 * s / o }'
 echo "spans exported: $exported, dropped: $dropped"
 for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
 pids=()

@@ -227,15 +227,22 @@ pub(crate) fn traceparent(headers: &http::HeaderMap) -> Option<verge_spec::SpanC
 }
 
 /// A new invocation's trace, a child of `parent` (none: a new trace whose
-/// id is the invocation's).
+/// id is the invocation's, sampled with probability `sample`; a child
+/// keeps its parent's sampled flag).
 pub(crate) fn start_trace(
     parent: Option<verge_spec::SpanContext>,
     invocation: [u8; 16],
+    sample: f64,
 ) -> verge_spec::InvocationTrace {
     let mut ids = [0u8; 24];
     ids[..16].copy_from_slice(&invocation);
-    rand::rng().fill_bytes(&mut ids[16..]);
-    verge_spec::InvocationTrace::start(parent, ids)
+    let mut rng = rand::rng();
+    rng.fill_bytes(&mut ids[16..]);
+    let mut trace = verge_spec::InvocationTrace::start(parent, ids);
+    if parent.is_none() && sample < 1.0 && !rand::Rng::random_bool(&mut rng, sample.max(0.0)) {
+        trace.flags &= !1;
+    }
+    trace
 }
 
 /// Fallback handler: every request that is not for the control API.
@@ -332,7 +339,7 @@ pub(crate) async fn run(
     cause: Cause,
 ) -> Response {
     let (id, id_bytes) = new_invocation_id();
-    let trace = start_trace(cause.parent, id_bytes);
+    let trace = start_trace(cause.parent, id_bytes, state.trace_sample);
     let limits = slot.bodies;
     let declared = request
         .headers()

@@ -123,6 +123,9 @@ pub struct NodeConfig {
     pub outbound: verge_host::OutboundSettings,
     /// Where traces go (OTLP over HTTP; `None`: nowhere).
     pub otlp_endpoint: Option<String>,
+    /// The share of traces that start here that are sampled (exported);
+    /// an invocation with a parent follows the parent's sampled flag.
+    pub trace_sample: f64,
     /// A listener for `GET /metrics` without a token (`None`: metrics
     /// only at `/v1/metrics` on the main listener, with a token).
     pub metrics_listen: Option<SocketAddr>,
@@ -170,6 +173,7 @@ impl NodeConfig {
             secret_key_file: None,
             outbound: verge_host::OutboundSettings::default(),
             otlp_endpoint: None,
+            trace_sample: 1.0,
             metrics_listen: None,
             unload_after: Some(Duration::from_secs(600)),
             code_memory: Some(1 << 30),
@@ -482,6 +486,7 @@ impl Node {
                 metrics,
                 spans,
                 hop_limit: config.hop_limit,
+                trace_sample: config.trace_sample.clamp(0.0, 1.0),
                 ceilings: Ceilings {
                     timeout: config.timeout,
                     memory: config.memory_limit,

@@ -151,7 +151,8 @@ fn new_span_id() -> Vec<u8> {
 /// The spans of one invocation's record: the invocation, and children for
 /// what came before its guest ran.
 pub(crate) fn spans(r: &UsageRecord, node: &str) -> Vec<Span> {
-    let Some(trace) = r.trace else {
+    // Not sampled (`--trace-sample`, or a parent's flag): not exported.
+    let Some(trace) = r.trace.filter(|t| t.flags & 1 == 1) else {
         return Vec::new();
     };
     let t = &r.timings;
@@ -436,6 +437,19 @@ mod tests {
         }
         let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["f", "queue wait", "load code", "admission wait"]);
+        // Not sampled: no spans.
+        let mut unsampled = trace;
+        unsampled.flags = 0;
+        assert!(
+            super::spans(
+                &UsageRecord {
+                    trace: Some(unsampled),
+                    ..r.clone()
+                },
+                "n"
+            )
+            .is_empty()
+        );
         // Without a trace there are no spans.
         assert!(super::spans(&UsageRecord { trace: None, ..r }, "n").is_empty());
     }

@@ -280,6 +280,8 @@ pub(crate) struct Settings {
     pub spans: Option<Arc<crate::otlp::Exporter>>,
     /// Functions a chain of events or calls may go through.
     pub hop_limit: u32,
+    /// The share of traces starting here that are sampled.
+    pub trace_sample: f64,
     pub ceilings: Ceilings,
     pub prices: Prices,
     pub admission: Admission,
@@ -325,6 +327,8 @@ pub struct AppState {
     pub(crate) epoch: std::time::Instant,
     /// Versions' loaded code dropped by the unloader so far.
     pub(crate) code_unloads: AtomicU64,
+    /// The share of traces starting here that are sampled.
+    pub(crate) trace_sample: f64,
     pub(crate) hop_limit: u32,
     pub(crate) token_hashes: RwLock<Vec<verge_store::TokenHash>>,
     pub(crate) deploy_lock: tokio::sync::Mutex<()>,
@@ -404,6 +408,7 @@ impl AppState {
             spans: settings.spans,
             epoch: std::time::Instant::now(),
             code_unloads: AtomicU64::new(0),
+            trace_sample: settings.trace_sample,
             hop_limit: settings.hop_limit,
             token_hashes: RwLock::default(),
             deploy_lock: tokio::sync::Mutex::new(()),

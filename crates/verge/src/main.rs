@@ -190,6 +190,10 @@ struct UpArgs {
     /// for example http://127.0.0.1:4318 (/v1/traces is added to a URL without a path)
     #[arg(long, value_name = "URL", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// The share of traces starting at this node that are exported (0 to 1); an
+    /// invocation with a parent follows the parent's sampled flag
+    #[arg(long, default_value_t = 1.0, value_name = "RATIO")]
+    trace_sample: f64,
     /// Drop the loaded code of a version not called for this long; its next request
     /// loads it again from the on-disk compile cache (a few ms) ("off": never)
     #[arg(long, default_value = "10m")]
@@ -569,6 +573,7 @@ async fn run(cli: Cli) -> Result<()> {
             outbound_max_response,
             outbound_concurrency,
             otlp_endpoint,
+            trace_sample,
             metrics_listen,
             unload_after,
             code_memory,
@@ -629,6 +634,12 @@ async fn run(cli: Cli) -> Result<()> {
         }
         config.outbound.max_concurrent = *outbound_concurrency;
         config.otlp_endpoint = otlp_endpoint.clone().filter(|e| !e.is_empty());
+        if !(0.0..=1.0).contains(trace_sample) {
+            bail!(
+                "--trace-sample {trace_sample} must be between 0 and 1 (for example 0.1: one trace in ten)"
+            );
+        }
+        config.trace_sample = *trace_sample;
         config.metrics_listen = *metrics_listen;
         config.kv_grace = parse_duration(kv_grace).context("--kv-grace")?;
         let hour = Duration::from_secs(3600);

@@ -652,3 +652,49 @@ fn verge_top_shows_the_function_under_load() {
     let err = node.cli_err(&["top"]);
     assert!(err.contains("verge top --json"), "{err}");
 }
+
+#[test]
+fn only_sampled_traces_are_exported() {
+    let receiver = Receiver::start(false);
+    let node = TestNode::start_with(&["--otlp-endpoint", &receiver.url, "--trace-sample", "0"]);
+    node.deploy("rust-hello", "hello", "/hello");
+    let client = node.http();
+    let get = |traceparent: Option<String>| {
+        let mut r = client.get(format!("{}/hello", node.url));
+        if let Some(t) = traceparent {
+            r = r.header("traceparent", t);
+        }
+        let answer = r.send().unwrap();
+        assert_eq!(answer.status(), 200);
+        answer.headers()["traceparent"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    // Traces that start here: none sampled (their flags say so).
+    for _ in 0..5 {
+        assert!(get(None).ends_with("-00"));
+    }
+    // A parent that was not sampled: neither.
+    get(Some(format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-00")));
+    // A sampled parent: exported, whatever the node's own ratio.
+    let sampled = get(Some(format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")));
+    assert!(sampled.ends_with("-01"), "{sampled}");
+    let spans = eventually("the sampled span arrives", || {
+        let spans = receiver.spans();
+        (!spans.is_empty()).then_some(spans)
+    });
+    // Spans travel in order: the unsampled ones, earlier, never came.
+    let invocations: Vec<&Span> = spans.iter().filter(|s| s.name == "hello").collect();
+    assert_eq!(invocations.len(), 1, "{spans:#?}");
+    assert_eq!(hex(&invocations[0].parent_span_id), CLIENT_SPAN);
+    // Every invocation is still in the ledger with its trace.
+    let all: Vec<serde_json::Value> =
+        serde_json::from_str(&node.cli_ok(&["invocations", "hello", "--json"])).unwrap();
+    assert_eq!(all.len(), 7);
+    let err = node.cli_err(&["up", "--trace-sample", "2"]);
+    assert!(
+        err.contains("--trace-sample 2 must be between 0 and 1"),
+        "{err}"
+    );
+}
