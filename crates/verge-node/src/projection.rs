@@ -212,6 +212,16 @@ impl AppState {
             entry.versions.insert(v.version, slot);
         }
         entry.aliases = state.aliases.into_iter().collect::<HashMap<_, _>>();
+        // Versions retention removed take their metric series along.
+        let removed: Vec<u64> = old
+            .versions
+            .keys()
+            .filter(|v| !entry.versions.contains_key(v))
+            .copied()
+            .collect();
+        if !removed.is_empty() {
+            self.metrics.forget_versions(name, &removed);
+        }
         functions.insert(name.to_string(), entry);
         if !gone.is_empty() {
             let gone = unreferenced(&functions, gone.into_iter());

@@ -234,6 +234,15 @@ impl Metrics {
             .or_default() += 1;
     }
 
+    /// Forgets the series of removed versions of a function.
+    pub(crate) fn forget_versions(&self, function: &str, versions: &[u64]) {
+        if let Some(by_version) = lock(&self.functions).get_mut(function) {
+            for v in versions {
+                by_version.remove(v);
+            }
+        }
+    }
+
     /// Forgets a removed function's series.
     pub(crate) fn forget(&self, function: &str) {
         lock(&self.functions).remove(function);
@@ -887,7 +896,7 @@ mod tests {
         ]);
         m.code_loaded("compiled", std::time::Duration::from_millis(30));
         let text = encode(
-            m,
+            m.clone(),
             NodeSnapshot {
                 node: "n1".into(),
                 waiting: vec![("a".into(), 1, 3)],
@@ -913,5 +922,11 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
+        // Removed versions and functions take their series along.
+        m.forget_versions("a", &[1]);
+        m.forget("b");
+        let text = encode(m, NodeSnapshot::default()).unwrap();
+        assert!(!text.contains(r#"function="a""#), "{text}");
+        assert!(!text.contains(r#"function="b""#), "{text}");
     }
 }
