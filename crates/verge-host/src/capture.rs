@@ -44,6 +44,13 @@ impl Capture {
         inner.buf.extend_from_slice(&bytes[..take]);
     }
 
+    /// Forgets what was captured (an instance kept for its next request).
+    pub(crate) fn clear(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.buf.clear();
+        inner.truncated = false;
+    }
+
     /// What was captured, and whether some output was dropped.
     pub fn contents(&self) -> (Bytes, bool) {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);

@@ -319,6 +319,21 @@ impl Watch {
         }
     }
 
+    /// The watch of a request on a kept instance: its captures, emptied;
+    /// its memory peak starting at what the instance holds.
+    fn reusing(parked: &crate::reuse::Parked) -> Self {
+        parked.stdout.clear();
+        parked.stderr.clear();
+        let held = parked.store.data().limits.total as u64;
+        Self {
+            stdout: parked.stdout.clone(),
+            stderr: parked.stderr.clone(),
+            peak: Arc::new(AtomicU64::new(held)),
+            lane: Arc::default(),
+            outbound: Arc::default(),
+        }
+    }
+
     /// Puts the output and the peak into `r`.
     fn record(&self, r: &mut UsageRecord) {
         let (out, err) = (self.stdout.text(), self.stderr.text());
@@ -380,15 +395,7 @@ fn new_store(
             usage: watch.outbound.clone(),
             deadline,
         },
-        config: match function.config_now() {
-            None => NO_CONFIG.clone(),
-            Some(values) => Arc::new(
-                values
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect(),
-            ),
-        },
+        config: config_of(function),
         kv: crate::keyvalue::KvCtx {
             kv: host.kv.clone(),
             allowed: function.kv_buckets.clone(),
@@ -405,8 +412,13 @@ fn new_store(
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limits);
-    // A guest that never blocks yields to the executor at every epoch tick, so
-    // it cannot starve other requests; past the deadline it is interrupted.
+    set_deadline(&mut store, deadline, watch);
+    store
+}
+
+/// A guest that never blocks yields to the executor at every epoch tick, so
+/// it cannot starve other requests; past `deadline` it is interrupted.
+fn set_deadline(store: &mut Store<GuestState>, deadline: Instant, watch: &Watch) {
     store.set_epoch_deadline(1);
     let lane = watch.lane.clone();
     store.epoch_deadline_callback(move |_| {
@@ -417,7 +429,43 @@ fn new_store(
             Ok(UpdateDeadline::Yield(1))
         }
     });
-    store
+}
+
+/// Binds a kept instance's store to a new invocation: what `new_store`
+/// sets per invocation (its id, chain, span, deadline, configuration,
+/// memory peak, outbound usage), set again. Its environment, captures
+/// and grants are the version's, the same for every invocation.
+fn rebind(
+    store: &mut Store<GuestState>,
+    function: &Function,
+    watch: &Watch,
+    deadline: Instant,
+    origin: Origin<'_>,
+) {
+    let state = store.data_mut();
+    state.hooks.invocation_id = origin.invocation_id.to_string();
+    state.hooks.hops = origin.hops;
+    state.hooks.trace = origin.trace;
+    state.hooks.usage = watch.outbound.clone();
+    state.hooks.deadline = deadline;
+    state.kv.hops = origin.hops;
+    state.config = config_of(function);
+    state.limits.peak = watch.peak.clone();
+    state.limits.hit = false;
+    set_deadline(store, deadline, watch);
+}
+
+/// A version's configuration values for an invocation starting now.
+fn config_of(function: &Function) -> Arc<wasmtime_wasi_config::WasiConfigVariables> {
+    match function.config_now() {
+        None => NO_CONFIG.clone(),
+        Some(values) => Arc::new(
+            values
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+        ),
+    }
 }
 
 /// Instantiates `function` in a fresh store and drops it: the cost every
@@ -454,7 +502,6 @@ where
 {
     let cfg = host.config();
     let log_limit = function.log_limit.unwrap_or(cfg.output_limit);
-    let watch = Watch::new(log_limit);
     let timeout = function.timeout.unwrap_or(cfg.timeout);
     let memory_limit = function.memory_limit.unwrap_or(cfg.memory_limit);
     let started = Instant::now();
@@ -482,18 +529,44 @@ where
         .extensions()
         .get::<verge_spec::InvocationContext>()
         .copied();
-    let mut store = new_store(
-        host,
-        &code.engine,
-        function,
-        &watch,
-        deadline,
-        Origin {
-            hops,
-            invocation_id,
-            trace: context.map(|c| c.trace.context()),
-        },
-    );
+    let origin = Origin {
+        hops,
+        invocation_id,
+        trace: context.map(|c| c.trace.context()),
+    };
+    // A kept instance when the version keeps them (`--reuse`, `--prewarm`)
+    // and one is free; else a fresh one, instantiated in the task below.
+    let pool = function.instances.clone();
+    let parked = pool.as_ref().and_then(|p| p.take(&code));
+    if let Some(pool) = &pool {
+        prewarm(host, function, pool, &code);
+    }
+    let (watch, mut store, proxy, uses_before) = match parked {
+        Some(parked) => {
+            let watch = Watch::reusing(&parked);
+            let crate::reuse::Parked {
+                mut store,
+                proxy,
+                uses,
+                ..
+            } = parked;
+            rebind(&mut store, function, &watch, deadline, origin);
+            (watch, store, Some(proxy), uses)
+        }
+        None => {
+            let watch = Watch::new(log_limit);
+            let store = new_store(host, &code.engine, function, &watch, deadline, origin);
+            (watch, store, None, 0)
+        }
+    };
+    let handback = pool.map(|pool| {
+        Arc::new(crate::reuse::Handback::new(
+            pool,
+            &function.name,
+            function.version,
+            uses_before,
+        ))
+    });
 
     let meter = Meter::new(
         if cfg.metering {
@@ -573,6 +646,10 @@ where
     // may still stream after the response head is sent), meters it, and
     // reports its output.
     let pre = code.pre.clone();
+    let task_code = code.clone();
+    let task_handback = handback.clone();
+    // A kept instance holding more than this is not kept again.
+    let keep_bound = memory_limit / 2;
     let task_meter = meter.clone();
     let reputation = function.component.reputation.clone();
     let task_watch = watch.clone();
@@ -584,19 +661,24 @@ where
     );
     let work = async move {
         let run = async {
-            let proxy = pre
-                .instantiate_async(&mut store)
-                .await
-                .map_err(RunError::Instantiate)?;
+            let proxy = match proxy {
+                Some(proxy) => proxy,
+                None => pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(RunError::Instantiate)?,
+            };
             proxy
                 .wasi_http_incoming_handler()
                 .call_handle(&mut store, req, out)
                 .await
-                .map_err(RunError::Trap)
+                .map_err(RunError::Trap)?;
+            Ok(proxy)
         };
-        let result = match until(deadline, run).await {
-            Some(r) => r,
-            None => Err(RunError::Trap(Trap::Interrupt.into())),
+        let (result, proxy) = match until(deadline, run).await {
+            Some(Ok(proxy)) => (Ok(()), Some(proxy)),
+            Some(Err(e)) => (Err(e), None),
+            None => (Err(RunError::Trap(Trap::Interrupt.into())), None),
         };
         let memory_hit = store.data().limits.hit;
         let (out, err) = (task_watch.stdout.text(), task_watch.stderr.text());
@@ -626,6 +708,29 @@ where
             // Otherwise the guest returned: `no_response` (the record's
             // first state) stands unless its response head came.
         });
+        // Last: a kept instance may serve another request at once, and
+        // its captures with it.
+        if let Some(handback) = &task_handback {
+            let end = match (&result, proxy) {
+                (Ok(()), Some(proxy)) if !memory_hit => crate::reuse::TaskEnd::Returned(
+                    (store.data().limits.total <= keep_bound).then(|| {
+                        crate::reuse::Parked::new(
+                            store,
+                            proxy,
+                            task_code,
+                            uses_before.saturating_add(1),
+                            task_watch.stdout.clone(),
+                            task_watch.stderr.clone(),
+                        )
+                    }),
+                ),
+                (Err(RunError::Trap(e)), _) if !memory_hit && !is_interrupt(e) => {
+                    crate::reuse::TaskEnd::Trapped
+                }
+                _ => crate::reuse::TaskEnd::Stopped,
+            };
+            handback.from_task(end);
+        }
         (result, memory_hit)
     };
     let moved = watch.lane.clone();
@@ -684,7 +789,14 @@ where
         Some(a) => Some(a),
         None => answer_by(deadline, &mut rx, &moved).await,
     };
+    // The caller's half of a kept instance's end: did a response come?
+    let answered = |yes: bool| {
+        if let Some(h) = &handback {
+            h.from_caller(yes);
+        }
+    };
     let Some(answer) = answer else {
+        answered(false);
         // Past the deadline on a crowded slow lane: the caller stops the
         // guest and writes its record now. Aborted, a guest waiting for
         // its turn on the lane is dropped without running again; one that
@@ -704,6 +816,7 @@ where
     };
     match answer {
         Ok(Ok(response)) => {
+            answered(true);
             meter.update(|r| {
                 r.status = response.status().as_u16();
                 // The guest's task may have ended before this runs: a trap
@@ -728,6 +841,7 @@ where
             }))
         }
         Ok(Err(code)) => {
+            answered(true);
             let code = code.to_string();
             meter.update(|r| {
                 r.outcome = Outcome::ErrorResponse;
@@ -743,6 +857,7 @@ where
                 Running::Ended(out) => Ok(out),
             };
             let err = watch.stderr.text();
+            answered(false);
             match result {
                 Ok((Ok(()), _)) => Err(InvokeError::NoResponse { stderr: err }),
                 Ok((Err(_), true)) => Err(InvokeError::MemoryLimit {
@@ -755,6 +870,57 @@ where
                 ))),
             }
         }
+    }
+}
+
+/// Is this the interruption at a deadline?
+fn is_interrupt(e: &wasmtime::Error) -> bool {
+    matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt))
+}
+
+/// Makes the never-used instances a version wants ready (`--prewarm`), in
+/// tasks of their own: the request that asked goes on at once.
+fn prewarm(
+    host: &Host,
+    function: &Function,
+    pool: &Arc<crate::Instances>,
+    code: &Arc<crate::Code>,
+) {
+    let want = pool.wanted();
+    if want == 0 {
+        return;
+    }
+    let cfg = host.config();
+    let timeout = function.timeout.unwrap_or(cfg.timeout);
+    for _ in 0..want {
+        pool.filling.fetch_add(1, Ordering::Relaxed);
+        let watch = Watch::new(function.log_limit.unwrap_or(cfg.output_limit));
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(timeout)
+            .unwrap_or(now + Duration::from_secs(86_400));
+        let origin = Origin {
+            hops: 0,
+            invocation_id: "",
+            trace: None,
+        };
+        let mut store = new_store(host, &code.engine, function, &watch, deadline, origin);
+        let (pool, code) = (pool.clone(), code.clone());
+        tokio::spawn(async move {
+            let made = until(deadline, code.pre.instantiate_async(&mut store)).await;
+            if let Some(Ok(proxy)) = made {
+                let parked = crate::reuse::Parked::new(
+                    store,
+                    proxy,
+                    code,
+                    0,
+                    watch.stdout.clone(),
+                    watch.stderr.clone(),
+                );
+                pool.keep_fresh(parked);
+            }
+            pool.filling.fetch_sub(1, Ordering::Relaxed);
+        });
     }
 }
 

@@ -19,6 +19,7 @@ mod keyvalue;
 mod lanes;
 mod meter;
 mod outbound;
+mod reuse;
 mod shared;
 
 use std::collections::hash_map::DefaultHasher;
@@ -40,6 +41,7 @@ use wasmtime::{
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 pub use capture::Capture;
+pub use reuse::{IDLE as REUSE_IDLE, InstancePolicy, Instances, MAX_PREWARM, MAX_REUSE};
 
 /// Host name of the events URL guests get (`VERGE_EVENTS_URL`): requests to
 /// it never leave the process.
@@ -374,6 +376,8 @@ pub struct Function {
     pub(crate) policy: Arc<OutboundPolicy>,
     /// Its configuration values and secrets, when it has any.
     config: Option<ConfigSource>,
+    /// Its kept instances, when it reuses or prewarms them (`reuse`).
+    instances: Option<Arc<Instances>>,
 }
 
 impl Function {
@@ -398,7 +402,20 @@ impl Function {
             kv_tenant: Arc::from(verge_kv::DEFAULT_TENANT),
             policy: Arc::default(),
             config: None,
+            instances: None,
         }
+    }
+
+    /// Serves its requests on kept instances (`--reuse`, `--prewarm`): the
+    /// pool from [`Host::instances`].
+    pub fn with_instances(mut self, instances: Arc<Instances>) -> Self {
+        self.instances = Some(instances);
+        self
+    }
+
+    /// Its kept instances, if it keeps any.
+    pub fn instances(&self) -> Option<&Arc<Instances>> {
+        self.instances.as_ref()
     }
 
     /// Grants outbound hosts and calls (`OutboundPolicy::new` parses them).
@@ -474,6 +491,10 @@ pub struct HostStats {
     pub libraries_reused: u64,
     /// Functions optimized code took from Cranelift's incremental cache.
     pub functions_reused: u64,
+    /// Requests served by an instance that served one before (`--reuse`).
+    pub instances_reused: u64,
+    /// Requests served by an instance made ahead (`--prewarm`).
+    pub instances_prewarmed: u64,
 }
 
 /// One compiler's engine and the linker built for it.
@@ -545,6 +566,8 @@ pub struct Host {
     /// same component deployed under several names, or again) share one
     /// loaded component, its code and its `InstancePre`.
     live: Mutex<LiveComponents>,
+    /// Pools of kept instances (`--reuse`, `--prewarm`).
+    instances: reuse::Registry,
 }
 
 /// Weak references to the loaded components, pruned as they die.
@@ -654,6 +677,7 @@ impl Host {
             functions,
             library_lock: Mutex::new(()),
             background: background_pool()?,
+            instances: reuse::Registry::default(),
             live: Mutex::default(),
         })
     }
@@ -708,7 +732,30 @@ impl Host {
             libraries_compiled: self.libraries_compiled.load(Ordering::Relaxed),
             libraries_reused: self.libraries_reused.load(Ordering::Relaxed),
             functions_reused: self.functions.as_ref().map_or(0, |f| f.hits()),
+            instances_reused: self.instances.counters.reused.load(Ordering::Relaxed),
+            instances_prewarmed: self.instances.counters.prewarmed.load(Ordering::Relaxed),
         }
+    }
+
+    /// A pool of kept instances for a version with `policy`, or `None`
+    /// when it asks for neither reuse nor prewarming. `fallback` is where
+    /// the version remembers that reuse failed for it.
+    pub fn instances(
+        &self,
+        policy: InstancePolicy,
+        fallback: Arc<AtomicBool>,
+    ) -> Option<Arc<Instances>> {
+        if policy.reuse <= 1 && policy.prewarm == 0 {
+            return None;
+        }
+        let pool = Instances::new(policy, fallback, self.instances.counters.clone());
+        self.instances.add(&pool);
+        Some(pool)
+    }
+
+    /// Drops kept instances idle for [`REUSE_IDLE`]; returns how many.
+    pub fn sweep_instances(&self) -> usize {
+        self.instances.sweep()
     }
 
     /// Cheap checks of an upload before anything else: empty, not wasm, a core module.

@@ -232,6 +232,8 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
         code_unloads: state
             .code_unloads
             .load(std::sync::atomic::Ordering::Relaxed),
+        instances_reused: stats.instances_reused,
+        instances_prewarmed: stats.instances_prewarmed,
         nats: state.cluster.as_ref().map(|c| link_state(c.down_since())),
     })
 }
@@ -281,6 +283,7 @@ fn fill_tiers(state: &AppState, name: &str, versions: &mut [VersionInfo]) {
     let tiers = state.tiers(name);
     for v in versions {
         v.code = tiers.get(&v.version).map(|t| t.to_string());
+        v.reuse_fell_back = v.reuse.is_some() && state.reuse_fell_back(name, v.version);
     }
 }
 
@@ -461,6 +464,32 @@ impl DeployOptions {
                         }
                     }
                 }
+                "reuse" => {
+                    opts.limits.reuse = Some(
+                        v.parse::<u32>()
+                            .ok()
+                            .filter(|n| (1..=verge_host::MAX_REUSE).contains(n))
+                            .ok_or_else(|| {
+                                ApiError::BadRequest(format!(
+                                    "reuse {v:?} must be a whole number from 1 (a fresh instance per request) to {}",
+                                    verge_host::MAX_REUSE
+                                ))
+                            })?,
+                    )
+                }
+                "prewarm" => {
+                    opts.limits.prewarm = Some(
+                        v.parse::<u32>()
+                            .ok()
+                            .filter(|n| *n <= verge_host::MAX_PREWARM)
+                            .ok_or_else(|| {
+                                ApiError::BadRequest(format!(
+                                    "prewarm {v:?} must be a whole number from 0 to {}",
+                                    verge_host::MAX_PREWARM
+                                ))
+                            })?,
+                    )
+                }
                 "concurrency" => {
                     opts.limits.concurrency =
                         Some(v.parse::<u32>().ok().filter(|n| *n >= 1).ok_or_else(|| {
@@ -471,7 +500,7 @@ impl DeployOptions {
                 }
                 other => {
                     return Err(ApiError::BadRequest(format!(
-                        "unknown query parameter {other:?}; accepted: route, host, env, timeout, memory, concurrency, max_request_body, max_response_body, log_limit, promote, kv_bucket, tenant, place, allow_outbound, allow_private, allow_call, outbound_ca, config, secret"
+                        "unknown query parameter {other:?}; accepted: route, host, env, timeout, memory, concurrency, reuse, prewarm, max_request_body, max_response_body, log_limit, promote, kv_bucket, tenant, place, allow_outbound, allow_private, allow_call, outbound_ca, config, secret"
                     )));
                 }
             }

@@ -643,6 +643,7 @@ impl Node {
             tokio::spawn(events::outbox(s.clone(), self.outbox.clone())),
             tokio::spawn(retention(s.clone(), self.retain, self.prune_every)),
             tokio::spawn(unloader(s.clone(), self.unload.0, self.unload.1)),
+            tokio::spawn(instance_sweeper(s.clone())),
         ];
         if let Some(c) = &s.cluster {
             tasks.push(tokio::spawn(kv::mesh(s.clone())));
@@ -767,6 +768,19 @@ async fn unloader(state: Arc<AppState>, idle: Option<Duration>, budget: Option<u
             .unwrap_or(0);
         if n > 0 {
             tracing::debug!(versions = n, "unloaded the code of idle versions");
+        }
+    }
+}
+
+/// Drops the instances versions keep (`--reuse`, `--prewarm`) once idle
+/// for `verge_host::REUSE_IDLE`: checked a few times per idle period.
+async fn instance_sweeper(state: Arc<AppState>) {
+    let every = verge_host::REUSE_IDLE / 4;
+    loop {
+        tokio::time::sleep(every).await;
+        let n = state.host.sweep_instances();
+        if n > 0 {
+            tracing::debug!(instances = n, "dropped idle kept instances");
         }
     }
 }

@@ -66,11 +66,16 @@ impl VersionSlot {
     /// Drops its loaded code (invocations running keep theirs); the next
     /// request loads it again, from the compile cache.
     fn unload(&self) -> bool {
-        self.loaded
+        let gone = self
+            .loaded
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .is_some()
+            .take();
+        // Its kept instances hold its code too.
+        if let Some(pool) = gone.as_ref().and_then(|f| f.instances()) {
+            pool.clear();
+        }
+        gone.is_some()
     }
 }
 
@@ -327,6 +332,10 @@ pub struct AppState {
     pub(crate) epoch: std::time::Instant,
     /// Versions' loaded code dropped by the unloader so far.
     pub(crate) code_unloads: AtomicU64,
+    /// Versions for which instance reuse failed (`--reuse`), by function
+    /// and version: remembered across loads of their code.
+    pub(crate) reuse_failed:
+        std::sync::Mutex<HashMap<(String, u64), Arc<std::sync::atomic::AtomicBool>>>,
     /// The share of traces starting here that are sampled.
     pub(crate) trace_sample: f64,
     pub(crate) hop_limit: u32,
@@ -408,6 +417,7 @@ impl AppState {
             spans: settings.spans,
             epoch: std::time::Instant::now(),
             code_unloads: AtomicU64::new(0),
+            reuse_failed: std::sync::Mutex::default(),
             trace_sample: settings.trace_sample,
             hop_limit: settings.hop_limit,
             token_hashes: RwLock::default(),
@@ -848,7 +858,36 @@ impl AppState {
         if let Some(source) = crate::secrets::config_source(v, &self.secrets) {
             f = f.with_config(source);
         }
+        let policy = verge_host::InstancePolicy {
+            reuse: v.limits.reuse.unwrap_or(1),
+            prewarm: v.limits.prewarm.unwrap_or(0),
+        };
+        if let Some(pool) = self
+            .host
+            .instances(policy, self.reuse_flag(&v.function, v.version))
+        {
+            f = f.with_instances(pool);
+        }
         f
+    }
+
+    /// Where a version remembers that its instance reuse failed.
+    fn reuse_flag(&self, function: &str, version: u64) -> Arc<std::sync::atomic::AtomicBool> {
+        self.reuse_failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry((function.to_string(), version))
+            .or_default()
+            .clone()
+    }
+
+    /// Did instance reuse fail for this version on this node?
+    pub(crate) fn reuse_fell_back(&self, function: &str, version: u64) -> bool {
+        self.reuse_failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(function.to_string(), version))
+            .is_some_and(|f| f.load(Ordering::Relaxed))
     }
 }
 

@@ -492,6 +492,17 @@ pub struct VersionInfo {
     /// Bytes of stdout and of stderr kept per invocation, when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_bytes: Option<u64>,
+    /// Requests one instance serves one after another, when set
+    /// (`--reuse`; else a fresh instance per request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reuse: Option<u32>,
+    /// Never-used instances made ahead of requests, when set (`--prewarm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prewarm: Option<u32>,
+    /// Reuse failed on this node (an instance failed its second request):
+    /// the version gets a fresh instance per request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reuse_fell_back: bool,
     /// Configured values the guest sees as its environment.
     pub env: BTreeMap<String, String>,
     /// Key-value buckets the version may open.
@@ -633,6 +644,13 @@ pub struct Health {
     /// `--unload-after`, or least recently used past `--code-memory`.
     #[serde(default)]
     pub code_unloads: u64,
+    /// Requests served by an instance that had served one before
+    /// (`--reuse`).
+    #[serde(default)]
+    pub instances_reused: u64,
+    /// Requests served by an instance made ahead of them (`--prewarm`).
+    #[serde(default)]
+    pub instances_prewarmed: u64,
     /// The link to the cluster's NATS: `connected`, `down since T`;
     /// absent on a node that runs on its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -206,11 +206,15 @@ pub struct Limits {
     pub response_body: Option<u64>,
     /// Bytes of stdout and of stderr kept per invocation.
     pub log_bytes: Option<u64>,
+    /// Requests one instance may serve one after another (`--reuse`).
+    pub reuse: Option<u32>,
+    /// Never-used instances made ahead of requests (`--prewarm`).
+    pub prewarm: Option<u32>,
 }
 
 /// The version columns that hold [`Limits`], in order.
 const LIMIT_COLUMNS: &str =
-    "timeout_ms, memory_bytes, concurrency, request_body, response_body, log_bytes";
+    "timeout_ms, memory_bytes, concurrency, request_body, response_body, log_bytes, reuse, prewarm";
 
 impl Limits {
     /// Reads the [`LIMIT_COLUMNS`] starting at column `at`.
@@ -222,6 +226,8 @@ impl Limits {
             request_body: r.get(at + 3)?,
             response_body: r.get(at + 4)?,
             log_bytes: r.get(at + 5)?,
+            reuse: r.get(at + 6)?,
+            prewarm: r.get(at + 7)?,
         })
     }
 }
@@ -297,6 +303,8 @@ CREATE TABLE IF NOT EXISTS versions (
     tenant TEXT NOT NULL DEFAULT 'default',
     placement TEXT NOT NULL DEFAULT '[]',
     grants TEXT NOT NULL DEFAULT '{}',
+    reuse INTEGER,
+    prewarm INTEGER,
     PRIMARY KEY (function, number)
 );
 CREATE TABLE IF NOT EXISTS routes (
@@ -389,6 +397,8 @@ impl Store {
                 ("versions", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
                 ("versions", "placement", "TEXT NOT NULL DEFAULT '[]'"),
                 ("versions", "grants", "TEXT NOT NULL DEFAULT '{}'"),
+                ("versions", "reuse", "INTEGER"),
+                ("versions", "prewarm", "INTEGER"),
                 ("tokens", "tenant", "TEXT"),
                 ("tokens", "scope", "TEXT"),
             ],
@@ -669,6 +679,10 @@ impl Store {
         if !grants.is_empty() {
             key.push_str(&format!("|grants{grants_json}"));
         }
+        // So do versions that keep no instances.
+        if l.reuse.is_some() || l.prewarm.is_some() {
+            key.push_str(&format!("|instances{:?}{:?}", l.reuse, l.prewarm));
+        }
         let config_key = sha256_hex(key.as_bytes());
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -699,7 +713,7 @@ impl Store {
                 tx.execute(
                     &format!(
                         "INSERT INTO versions (function, number, sha256, size, env, created_at, deployed_by, config_key, {LIMIT_COLUMNS}, buckets, tenant, placement, grants)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
                     ),
                     params![
                         function,
@@ -716,6 +730,8 @@ impl Store {
                         l.request_body,
                         l.response_body,
                         l.log_bytes,
+                        l.reuse,
+                        l.prewarm,
                         buckets_json,
                         new.tenant,
                         placement_json,
@@ -1058,10 +1074,10 @@ impl Store {
                 r.get::<_, i64>(5)?,
                 r.get::<_, String>(6)?,
                 Limits::from_row(r, 7)?,
-                r.get::<_, String>(13)?,
-                r.get::<_, String>(14)?,
                 r.get::<_, String>(15)?,
                 r.get::<_, String>(16)?,
+                r.get::<_, String>(17)?,
+                r.get::<_, String>(18)?,
             ))
         })?;
         let mut out = Vec::new();
@@ -1144,6 +1160,9 @@ impl Store {
                 request_body: v.limits.request_body,
                 response_body: v.limits.response_body,
                 log_bytes: v.limits.log_bytes,
+                reuse: v.limits.reuse,
+                prewarm: v.limits.prewarm,
+                reuse_fell_back: false,
                 env: v.env.into_iter().collect(),
                 kv_buckets: v.buckets,
                 placement: v.placement,

@@ -259,6 +259,13 @@ enum Command {
         /// Invocations of this version that may run at once [default: only the node's cap]
         #[arg(long)]
         concurrency: Option<u32>,
+        /// Let one instance serve up to N requests, one after another
+        /// (state persists between them; see docs/performance.md) [default: 1, a fresh instance per request]
+        #[arg(long, value_name = "N")]
+        reuse: Option<u32>,
+        /// Keep up to K never-used instances made ahead of requests [default: 0]
+        #[arg(long, value_name = "K")]
+        prewarm: Option<u32>,
         /// Largest request body of this version (for example 1MiB) [default: the node's]
         #[arg(long)]
         max_request_body: Option<String>,
@@ -726,6 +733,8 @@ async fn run(cli: Cli) -> Result<()> {
             timeout,
             memory,
             concurrency,
+            reuse,
+            prewarm,
             max_request_body,
             max_response_body,
             log_limit,
@@ -755,6 +764,13 @@ async fn run(cli: Cli) -> Result<()> {
             }
             if let Some(c) = &concurrency {
                 extra.push(("concurrency", c.as_str()));
+            }
+            let (reuse, prewarm) = (reuse.map(|n| n.to_string()), prewarm.map(|k| k.to_string()));
+            if let Some(n) = &reuse {
+                extra.push(("reuse", n.as_str()));
+            }
+            if let Some(k) = &prewarm {
+                extra.push(("prewarm", k.as_str()));
             }
             if let Some(t) = &timeout {
                 parse_duration(t).context("--timeout")?;

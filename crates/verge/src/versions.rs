@@ -90,6 +90,7 @@ pub async fn versions(client: &Client, json: bool, name: &str) -> Result<()> {
                 table::size(v.size),
                 v.sha256.chars().take(12).collect(),
                 v.code.clone().unwrap_or_else(|| "not loaded".into()),
+                instances(v),
                 v.deployed_by.clone(),
                 v.created_at.clone(),
             ]
@@ -99,12 +100,38 @@ pub async fn versions(client: &Client, json: bool, name: &str) -> Result<()> {
         "{}",
         table::render(
             &[
-                "VERSION", "ALIASES", "SIZE", "SHA256", "CODE", "BY", "CREATED"
+                "VERSION",
+                "ALIASES",
+                "SIZE",
+                "SHA256",
+                "CODE",
+                "INSTANCES",
+                "BY",
+                "CREATED"
             ],
             &rows
         )
     );
     Ok(())
+}
+
+/// How a version gets its instances: `fresh` (one per request, the
+/// default), `reuse N`, `prewarm K`, and whether reuse fell back.
+fn instances(v: &VersionInfo) -> String {
+    let mut parts = Vec::new();
+    match v.reuse {
+        Some(n) if n > 1 && v.reuse_fell_back => parts.push(format!("fresh (reuse {n} failed)")),
+        Some(n) if n > 1 => parts.push(format!("reuse {n}")),
+        _ => {}
+    }
+    if let Some(k) = v.prewarm.filter(|k| *k > 0) {
+        parts.push(format!("prewarm {k}"));
+    }
+    if parts.is_empty() {
+        "fresh".into()
+    } else {
+        parts.join(", ")
+    }
 }
 
 /// `verge promote NAME VERSION [--alias A]`: all of the alias's traffic to one version.

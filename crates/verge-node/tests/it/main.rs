@@ -9,6 +9,7 @@
 mod harness;
 mod hops;
 mod hygiene;
+mod reuse;
 mod slow;
 mod storage;
 mod wat;

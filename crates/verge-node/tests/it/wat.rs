@@ -201,3 +201,43 @@ pub fn read_body() -> Vec<u8> {
         false,
     )
 }
+
+/// Counts its requests in linear memory (address 1024) and answers the
+/// count: 1 on every request of a fresh instance, 1, 2, 3... on a reused
+/// one. A path ending in `t` traps, in `s` spins, in `m` asks for 250 MiB
+/// more memory (refused under the default limit) and answers anyway.
+pub fn counter() -> Vec<u8> {
+    guest(
+        "(local $n i32) (local $p i32) (local $last i32)
+         (i32.store (i32.const 1024) (i32.add (i32.load (i32.const 1024)) (i32.const 1)))
+         (call $path (local.get $req) (i32.const 128))
+         (local.set $last (i32.load8_u
+           (i32.add (i32.load (i32.const 132)) (i32.sub (i32.load (i32.const 136)) (i32.const 1)))))
+         (if (i32.eq (local.get $last) (i32.const 116)) (then unreachable))
+         (if (i32.eq (local.get $last) (i32.const 115)) (then (loop $l (br $l))))
+         (if (i32.eq (local.get $last) (i32.const 109))
+           (then (drop (memory.grow (i32.const 4000)))))
+         (local.set $n (i32.load (i32.const 1024)))
+         (local.set $p (i32.const 620))
+         (loop $d
+           (local.set $p (i32.sub (local.get $p) (i32.const 1)))
+           (i32.store8 (local.get $p) (i32.add (i32.const 48) (i32.rem_u (local.get $n) (i32.const 10))))
+           (local.set $n (i32.div_u (local.get $n) (i32.const 10)))
+           (br_if $d (local.get $n)))
+         (call $respond (local.get $out) (i32.const 200) (local.get $p) (i32.sub (i32.const 620) (local.get $p)))",
+        "",
+        false,
+    )
+}
+
+/// Answers 200 `once` on its instance's first request and traps on any
+/// later one: a component that cannot serve twice.
+pub fn once() -> Vec<u8> {
+    guest(
+        "(if (i32.load (i32.const 1024)) (then unreachable))
+         (i32.store (i32.const 1024) (i32.const 1))
+         (call $respond (local.get $out) (i32.const 200) (i32.const 256) (i32.const 4))",
+        "once",
+        false,
+    )
+}

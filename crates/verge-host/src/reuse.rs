@@ -1,0 +1,369 @@
+//! Instances kept between requests, for the versions that ask for it.
+//!
+//! By default every request gets a fresh instance: nothing of one request
+//! can reach the next. A version deployed with `--reuse N` lets one
+//! instance serve up to N requests one after another (never two at once),
+//! so that a runtime with a costly start (a JavaScript engine, CPython)
+//! starts once per N requests; one deployed with `--prewarm K` gets up to K
+//! never-used instances made ahead of time, so that a request skips
+//! instantiation but still gets an instance no one has touched.
+//!
+//! An instance is kept only after a request that ended well: a trap, a
+//! timeout, a refused memory growth, no response, or memory past half the
+//! version's limit throws it away. Kept instances are the version's alone
+//! (a pool per [`Function`](crate::Function), which is per function
+//! version) and are dropped after [`IDLE`] without a request. A component
+//! whose instance fails its first reuse, before any reuse of it worked,
+//! falls back to fresh instances ([`Instances::fell_back`]).
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use wasmtime::Store;
+use wasmtime_wasi_http::p2::bindings::Proxy;
+
+use crate::guest::GuestState;
+use crate::{Capture, Code};
+
+/// How long a kept instance waits for a request before it is dropped.
+pub const IDLE: Duration = Duration::from_secs(10);
+
+/// Used instances kept per version at most: as many as requests of it ran
+/// at once, up to this.
+const MAX_KEPT: usize = 16;
+
+/// Prewarmed instances per version at most (`--prewarm`).
+pub const MAX_PREWARM: u32 = 64;
+
+/// Requests one instance may serve at most (`--reuse`).
+pub const MAX_REUSE: u32 = 1_000_000;
+
+/// What a version asks for: `reuse` requests per instance (1: a fresh
+/// instance per request), `prewarm` instances made ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstancePolicy {
+    pub reuse: u32,
+    pub prewarm: u32,
+}
+
+/// An instance between two requests.
+pub(crate) struct Parked {
+    pub(crate) store: Store<GuestState>,
+    pub(crate) proxy: Proxy,
+    /// The code it was made from: an instance of code since replaced (by
+    /// optimized code) is not used again.
+    pub(crate) code: Arc<Code>,
+    /// Requests it served.
+    pub(crate) uses: u32,
+    pub(crate) stdout: Capture,
+    pub(crate) stderr: Capture,
+    since: Instant,
+}
+
+impl Parked {
+    pub(crate) fn new(
+        store: Store<GuestState>,
+        proxy: Proxy,
+        code: Arc<Code>,
+        uses: u32,
+        stdout: Capture,
+        stderr: Capture,
+    ) -> Self {
+        Self {
+            store,
+            proxy,
+            code,
+            uses,
+            stdout,
+            stderr,
+            since: Instant::now(),
+        }
+    }
+}
+
+/// The kept instances of one function version.
+pub struct Instances {
+    policy: InstancePolicy,
+    /// Instances that served requests, the most recently parked last.
+    used: Mutex<Vec<Parked>>,
+    /// Instances never used (prewarmed).
+    fresh: Mutex<Vec<Parked>>,
+    /// Prewarm instantiations under way.
+    pub(crate) filling: AtomicU32,
+    /// Set when an instance failed its reuse before any reuse worked:
+    /// requests get fresh instances from then on.
+    fallback: Arc<AtomicBool>,
+    /// Set once an instance served a request after its first.
+    reuse_worked: AtomicBool,
+    /// The host's counters.
+    counters: Arc<Counters>,
+}
+
+/// Requests served by used instances, and by prewarmed ones, on the host.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) reused: AtomicU64,
+    pub(crate) prewarmed: AtomicU64,
+}
+
+impl Instances {
+    /// The pool of a version with `policy`; `fallback` is where the version
+    /// remembers that reuse failed (kept by the caller across loads of its
+    /// code).
+    pub(crate) fn new(
+        policy: InstancePolicy,
+        fallback: Arc<AtomicBool>,
+        counters: Arc<Counters>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            policy: InstancePolicy {
+                reuse: policy.reuse.clamp(1, MAX_REUSE),
+                prewarm: policy.prewarm.min(MAX_PREWARM),
+            },
+            used: Mutex::default(),
+            fresh: Mutex::default(),
+            filling: AtomicU32::new(0),
+            fallback,
+            reuse_worked: AtomicBool::new(false),
+            counters,
+        })
+    }
+
+    /// What the version asked for.
+    pub fn policy(&self) -> InstancePolicy {
+        self.policy
+    }
+
+    /// Does the version reuse instances now (it asked, and reuse did not
+    /// fail)?
+    pub(crate) fn reusing(&self) -> bool {
+        self.policy.reuse > 1 && !self.fell_back()
+    }
+
+    /// Did reuse fail for this version (it gets fresh instances)?
+    pub fn fell_back(&self) -> bool {
+        self.fallback.load(Ordering::Relaxed)
+    }
+
+    /// Instances kept now: used, and prewarmed.
+    pub fn kept(&self) -> (usize, usize) {
+        (lock(&self.used).len(), lock(&self.fresh).len())
+    }
+
+    /// An instance of `code` for a request: a used one (most recently parked
+    /// first: its memory is warmest), else a prewarmed one. Stale ones
+    /// (other code, idle too long) are dropped on the way.
+    pub(crate) fn take(&self, code: &Arc<Code>) -> Option<Parked> {
+        let now = Instant::now();
+        let usable = |p: &Parked| Arc::ptr_eq(&p.code, code) && now - p.since < IDLE;
+        if self.reusing() {
+            let mut used = lock(&self.used);
+            while let Some(p) = used.pop() {
+                if usable(&p) {
+                    self.counters.reused.fetch_add(1, Ordering::Relaxed);
+                    return Some(p);
+                }
+            }
+        }
+        let mut fresh = lock(&self.fresh);
+        while let Some(p) = fresh.pop() {
+            if usable(&p) {
+                self.counters.prewarmed.fetch_add(1, Ordering::Relaxed);
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// Keeps an instance that served a request, if it may serve more.
+    fn keep(&self, parked: Parked) {
+        if parked.uses >= self.policy.reuse || !self.reusing() {
+            return;
+        }
+        let mut used = lock(&self.used);
+        if used.len() < MAX_KEPT {
+            used.push(parked);
+        }
+    }
+
+    /// Keeps a never-used instance made ahead; false when there are enough.
+    pub(crate) fn keep_fresh(&self, parked: Parked) -> bool {
+        let mut fresh = lock(&self.fresh);
+        if fresh.len() >= self.policy.prewarm as usize {
+            return false;
+        }
+        fresh.push(parked);
+        true
+    }
+
+    /// Prewarmed instances to make now, to have `prewarm` ready.
+    pub(crate) fn wanted(&self) -> u32 {
+        let have = lock(&self.fresh).len() as u32 + self.filling.load(Ordering::Relaxed);
+        self.policy.prewarm.saturating_sub(have)
+    }
+
+    /// Drops the instances idle for [`IDLE`] or longer.
+    pub fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let mut n = 0;
+        for list in [&self.used, &self.fresh] {
+            let mut list = lock(list);
+            let before = list.len();
+            list.retain(|p| now - p.since < IDLE);
+            n += before - list.len();
+        }
+        n
+    }
+
+    /// Drops every kept instance.
+    pub fn clear(&self) {
+        lock(&self.used).clear();
+        lock(&self.fresh).clear();
+    }
+
+    /// Notes how a request on an instance that had served `uses_before`
+    /// requests ended, and keeps the instance when it may serve again.
+    fn ended(&self, name: &str, version: u64, uses_before: u32, end: End) {
+        let reused = uses_before > 0;
+        match end {
+            End::Kept(parked) => {
+                if reused {
+                    self.reuse_worked.store(true, Ordering::Relaxed);
+                }
+                self.keep(parked);
+            }
+            End::Failed { reuse_suspect } => {
+                if reused
+                    && reuse_suspect
+                    && !self.reuse_worked.load(Ordering::Relaxed)
+                    && !self.fallback.swap(true, Ordering::Relaxed)
+                {
+                    lock(&self.used).clear();
+                    tracing::warn!(function = %name, version, "the component failed its second request in one instance; this version falls back to a fresh instance per request (see `verge versions`)");
+                }
+            }
+            End::Dropped => {}
+        }
+    }
+}
+
+/// How an instance's request ended, for its pool.
+pub(crate) enum End {
+    /// Well: the instance may serve again.
+    Kept(Parked),
+    /// It trapped or gave no response (`reuse_suspect`: what a component
+    /// that cannot serve twice does), or hit its limits.
+    Failed { reuse_suspect: bool },
+    /// Well, but the instance is done (its uses, its memory).
+    Dropped,
+}
+
+/// The two halves of a request's end on a kept instance: the guest's task
+/// (the instance, after its handler returned) and the caller (whether a
+/// response came). Whichever comes second decides.
+pub(crate) struct Handback {
+    pool: Arc<Instances>,
+    name: String,
+    version: u64,
+    uses_before: u32,
+    state: Mutex<HandbackState>,
+}
+
+#[derive(Default)]
+struct HandbackState {
+    task: Option<TaskEnd>,
+    answered: Option<bool>,
+}
+
+/// What the guest's task hands back.
+pub(crate) enum TaskEnd {
+    /// The handler returned; the instance, when it may serve again.
+    Returned(Option<Parked>),
+    /// It trapped.
+    Trapped,
+    /// Timeout, memory limit or instantiation failure.
+    Stopped,
+}
+
+impl Handback {
+    pub(crate) fn new(pool: Arc<Instances>, name: &str, version: u64, uses_before: u32) -> Self {
+        Self {
+            pool,
+            name: name.to_string(),
+            version,
+            uses_before,
+            state: Mutex::default(),
+        }
+    }
+
+    pub(crate) fn from_task(&self, end: TaskEnd) {
+        let mut s = lock(&self.state);
+        s.task = Some(end);
+        self.settle(&mut s);
+    }
+
+    pub(crate) fn from_caller(&self, answered: bool) {
+        let mut s = lock(&self.state);
+        if s.answered.is_none() {
+            s.answered = Some(answered);
+        }
+        self.settle(&mut s);
+    }
+
+    fn settle(&self, s: &mut HandbackState) {
+        let Some(answered) = s.answered else { return };
+        let Some(task) = s.task.take() else { return };
+        let end = match (task, answered) {
+            (TaskEnd::Returned(Some(p)), true) => End::Kept(p),
+            (TaskEnd::Returned(None), true) => End::Dropped,
+            (TaskEnd::Returned(_), false) | (TaskEnd::Trapped, _) => End::Failed {
+                reuse_suspect: true,
+            },
+            (TaskEnd::Stopped, _) => End::Failed {
+                reuse_suspect: false,
+            },
+        };
+        self.pool
+            .ended(&self.name, self.version, self.uses_before, end);
+    }
+}
+
+impl Drop for Handback {
+    fn drop(&mut self) {
+        // A caller that never said (dropped midway): no answer it saw.
+        let s = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if s.answered.is_none() && s.task.is_some() {
+            s.answered = Some(false);
+            let mut s = std::mem::take(s);
+            self.settle(&mut s);
+        }
+    }
+}
+
+/// The pools of a host, to sweep.
+#[derive(Default)]
+pub(crate) struct Registry {
+    pools: Mutex<Vec<Weak<Instances>>>,
+    pub(crate) counters: Arc<Counters>,
+}
+
+impl Registry {
+    pub(crate) fn add(&self, pool: &Arc<Instances>) {
+        lock(&self.pools).push(Arc::downgrade(pool));
+    }
+
+    /// Drops idle instances of every pool, and forgets dead pools.
+    pub(crate) fn sweep(&self) -> usize {
+        let pools: Vec<Arc<Instances>> = {
+            let mut pools = lock(&self.pools);
+            pools.retain(|p| p.strong_count() > 0);
+            pools.iter().filter_map(Weak::upgrade).collect()
+        };
+        pools.iter().map(|p| p.sweep()).sum()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
