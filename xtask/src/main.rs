@@ -114,8 +114,8 @@ fn guests(root: &Path, only: &[&str]) -> Result<()> {
     Ok(())
 }
 
-const RUST_GUESTS: [&str; 8] = [
-    "hello", "echo", "trap", "sandbox", "hostile", "relay", "kv", "fetch",
+const RUST_GUESTS: [&str; 9] = [
+    "hello", "echo", "trap", "sandbox", "hostile", "relay", "kv", "fetch", "counter",
 ];
 
 fn rust_guests(root: &Path, out: &Path) -> Result<()> {
@@ -141,7 +141,7 @@ fn rust_guests(root: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-const C_GUESTS: [&str; 2] = ["hello", "echo"];
+const C_GUESTS: [&str; 3] = ["hello", "echo", "counter"];
 
 fn c_guests(root: &Path, out: &Path) -> Result<()> {
     require(
@@ -208,7 +208,7 @@ fn c_guests(root: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-const PY_GUESTS: [&str; 4] = ["hello", "echo", "kv", "fetch"];
+const PY_GUESTS: [&str; 5] = ["hello", "echo", "kv", "fetch", "counter"];
 
 fn python_guests(root: &Path, out: &Path) -> Result<()> {
     require(
@@ -241,7 +241,7 @@ fn python_guests(root: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-const JS_GUESTS: [&str; 4] = ["hello", "echo", "relay", "fetch"];
+const JS_GUESTS: [&str; 5] = ["hello", "echo", "relay", "fetch", "counter"];
 
 fn js_guests(root: &Path, out: &Path) -> Result<()> {
     let dir = root.join("guests/js");

@@ -15,5 +15,6 @@ mod kv;
 mod metering;
 mod observe;
 mod outbound;
+mod reuse;
 mod serving;
 mod versions;
