@@ -729,7 +729,7 @@ where
                 }
                 _ => crate::reuse::TaskEnd::Stopped,
             };
-            handback.from_task(end);
+            handback.task_ended(end);
         }
         (result, memory_hit)
     };
@@ -792,7 +792,7 @@ where
     // The caller's half of a kept instance's end: did a response come?
     let answered = |yes: bool| {
         if let Some(h) = &handback {
-            h.from_caller(yes);
+            h.caller_saw(yes);
         }
     };
     let Some(answer) = answer else {

@@ -297,13 +297,13 @@ impl Handback {
         }
     }
 
-    pub(crate) fn from_task(&self, end: TaskEnd) {
+    pub(crate) fn task_ended(&self, end: TaskEnd) {
         let mut s = lock(&self.state);
         s.task = Some(end);
         self.settle(&mut s);
     }
 
-    pub(crate) fn from_caller(&self, answered: bool) {
+    pub(crate) fn caller_saw(&self, answered: bool) {
         let mut s = lock(&self.state);
         if s.answered.is_none() {
             s.answered = Some(answered);
