@@ -21,6 +21,7 @@ mod meter;
 mod outbound;
 mod reuse;
 mod shared;
+mod snapshot;
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
@@ -1026,8 +1027,13 @@ impl Host {
         // own. Optimized code is compiled whole: resolving a library's
         // imports by name costs every instantiation (about 0.6 ms for the
         // Python runtime's 1,100 imports), which optimized code should not pay.
+        // A JavaScript component's engine is a library too, once its
+        // snapshot is apart from it (`snapshot`).
+        let detached = (compiler.tier == Tier::Baseline)
+            .then(|| snapshot::detach(bytes))
+            .flatten();
         if compiler.tier == Tier::Baseline
-            && let Some(split) = shared::split(bytes)
+            && let Some(split) = shared::split(detached.as_deref().unwrap_or(bytes))
         {
             match self.compile_split(compiler, sha256, &split) {
                 Ok(code) => return Ok(code),

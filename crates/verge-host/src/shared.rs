@@ -72,11 +72,11 @@ pub(crate) fn library_of(name: &str) -> Option<&str> {
 }
 
 /// A top-level section of a component.
-struct Section {
-    id: u8,
+pub(crate) struct Section {
+    pub(crate) id: u8,
     /// The section's contents (without id and size).
-    start: usize,
-    end: usize,
+    pub(crate) start: usize,
+    pub(crate) end: usize,
 }
 
 /// Rewrites `bytes` with its libraries as imports; `None` when it has none
@@ -173,7 +173,7 @@ fn split_with(bytes: &[u8], min_code: u64) -> Option<Split> {
 }
 
 /// The top-level sections of a component (not of nested ones).
-fn sections(bytes: &[u8]) -> Option<Vec<Section>> {
+pub(crate) fn sections(bytes: &[u8]) -> Option<Vec<Section>> {
     let mut reader = BinaryReader::new(bytes, 0);
     reader.read_bytes(8).ok()?;
     let mut out = Vec::new();
@@ -201,7 +201,7 @@ fn module_type(module: &[u8], min_code: u64) -> Option<ModuleType> {
     let mut funcs: Vec<u32> = Vec::new();
     let mut tables = Vec::new();
     let mut globals = Vec::new();
-    let mut memories = 0u32;
+    let mut memories = Vec::new();
     let mut tags: Vec<EntityType> = Vec::new();
     let mut imports_memory = false;
     let mut exports = Vec::new();
@@ -240,9 +240,9 @@ fn module_type(module: &[u8], min_code: u64) -> Option<ModuleType> {
                     match import.ty {
                         TypeRef::Func(t) => funcs.push(t),
                         TypeRef::Table(t) => tables.push(re.table_type(t).ok()?),
-                        TypeRef::Memory(_) => {
+                        TypeRef::Memory(m) => {
                             imports_memory = true;
-                            memories += 1;
+                            memories.push(re.memory_type(m).ok()?);
                         }
                         TypeRef::Global(g) => globals.push(re.global_type(g).ok()?),
                         TypeRef::Tag(t) => tags.push(EntityType::Tag(re.tag_type(t).ok()?)),
@@ -294,12 +294,9 @@ fn module_type(module: &[u8], min_code: u64) -> Option<ModuleType> {
             ExternalKind::Table => EntityType::Table(*tables.get(i)?),
             ExternalKind::Global => EntityType::Global(*globals.get(i)?),
             ExternalKind::Tag => *tags.get(i)?,
-            // Only imported memories exist in a library; re-exporting one
-            // would need its type, which this rewrite does not carry.
-            ExternalKind::Memory => {
-                let _ = memories;
-                return None;
-            }
+            // Only imported memories exist in a library (it may export
+            // one again, as a main module whose snapshot is apart does).
+            ExternalKind::Memory => EntityType::Memory(*memories.get(i)?),
         };
         ty.export(&name, entity);
     }

@@ -473,3 +473,42 @@ fn python_functions_share_the_runtime_libraries() {
     node.cli_ok(&["rm", "py2"]);
     assert_eq!(library_files(&node), 0);
 }
+
+#[test]
+fn javascript_functions_share_the_engine_and_keep_their_own_snapshots() {
+    // Baseline code only: the code a deploy serves on first.
+    let node = TestNode::start_with(&["--code", "baseline"]);
+    node.deploy("js-hello", "js1", "/js1");
+    let health: serde_json::Value = node.api_get("/v1/health").json().unwrap();
+    let compiled = health["libraries_compiled"].as_u64().unwrap();
+    assert_eq!(compiled, 1, "the engine's code is a library: {health}");
+    assert_eq!(library_files(&node), 1);
+    // Another application built with the same componentize-js: its engine
+    // is compiled already, only its snapshot is its own.
+    node.deploy("js-counter", "js2", "/js2");
+    node.deploy("js-echo", "js3", "/js3");
+    let health: serde_json::Value = node.api_get("/v1/health").json().unwrap();
+    assert_eq!(health["libraries_compiled"], 1, "{health}");
+    assert_eq!(health["libraries_reused"], 2, "{health}");
+    assert_eq!(library_files(&node), 1);
+    // Each runs its own script on its own snapshot.
+    assert_eq!(
+        body_of(&node, "/js1", &[]),
+        (200, "Hello from JavaScript!\n".to_string())
+    );
+    assert_eq!(body_of(&node, "/js2", &[]), (200, "1\n".to_string()));
+    let echo = node
+        .http()
+        .post(format!("{}/js3/x", node.url))
+        .body("snapshot")
+        .send()
+        .unwrap();
+    assert_eq!(echo.status(), 200);
+    assert_eq!(echo.text().unwrap(), "snapshot");
+    // After a restart, from the cache, engine included.
+    let node = node.kill9_and_restart();
+    assert_eq!(body_of(&node, "/js2", &[]), (200, "1\n".to_string()));
+    let health: serde_json::Value = node.api_get("/v1/health").json().unwrap();
+    assert_eq!(health["compiled"], 0, "{health}");
+    assert_eq!(health["libraries_compiled"], 0, "{health}");
+}
