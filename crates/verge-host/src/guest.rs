@@ -713,7 +713,9 @@ where
         if let Some(handback) = &task_handback {
             let end = match (&result, proxy) {
                 (Ok(()), Some(proxy)) if !memory_hit => crate::reuse::TaskEnd::Returned(
-                    (store.data().limits.total <= keep_bound).then(|| {
+                    (store.data().limits.total <= keep_bound
+                        && !crate::reuse::unfinished(&mut store.data_mut().table))
+                    .then(|| {
                         crate::reuse::Parked::new(
                             store,
                             proxy,

@@ -341,6 +341,36 @@ impl Drop for Handback {
     }
 }
 
+/// Resources a kept instance may hold between requests, at most.
+const MAX_RESOURCES: usize = 256;
+
+/// Did the guest's handler return leaving its response unfinished (a
+/// response or body it never sent or finished) or an outbound request in
+/// flight, or hold more resources than a kept instance may? A fresh
+/// instance's store would end all of that (the client sees the response
+/// cut); a kept one is thrown away so that it does. Requests it left
+/// unread end as they would anyway.
+pub(crate) fn unfinished(table: &mut wasmtime::component::ResourceTable) -> bool {
+    use wasmtime_wasi_http::p2::body::HostOutgoingBody;
+    use wasmtime_wasi_http::p2::types::{
+        HostFutureIncomingResponse, HostOutgoingResponse, HostResponseOutparam,
+    };
+    let mut n = 0;
+    for entry in table.iter_mut() {
+        n += 1;
+        let e: &dyn std::any::Any = entry;
+        if n > MAX_RESOURCES
+            || e.is::<HostOutgoingBody>()
+            || e.is::<HostOutgoingResponse>()
+            || e.is::<HostResponseOutparam>()
+            || e.is::<HostFutureIncomingResponse>()
+        {
+            return true;
+        }
+    }
+    false
+}
+
 /// The pools of a host, to sweep.
 #[derive(Default)]
 pub(crate) struct Registry {

@@ -76,6 +76,22 @@ async fn an_instance_is_thrown_away_after_a_trap_a_timeout_and_refused_memory() 
 }
 
 #[tokio::test]
+async fn an_instance_that_left_its_response_unfinished_is_thrown_away() {
+    let n = TestNode::start().await;
+    n.deployed("u", wat::counter_unfinished(), "route=/x&reuse=100")
+        .await;
+    assert_eq!(counts(&n, "/x", 2).await, ["1", "2"]);
+    // The body is never finished: as with a fresh instance, the response
+    // ends when the instance goes (cut short), and the client is not left
+    // waiting for the rest.
+    let cut = tokio::time::timeout(Duration::from_secs(10), n.get("/x/u"))
+        .await
+        .expect("the unfinished response ended");
+    assert_eq!(cut.status, 200);
+    assert_eq!(counts(&n, "/x", 1).await, ["1"]);
+}
+
+#[tokio::test]
 async fn instances_are_never_shared_between_functions_or_versions() {
     let n = TestNode::start().await;
     // The same component under two names (one loaded component), and a

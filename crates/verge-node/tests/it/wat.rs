@@ -241,3 +241,24 @@ pub fn once() -> Vec<u8> {
         false,
     )
 }
+
+/// Counts like [`counter`], but leaves its response body unfinished
+/// (written, never finished nor dropped) on a path ending in `u`.
+pub fn counter_unfinished() -> Vec<u8> {
+    guest(
+        "(local $last i32) (local $body i32)
+         (i32.store (i32.const 1024) (i32.add (i32.load (i32.const 1024)) (i32.const 1)))
+         (call $path (local.get $req) (i32.const 128))
+         (local.set $last (i32.load8_u
+           (i32.add (i32.load (i32.const 132)) (i32.sub (i32.load (i32.const 136)) (i32.const 1)))))
+         (i32.store8 (i32.const 600) (i32.add (i32.const 48) (i32.load (i32.const 1024))))
+         (if (i32.eq (local.get $last) (i32.const 117))
+           (then
+             (local.set $body (call $head (local.get $out) (i32.const 200)))
+             (call $write_body (local.get $body) (i32.const 600) (i32.const 1))
+             (return)))
+         (call $respond (local.get $out) (i32.const 200) (i32.const 600) (i32.const 1))",
+        "",
+        false,
+    )
+}
