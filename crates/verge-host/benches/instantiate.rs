@@ -59,7 +59,27 @@ fn main() -> anyhow::Result<()> {
         config.metering = false;
         config.demote_after = None;
     }
-    let host = Host::new(config.clone())?;
+    let mut host = Host::new(config.clone())?;
+    // As the node's usage ledger takes records: pushed under a mutex,
+    // handed over in batches of 512 to a thread of its own (which here
+    // only drops them), so that the loop pays what a node's request pays.
+    if config.metering {
+        let pending = Arc::new(std::sync::Mutex::new(Vec::with_capacity(512)));
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<verge_spec::UsageRecord>>();
+        std::thread::spawn(move || for batch in rx { drop(batch) });
+        let tx = std::sync::Mutex::new(tx);
+        host.set_usage_sink(Arc::new(move |record| {
+            let mut p = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            p.push(record);
+            if p.len() >= 512 {
+                let batch = std::mem::replace(&mut *p, Vec::with_capacity(512));
+                let _ = tx
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .send(batch);
+            }
+        }));
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -133,7 +153,16 @@ fn load(host: &Host, name: &str, bytes: &[u8]) -> anyhow::Result<(Function, Dura
     let cached = host.load(&sha, || Ok(bytes.to_vec()))?;
     let from_cache = cached.load_time;
     Ok((
-        Function::new(Arc::new(cached), name, 1, Vec::new()),
+        // The environment every node function gets.
+        Function::new(
+            Arc::new(cached),
+            name,
+            1,
+            vec![(
+                "VERGE_EVENTS_URL".to_string(),
+                verge_host::EVENTS_URL.to_string(),
+            )],
+        ),
         compile,
         from_cache,
     ))
