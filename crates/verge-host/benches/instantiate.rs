@@ -66,10 +66,16 @@ fn main() -> anyhow::Result<()> {
     if config.metering {
         let pending = Arc::new(std::sync::Mutex::new(Vec::with_capacity(512)));
         let (tx, rx) = std::sync::mpsc::channel::<Vec<verge_spec::UsageRecord>>();
-        std::thread::spawn(move || for batch in rx { drop(batch) });
+        std::thread::spawn(move || {
+            for batch in rx {
+                drop(batch)
+            }
+        });
         let tx = std::sync::Mutex::new(tx);
         host.set_usage_sink(Arc::new(move |record| {
-            let mut p = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut p = pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             p.push(record);
             if p.len() >= 512 {
                 let batch = std::mem::replace(&mut *p, Vec::with_capacity(512));

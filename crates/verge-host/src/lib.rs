@@ -128,6 +128,23 @@ pub struct HostConfig {
     /// Outbound HTTP of guests: name overrides, the node's own ports,
     /// response and concurrency limits.
     pub outbound: Arc<OutboundSettings>,
+    /// How optimized code's instances get their memory.
+    pub instance_memory: InstanceMemory,
+}
+
+/// How an instance's linear memory is made (optimized code; baseline code
+/// always maps copy-on-write images).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InstanceMemory {
+    /// Data copied into pool slots whose pages stay resident between
+    /// requests (up to an eighth of the memory limit per slot used): no
+    /// page faults while a guest runs. Faster, most of all for the large
+    /// snapshots of JavaScript and Python, on more than one core.
+    #[default]
+    Resident,
+    /// Copy-on-write images shared by all instances of a component, and
+    /// decommitted after each request: less resident memory.
+    Shared,
 }
 
 /// Which compiler makes a component's machine code.
@@ -185,6 +202,7 @@ impl HostConfig {
             tiering: Tiering::default(),
             demote_after: Some(Duration::from_millis(20)),
             outbound: Arc::default(),
+            instance_memory: InstanceMemory::default(),
         }
     }
 }
@@ -1375,13 +1393,34 @@ fn engine_config(config: &HostConfig, tier: Tier) -> Config {
         .table_elements(guest::MAX_TABLE_ELEMENTS)
         .max_core_instance_size(4 << 20)
         .max_component_instance_size(4 << 20)
-        // Reset small memories and tables with memset instead of madvise when
-        // a slot is reused: fewer syscalls and page faults per request. The
-        // cost is at most this much resident memory per warm (unused) slot.
-        .linear_memory_keep_resident(1 << 20)
         .table_keep_resident(64 << 10)
         .decommit_batch_size(16)
         .pagemap_scan(wasmtime::Enabled::Auto);
+    match config.instance_memory {
+        InstanceMemory::Resident => {
+            // A guest's memory is initialized by copying its data into its
+            // slot, whose pages stay resident between requests (reset with
+            // memset, the dirty pages only): no page fault and, above all,
+            // no copy-on-write fault while the guest runs. Each such fault
+            // on a shared image page replaces a read-only mapping, which
+            // takes a TLB shootdown on every core running a thread of the
+            // node (an IPI: a VM exit on a virtual machine): with a fresh
+            // JavaScript instance per request, half the node's CPU went
+            // there (docs/BENCHMARKS.md). Slots are reused least recently
+            // used first, so the slots ever used are as many as instances
+            // ran at once, each keeping at most an eighth of its memory
+            // limit resident.
+            c.memory_init_cow(false);
+            pool.linear_memory_keep_resident((config.memory_limit / 8).clamp(1 << 20, 64 << 20))
+                .max_unused_warm_slots(0);
+        }
+        InstanceMemory::Shared => {
+            // Copy-on-write images: pages a guest only reads are shared by
+            // every instance; a slot keeps 1 MiB resident (reset with
+            // memset instead of madvise: fewer syscalls and page faults).
+            pool.linear_memory_keep_resident(1 << 20);
+        }
+    }
     c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     c
 }

@@ -36,7 +36,7 @@ pub use error::ApiError;
 pub use kv::Peer;
 pub use server::ReadTimeouts;
 pub use state::Prices;
-pub use verge_host::Tiering;
+pub use verge_host::{InstanceMemory, Tiering};
 pub use verge_store::Retention;
 
 use state::{AppState, Ceilings, Settings};
@@ -95,6 +95,8 @@ pub struct NodeConfig {
     /// CPU time after which an invocation continues on lower-priority
     /// threads (`None`: never).
     pub demote_after: Option<Duration>,
+    /// How optimized code's instances get their memory.
+    pub instance_memory: verge_host::InstanceMemory,
     /// How long clients may take to send a request's head, and how long a
     /// request body may send nothing.
     pub read_timeouts: ReadTimeouts,
@@ -164,6 +166,7 @@ impl NodeConfig {
             labels: Default::default(),
             kv_grace: Duration::from_secs(7 * 24 * 3600),
             demote_after: Some(Duration::from_millis(20)),
+            instance_memory: verge_host::InstanceMemory::default(),
             read_timeouts: ReadTimeouts::default(),
             function_concurrency: None,
             retain: verge_store::Retention::default(),
@@ -325,6 +328,7 @@ impl Node {
             metering: config.metering,
             tiering: config.tiering,
             demote_after: config.demote_after,
+            instance_memory: config.instance_memory,
         })?;
         let kv =
             Arc::new(verge_kv::Kv::open_replica(&data_dir).map_err(|e| {

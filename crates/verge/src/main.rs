@@ -104,6 +104,12 @@ struct UpArgs {
     /// optimized code replaces it in the background), optimized, or baseline
     #[arg(long, default_value = "auto", value_parser = ["auto", "optimized", "baseline"])]
     code: String,
+    /// How instances get their memory: resident (data copied into pool slots
+    /// that stay resident between requests, up to an eighth of --memory each:
+    /// fastest) or shared (copy-on-write images, decommitted after each
+    /// request: least memory)
+    #[arg(long, default_value = "resident", value_parser = ["resident", "shared"])]
+    instance_memory: String,
     /// This node's name, the source of its events (/verge/nodes/NAME) [default: the host name]
     #[arg(long)]
     node_name: Option<String>,
@@ -556,6 +562,7 @@ async fn run(cli: Cli) -> Result<()> {
             log_limit,
             keep_versions,
             code,
+            instance_memory,
             node_name,
             retry_base,
             hop_limit,
@@ -682,6 +689,10 @@ async fn run(cli: Cli) -> Result<()> {
         config.demote_after = match demote_after.as_str() {
             "off" => None,
             d => Some(parse_duration(d).context("--demote-after (or off)")?),
+        };
+        config.instance_memory = match instance_memory.as_str() {
+            "shared" => verge_node::InstanceMemory::Shared,
+            _ => verge_node::InstanceMemory::Resident,
         };
         config.tiering = match code.as_str() {
             "optimized" => Tiering::Off,

@@ -49,3 +49,24 @@ fn every_guest_toolchain_serves_several_requests_in_one_instance() {
     // Nothing fell back.
     assert!(!node.log().contains("falls back"), "{}", node.log());
 }
+
+#[test]
+fn instances_serve_with_either_kind_of_memory() {
+    // `resident` is the default; `shared` maps copy-on-write images.
+    for kind in ["resident", "shared"] {
+        let node = TestNode::start_with(&["--instance-memory", kind, "--code", "optimized"]);
+        node.deploy("c-counter", "c", "/c");
+        node.deploy("rust-echo", "echo", "/echo");
+        // Every request on a fresh instance, memory as the snapshot left it.
+        assert_eq!(counts(&node, "/c", 3), ["1", "1", "1"], "{kind}");
+        let (status, _, body) = curl(&["-d", "resident or shared", &format!("{}/echo", node.url)]);
+        assert_eq!(
+            (status, body.as_slice()),
+            (200, &b"resident or shared"[..]),
+            "{kind}"
+        );
+    }
+    let node = TestNode::start();
+    let err = node.cli_err(&["up", "--instance-memory", "lots"]);
+    assert!(err.contains("resident") && err.contains("shared"), "{err}");
+}
