@@ -24,12 +24,8 @@ for kind in shared resident; do
   start_node "$work/$kind" 18080 --instance-memory "$kind"
   for lang in js python c; do
     $VERGE --data-dir "$work/$kind" deploy "target/guests/$lang-hello.wasm" --name "$lang" --route "/$lang" >/dev/null
-    curl -fs "http://127.0.0.1:18080/$lang" >/dev/null
-    for _ in $(seq 600); do
-      $VERGE --data-dir "$work/$kind" versions "$lang" --json | grep -q '"code": *"optimized"' && break
-      sleep 0.5
-    done
   done
+  settle "$work/$kind" 18080 js python c
   for lang in js python c; do
     wrk -t2 -c"$conns" -d2s "http://127.0.0.1:18080/$lang" >/dev/null
     read -r r p50 p99 < <(wrk_run "http://127.0.0.1:18080/$lang" "$duration" "$conns")

@@ -44,13 +44,7 @@ v deploy target/guests/python-hello.wasm --name py --route /py >/dev/null
 v deploy target/guests/python-hello.wasm --name py-reuse --route /py-reuse --reuse "$reuse" >/dev/null
 # The code a node serves once settled: optimized (JS and Python start on
 # baseline code).
-for f in js js-reuse py py-reuse; do
-  curl -fs "http://127.0.0.1:18080/$f" >/dev/null
-  for _ in $(seq 600); do
-    v versions "$f" --json | grep -q '"code": *"optimized"' && break
-    sleep 0.5
-  done
-done
+settle "$data/node" 18080 js js-reuse py py-reuse
 
 wasmtime serve --addr 127.0.0.1:18081 -S cli target/guests/c-hello.wasm >/dev/null 2>&1 &
 pids+=($!)

@@ -25,3 +25,17 @@ wrk_run() {
   printf '%s %s %s\n' "$(awk '/Requests\/sec/ {print $2}' <<<"$out")" \
     "$(awk '$1=="50%" {print $2}' <<<"$out")" "$(awk '$1=="99%" {print $2}' <<<"$out")"
 }
+# settle DATA_DIR PORT NAME...: calls each function once and waits until it
+# serves on optimized code (JS and Python start on baseline code), as a
+# node serves once settled.
+settle() {
+  local data=$1 port=$2; shift 2
+  local f
+  for f in "$@"; do
+    curl -fs "http://127.0.0.1:$port/$f" >/dev/null
+    for _ in $(seq 600); do
+      $VERGE --data-dir "$data" versions "$f" --json | grep -q '"code": *"optimized"' && break
+      sleep 0.5
+    done
+  done
+}

@@ -24,13 +24,7 @@ for lang in c js python; do
   v deploy "target/guests/$lang-hello.wasm" --name "$lang" --route "/$lang" >/dev/null
   v deploy "target/guests/$lang-hello.wasm" --name "$lang-pre" --route "/$lang-pre" --prewarm "$k" >/dev/null
 done
-for f in c c-pre js js-pre python python-pre; do
-  curl -fs "http://127.0.0.1:18080/$f" >/dev/null
-  for _ in $(seq 600); do
-    v versions "$f" --json | grep -q '"code": *"optimized"' && break
-    sleep 0.5
-  done
-done
+settle "$data/node" 18080 c c-pre js js-pre python python-pre
 echo "hello, wrk -d$duration, fresh instances against --prewarm $k, $(nproc) cores shared by server and client"
 echo
 echo "| guest | connections | instances | requests/s | p50 | p99 |"

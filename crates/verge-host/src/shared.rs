@@ -309,7 +309,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use wasmtime::component::{Component, Linker};
     use wasmtime::{Engine, Module, Store};
@@ -349,7 +349,8 @@ mod tests {
         .unwrap()
     }
 
-    fn answer(engine: &Engine, bytes: &[u8], libraries: &[Library]) -> u32 {
+    /// Instantiates `bytes` with `libraries` linked and calls its `answer`.
+    pub(crate) fn answer(engine: &Engine, bytes: &[u8], libraries: &[Library]) -> u32 {
         let component = Component::new(engine, bytes).unwrap();
         let mut linker = Linker::<()>::new(engine);
         for lib in libraries {

@@ -493,8 +493,8 @@ fn with_snapshot_arg(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wasmtime::component::{Component, Linker};
-    use wasmtime::{Engine, Module, Store};
+    use crate::shared::tests::answer;
+    use wasmtime::Engine;
 
     /// A component shaped like componentize-js's: a shim module with no
     /// imports instantiated first, then a main module owning a memory with
@@ -526,21 +526,6 @@ mod tests {
               (func (export "answer") (result u32) (canon lift (core func $m "answer"))))"#
         ))
         .unwrap()
-    }
-
-    fn answer(engine: &Engine, bytes: &[u8], libraries: &[crate::shared::Library]) -> u32 {
-        let component = Component::new(engine, bytes).unwrap();
-        let mut linker = Linker::<()>::new(engine);
-        for lib in libraries {
-            let module = Module::new(engine, &lib.bytes).unwrap();
-            linker.root().module(&lib.import_name(), &module).unwrap();
-        }
-        let mut store = Store::new(engine, ());
-        let instance = linker.instantiate(&mut store, &component).unwrap();
-        let f = instance
-            .get_typed_func::<(), (u32,)>(&mut store, "answer")
-            .unwrap();
-        f.call(&mut store, ()).unwrap().0
     }
 
     #[test]
