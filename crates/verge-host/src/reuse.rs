@@ -130,11 +130,6 @@ impl Instances {
         })
     }
 
-    /// What the version asked for.
-    pub fn policy(&self) -> InstancePolicy {
-        self.policy
-    }
-
     /// Does the version reuse instances now (it asked, and reuse did not
     /// fail)?
     pub(crate) fn reusing(&self) -> bool {
@@ -146,31 +141,32 @@ impl Instances {
         self.fallback.load(Ordering::Relaxed)
     }
 
-    /// Instances kept now: used, and prewarmed.
-    pub fn kept(&self) -> (usize, usize) {
-        (lock(&self.used).len(), lock(&self.fresh).len())
-    }
-
     /// An instance of `code` for a request: a used one (most recently parked
     /// first: its memory is warmest), else a prewarmed one. Stale ones
     /// (other code, idle too long) are dropped on the way.
     pub(crate) fn take(&self, code: &Arc<Code>) -> Option<Parked> {
         let now = Instant::now();
         let usable = |p: &Parked| Arc::ptr_eq(&p.code, code) && now - p.since < IDLE;
-        if self.reusing() {
-            let mut used = lock(&self.used);
-            while let Some(p) = used.pop() {
+        // Stale instances are dropped once the lock is let go: dropping a
+        // store resets its memory, which other requests need not wait for.
+        let mut stale = Vec::new();
+        let lists = [
+            (&self.used, &self.counters.reused, self.reusing()),
+            (&self.fresh, &self.counters.prewarmed, true),
+        ];
+        for (list, served, wanted) in lists {
+            if !wanted {
+                continue;
+            }
+            let mut list = lock(list);
+            while let Some(p) = list.pop() {
                 if usable(&p) {
-                    self.counters.reused.fetch_add(1, Ordering::Relaxed);
+                    served.fetch_add(1, Ordering::Relaxed);
+                    drop(list);
+                    drop(stale);
                     return Some(p);
                 }
-            }
-        }
-        let mut fresh = lock(&self.fresh);
-        while let Some(p) = fresh.pop() {
-            if usable(&p) {
-                self.counters.prewarmed.fetch_add(1, Ordering::Relaxed);
-                return Some(p);
+                stale.push(p);
             }
         }
         None
@@ -208,18 +204,20 @@ impl Instances {
         let now = Instant::now();
         let mut n = 0;
         for list in [&self.used, &self.fresh] {
-            let mut list = lock(list);
-            let before = list.len();
-            list.retain(|p| now - p.since < IDLE);
-            n += before - list.len();
+            // Dropped after the lock is let go.
+            let stale: Vec<Parked> = lock(list)
+                .extract_if(.., |p| now - p.since >= IDLE)
+                .collect();
+            n += stale.len();
         }
         n
     }
 
     /// Drops every kept instance.
     pub fn clear(&self) {
-        lock(&self.used).clear();
-        lock(&self.fresh).clear();
+        let used = std::mem::take(&mut *lock(&self.used));
+        let fresh = std::mem::take(&mut *lock(&self.fresh));
+        drop((used, fresh));
     }
 
     /// Notes how a request on an instance that had served `uses_before`
@@ -239,7 +237,8 @@ impl Instances {
                     && !self.reuse_worked.load(Ordering::Relaxed)
                     && !self.fallback.swap(true, Ordering::Relaxed)
                 {
-                    lock(&self.used).clear();
+                    let gone = std::mem::take(&mut *lock(&self.used));
+                    drop(gone);
                     tracing::warn!(function = %name, version, "the component failed its second request in one instance; this version falls back to a fresh instance per request (see `verge versions`)");
                 }
             }
