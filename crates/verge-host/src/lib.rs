@@ -1353,7 +1353,11 @@ fn trim_heap() {
         // locks each arena while it trims it, so any thread may call it.
         #[allow(unsafe_code)]
         let released = unsafe { libc::malloc_trim(0) };
-        tracing::debug!(released = released != 0, us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), "heap trimmed after a compile");
+        tracing::debug!(
+            released = released != 0,
+            us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            "heap trimmed after a compile"
+        );
     }
 }
 
